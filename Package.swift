@@ -1,0 +1,53 @@
+// swift-tools-version:6.0
+import PackageDescription
+
+// Arrows point down the stack: the core (MVCC) imports no C and no protobuf; only the
+// wrapper modules (EventLoop, HTTP2, LMDBBackend) touch C.
+let package = Package(
+    name: "vigil",
+    platforms: [.macOS(.v13)],
+    products: [
+        .executable(name: "vigil", targets: ["vigil"]),
+        .library(name: "VigilServer", targets: ["VigilServer"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-protobuf.git", from: "1.28.0"),
+        .package(url: "https://github.com/apple/swift-argument-parser.git", from: "1.5.0"),
+        .package(url: "https://github.com/apple/swift-log.git", from: "1.6.0"),
+    ],
+    targets: [
+        // System libraries: a modulemap and a one-line header each, no code.
+        .systemLibrary(name: "CLibUV", pkgConfig: "libuv", providers: [.apt(["libuv1-dev"])]),
+        .systemLibrary(name: "CNghttp2", pkgConfig: "libnghttp2", providers: [.apt(["libnghttp2-dev"])]),
+        .systemLibrary(name: "CLMDB", pkgConfig: "lmdb", providers: [.apt(["liblmdb-dev"])]),
+        .systemLibrary(name: "CHTTPParser", providers: [.apt(["libhttp-parser-dev"])]),
+
+        // Thin Swift over C.
+        .target(name: "EventLoop", dependencies: ["CLibUV"]),
+        .target(name: "HTTP2", dependencies: ["CNghttp2"]),
+        .target(name: "HTTP1", dependencies: ["CHTTPParser"]),
+        .target(name: "LMDBBackend", dependencies: ["CLMDB", "MVCC"]),
+
+        // Deterministic core: no C, no protobuf, no clock.
+        .target(name: "MVCC"),
+
+        // Protocol layers.
+        .target(name: "GRPC", dependencies: ["HTTP2"]),
+        .target(name: "EtcdProto", dependencies: [.product(name: "SwiftProtobuf", package: "swift-protobuf")]),
+        .target(name: "EtcdAPI", dependencies: ["EtcdProto", "MVCC", "GRPC",
+                                                .product(name: "SwiftProtobuf", package: "swift-protobuf")]),
+
+        // Wiring and the executable.
+        .target(name: "VigilServer", dependencies: ["EtcdAPI", "EventLoop", "HTTP1", "HTTP2", "GRPC", "LMDBBackend",
+                                                    "MVCC", .product(name: "Logging", package: "swift-log")]),
+        .executableTarget(name: "vigil", dependencies: ["VigilServer",
+                                                        .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                                                        .product(name: "Logging", package: "swift-log")]),
+        .target(name: "VigilTesting", dependencies: []),
+
+        .testTarget(name: "MVCCTests", dependencies: ["MVCC"]),
+        .testTarget(name: "GRPCTests", dependencies: ["GRPC"]),
+        .testTarget(name: "VigilIntegrationTests", dependencies: ["VigilTesting"]),
+    ],
+    swiftLanguageModes: [.v5]
+)

@@ -1,0 +1,71 @@
+import EtcdProto
+import MVCC
+
+/// Identity of this single-member cluster, as it appears in every response header.
+public struct MemberIdentity: Sendable {
+    public var clusterID: UInt64
+    public var memberID: UInt64
+    public var raftTerm: UInt64
+    public var name: String
+    public var peerURLs: [String]
+    public var clientURLs: [String]
+
+    public init(clusterID: UInt64, memberID: UInt64, raftTerm: UInt64 = 2, name: String, peerURLs: [String],
+                clientURLs: [String]) {
+        self.clusterID = clusterID
+        self.memberID = memberID
+        self.raftTerm = raftTerm
+        self.name = name
+        self.peerURLs = peerURLs
+        self.clientURLs = clientURLs
+    }
+}
+
+/// Limits taken from the command line (etcd's names and defaults).
+public struct Limits: Sendable {
+    /// `--max-request-bytes`.
+    public var maxRequestBytes = 1_572_864
+    /// `--max-txn-ops`.
+    public var maxTxnOps = 128
+    public init() {}
+    /// gRPC's receive limit: the request limit plus 512 KiB, as etcd sets it.
+    public var maxReceiveMessageBytes: Int { maxRequestBytes + 512 * 1024 }
+}
+
+/// Where writes wait to become durable. The server runs one group commit per loop turn and calls
+/// back in revision order once the backend has fsynced.
+public protocol CommitGate: AnyObject {
+    /// Runs `body` on the loop once every revision up to `revision` is durable (at once if it is).
+    func whenDurable(_ revision: Int64, _ body: @escaping () -> Void)
+    /// Called after each write transaction that changed something (event fan-out hooks here).
+    func published(_ events: [Event], revision: Int64)
+}
+
+/// Shared state of the services: store, identity, limits, commit gate.
+public final class ServerContext {
+    public let store: KVStore
+    public let identity: MemberIdentity
+    public let limits: Limits
+    public unowned let gate: any CommitGate
+    /// Tells whether a lease exists (a lessor plugs in here; without one, no lease exists).
+    public var leaseExists: (Int64) -> Bool = { _ in false }
+    /// Size of the backend file in bytes.
+    public var dbSize: () -> Int64 = { 0 }
+
+    public init(store: KVStore, identity: MemberIdentity, limits: Limits, gate: any CommitGate) {
+        self.store = store
+        self.identity = identity
+        self.limits = limits
+        self.gate = gate
+    }
+
+    /// A full response header at `revision`.
+    public func header(_ revision: Int64) -> Etcdserverpb_ResponseHeader {
+        var h = Etcdserverpb_ResponseHeader()
+        h.clusterID = identity.clusterID
+        h.memberID = identity.memberID
+        h.raftTerm = identity.raftTerm
+        h.revision = revision
+        return h
+    }
+}

@@ -1,0 +1,133 @@
+import EtcdProto
+import Foundation
+import GRPC
+import MVCC
+import SwiftProtobuf
+
+/// Routes gRPC method paths (`/etcdserverpb.<Service>/<Method>`) to the services.
+public final class EtcdServices {
+    public let context: ServerContext
+    public let kv: KVService
+    private var routes: [String: (ServerCall) -> Void] = [:]
+    /// Server version reported by Status.
+    public static let serverVersion = "3.4.23"
+
+    public init(context: ServerContext) {
+        self.context = context
+        self.kv = KVService(context: context)
+        registerKV()
+        registerMaintenanceAndCluster()
+    }
+
+    /// The handler for a path, nil if unknown (answered UNIMPLEMENTED).
+    public func route(_ path: String) -> ((ServerCall) -> Void)? { routes[path] }
+
+    /// Adds or replaces a handler (later services plug in here).
+    public func register(_ path: String, _ handler: @escaping (ServerCall) -> Void) { routes[path] = handler }
+
+    /// Registers a unary method: decode one request, run `body`, which replies through `Reply`.
+    public func unary<Req: SwiftProtobuf.Message, Resp: SwiftProtobuf.Message>(
+        _ path: String, _ body: @escaping (Req, Int, Reply<Resp>) throws(EtcdError) -> Void
+    ) {
+        routes[path] = { call in
+            call.onMessage = { bytes in
+                let req: Req
+                do { req = try Req(serializedBytes: bytes) } catch {
+                    call.finish(GRPCStatus(.internal, "grpc: error unmarshalling request: \(error)"))
+                    return
+                }
+                let reply = Reply<Resp>(call)
+                do throws(EtcdError) { try body(req, bytes.count, reply) } catch { reply.fail(error) }
+            }
+        }
+    }
+
+    private func checkSize(_ n: Int) throws(EtcdError) {
+        if n > context.limits.maxRequestBytes { throw .requestTooLarge }
+    }
+
+    private func registerKV() {
+        let kv = self.kv
+        let gate = context.gate
+        unary("/etcdserverpb.KV/Range") { (r: Etcdserverpb_RangeRequest, _, reply: Reply<Etcdserverpb_RangeResponse>) throws(EtcdError) in
+            reply.ok(try kv.range(r))
+        }
+        unary("/etcdserverpb.KV/Put") { [unowned self] (r: Etcdserverpb_PutRequest, n, reply: Reply<Etcdserverpb_PutResponse>) throws(EtcdError) in
+            try checkSize(n)
+            let (resp, rev) = try kv.put(r)
+            gate.whenDurable(rev) { reply.ok(resp) }
+        }
+        unary("/etcdserverpb.KV/DeleteRange") { [unowned self] (r: Etcdserverpb_DeleteRangeRequest, n, reply: Reply<Etcdserverpb_DeleteRangeResponse>) throws(EtcdError) in
+            try checkSize(n)
+            let (resp, rev) = try kv.deleteRange(r)
+            gate.whenDurable(rev) { reply.ok(resp) }
+        }
+        unary("/etcdserverpb.KV/Txn") { [unowned self] (r: Etcdserverpb_TxnRequest, n, reply: Reply<Etcdserverpb_TxnResponse>) throws(EtcdError) in
+            try checkSize(n)
+            let (resp, _) = try kv.txn(r)
+            // A txn may have read state that is not durable yet: answer once all of it is.
+            gate.whenDurable(context.store.currentRevision) { reply.ok(resp) }
+        }
+        unary("/etcdserverpb.KV/Compact") { [unowned self] (r: Etcdserverpb_CompactionRequest, n, reply: Reply<Etcdserverpb_CompactionResponse>) throws(EtcdError) in
+            try checkSize(n)
+            let rev = try kv.compact(r)
+            var resp = Etcdserverpb_CompactionResponse()
+            resp.header = context.header(rev)
+            if r.physical {
+                gate.whenDurable(context.store.currentRevision) { reply.ok(resp) }
+            } else {
+                reply.ok(resp)
+            }
+        }
+    }
+
+    private func member() -> Etcdserverpb_Member {
+        var m = Etcdserverpb_Member()
+        m.id = context.identity.memberID
+        m.name = context.identity.name
+        m.peerUrls = context.identity.peerURLs
+        m.clientUrls = context.identity.clientURLs
+        return m
+    }
+
+    private func registerMaintenanceAndCluster() {
+        let ctx = context
+        unary("/etcdserverpb.Maintenance/Status") { (_: Etcdserverpb_StatusRequest, _, reply: Reply<Etcdserverpb_StatusResponse>) in
+            var resp = Etcdserverpb_StatusResponse()
+            resp.header = ctx.header(ctx.store.committedRevision)
+            resp.version = EtcdServices.serverVersion
+            resp.leader = ctx.identity.memberID
+            resp.raftTerm = ctx.identity.raftTerm
+            resp.raftIndex = UInt64(max(ctx.store.committedRevision, 0))
+            resp.raftAppliedIndex = resp.raftIndex
+            resp.dbSize = ctx.dbSize()
+            resp.dbSizeInUse = resp.dbSize
+            reply.ok(resp)
+        }
+        unary("/etcdserverpb.Cluster/MemberList") { [unowned self] (_: Etcdserverpb_MemberListRequest, _, reply: Reply<Etcdserverpb_MemberListResponse>) in
+            var resp = Etcdserverpb_MemberListResponse()
+            var h = ctx.header(0)
+            h.revision = 0
+            resp.header = h
+            resp.members = [member()]
+            reply.ok(resp)
+        }
+    }
+}
+
+/// Answers a unary call once: a message and OK, or an error status.
+public final class Reply<Resp: SwiftProtobuf.Message> {
+    let call: ServerCall
+    init(_ call: ServerCall) { self.call = call }
+
+    public func ok(_ resp: Resp) {
+        do {
+            call.send(try resp.serializedBytes())
+            call.finish(.ok)
+        } catch {
+            call.finish(GRPCStatus(.internal, "grpc: error while marshaling: \(error)"))
+        }
+    }
+
+    public func fail(_ e: EtcdError) { call.finish(e.status) }
+}

@@ -1,0 +1,157 @@
+import CLibUV
+
+/// Accepts TCP connections on one address.
+public final class TCPListener {
+    private let box = HandleBox<uv_tcp_t>()
+    private let loop: EventLoop
+    private let onConnection: (TCPConnection) -> Void
+    /// The port actually bound (useful with port 0).
+    public private(set) var port: Int = 0
+
+    public init(loop: EventLoop, host: String, port: Int, backlog: Int32 = 1024,
+                onConnection: @escaping (TCPConnection) -> Void) throws {
+        self.loop = loop
+        self.onConnection = onConnection
+        try check(uv_tcp_init(loop.raw, box.pointer))
+        box.bind(self)
+        var storage = sockaddr_storage()
+        let ok = withUnsafeMutablePointer(to: &storage) { p -> Int32 in
+            p.withMemoryRebound(to: sockaddr_in.self, capacity: 1) { uv_ip4_addr(host, Int32(port), $0) }
+        }
+        if ok != 0 {
+            let ok6 = withUnsafeMutablePointer(to: &storage) { p -> Int32 in
+                p.withMemoryRebound(to: sockaddr_in6.self, capacity: 1) { uv_ip6_addr(host, Int32(port), $0) }
+            }
+            if ok6 != 0 { box.close(); throw UVError(code: ok6) }
+        }
+        do {
+            try withUnsafePointer(to: &storage) { p in
+                try p.withMemoryRebound(to: sockaddr.self, capacity: 1) { try check(uv_tcp_bind(box.pointer, $0, 0)) }
+            }
+            try check(uv_listen(asStream(box.pointer), backlog) { server, status in
+                guard status >= 0, let server else { return }
+                let me = Unmanaged<TCPListener>.fromOpaque(server.pointee.data).takeUnretainedValue()
+                me.accept()
+            })
+        } catch {
+            box.close()
+            throw error
+        }
+        var name = sockaddr_storage()
+        var len = Int32(MemoryLayout<sockaddr_storage>.size)
+        withUnsafeMutablePointer(to: &name) { p in
+            p.withMemoryRebound(to: sockaddr.self, capacity: 1) { _ = uv_tcp_getsockname(box.pointer, $0, &len) }
+        }
+        if Int32(name.ss_family) == AF_INET6 {
+            self.port = withUnsafePointer(to: &name) { $0.withMemoryRebound(to: sockaddr_in6.self, capacity: 1) { Int(UInt16(bigEndian: $0.pointee.sin6_port)) } }
+        } else {
+            self.port = withUnsafePointer(to: &name) { $0.withMemoryRebound(to: sockaddr_in.self, capacity: 1) { Int(UInt16(bigEndian: $0.pointee.sin_port)) } }
+        }
+    }
+
+    private func accept() {
+        let conn = TCPConnection(loop: loop)
+        if uv_accept(asStream(box.pointer), asStream(conn.box.pointer)) == 0 {
+            uv_tcp_nodelay(conn.box.pointer, 1)
+            onConnection(conn)
+        } else {
+            conn.close()
+        }
+    }
+
+    public func close() { box.close() }
+}
+
+/// Receives bytes from a connection, on the loop.
+public protocol TCPConnectionDelegate: AnyObject {
+    func connection(_ c: TCPConnection, received bytes: UnsafeRawBufferPointer)
+    func connectionClosed(_ c: TCPConnection)
+    /// Called when the kernel accepted all queued writes (the write queue drained to zero).
+    func connectionWritable(_ c: TCPConnection)
+}
+
+/// One accepted TCP connection. Reading starts when a delegate is set.
+public final class TCPConnection {
+    let box = HandleBox<uv_tcp_t>()
+    public weak var delegate: (any TCPConnectionDelegate)?
+    /// Keeps the delegate alive for as long as the connection is open.
+    private var owner: AnyObject?
+    private var readBuffer: UnsafeMutableRawPointer
+    private static let readBufferSize = 64 * 1024
+    public private(set) var isClosed = false
+    /// Bytes handed to libuv that the kernel has not taken yet.
+    public private(set) var queuedWriteBytes = 0
+
+    init(loop: EventLoop) {
+        readBuffer = .allocate(byteCount: Self.readBufferSize, alignment: 16)
+        uv_tcp_init(loop.raw, box.pointer)
+        box.bind(self)
+    }
+
+    deinit { readBuffer.deallocate() }
+
+    /// Sets the delegate, which this connection keeps alive until closed, and starts reading.
+    public func start(delegate: some TCPConnectionDelegate) {
+        self.delegate = delegate
+        self.owner = delegate
+        uv_read_start(asStream(box.pointer), { handle, _, buf in
+            let me = Unmanaged<TCPConnection>.fromOpaque(handle!.pointee.data).takeUnretainedValue()
+            buf!.pointee.base = me.readBuffer.assumingMemoryBound(to: CChar.self)
+            buf!.pointee.len = TCPConnection.readBufferSize
+        }, { stream, nread, _ in
+            let me = Unmanaged<TCPConnection>.fromOpaque(stream!.pointee.data).takeUnretainedValue()
+            if nread > 0 {
+                me.delegate?.connection(me, received: UnsafeRawBufferPointer(start: me.readBuffer, count: nread))
+            } else if nread < 0 {
+                me.close()
+            }
+        })
+    }
+
+    private final class WriteRequest {
+        let bytes: [UInt8]
+        let connection: TCPConnection
+        init(bytes: [UInt8], connection: TCPConnection) {
+            self.bytes = bytes
+            self.connection = connection
+        }
+    }
+
+    /// Queues `bytes` for writing. The array is kept alive until libuv is done with it.
+    public func write(_ bytes: [UInt8]) {
+        guard !isClosed, !bytes.isEmpty else { return }
+        let req = UnsafeMutablePointer<uv_write_t>.allocate(capacity: 1)
+        req.initialize(to: uv_write_t())
+        let wr = WriteRequest(bytes: bytes, connection: self)
+        req.pointee.data = Unmanaged.passRetained(wr).toOpaque()
+        queuedWriteBytes += bytes.count
+        let rc = wr.bytes.withUnsafeBufferPointer { bp -> Int32 in
+            var buf = uv_buf_init(UnsafeMutablePointer(mutating: UnsafeRawPointer(bp.baseAddress!).assumingMemoryBound(to: CChar.self)),
+                                  UInt32(bp.count))
+            return uv_write(req, asStream(box.pointer), &buf, 1) { req, _ in
+                let wr = Unmanaged<WriteRequest>.fromOpaque(req!.pointee.data).takeRetainedValue()
+                req!.deallocate()
+                let c = wr.connection
+                c.queuedWriteBytes -= wr.bytes.count
+                if c.queuedWriteBytes == 0, !c.isClosed { c.delegate?.connectionWritable(c) }
+            }
+        }
+        if rc != 0 {
+            Unmanaged<WriteRequest>.fromOpaque(req.pointee.data).release()
+            req.deallocate()
+            queuedWriteBytes -= bytes.count
+            close()
+        }
+    }
+
+    /// Closes the connection; the delegate hears `connectionClosed` once.
+    public func close() {
+        guard !isClosed else { return }
+        isClosed = true
+        uv_read_stop(asStream(box.pointer))
+        let d = delegate
+        box.close()
+        d?.connectionClosed(self)
+        owner = nil
+    }
+}

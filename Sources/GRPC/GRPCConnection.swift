@@ -1,0 +1,272 @@
+import HTTP2
+
+/// Splits a byte stream into gRPC length-prefixed messages (1 byte compressed flag, 4 bytes
+/// big-endian length, payload).
+public struct MessageFramer {
+    public enum Failure: Error, Equatable {
+        case compressed
+        case tooLarge(Int, max: Int)
+    }
+
+    private var buffer: [UInt8] = []
+    private var start = 0
+    public let maxMessageBytes: Int
+
+    public init(maxMessageBytes: Int) { self.maxMessageBytes = maxMessageBytes }
+
+    public mutating func append(_ bytes: UnsafeRawBufferPointer) {
+        buffer.append(contentsOf: bytes)
+    }
+
+    /// The next complete message, nil if more bytes are needed.
+    public mutating func next() throws(Failure) -> [UInt8]? {
+        let available = buffer.count - start
+        guard available >= 5 else { return compactIfDrained() }
+        let flag = buffer[start]
+        let len = Int(buffer[start + 1]) << 24 | Int(buffer[start + 2]) << 16 | Int(buffer[start + 3]) << 8 | Int(buffer[start + 4])
+        if flag != 0 { throw .compressed }
+        if len > maxMessageBytes { throw .tooLarge(len, max: maxMessageBytes) }
+        guard available >= 5 + len else { return nil }
+        let msg = Array(buffer[(start + 5)..<(start + 5 + len)])
+        start += 5 + len
+        _ = compactIfDrained()
+        return msg
+    }
+
+    private mutating func compactIfDrained() -> [UInt8]? {
+        if start == buffer.count {
+            buffer.removeAll(keepingCapacity: buffer.count < 1 << 16)
+            start = 0
+        } else if start > 1 << 16 {
+            buffer.removeFirst(start)
+            start = 0
+        }
+        return nil
+    }
+
+    /// Frames one message.
+    public static func frame(_ payload: [UInt8]) -> [UInt8] {
+        var out = [UInt8]()
+        out.reserveCapacity(payload.count + 5)
+        let n = UInt32(payload.count)
+        out.append(0)
+        out.append(UInt8(n >> 24)); out.append(UInt8((n >> 16) & 0xFF)); out.append(UInt8((n >> 8) & 0xFF)); out.append(UInt8(n & 0xFF))
+        out.append(contentsOf: payload)
+        return out
+    }
+}
+
+/// One gRPC call on the server: its inbound messages and outbound responses.
+/// Everything here happens on the loop.
+public final class ServerCall {
+    public let path: String
+    /// Request metadata (lowercase names), without HTTP/2 pseudo-headers.
+    public let metadata: [HeaderField]
+    /// Milliseconds from `grpc-timeout`, if the client set one.
+    public let timeoutMs: UInt64?
+    let stream: Int32
+    weak var connection: GRPCConnection?
+    var framer: MessageFramer
+    var headersSent = false
+    public private(set) var isFinished = false
+
+    /// A request message arrived.
+    public var onMessage: (([UInt8]) -> Void)?
+    /// The client half-closed (no more messages).
+    public var onHalfClose: (() -> Void)?
+    /// The call ended without `finish` from us (client cancelled, reset or connection lost).
+    public var onCancel: (() -> Void)?
+    /// All queued responses went to the framing layer (the peer's window let them out).
+    public var onDrained: (() -> Void)?
+    /// The call ended, either way (kept by the server for deadline timers).
+    public var onEnded: (() -> Void)?
+
+    init(path: String, metadata: [HeaderField], timeoutMs: UInt64?, stream: Int32, connection: GRPCConnection,
+         maxMessageBytes: Int) {
+        self.path = path
+        self.metadata = metadata
+        self.timeoutMs = timeoutMs
+        self.stream = stream
+        self.connection = connection
+        self.framer = MessageFramer(maxMessageBytes: maxMessageBytes)
+    }
+
+    /// The first value of a metadata key.
+    public func metadata(_ name: String) -> String? { metadata.first { $0.name == name }?.value }
+
+    /// Sends one response message.
+    public func send(_ message: [UInt8]) {
+        guard !isFinished, let c = connection else { return }
+        if !headersSent {
+            headersSent = true
+            c.session.respond(stream, headers: GRPCConnection.responseHeaders, endStream: false)
+        }
+        c.session.send(MessageFramer.frame(message), on: stream)
+        c.needsFlush()
+    }
+
+    /// Ends the call with a status (trailers-only if nothing was sent).
+    public func finish(_ status: GRPCStatus) {
+        guard !isFinished, let c = connection else { return }
+        isFinished = true
+        var trailers: [HeaderField] = [("grpc-status", String(status.code.rawValue))]
+        if !status.message.isEmpty { trailers.append(("grpc-message", status.encodedMessage)) }
+        if headersSent {
+            c.session.finish(stream, trailers: trailers)
+        } else {
+            c.session.respond(stream, headers: GRPCConnection.responseHeaders + trailers, endStream: true)
+        }
+        c.needsFlush()
+        clearCallbacks()
+        ended()
+    }
+
+    private func ended() {
+        let e = onEnded
+        onEnded = nil
+        e?()
+    }
+
+    /// Bytes of responses waiting for the peer's flow-control window.
+    public var queuedBytes: Int { connection?.session.queuedBytes(stream) ?? 0 }
+
+    /// The peer ended the call before we finished it.
+    func markCancelled() {
+        let cancel = onCancel
+        isFinished = true
+        clearCallbacks()
+        cancel?()
+        ended()
+    }
+
+    func clearCallbacks() {
+        onMessage = nil
+        onHalfClose = nil
+        onCancel = nil
+        onDrained = nil
+    }
+}
+
+/// Serves non-gRPC HTTP/2 requests (e.g. the JSON gateway over h2c).
+public protocol PlainHTTP2Handler: AnyObject {
+    func handle(stream: Int32, headers: [HeaderField], body: [UInt8], session: HTTP2Session, flush: @escaping () -> Void)
+}
+
+/// Routes the streams of one HTTP/2 connection to gRPC handlers.
+public final class GRPCConnection: HTTP2SessionDelegate {
+    public let session: HTTP2Session
+    private var calls: [Int32: ServerCall] = [:]
+    private var plain: [Int32: (headers: [HeaderField], body: [UInt8])] = [:]
+    private let route: (String) -> ((ServerCall) -> Void)?
+    private let maxMessageBytes: Int
+    let needsFlush: () -> Void
+    public weak var plainHandler: (any PlainHTTP2Handler)?
+    /// Number of calls currently open.
+    public var openCalls: Int { calls.count }
+
+    static let responseHeaders: [HeaderField] = [(":status", "200"), ("content-type", "application/grpc")]
+
+    /// - Parameters:
+    ///   - route: the handler for a `:path`, or nil (answered UNIMPLEMENTED).
+    ///   - maxMessageBytes: inbound messages longer than this fail with RESOURCE_EXHAUSTED.
+    ///   - needsFlush: called whenever output is waiting; the owner writes `session.takeOutput()`.
+    public init(session: HTTP2Session, maxMessageBytes: Int, route: @escaping (String) -> ((ServerCall) -> Void)?,
+                needsFlush: @escaping () -> Void) {
+        self.session = session
+        self.route = route
+        self.maxMessageBytes = maxMessageBytes
+        self.needsFlush = needsFlush
+        session.delegate = self
+    }
+
+    public func streamOpened(_ stream: Int32, headers: [HeaderField]) {
+        var path = ""
+        var contentType = ""
+        var timeout: UInt64?
+        var metadata: [HeaderField] = []
+        for h in headers {
+            switch h.name {
+            case ":path": path = h.value
+            case "content-type": contentType = h.value
+            case "grpc-timeout": timeout = parseGRPCTimeout(h.value)
+            default: if !h.name.hasPrefix(":") { metadata.append(h) }
+            }
+        }
+        guard contentType.hasPrefix("application/grpc") else {
+            plain[stream] = (headers, [])
+            return
+        }
+        let call = ServerCall(path: path, metadata: metadata, timeoutMs: timeout, stream: stream, connection: self,
+                              maxMessageBytes: maxMessageBytes)
+        calls[stream] = call
+        guard let handler = route(path) else {
+            call.finish(GRPCStatus(.unimplemented, "unknown method \(path)"))
+            return
+        }
+        handler(call)
+    }
+
+    public func streamData(_ stream: Int32, _ data: UnsafeRawBufferPointer) {
+        if plain[stream] != nil {
+            if plain[stream]!.body.count + data.count > maxMessageBytes {
+                plain[stream] = nil
+                session.respond(stream, headers: [(":status", "413"), ("content-type", "application/json")], endStream: true)
+                needsFlush()
+                return
+            }
+            plain[stream]!.body.append(contentsOf: data)
+            return
+        }
+        guard let call = calls[stream], !call.isFinished else { return }
+        call.framer.append(data)
+        do {
+            while let msg = try call.framer.next() {
+                call.onMessage?(msg)
+                if call.isFinished { return }
+            }
+        } catch .compressed {
+            call.finish(GRPCStatus(.unimplemented, "grpc: compressed messages are not supported"))
+        } catch .tooLarge(let n, let max) {
+            call.finish(GRPCStatus(.resourceExhausted, "grpc: received message larger than max (\(n) vs. \(max))"))
+        } catch {}
+    }
+
+    public func streamEnded(_ stream: Int32) {
+        if let p = plain.removeValue(forKey: stream) {
+            if let h = plainHandler {
+                h.handle(stream: stream, headers: p.headers, body: p.body, session: session, flush: needsFlush)
+            } else {
+                let body = Array(#"{"error":"not found","code":5,"message":"not found"}"#.utf8)
+                session.respond(stream, headers: [(":status", "404"), ("content-type", "application/json")], endStream: false)
+                session.send(body, on: stream)
+                session.finish(stream, trailers: [])
+                needsFlush()
+            }
+            return
+        }
+        guard let call = calls[stream], !call.isFinished else { return }
+        call.onHalfClose?()
+    }
+
+    public func streamClosed(_ stream: Int32) {
+        plain[stream] = nil
+        guard let call = calls.removeValue(forKey: stream) else { return }
+        if !call.isFinished { call.markCancelled() }
+        call.clearCallbacks()
+    }
+
+    public func streamDrained(_ stream: Int32) {
+        calls[stream]?.onDrained?()
+    }
+
+    /// Called when the connection is gone: every open call hears `onCancel`.
+    public func connectionClosed() {
+        let open = calls
+        calls.removeAll()
+        plain.removeAll()
+        for (_, call) in open where !call.isFinished {
+            call.markCancelled()
+        }
+    }
+}
+

@@ -1,0 +1,260 @@
+import CNghttp2
+
+/// An HTTP/2 header field as text.
+public typealias HeaderField = (name: String, value: String)
+
+/// What a server session reports about its streams, on the loop.
+public protocol HTTP2SessionDelegate: AnyObject {
+    /// The request headers of a new stream arrived.
+    func streamOpened(_ stream: Int32, headers: [HeaderField])
+    /// A chunk of request body arrived (a DATA frame payload or part of it).
+    func streamData(_ stream: Int32, _ data: UnsafeRawBufferPointer)
+    /// The peer half-closed the stream (END_STREAM).
+    func streamEnded(_ stream: Int32)
+    /// The stream is gone (finished, reset or connection ending); nothing more comes for it.
+    func streamClosed(_ stream: Int32)
+    /// Everything queued for `stream` has been handed to the framing layer.
+    func streamDrained(_ stream: Int32)
+}
+
+/// Limits announced to the peer in our SETTINGS frame.
+public struct HTTP2Settings {
+    public var maxConcurrentStreams: UInt32 = 4096
+    public var initialWindowSize: UInt32 = 1 << 20
+    public var connectionWindowSize: Int32 = 16 << 20
+    public var maxHeaderListSize: UInt32 = 64 << 10
+    public init() {}
+}
+
+/// A server-side HTTP/2 session over nghttp2: bytes in, stream events out; stream writes in,
+/// bytes out (`takeOutput()`). It does no I/O of its own. Outbound data is queued per stream and
+/// released to the wire only as the peer's flow-control windows allow, so a peer that does not
+/// read makes `queuedBytes(stream)` grow, which callers use as their back-pressure signal.
+public final class HTTP2Session {
+    private var session: OpaquePointer?
+    public weak var delegate: (any HTTP2SessionDelegate)?
+
+    private struct Inbound { var headers: [HeaderField] = [] }
+    private struct Outbound {
+        var chunks: [[UInt8]] = []
+        var offset = 0
+        var bytes = 0
+        var trailers: [HeaderField]? = nil
+        var deferred = false
+    }
+    private var inbound: [Int32: Inbound] = [:]
+    private var outbound: [Int32: Outbound] = [:]
+    /// Set when a protocol error made the session unusable.
+    public private(set) var failed = false
+
+    public init(settings: HTTP2Settings = HTTP2Settings()) {
+        var cbs: OpaquePointer?
+        nghttp2_session_callbacks_new(&cbs)
+        defer { nghttp2_session_callbacks_del(cbs) }
+        nghttp2_session_callbacks_set_on_begin_headers_callback(cbs) { _, frame, ud in
+            let me = HTTP2Session.from(ud)
+            let hd = frame!.pointee.hd
+            if hd.type == UInt8(NGHTTP2_HEADERS.rawValue), frame!.pointee.headers.cat == NGHTTP2_HCAT_REQUEST {
+                me.inbound[hd.stream_id] = Inbound()
+            }
+            return 0
+        }
+        nghttp2_session_callbacks_set_on_header_callback(cbs) { _, frame, name, namelen, value, valuelen, _, ud in
+            let me = HTTP2Session.from(ud)
+            let sid = frame!.pointee.hd.stream_id
+            guard me.inbound[sid] != nil else { return 0 }
+            let n = String(decoding: UnsafeBufferPointer(start: name, count: namelen), as: UTF8.self)
+            let v = String(decoding: UnsafeBufferPointer(start: value, count: valuelen), as: UTF8.self)
+            me.inbound[sid]!.headers.append((n, v))
+            return 0
+        }
+        nghttp2_session_callbacks_set_on_frame_recv_callback(cbs) { _, frame, ud in
+            let me = HTTP2Session.from(ud)
+            let hd = frame!.pointee.hd
+            let endStream = hd.flags & UInt8(NGHTTP2_FLAG_END_STREAM.rawValue) != 0
+            if hd.type == UInt8(NGHTTP2_HEADERS.rawValue), let inb = me.inbound[hd.stream_id] {
+                me.inbound[hd.stream_id] = nil
+                me.delegate?.streamOpened(hd.stream_id, headers: inb.headers)
+            }
+            if endStream, hd.type == UInt8(NGHTTP2_HEADERS.rawValue) || hd.type == UInt8(NGHTTP2_DATA.rawValue) {
+                me.delegate?.streamEnded(hd.stream_id)
+            }
+            return 0
+        }
+        nghttp2_session_callbacks_set_on_data_chunk_recv_callback(cbs) { _, _, sid, data, len, ud in
+            let me = HTTP2Session.from(ud)
+            me.delegate?.streamData(sid, UnsafeRawBufferPointer(start: data, count: len))
+            return 0
+        }
+        nghttp2_session_callbacks_set_on_stream_close_callback(cbs) { _, sid, _, ud in
+            let me = HTTP2Session.from(ud)
+            me.inbound[sid] = nil
+            me.outbound[sid] = nil
+            me.delegate?.streamClosed(sid)
+            return 0
+        }
+        var opt: OpaquePointer?
+        nghttp2_option_new(&opt)
+        nghttp2_option_set_max_send_header_block_length(opt, 64 << 10)
+        defer { nghttp2_option_del(opt) }
+        nghttp2_session_server_new2(&session, cbs, Unmanaged.passUnretained(self).toOpaque(), opt)
+
+        var iv = [
+            nghttp2_settings_entry(settings_id: Int32(NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS.rawValue),
+                                   value: settings.maxConcurrentStreams),
+            nghttp2_settings_entry(settings_id: Int32(NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE.rawValue),
+                                   value: settings.initialWindowSize),
+            nghttp2_settings_entry(settings_id: Int32(NGHTTP2_SETTINGS_MAX_HEADER_LIST_SIZE.rawValue),
+                                   value: settings.maxHeaderListSize),
+        ]
+        nghttp2_submit_settings(session, UInt8(NGHTTP2_FLAG_NONE.rawValue), &iv, iv.count)
+        nghttp2_session_set_local_window_size(session, UInt8(NGHTTP2_FLAG_NONE.rawValue), 0, settings.connectionWindowSize)
+    }
+
+    deinit { nghttp2_session_del(session) }
+
+    private static func from(_ ud: UnsafeMutableRawPointer?) -> HTTP2Session {
+        Unmanaged<HTTP2Session>.fromOpaque(ud!).takeUnretainedValue()
+    }
+
+    /// Feeds bytes read from the peer. Returns false on a protocol error (the session then
+    /// queues a GOAWAY; write out `takeOutput()` and close).
+    @discardableResult
+    public func receive(_ bytes: UnsafeRawBufferPointer) -> Bool {
+        guard !failed, let base = bytes.baseAddress else { return !failed }
+        let rc = nghttp2_session_mem_recv(session, base.assumingMemoryBound(to: UInt8.self), bytes.count)
+        if rc < 0 {
+            failed = true
+            nghttp2_session_terminate_session(session, UInt32(NGHTTP2_PROTOCOL_ERROR.rawValue))
+            return false
+        }
+        return true
+    }
+
+    /// Serialises all frames that may be sent now. Empty when there is nothing to send.
+    public func takeOutput() -> [UInt8] {
+        var out: [UInt8] = []
+        while true {
+            var p: UnsafePointer<UInt8>?
+            let n = nghttp2_session_mem_send(session, &p)
+            if n <= 0 { break }
+            out.append(contentsOf: UnsafeBufferPointer(start: p, count: n))
+        }
+        return out
+    }
+
+    /// True while the session wants to keep the connection (not after GOAWAY was exchanged).
+    public var isAlive: Bool {
+        nghttp2_session_want_read(session) != 0 || nghttp2_session_want_write(session) != 0
+    }
+
+    /// Sends response headers. With `endStream` the stream ends with them (e.g. gRPC
+    /// "trailers-only"); otherwise a body follows through `send(_:on:)` and `finish(_:trailers:)`.
+    public func respond(_ stream: Int32, headers: [HeaderField], endStream: Bool) {
+        Self.withNV(headers) { nva, n in
+            if endStream {
+                nghttp2_submit_response(session, stream, nva, n, nil)
+            } else {
+                outbound[stream] = Outbound()
+                var provider = nghttp2_data_provider()
+                provider.read_callback = { _, sid, buf, length, flags, _, ud in
+                    HTTP2Session.from(ud).read(sid, into: buf!, length: length, flags: flags!)
+                }
+                nghttp2_submit_response(session, stream, nva, n, &provider)
+            }
+        }
+    }
+
+    /// Queues body bytes on a stream that was answered with `respond(endStream: false)`.
+    public func send(_ bytes: [UInt8], on stream: Int32) {
+        guard var o = outbound[stream] else { return }
+        o.bytes += bytes.count
+        o.chunks.append(bytes)
+        let wasDeferred = o.deferred
+        o.deferred = false
+        outbound[stream] = o
+        if wasDeferred { nghttp2_session_resume_data(session, stream) }
+    }
+
+    /// Ends the stream after the queued body, with trailers if any (empty: END_STREAM on DATA).
+    public func finish(_ stream: Int32, trailers: [HeaderField]) {
+        guard var o = outbound[stream] else { return }
+        o.trailers = trailers
+        let wasDeferred = o.deferred
+        o.deferred = false
+        outbound[stream] = o
+        if wasDeferred { nghttp2_session_resume_data(session, stream) }
+    }
+
+    /// Resets a stream (RST_STREAM) with an HTTP/2 error code.
+    public func reset(_ stream: Int32, code: UInt32 = UInt32(NGHTTP2_CANCEL.rawValue)) {
+        nghttp2_submit_rst_stream(session, UInt8(NGHTTP2_FLAG_NONE.rawValue), stream, code)
+    }
+
+    /// Bytes queued on `stream` that the peer's window has not let out yet.
+    public func queuedBytes(_ stream: Int32) -> Int { outbound[stream]?.bytes ?? 0 }
+
+    /// Sends GOAWAY and lets open streams finish.
+    public func goAway() {
+        nghttp2_session_terminate_session(session, UInt32(NGHTTP2_NO_ERROR.rawValue))
+    }
+
+    private func read(_ sid: Int32, into buf: UnsafeMutablePointer<UInt8>, length: Int,
+                      flags: UnsafeMutablePointer<UInt32>) -> Int {
+        guard var o = outbound[sid] else { return Int(NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE.rawValue) }
+        var written = 0
+        while written < length, !o.chunks.isEmpty {
+            let chunk = o.chunks[0]
+            let n = min(length - written, chunk.count - o.offset)
+            chunk.withUnsafeBufferPointer { src in
+                (buf + written).update(from: src.baseAddress! + o.offset, count: n)
+            }
+            written += n
+            o.offset += n
+            if o.offset == chunk.count {
+                o.chunks.removeFirst()
+                o.offset = 0
+            }
+        }
+        o.bytes -= written
+        let drained = o.chunks.isEmpty
+        if drained, let trailers = o.trailers {
+            // Empty trailers: end the stream with the last DATA frame.
+            flags.pointee |= NGHTTP2_DATA_FLAG_EOF.rawValue
+            outbound[sid] = o
+            if !trailers.isEmpty {
+                flags.pointee |= NGHTTP2_DATA_FLAG_NO_END_STREAM.rawValue
+                Self.withNV(trailers) { nva, n in _ = nghttp2_submit_trailer(session, sid, nva, n) }
+            }
+            return written
+        }
+        if written == 0 {
+            o.deferred = true
+            outbound[sid] = o
+            return Int(NGHTTP2_ERR_DEFERRED.rawValue)
+        }
+        outbound[sid] = o
+        if drained { delegate?.streamDrained(sid) }
+        return written
+    }
+
+    private static func withNV<R>(_ headers: [HeaderField], _ body: (UnsafePointer<nghttp2_nv>, Int) -> R) -> R {
+        // nghttp2 copies names and values during submit, so they only need to live for the call.
+        var total = 0
+        for h in headers { total += h.name.utf8.count + h.value.utf8.count }
+        let buf = UnsafeMutablePointer<UInt8>.allocate(capacity: max(total, 1))
+        defer { buf.deallocate() }
+        var nvs: [nghttp2_nv] = []
+        nvs.reserveCapacity(headers.count)
+        var off = 0
+        for h in headers {
+            let name = buf + off
+            for b in h.name.utf8 { buf[off] = b; off += 1 }
+            let value = buf + off
+            for b in h.value.utf8 { buf[off] = b; off += 1 }
+            nvs.append(nghttp2_nv(name: name, value: value, namelen: h.name.utf8.count, valuelen: h.value.utf8.count,
+                                  flags: UInt8(NGHTTP2_NV_FLAG_NONE.rawValue)))
+        }
+        return nvs.withUnsafeBufferPointer { body($0.baseAddress!, $0.count) }
+    }
+}

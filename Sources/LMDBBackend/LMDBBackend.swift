@@ -1,0 +1,191 @@
+import CLMDB
+import MVCC
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// An error from LMDB with its code and LMDB's text.
+public struct LMDBError: Error, CustomStringConvertible {
+    public let code: Int32
+    public var description: String { "lmdb: " + String(cString: mdb_strerror(code)) }
+}
+
+@inline(__always)
+private func check(_ rc: Int32) throws {
+    if rc != 0 { throw LMDBError(code: rc) }
+}
+
+/// The durable backend on LMDB. Two databases:
+/// - `key`: 16-byte revision (big-endian main, sub) → encoded record (etcd's "key" bucket layout);
+/// - `meta`: name → 8-byte big-endian integer.
+/// Each `commit` is one LMDB write transaction; LMDB fsyncs at commit unless `noSync`.
+public final class LMDBBackend: Backend, @unchecked Sendable {
+    private var env: OpaquePointer?
+    private var keyDB: MDB_dbi = 0
+    private var metaDB: MDB_dbi = 0
+    public let path: String
+
+    /// Opens (creating if needed) the environment in directory `path`.
+    /// - Parameters:
+    ///   - mapSize: the largest the data file may grow to.
+    ///   - noSync: skip fsync at commit (etcd's `--unsafe-no-fsync`; tests only).
+    public init(path: String, mapSize: Int, noSync: Bool = false) throws {
+        self.path = path
+        mkdir(path, 0o700)
+        try check(mdb_env_create(&env))
+        do {
+            try check(mdb_env_set_maxdbs(env, 4))
+            try check(mdb_env_set_mapsize(env, mapSize))
+            var flags = UInt32(MDB_NOTLS)
+            if noSync { flags |= UInt32(MDB_NOSYNC) }
+            try check(mdb_env_open(env, path, flags, 0o600))
+            var txn: OpaquePointer?
+            try check(mdb_txn_begin(env, nil, 0, &txn))
+            do {
+                try check(mdb_dbi_open(txn, "key", UInt32(MDB_CREATE), &keyDB))
+                try check(mdb_dbi_open(txn, "meta", UInt32(MDB_CREATE), &metaDB))
+                try check(mdb_txn_commit(txn))
+            } catch {
+                mdb_txn_abort(txn)
+                throw error
+            }
+        } catch {
+            mdb_env_close(env)
+            throw error
+        }
+    }
+
+    deinit { mdb_env_close(env) }
+
+    public func load() throws -> (records: [Record], meta: [String: Int64]) {
+        var txn: OpaquePointer?
+        try check(mdb_txn_begin(env, nil, UInt32(MDB_RDONLY), &txn))
+        defer { mdb_txn_abort(txn) }
+        var records: [Record] = []
+        var cursor: OpaquePointer?
+        try check(mdb_cursor_open(txn, keyDB, &cursor))
+        var k = MDB_val(), v = MDB_val()
+        var rc = mdb_cursor_get(cursor, &k, &v, MDB_FIRST)
+        while rc == 0 {
+            if let rev = Revision(bytes: UnsafeRawBufferPointer(start: k.mv_data, count: k.mv_size)),
+               let rec = RecordCodec.decode(rev: rev, UnsafeRawBufferPointer(start: v.mv_data, count: v.mv_size)) {
+                records.append(rec)
+            }
+            rc = mdb_cursor_get(cursor, &k, &v, MDB_NEXT)
+        }
+        mdb_cursor_close(cursor)
+        if rc != MDB_NOTFOUND { throw LMDBError(code: rc) }
+
+        var meta: [String: Int64] = [:]
+        try check(mdb_cursor_open(txn, metaDB, &cursor))
+        rc = mdb_cursor_get(cursor, &k, &v, MDB_FIRST)
+        while rc == 0 {
+            let name = String(decoding: UnsafeRawBufferPointer(start: k.mv_data, count: k.mv_size), as: UTF8.self)
+            if v.mv_size == 8 {
+                let raw = UnsafeRawBufferPointer(start: v.mv_data, count: 8)
+                meta[name] = Int64(bitPattern: raw.reduce(0) { $0 << 8 | UInt64($1) })
+            }
+            rc = mdb_cursor_get(cursor, &k, &v, MDB_NEXT)
+        }
+        mdb_cursor_close(cursor)
+        return (records, meta)
+    }
+
+    public func commit(_ batch: WriteBatch) throws {
+        var txn: OpaquePointer?
+        try check(mdb_txn_begin(env, nil, 0, &txn))
+        do {
+            for r in batch.records {
+                try put(txn, keyDB, r.rev.bytes, RecordCodec.encode(r))
+            }
+            for rev in batch.removed {
+                var kb = rev.bytes
+                let rc = kb.withUnsafeMutableBytes { kp -> Int32 in
+                    var k = MDB_val(mv_size: 16, mv_data: kp.baseAddress)
+                    return mdb_del(txn, keyDB, &k, nil)
+                }
+                if rc != 0 && rc != MDB_NOTFOUND { throw LMDBError(code: rc) }
+            }
+            for (name, value) in batch.meta {
+                let u = UInt64(bitPattern: value)
+                try put(txn, metaDB, Array(name.utf8), (0..<8).map { UInt8((u >> (56 - 8 * UInt64($0))) & 0xFF) })
+            }
+            try check(mdb_txn_commit(txn))
+        } catch {
+            mdb_txn_abort(txn)
+            throw error
+        }
+    }
+
+    private func put(_ txn: OpaquePointer?, _ dbi: MDB_dbi, _ key: Bytes, _ value: Bytes) throws {
+        var key = key, value = value
+        try key.withUnsafeMutableBytes { kp in
+            try value.withUnsafeMutableBytes { vp in
+                var k = MDB_val(mv_size: kp.count, mv_data: kp.baseAddress)
+                var v = MDB_val(mv_size: vp.count, mv_data: vp.baseAddress)
+                try check(mdb_put(txn, dbi, &k, &v, 0))
+            }
+        }
+    }
+
+    /// Bytes the data file occupies (LMDB's last used page × page size).
+    public var sizeInUse: Int {
+        var info = MDB_envinfo()
+        var stat = MDB_stat()
+        mdb_env_info(env, &info)
+        mdb_env_stat(env, &stat)
+        return (info.me_last_pgno + 1) * Int(stat.ms_psize)
+    }
+}
+
+/// The stored form of a record: flag (1 = live), varint key length, key, then for live records
+/// create revision, version and lease (8 bytes each, big-endian) and the value. The mod revision is
+/// the record's own revision.
+public enum RecordCodec {
+    public static func encode(_ r: Record) -> Bytes {
+        var out = Bytes()
+        out.reserveCapacity(r.key.count + (r.kv?.value.count ?? 0) + 32)
+        out.append(r.kv == nil ? 0 : 1)
+        var n = UInt64(r.key.count)
+        while n >= 0x80 { out.append(UInt8(n & 0x7F) | 0x80); n >>= 7 }
+        out.append(UInt8(n))
+        out.append(contentsOf: r.key)
+        if let kv = r.kv {
+            for x in [kv.createRevision, kv.version, kv.lease] {
+                let u = UInt64(bitPattern: x)
+                for i in 0..<8 { out.append(UInt8((u >> (56 - 8 * UInt64(i))) & 0xFF)) }
+            }
+            out.append(contentsOf: kv.value)
+        }
+        return out
+    }
+
+    public static func decode(rev: Revision, _ b: UnsafeRawBufferPointer) -> Record? {
+        guard b.count >= 2 else { return nil }
+        let live = b[0] == 1
+        var i = 1
+        var len: UInt64 = 0, shift: UInt64 = 0
+        while i < b.count {
+            let c = b[i]
+            i += 1
+            len |= UInt64(c & 0x7F) << shift
+            if c & 0x80 == 0 { break }
+            shift += 7
+            if shift > 63 { return nil }
+        }
+        guard i + Int(len) <= b.count else { return nil }
+        let key = Bytes(b[i..<(i + Int(len))])
+        i += Int(len)
+        guard live else { return Record(rev: rev, key: key, kv: nil) }
+        guard i + 24 <= b.count else { return nil }
+        func int64(_ at: Int) -> Int64 {
+            var u: UInt64 = 0
+            for j in 0..<8 { u = u << 8 | UInt64(b[at + j]) }
+            return Int64(bitPattern: u)
+        }
+        let kv = KeyValue(key: key, createRevision: int64(i), modRevision: rev.main, version: int64(i + 8),
+                          value: Bytes(b[(i + 24)...]), lease: int64(i + 16))
+        return Record(rev: rev, key: key, kv: kv)
+    }
+}

@@ -1,0 +1,97 @@
+import EventLoop
+import GRPC
+import HTTP1
+import HTTP2
+
+/// One client connection. The first bytes decide its protocol: the HTTP/2 client preface goes to
+/// an nghttp2 session serving gRPC; anything else is HTTP/1.1.
+final class ClientConnection: TCPConnectionDelegate {
+    private enum Mode {
+        case sniffing([UInt8])
+        case http2(HTTP2Session, GRPCConnection)
+        case http1(HTTP1Connection)
+    }
+
+    private static let preface = Array("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".utf8)
+    /// Stop pulling frames from nghttp2 while this many bytes wait in the socket.
+    private static let writeHighWater = 4 << 20
+
+    private let tcp: TCPConnection
+    private unowned let server: VigilServerCore
+    private var mode: Mode = .sniffing([])
+    private var flushScheduled = false
+
+    init(tcp: TCPConnection, server: VigilServerCore) {
+        self.tcp = tcp
+        self.server = server
+    }
+
+    func start() { tcp.start(delegate: self) }
+
+    func close() { tcp.close() }
+
+    func connection(_ c: TCPConnection, received bytes: UnsafeRawBufferPointer) {
+        switch mode {
+        case .sniffing(var seen):
+            seen.append(contentsOf: bytes)
+            let n = min(seen.count, Self.preface.count)
+            if seen[0..<n].elementsEqual(Self.preface[0..<n]) {
+                if seen.count < Self.preface.count {
+                    mode = .sniffing(seen)
+                    return
+                }
+                startHTTP2(with: seen)
+            } else {
+                let h1 = HTTP1Connection(handler: server.http1Handler) { [unowned self] out, close in
+                    tcp.write(out)
+                    if close { tcp.close() }
+                }
+                mode = .http1(h1)
+                seen.withUnsafeBytes { h1.receive($0) }
+            }
+        case .http2(let session, _):
+            session.receive(bytes)
+            flush()
+        case .http1(let h1):
+            h1.receive(bytes)
+        }
+    }
+
+    private func startHTTP2(with bytes: [UInt8]) {
+        let session = HTTP2Session(settings: server.http2Settings)
+        let grpc = GRPCConnection(session: session, maxMessageBytes: server.limits.maxReceiveMessageBytes,
+                                  route: { [unowned server] path in server.route(path) },
+                                  needsFlush: { [unowned self] in scheduleFlush() })
+        mode = .http2(session, grpc)
+        bytes.withUnsafeBytes { session.receive($0) }
+        flush()
+    }
+
+    private func scheduleFlush() {
+        guard !flushScheduled else { return }
+        flushScheduled = true
+        server.loop.atEndOfTurn { [weak self] in
+            guard let self else { return }
+            flushScheduled = false
+            flush()
+        }
+    }
+
+    /// Writes what nghttp2 has ready, unless the socket is already backed up.
+    private func flush() {
+        guard case .http2(let session, _) = mode, !tcp.isClosed else { return }
+        if tcp.queuedWriteBytes < Self.writeHighWater {
+            let out = session.takeOutput()
+            if !out.isEmpty { tcp.write(out) }
+        }
+        if !session.isAlive || session.failed { tcp.close() }
+    }
+
+    func connectionWritable(_ c: TCPConnection) { flush() }
+
+    func connectionClosed(_ c: TCPConnection) {
+        if case .http2(_, let grpc) = mode { grpc.connectionClosed() }
+        mode = .sniffing([])
+        server.connectionClosed(self)
+    }
+}

@@ -1,0 +1,83 @@
+import EtcdAPI
+import EventLoop
+import Logging
+import MVCC
+
+/// Group commit: writes made during a loop turn are handed to the backend as one batch at the end
+/// of the turn, on libuv's thread pool; their responses go out only after the batch is fsynced.
+/// One commit is in flight at a time; batches formed meanwhile wait and go next, together.
+final class CommitCoordinator: CommitGate {
+    private let loop: EventLoop
+    private let store: KVStore
+    private let backend: any Backend
+    private let logger: Logger
+    private var inFlight = false
+    /// Callbacks waiting for a revision, in non-decreasing revision order.
+    private var waiters: [(rev: Int64, body: () -> Void)] = []
+    private var waiterHead = 0
+    /// Hooks that see every published write (watch fan-out plugs in here).
+    var onPublish: [([Event], Int64) -> Void] = []
+    /// Number of group commits done (for metrics and tests).
+    private(set) var commits = 0
+
+    init(loop: EventLoop, store: KVStore, backend: any Backend, logger: Logger) {
+        self.loop = loop
+        self.store = store
+        self.backend = backend
+        self.logger = logger
+        loop.addBeforeSleep { [unowned self] in self.startCommitIfNeeded() }
+    }
+
+    func whenDurable(_ revision: Int64, _ body: @escaping () -> Void) {
+        // Earlier waiters go first, so replies leave in the order their writes were made.
+        if revision <= store.committedRevision && waiterHead == waiters.count {
+            body()
+        } else {
+            waiters.append((revision, body))
+        }
+    }
+
+    func published(_ events: [Event], revision: Int64) {
+        for hook in onPublish { hook(events, revision) }
+    }
+
+    private func startCommitIfNeeded() {
+        guard !inFlight, let batch = store.takeBatch() else { return }
+        inFlight = true
+        let backend = self.backend
+        var failure: (any Error)?
+        let started = loop.nowMilliseconds
+        ThreadPool.submit(on: loop, work: {
+            do { try backend.commit(batch) } catch { failure = error }
+        }, done: { [unowned self] in
+            inFlight = false
+            if let failure {
+                // Acknowledged data must never be lost: stop rather than answer from memory.
+                logger.critical("backend commit failed, stopping: \(failure)")
+                fatalError("backend commit failed: \(failure)")
+            }
+            commits += 1
+            let took = loop.nowMilliseconds - started
+            if took > 1000 { logger.warning("slow fsync", metadata: ["took_ms": "\(took)"]) }
+            store.markCommitted(batch.revision)
+            releaseWaiters()
+            startCommitIfNeeded()
+        })
+    }
+
+    private func releaseWaiters() {
+        let committed = store.committedRevision
+        while waiterHead < waiters.count, waiters[waiterHead].rev <= committed {
+            let body = waiters[waiterHead].body
+            waiterHead += 1
+            body()
+        }
+        if waiterHead == waiters.count {
+            waiters.removeAll(keepingCapacity: true)
+            waiterHead = 0
+        } else if waiterHead > 4096 {
+            waiters.removeFirst(waiterHead)
+            waiterHead = 0
+        }
+    }
+}

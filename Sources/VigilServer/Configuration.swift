@@ -1,0 +1,53 @@
+import EtcdAPI
+
+/// Everything a Vigil server is started with. Names follow etcd's flags.
+public struct Configuration: Sendable {
+    /// `--name`
+    public var name = "default"
+    /// `--data-dir`
+    public var dataDir = "default.vigil"
+    /// `--listen-client-urls`
+    public var listenClientURLs = ["http://127.0.0.1:2379"]
+    /// `--advertise-client-urls` (defaults to the listen URLs)
+    public var advertiseClientURLs: [String]? = nil
+    /// `--initial-advertise-peer-urls`
+    public var initialAdvertisePeerURLs = ["http://localhost:2380"]
+    /// `--initial-cluster-token`
+    public var initialClusterToken = "etcd-cluster"
+    /// `--max-request-bytes`, `--max-txn-ops`
+    public var limits = Limits()
+    /// `--quota-backend-bytes` (0 = etcd's default of 2 GiB)
+    public var quotaBackendBytes: Int64 = 0
+    /// `--unsafe-no-fsync`
+    public var unsafeNoFsync = false
+
+    public init() {}
+
+    /// The quota in force: 0 means etcd's default of 2 GiB.
+    public var effectiveQuota: Int64 { quotaBackendBytes > 0 ? quotaBackendBytes : 2 << 30 }
+
+    /// The (host, port) pairs to listen on, from `http://host:port` URLs.
+    public func listenAddresses() throws -> [(host: String, port: Int)] {
+        try listenClientURLs.map { try Self.parseURL($0) }
+    }
+
+    struct BadURL: Error, CustomStringConvertible {
+        let url: String
+        var description: String { "invalid URL \"\(url)\": expected http://host:port" }
+    }
+
+    static func parseURL(_ url: String) throws -> (host: String, port: Int) {
+        var rest = Substring(url)
+        if rest.hasPrefix("http://") { rest = rest.dropFirst(7) } else if rest.hasPrefix("https://") {
+            throw BadURL(url: url + " (TLS is not supported)")
+        }
+        if let slash = rest.firstIndex(of: "/") { rest = rest[..<slash] }
+        guard let colon = rest.lastIndex(of: ":"), let port = Int(rest[rest.index(after: colon)...]),
+              (0...65535).contains(port) else { throw BadURL(url: url) }
+        var host = String(rest[..<colon])
+        if host.hasPrefix("[") && host.hasSuffix("]") { host = String(host.dropFirst().dropLast()) }
+        if host == "localhost" { host = "127.0.0.1" }
+        if host.isEmpty { host = "0.0.0.0" }
+        return (host, port)
+    }
+}

@@ -1,0 +1,280 @@
+import EtcdAPI
+import EtcdProto
+import EventLoop
+import Foundation
+import GRPC
+import HTTP1
+import HTTP2
+import LMDBBackend
+import Logging
+import MVCC
+
+/// The loop-confined part of a running server: store, services, listeners and connections.
+final class VigilServerCore {
+    let loop: EventLoop
+    let config: Configuration
+    let logger: Logger
+    let store: KVStore
+    let backend: LMDBBackend
+    let commits: CommitCoordinator
+    let services: EtcdServices
+    var limits: Limits { config.limits }
+    let http2Settings = HTTP2Settings()
+    private(set) var listeners: [TCPListener] = []
+    private var connections: Set<ObjectIdentifier> = []
+    private var connectionObjects: [ObjectIdentifier: ClientConnection] = [:]
+    lazy var http1Handler: any HTTP1Handler = PlainHTTPHandler(core: self)
+
+    init(loop: EventLoop, config: Configuration, logger: Logger) throws {
+        self.loop = loop
+        self.config = config
+        self.logger = logger
+        let dir = config.dataDir
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        let mapSize = Int(max(config.effectiveQuota * 2, 8 << 30))
+        backend = try LMDBBackend(path: dir + "/member", mapSize: mapSize, noSync: config.unsafeNoFsync)
+        let (records, meta) = try backend.load()
+        store = KVStore(records: records, meta: meta)
+        commits = CommitCoordinator(loop: loop, store: store, backend: backend, logger: logger)
+        let memberID = MemberIDs.memberID(peerURLs: config.initialAdvertisePeerURLs, clusterToken: config.initialClusterToken)
+        let identity = MemberIdentity(
+            clusterID: MemberIDs.clusterID(memberIDs: [memberID]), memberID: memberID, name: config.name,
+            peerURLs: config.initialAdvertisePeerURLs,
+            clientURLs: config.advertiseClientURLs ?? config.listenClientURLs)
+        let ctx = ServerContext(store: store, identity: identity, limits: config.limits, gate: commits)
+        let backend = self.backend
+        ctx.dbSize = { Int64(backend.sizeInUse) }
+        services = EtcdServices(context: ctx)
+        logger.info("store loaded", metadata: ["revision": "\(store.currentRevision)",
+                                               "compact-revision": "\(store.compactRevision)",
+                                               "keys": "\(store.liveKeyCount)"])
+    }
+
+    func listen() throws -> [Int] {
+        var ports: [Int] = []
+        for (host, port) in try config.listenAddresses() {
+            let l = try TCPListener(loop: loop, host: host, port: port) { [unowned self] tcp in
+                let c = ClientConnection(tcp: tcp, server: self)
+                connectionObjects[ObjectIdentifier(c)] = c
+                c.start()
+            }
+            listeners.append(l)
+            ports.append(l.port)
+        }
+        return ports
+    }
+
+    /// The gRPC handler for a path, with the call's deadline enforced.
+    func route(_ path: String) -> ((ServerCall) -> Void)? {
+        guard let handler = services.route(path) else { return nil }
+        return { [unowned self] call in
+            if let ms = call.timeoutMs {
+                let timer = LoopTimer(loop: loop, timeoutMs: ms) { [weak call] in
+                    guard let call, !call.isFinished else { return }
+                    call.finish(GRPCStatus(.deadlineExceeded, "context deadline exceeded"))
+                }
+                call.onEnded = { timer.cancel() }
+            }
+            handler(call)
+        }
+    }
+
+    func connectionClosed(_ c: ClientConnection) {
+        connectionObjects[ObjectIdentifier(c)] = nil
+    }
+
+    /// Stops accepting connections.
+    func shutdown() {
+        for l in listeners { l.close() }
+        listeners.removeAll()
+    }
+
+    /// Closes listeners and every client connection.
+    func closeAll() {
+        shutdown()
+        for c in Array(connectionObjects.values) { c.close() }
+        connectionObjects.removeAll()
+    }
+}
+
+/// Answers plain HTTP/1.1 until the JSON gateway lands: `/health`, `/version`, and etcd-shaped 404s.
+final class PlainHTTPHandler: HTTP1Handler {
+    unowned let core: VigilServerCore
+    init(core: VigilServerCore) { self.core = core }
+
+    func handle(_ request: HTTP1Request) -> HTTP1Response {
+        switch request.path {
+        case "/health":
+            guard request.method == "GET" else { return .error(status: 405, grpcCode: 12, message: "Method Not Allowed") }
+            return HTTP1Response(status: 200, body: Array(#"{"health":"true"}"#.utf8))
+        case "/version":
+            guard request.method == "GET" else { return .error(status: 405, grpcCode: 12, message: "Method Not Allowed") }
+            return HTTP1Response(status: 200, body: Array(#"{"etcdserver":"\#(EtcdServices.serverVersion)","etcdcluster":"3.4.0"}"#.utf8))
+        default:
+            return .error(status: 404, grpcCode: 5, message: "Not Found")
+        }
+    }
+}
+
+/// A Vigil server: an etcd v3–compatible key-value store on one libuv loop.
+///
+/// `run()` serves on the calling thread until `stop()`; `start()` serves on a thread of its own
+/// (for embedding) and returns once the listeners are bound.
+public final class VigilServer: @unchecked Sendable {
+    public let configuration: Configuration
+    private let logger: Logger
+    private let lock = NSLock()
+    private var inbox: [() -> Void] = []
+    private var wakeup: Wakeup?
+    private var thread: Thread?
+    private let finished = DispatchSemaphore(value: 0)
+    /// Ports bound, in the order of `listenClientURLs` (useful with port 0).
+    public private(set) var ports: [Int] = []
+
+    public init(configuration: Configuration, logger: Logger = Logger(label: "vigil")) {
+        self.configuration = configuration
+        self.logger = logger
+    }
+
+    /// Serves on the calling thread until `stop()` or SIGINT/SIGTERM.
+    public func run(onReady: (([Int]) -> Void)? = nil) throws {
+        let loop = try EventLoop()
+        let core = try VigilServerCore(loop: loop, config: configuration, logger: logger)
+        let wake = Wakeup(loop: loop) { [unowned self] in drainInbox() }
+        wake.unref()
+        var signals: [SignalWatcher] = []
+        var stopping = false
+        func stopLoop() {
+            guard !stopping else { return }
+            stopping = true
+            core.shutdown()
+            loop.stop()
+        }
+        lock.withLock { wakeup = wake }
+        stopLoopMarker = stopLoop
+        for sig in [SIGINT, SIGTERM] {
+            signals.append(SignalWatcher(loop: loop, signal: sig) { [logger] s in
+                logger.info("received signal, shutting down", metadata: ["signal": "\(s)"])
+                stopLoop()
+            })
+        }
+        ports = try core.listen()
+        logger.info("ready to serve client requests")
+        for (url, port) in zip(configuration.listenClientURLs, ports) {
+            logger.notice("serving insecure client requests on \(url) (port \(port)), this is strongly discouraged!")
+        }
+        self.core = core
+        onReady?(ports)
+        drainInbox()
+        loop.run()
+        // Close everything, then let an in-flight group commit (and the ones it chains) finish.
+        core.closeAll()
+        for s in signals { s.close() }
+        lock.withLock { wakeup = nil }
+        wake.close()
+        loop.shutdown()
+        loop.drain()
+        self.core = nil
+        stopLoopMarker = nil
+        logger.info("stopped")
+    }
+
+    private var core: VigilServerCore?
+    private var stopLoopMarker: (() -> Void)?
+
+    /// Starts serving on a new thread; returns the bound ports once ready, or throws the start error.
+    @discardableResult
+    public func start() throws -> [Int] {
+        let ready = DispatchSemaphore(value: 0)
+        let result = Box<Result<[Int], any Error>>(.success([]))
+        let t = Thread { [self] in
+            do {
+                try run { ports in
+                    result.value = .success(ports)
+                    ready.signal()
+                }
+            } catch {
+                result.value = .failure(error)
+                ready.signal()
+            }
+            finished.signal()
+        }
+        t.stackSize = 8 << 20
+        thread = t
+        t.start()
+        ready.wait()
+        return try result.value.get()
+    }
+
+    /// Stops the server (from any thread) and, if it runs on its own thread, waits for it to end.
+    public func stop() {
+        submit { [self] in stopLoopMarker?() }
+        if thread != nil {
+            finished.wait()
+            thread = nil
+        }
+    }
+
+    /// Runs `body` on the loop (thread-safe).
+    func submit(_ body: @escaping () -> Void) {
+        lock.withLock {
+            inbox.append(body)
+            wakeup?.signal()
+        }
+    }
+
+    private func drainInbox() {
+        let work = lock.withLock { () -> [() -> Void] in
+            let w = inbox
+            inbox.removeAll()
+            return w
+        }
+        for w in work { w() }
+    }
+
+    /// Writes `key` from inside the process (for embedding programs); waits until it is durable.
+    /// Returns the revision of the write.
+    public func put(_ key: [UInt8], _ value: [UInt8]) throws -> Int64 {
+        var req = Etcdserverpb_PutRequest()
+        req.key = Data(key)
+        req.value = Data(value)
+        let done = DispatchSemaphore(value: 0)
+        let result = Box<Result<Int64, any Error>>(.failure(EtcdError.stopped))
+        submit { [self] in
+            guard let core else { done.signal(); return }
+            do {
+                let (resp, rev) = try core.services.kv.put(req)
+                core.commits.whenDurable(rev) {
+                    result.value = .success(resp.header.revision)
+                    done.signal()
+                }
+            } catch {
+                result.value = .failure(error)
+                done.signal()
+            }
+        }
+        done.wait()
+        return try result.value.get()
+    }
+
+    /// Reads `key` at the latest durable revision (for embedding programs).
+    public func get(_ key: [UInt8]) throws -> [UInt8]? {
+        var req = Etcdserverpb_RangeRequest()
+        req.key = Data(key)
+        let done = DispatchSemaphore(value: 0)
+        let result = Box<Result<[UInt8]?, any Error>>(.failure(EtcdError.stopped))
+        submit { [self] in
+            defer { done.signal() }
+            guard let core else { return }
+            result.value = Result { try core.services.kv.range(req).kvs.first.map { [UInt8]($0.value) } }
+        }
+        done.wait()
+        return try result.value.get()
+    }
+}
+
+/// A mutable cell handed between the loop thread and a waiting caller (guarded by a semaphore).
+final class Box<T>: @unchecked Sendable {
+    var value: T
+    init(_ value: T) { self.value = value }
+}

@@ -1,0 +1,108 @@
+import ArgumentParser
+import EtcdAPI
+import Foundation
+import Logging
+import VigilServer
+
+/// `vigil`: flags named as etcd's, for a single member. Every flag can also come from the matching
+/// `ETCD_*` environment variable (e.g. `ETCD_DATA_DIR`), as with etcd; a flag given on the command
+/// line wins.
+struct VigilCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "vigil",
+        abstract: "An etcd v3-compatible key-value server with an event-streaming watch hub.")
+
+    @Option(name: .customLong("name"), help: "Human-readable name for this member.")
+    var name: String?
+    @Option(name: .customLong("data-dir"), help: "Path to the data directory (default: default.vigil).")
+    var dataDir: String?
+    @Option(name: .customLong("listen-client-urls"), help: "Comma-separated URLs to listen on for client traffic.")
+    var listenClientURLs: String?
+    @Option(name: .customLong("advertise-client-urls"), help: "Comma-separated client URLs to advertise.")
+    var advertiseClientURLs: String?
+    @Option(name: .customLong("listen-peer-urls"), help: "Accepted for compatibility (single member: no peer traffic).")
+    var listenPeerURLs: String?
+    @Option(name: .customLong("initial-advertise-peer-urls"), help: "This member's peer URLs (used for its ID).")
+    var initialAdvertisePeerURLs: String?
+    @Option(name: .customLong("initial-cluster"), help: "Initial cluster configuration; must name only this member.")
+    var initialCluster: String?
+    @Option(name: .customLong("initial-cluster-token"), help: "Initial cluster token (used for the IDs).")
+    var initialClusterToken: String?
+    @Option(name: .customLong("initial-cluster-state"), help: "new or existing (accepted for compatibility).")
+    var initialClusterState: String?
+    @Option(name: .customLong("max-request-bytes"), help: "Maximum client request size in bytes (default 1572864).")
+    var maxRequestBytes: Int?
+    @Option(name: .customLong("max-txn-ops"), help: "Maximum number of operations per txn (default 128).")
+    var maxTxnOps: Int?
+    @Option(name: .customLong("quota-backend-bytes"), help: "Backend size quota; 0 = default 2 GiB.")
+    var quotaBackendBytes: Int64?
+    @Option(name: .customLong("log-level"), help: "debug, info, warn, error, panic or fatal.")
+    var logLevel: String?
+    @Flag(name: .customLong("unsafe-no-fsync"), help: "Disables fsync: unsafe, for tests only.")
+    var unsafeNoFsync = false
+
+    private func value(_ flag: String?, _ env: String) -> String? {
+        flag ?? ProcessInfo.processInfo.environment[env]
+    }
+
+    private static func list(_ s: String) -> [String] {
+        s.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) }.filter { !$0.isEmpty }
+    }
+
+    func makeConfiguration() throws -> Configuration {
+        var c = Configuration()
+        if let v = value(name, "ETCD_NAME") { c.name = v }
+        if let v = value(dataDir, "ETCD_DATA_DIR") { c.dataDir = v }
+        if let v = value(listenClientURLs, "ETCD_LISTEN_CLIENT_URLS") { c.listenClientURLs = Self.list(v) }
+        if let v = value(advertiseClientURLs, "ETCD_ADVERTISE_CLIENT_URLS") { c.advertiseClientURLs = Self.list(v) }
+        if let v = value(initialAdvertisePeerURLs, "ETCD_INITIAL_ADVERTISE_PEER_URLS") {
+            c.initialAdvertisePeerURLs = Self.list(v)
+        }
+        if let v = value(initialClusterToken, "ETCD_INITIAL_CLUSTER_TOKEN") { c.initialClusterToken = v }
+        if let v = value(initialCluster, "ETCD_INITIAL_CLUSTER") {
+            let members = Self.list(v)
+            let names = Set(members.compactMap { $0.split(separator: "=", maxSplits: 1).first.map(String.init) })
+            if names.count > 1 || (names.count == 1 && !names.contains(c.name)) {
+                throw ValidationError("--initial-cluster must list only this member (\(c.name)): Vigil is a single-member server")
+            }
+        }
+        if let v = maxRequestBytes ?? value(nil, "ETCD_MAX_REQUEST_BYTES").flatMap(Int.init) {
+            guard v > 0 else { throw ValidationError("--max-request-bytes must be positive") }
+            c.limits.maxRequestBytes = v
+        }
+        if let v = maxTxnOps ?? value(nil, "ETCD_MAX_TXN_OPS").flatMap(Int.init) {
+            guard v > 0 else { throw ValidationError("--max-txn-ops must be positive") }
+            c.limits.maxTxnOps = v
+        }
+        if let v = quotaBackendBytes ?? value(nil, "ETCD_QUOTA_BACKEND_BYTES").flatMap(Int64.init) { c.quotaBackendBytes = v }
+        c.unsafeNoFsync = unsafeNoFsync || ProcessInfo.processInfo.environment["ETCD_UNSAFE_NO_FSYNC"] == "true"
+        _ = try c.listenAddresses()
+        return c
+    }
+
+    func logLevelValue() throws -> Logger.Level {
+        switch value(logLevel, "ETCD_LOG_LEVEL") ?? "info" {
+        case "debug": return .debug
+        case "info": return .info
+        case "warn", "warning": return .warning
+        case "error": return .error
+        case "panic", "fatal": return .critical
+        case let other: throw ValidationError("unknown --log-level \(other)")
+        }
+    }
+
+    func run() throws {
+        let config = try makeConfiguration()
+        let level = try logLevelValue()
+        LoggingSystem.bootstrap { label in
+            var h = StreamLogHandler.standardError(label: label)
+            h.logLevel = level
+            return h
+        }
+        let logger = Logger(label: "vigil")
+        logger.info("starting vigil", metadata: ["name": "\(config.name)", "data-dir": "\(config.dataDir)"])
+        try VigilServer(configuration: config, logger: logger).run()
+    }
+}
+
+VigilCommand.main()

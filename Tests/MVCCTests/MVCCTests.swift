@@ -1,0 +1,174 @@
+import Testing
+@testable import MVCC
+
+private func b(_ s: String) -> Bytes { Array(s.utf8) }
+
+/// Writes one put in its own revision and marks it durable.
+@discardableResult
+private func put(_ s: KVStore, _ k: String, _ v: String, lease: Int64 = 0) -> Int64 {
+    let t = s.beginWrite()
+    t.put(b(k), value: b(v), lease: lease)
+    _ = t.end()
+    s.markCommitted(s.currentRevision)
+    return t.revision
+}
+
+@discardableResult
+private func del(_ s: KVStore, _ k: String, _ end: String = "") -> Int {
+    let t = s.beginWrite()
+    let n = t.deleteRange(b(k), b(end)).count
+    _ = t.end()
+    s.markCommitted(s.currentRevision)
+    return n
+}
+
+@Suite struct RevisionRules {
+    @Test func freshStoreIsAtRevisionOne() throws {
+        let s = KVStore()
+        #expect(s.currentRevision == 1)
+        #expect(s.compactRevision == -1)
+        #expect(try s.range(b("a"), []).count == 0)
+    }
+
+    @Test func putsBumpRevisionAndVersion() throws {
+        let s = KVStore()
+        #expect(put(s, "a", "1") == 2)
+        #expect(put(s, "a", "2") == 3)
+        let kv = try #require(try s.range(b("a"), []).kvs.first)
+        #expect(kv.createRevision == 2)
+        #expect(kv.modRevision == 3)
+        #expect(kv.version == 2)
+        #expect(kv.value == b("2"))
+    }
+
+    @Test func deleteResetsGenerationAndNoOpDeleteKeepsRevision() throws {
+        let s = KVStore()
+        put(s, "a", "1")
+        #expect(del(s, "a") == 1)
+        #expect(s.currentRevision == 3)
+        #expect(del(s, "a") == 0)
+        #expect(s.currentRevision == 3, "deleting nothing makes no revision")
+        put(s, "a", "again")
+        let kv = try #require(try s.range(b("a"), []).kvs.first)
+        #expect(kv.createRevision == 4)
+        #expect(kv.version == 1)
+    }
+
+    @Test func historicalReads() throws {
+        let s = KVStore()
+        put(s, "a", "1")  // 2
+        put(s, "a", "2")  // 3
+        del(s, "a")  // 4
+        #expect(try s.range(b("a"), [], revision: 2).kvs.first?.value == b("1"))
+        #expect(try s.range(b("a"), [], revision: 3).kvs.first?.value == b("2"))
+        #expect(try s.range(b("a"), [], revision: 4).count == 0)
+        #expect(throws: MVCCError.futureRevision) { try s.range(b("a"), [], revision: 5) }
+    }
+
+    @Test func oneTxnIsOneRevisionWithOrderedSubRevisions() throws {
+        let s = KVStore()
+        let t = s.beginWrite()
+        t.put(b("x"), value: b("1"), lease: 0)
+        t.put(b("y"), value: b("2"), lease: 0)
+        #expect(t.get(b("x"))?.value == b("1"), "a txn reads its own writes")
+        let events = t.end()
+        #expect(events.count == 2)
+        #expect(s.currentRevision == 2)
+        let batch = try #require(s.takeBatch())
+        #expect(batch.records.map(\.rev) == [Revision(main: 2, sub: 0), Revision(main: 2, sub: 1)])
+        #expect(batch.revision == 2)
+    }
+
+    @Test func readersSeeOnlyCommittedRevisions() throws {
+        let s = KVStore()
+        let t = s.beginWrite()
+        t.put(b("a"), value: b("1"), lease: 0)
+        _ = t.end()
+        #expect(s.currentRevision == 2)
+        #expect(try s.range(b("a"), []).count == 0, "not durable yet")
+        s.markCommitted(2)
+        #expect(try s.range(b("a"), []).count == 1)
+    }
+}
+
+@Suite struct Ranges {
+    func store() -> KVStore {
+        let s = KVStore()
+        for k in ["a", "ab", "abc", "b", "c\u{ff}", "d"] { put(s, k, "v" + k) }
+        return s
+    }
+
+    @Test func prefixEnd() {
+        #expect(KeyRange.prefixEnd(b("aa")) == b("ab"))
+        #expect(KeyRange.prefixEnd([0x61, 0xFF]) == [0x62])
+        #expect(KeyRange.prefixEnd([0xFF, 0xFF]) == [0])
+    }
+
+    @Test func rangeForms() throws {
+        let s = store()
+        #expect(try s.range(b("a"), KeyRange.prefixEnd(b("a"))).kvs.map(\.key) == [b("a"), b("ab"), b("abc")])
+        #expect(try s.range(b("b"), [0]).count == 3, "from-key")
+        #expect(try s.range([0], [0]).count == 6, "everything")
+        #expect(try s.range(b("b"), b("a")).count == 0, "end before key")
+        let limited = try s.range(b("a"), [0], limit: 2)
+        #expect(limited.kvs.count == 2)
+        #expect(limited.count == 6, "count ignores the limit")
+        #expect(try s.range(b("a"), [0], countOnly: true).kvs.isEmpty)
+    }
+}
+
+@Suite struct Compaction {
+    @Test func compactKeepsLatestAndRefusesOlderReads() throws {
+        let s = KVStore()
+        put(s, "a", "1")  // 2
+        put(s, "a", "2")  // 3
+        put(s, "b", "1")  // 4
+        del(s, "b")  // 5
+        put(s, "c", "1")  // 6
+        try s.compact(5)
+        #expect(s.compactRevision == 5)
+        #expect(throws: MVCCError.compacted) { try s.range(b("a"), [], revision: 4) }
+        #expect(try s.range(b("a"), [], revision: 5).kvs.first?.value == b("2"))
+        #expect(try s.range(b("b"), [], revision: 5).count == 0)
+        #expect(s.indexedKeyCount == 2, "b's history is gone entirely")
+        #expect(throws: MVCCError.compacted) { try s.compact(5) }
+        #expect(throws: MVCCError.futureRevision) { try s.compact(7) }
+        let batch = try #require(s.takeBatch())
+        #expect(batch.removed.contains(Revision(main: 2)))
+        #expect(batch.removed.contains(Revision(main: 5)))
+        #expect(!batch.removed.contains(Revision(main: 3)))
+    }
+
+    @Test func restoreRebuildsTheSameState() throws {
+        let s = KVStore()
+        put(s, "a", "1")
+        put(s, "b", "2")
+        del(s, "a")
+        var records: [Record] = []
+        while let batch = s.takeBatch() { records += batch.records }
+        let r = KVStore(records: records, meta: [MetaKey.currentRevision: 4])
+        #expect(r.currentRevision == 4)
+        #expect(try r.range([0], [0]).kvs.map(\.key) == [b("b")])
+        #expect(try r.range(b("a"), [], revision: 2).kvs.first?.value == b("1"))
+    }
+}
+
+@Suite struct SortedKeySet {
+    @Test func randomInsertsAndRemovesKeepOrder() {
+        var set = SortedKeys(maxChunk: 8)
+        var model = Set<Bytes>()
+        var rng = SystemRandomNumberGenerator()
+        for _ in 0..<2000 {
+            let k = Bytes((0..<Int.random(in: 1...3, using: &rng)).map { _ in UInt8.random(in: 0...5, using: &rng) })
+            if Bool.random(using: &rng) {
+                #expect(set.insert(k) == model.insert(k).inserted)
+            } else {
+                #expect(set.remove(k) == (model.remove(k) != nil))
+            }
+            #expect(set.verifyInvariants())
+        }
+        var seen: [Bytes] = []
+        set.forEach(from: [], to: nil) { seen.append($0); return true }
+        #expect(seen == model.sorted { compareBytes($0, $1) < 0 })
+    }
+}
