@@ -1,4 +1,7 @@
 import CLibUV
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// An error from libuv, carrying its negative status code and libuv's own text.
 public struct UVError: Error, CustomStringConvertible {
@@ -229,6 +232,12 @@ public final class SignalWatcher {
 
     public init(loop: EventLoop, signal: Int32, _ callback: @escaping (Int32) -> Void) {
         self.callback = callback
+        // A parent may have started us with the signal blocked (test runners do): unblock it on
+        // this thread so that it is delivered at all.
+        var set = sigset_t()
+        sigemptyset(&set)
+        sigaddset(&set, signal)
+        pthread_sigmask(SIG_UNBLOCK, &set, nil)
         uv_signal_init(loop.raw, box.pointer)
         box.bind(self)
         uv_signal_start(box.pointer, { s, signum in

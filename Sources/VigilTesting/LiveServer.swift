@@ -42,10 +42,9 @@ public func runCommand(_ executable: String, _ args: [String], stdin: String? = 
     while p.isRunning && Date() < deadline { usleep(5000) }
     if p.isRunning {
         p.terminate()
-        p.waitUntilExit()
+        while p.isRunning { usleep(10_000) }
         throw ProcessFailure(description: "\(executable) \(args.joined(separator: " ")) timed out after \(timeout)s")
     }
-    p.waitUntilExit()
     group.wait()
     return CommandResult(status: p.terminationStatus, stdout: String(decoding: out.data, as: UTF8.self),
                          stderr: String(decoding: err.data, as: UTF8.self))
@@ -142,10 +141,17 @@ public final class LiveServer: @unchecked Sendable {
 
     /// Stops with SIGTERM (clean) or SIGKILL, and waits.
     public func stop(kill: Bool = false) {
-        guard let p = process, p.isRunning else { return }
-        if kill { Foundation.kill(p.processIdentifier, SIGKILL) } else { p.terminate() }
-        p.waitUntilExit()
+        guard let p = process else { return }
         process = nil
+        guard p.isRunning else { return }
+        Foundation.kill(p.processIdentifier, kill ? SIGKILL : SIGTERM)
+        // Poll rather than `waitUntilExit()`, which needs a run loop on this thread.
+        let deadline = Date().addingTimeInterval(15)
+        while p.isRunning && Date() < deadline { usleep(10_000) }
+        if p.isRunning {
+            Foundation.kill(p.processIdentifier, SIGKILL)
+            while p.isRunning { usleep(10_000) }
+        }
     }
 
     public func restart(kill: Bool = false) throws {
