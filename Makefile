@@ -14,7 +14,7 @@ build:
 
 test:
 	./scripts/install-deps.sh --test
-	swift build --product vigil
+	swift build
 	swift test
 
 protos:

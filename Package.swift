@@ -45,6 +45,10 @@ let package = Package(
                                                         .product(name: "Logging", package: "swift-log")]),
         .target(name: "VigilTesting", dependencies: []),
 
+        // Examples (each runnable, with a README).
+        .executableTarget(name: "EmbeddedExample", dependencies: ["VigilServer"], path: "Examples/embedded",
+                          exclude: ["README.md"]),
+
         .testTarget(name: "MVCCTests", dependencies: ["MVCC"]),
         .testTarget(name: "GRPCTests", dependencies: ["GRPC"]),
         .testTarget(name: "VigilIntegrationTests", dependencies: ["VigilTesting"]),

@@ -182,3 +182,15 @@ func b64(_ s: String) -> String { Data(s.utf8).base64EncodedString() }
         #expect(try ctl.ok("get", "k29") == "k29\nv29\n")
     }
 }
+
+/// The embedding example runs as its README says.
+@Suite struct ExampleTests {
+    @Test func embeddedExampleWritesReadsAndStops() throws {
+        let dir = URL(fileURLWithPath: try vigilBinary()).deletingLastPathComponent()
+        let r = try runCommand(dir.appendingPathComponent("EmbeddedExample").path, [], timeout: 60)
+        #expect(r.status == 0)
+        #expect(r.stdout.contains("put greeting at revision 2"))
+        #expect(r.stdout.contains("get greeting = hello from an embedded vigil"))
+        #expect(r.stdout.contains("stopped cleanly"))
+    }
+}
