@@ -20,13 +20,13 @@ import Testing
     @Test func oversizedMessageIsRefusedFromItsHeader() {
         var framer = MessageFramer(maxMessageBytes: 10)
         // Only the 5-byte prefix arrives: the length alone is enough to refuse.
-        [0, 0, 0, 0, 11].withUnsafeBytes { framer.append($0) }
+        ([0, 0, 0, 0, 11] as [UInt8]).withUnsafeBytes { framer.append($0) }
         #expect(throws: MessageFramer.Failure.tooLarge(11, max: 10)) { try framer.next() }
     }
 
     @Test func compressedFlagIsRefused() {
         var framer = MessageFramer(maxMessageBytes: 10)
-        [1, 0, 0, 0, 1, 9].withUnsafeBytes { framer.append($0) }
+        ([1, 0, 0, 0, 1, 9] as [UInt8]).withUnsafeBytes { framer.append($0) }
         #expect(throws: MessageFramer.Failure.compressed) { try framer.next() }
     }
 }
