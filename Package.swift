@@ -43,7 +43,14 @@ let package = Package(
         .executableTarget(name: "vigil", dependencies: ["VigilServer",
                                                         .product(name: "ArgumentParser", package: "swift-argument-parser"),
                                                         .product(name: "Logging", package: "swift-log")]),
+        .target(name: "VigilClient", dependencies: ["EventLoop", "HTTP2", "GRPC", "EtcdProto",
+                                                    .product(name: "SwiftProtobuf", package: "swift-protobuf")]),
         .target(name: "VigilTesting", dependencies: []),
+
+        // The load generator (Benchmarks/, not part of the tests).
+        .executableTarget(name: "vigil-bench", dependencies: ["VigilClient", "EventLoop", "GRPC", "EtcdProto",
+                                                              .product(name: "ArgumentParser", package: "swift-argument-parser")],
+                          path: "Benchmarks/vigil-bench"),
 
         // Examples (each runnable, with a README).
         .executableTarget(name: "EmbeddedExample", dependencies: ["VigilServer"], path: "Examples/embedded",

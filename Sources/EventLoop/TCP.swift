@@ -90,6 +90,52 @@ public final class TCPConnection {
 
     deinit { readBuffer.deallocate() }
 
+    private final class ConnectRequest {
+        let connection: TCPConnection
+        let completion: (Result<TCPConnection, UVError>) -> Void
+        init(_ c: TCPConnection, _ completion: @escaping (Result<TCPConnection, UVError>) -> Void) {
+            connection = c
+            self.completion = completion
+        }
+    }
+
+    /// Connects to an IPv4 `host:port`; `completion` runs on the loop.
+    public static func connect(loop: EventLoop, host: String, port: Int,
+                               _ completion: @escaping (Result<TCPConnection, UVError>) -> Void) {
+        let c = TCPConnection(loop: loop)
+        var addr = sockaddr_in()
+        let rc = uv_ip4_addr(host, Int32(port), &addr)
+        guard rc == 0 else {
+            c.close()
+            completion(.failure(UVError(code: rc)))
+            return
+        }
+        let req = UnsafeMutablePointer<uv_connect_t>.allocate(capacity: 1)
+        req.initialize(to: uv_connect_t())
+        req.pointee.data = Unmanaged.passRetained(ConnectRequest(c, completion)).toOpaque()
+        let started = withUnsafePointer(to: &addr) { p in
+            p.withMemoryRebound(to: sockaddr.self, capacity: 1) { sa in
+                uv_tcp_connect(req, c.box.pointer, sa) { req, status in
+                    let r = Unmanaged<ConnectRequest>.fromOpaque(req!.pointee.data).takeRetainedValue()
+                    req!.deallocate()
+                    if status < 0 {
+                        r.connection.close()
+                        r.completion(.failure(UVError(code: status)))
+                    } else {
+                        uv_tcp_nodelay(r.connection.box.pointer, 1)
+                        r.completion(.success(r.connection))
+                    }
+                }
+            }
+        }
+        if started != 0 {
+            Unmanaged<ConnectRequest>.fromOpaque(req.pointee.data).release()
+            req.deallocate()
+            c.close()
+            completion(.failure(UVError(code: started)))
+        }
+    }
+
     /// Sets the delegate, which this connection keeps alive until closed, and starts reading.
     public func start(delegate: some TCPConnectionDelegate) {
         self.delegate = delegate

@@ -179,7 +179,8 @@ public final class GRPCConnection: HTTP2SessionDelegate {
         session.delegate = self
     }
 
-    public func streamOpened(_ stream: Int32, headers: [HeaderField]) {
+    public func streamHeaders(_ stream: Int32, _ headers: [HeaderField], _ block: HeaderBlock) {
+        guard block == .request else { return }  // client trailers carry nothing we use
         var path = ""
         var contentType = ""
         var timeout: UInt64?

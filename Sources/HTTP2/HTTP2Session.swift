@@ -3,10 +3,20 @@ import CNghttp2
 /// An HTTP/2 header field as text.
 public typealias HeaderField = (name: String, value: String)
 
-/// What a server session reports about its streams, on the loop.
+/// Which kind of header block arrived.
+public enum HeaderBlock: Sendable {
+    /// Request headers opening a stream (server side).
+    case request
+    /// Response headers (client side).
+    case response
+    /// Trailers (either side).
+    case trailers
+}
+
+/// What a session reports about its streams, on the loop.
 public protocol HTTP2SessionDelegate: AnyObject {
-    /// The request headers of a new stream arrived.
-    func streamOpened(_ stream: Int32, headers: [HeaderField])
+    /// A complete header block arrived: a request opening a stream, a response, or trailers.
+    func streamHeaders(_ stream: Int32, _ headers: [HeaderField], _ block: HeaderBlock)
     /// A chunk of request body arrived (a DATA frame payload or part of it).
     func streamData(_ stream: Int32, _ data: UnsafeRawBufferPointer)
     /// The peer half-closed the stream (END_STREAM).
@@ -26,7 +36,7 @@ public struct HTTP2Settings {
     public init() {}
 }
 
-/// A server-side HTTP/2 session over nghttp2: bytes in, stream events out; stream writes in,
+/// An HTTP/2 session over nghttp2 (server or client side): bytes in, stream events out; stream writes in,
 /// bytes out (`takeOutput()`). It does no I/O of its own. Outbound data is queued per stream and
 /// released to the wire only as the peer's flow-control windows allow, so a peer that does not
 /// read makes `queuedBytes(stream)` grow, which callers use as their back-pressure signal.
@@ -34,7 +44,10 @@ public final class HTTP2Session {
     private var session: OpaquePointer?
     public weak var delegate: (any HTTP2SessionDelegate)?
 
-    private struct Inbound { var headers: [HeaderField] = [] }
+    private struct Inbound {
+        var headers: [HeaderField] = []
+        var block: HeaderBlock
+    }
     private struct Outbound {
         var chunks: [[UInt8]] = []
         var offset = 0
@@ -47,15 +60,21 @@ public final class HTTP2Session {
     /// Set when a protocol error made the session unusable.
     public private(set) var failed = false
 
-    public init(settings: HTTP2Settings = HTTP2Settings()) {
+    public enum Role { case server, client }
+
+    public init(role: Role = .server, settings: HTTP2Settings = HTTP2Settings()) {
         var cbs: OpaquePointer?
         nghttp2_session_callbacks_new(&cbs)
         defer { nghttp2_session_callbacks_del(cbs) }
         nghttp2_session_callbacks_set_on_begin_headers_callback(cbs) { _, frame, ud in
             let me = HTTP2Session.from(ud)
             let hd = frame!.pointee.hd
-            if hd.type == UInt8(NGHTTP2_HEADERS.rawValue), frame!.pointee.headers.cat == NGHTTP2_HCAT_REQUEST {
-                me.inbound[hd.stream_id] = Inbound()
+            guard hd.type == UInt8(NGHTTP2_HEADERS.rawValue) else { return 0 }
+            switch frame!.pointee.headers.cat {
+            case NGHTTP2_HCAT_REQUEST: me.inbound[hd.stream_id] = Inbound(block: .request)
+            case NGHTTP2_HCAT_RESPONSE: me.inbound[hd.stream_id] = Inbound(block: .response)
+            case NGHTTP2_HCAT_HEADERS: me.inbound[hd.stream_id] = Inbound(block: .trailers)
+            default: break
             }
             return 0
         }
@@ -74,7 +93,7 @@ public final class HTTP2Session {
             let endStream = hd.flags & UInt8(NGHTTP2_FLAG_END_STREAM.rawValue) != 0
             if hd.type == UInt8(NGHTTP2_HEADERS.rawValue), let inb = me.inbound[hd.stream_id] {
                 me.inbound[hd.stream_id] = nil
-                me.delegate?.streamOpened(hd.stream_id, headers: inb.headers)
+                me.delegate?.streamHeaders(hd.stream_id, inb.headers, inb.block)
             }
             if endStream, hd.type == UInt8(NGHTTP2_HEADERS.rawValue) || hd.type == UInt8(NGHTTP2_DATA.rawValue) {
                 me.delegate?.streamEnded(hd.stream_id)
@@ -97,7 +116,11 @@ public final class HTTP2Session {
         nghttp2_option_new(&opt)
         nghttp2_option_set_max_send_header_block_length(opt, 64 << 10)
         defer { nghttp2_option_del(opt) }
-        nghttp2_session_server_new2(&session, cbs, Unmanaged.passUnretained(self).toOpaque(), opt)
+        let ud = Unmanaged.passUnretained(self).toOpaque()
+        switch role {
+        case .server: nghttp2_session_server_new2(&session, cbs, ud, opt)
+        case .client: nghttp2_session_client_new2(&session, cbs, ud, opt)
+        }
 
         var iv = [
             nghttp2_settings_entry(settings_id: Int32(NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS.rawValue),
@@ -165,7 +188,19 @@ public final class HTTP2Session {
         }
     }
 
-    /// Queues body bytes on a stream that was answered with `respond(endStream: false)`.
+    /// Opens a client stream with request headers; the body follows through `send(_:on:)` and
+    /// `finish(_:trailers: [])`. Returns the stream id (negative on failure).
+    public func request(headers: [HeaderField]) -> Int32 {
+        var provider = nghttp2_data_provider()
+        provider.read_callback = { _, sid, buf, length, flags, _, ud in
+            HTTP2Session.from(ud).read(sid, into: buf!, length: length, flags: flags!)
+        }
+        let sid = Self.withNV(headers) { nva, n in nghttp2_submit_request(session, nil, nva, n, &provider, nil) }
+        if sid > 0 { outbound[sid] = Outbound() }
+        return sid
+    }
+
+    /// Queues body bytes on a stream opened by `request` or answered with `respond(endStream: false)`.
     public func send(_ bytes: [UInt8], on stream: Int32) {
         guard var o = outbound[stream] else { return }
         o.bytes += bytes.count

@@ -1,0 +1,163 @@
+// vigil-bench: a load generator for etcd v3 servers (Vigil or etcd) on our own gRPC client and
+// libuv loop. Prints one JSON object with throughput, latency percentiles and errors.
+//
+//   vigil-bench --endpoint 127.0.0.1:2379 --workload put --conns 4 --clients 64 --total 50000
+import ArgumentParser
+import EtcdProto
+import EventLoop
+import Foundation
+import GRPC
+import VigilClient
+
+struct Bench: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "vigil-bench",
+                                                    abstract: "Load generator for etcd v3 servers.")
+
+    @Option(help: "host:port of the server.") var endpoint = "127.0.0.1:2379"
+    @Option(help: "put | range | txn") var workload = "put"
+    @Option(help: "TCP connections.") var conns = 4
+    @Option(help: "Requests in flight in total, spread over the connections.") var clients = 64
+    @Option(help: "Requests to send.") var total = 20000
+    @Option(help: "Key size in bytes.") var keySize = 8
+    @Option(help: "Value size in bytes.") var valSize = 256
+    @Option(help: "Distinct keys (keys are picked in sequence modulo this).") var keySpace = 10000
+    @Option(help: "Range consistency: l (linearizable) or s (serializable).") var consistency = "l"
+    @Option(help: "Seconds to run at most.") var maxSeconds = 120.0
+
+    func validate() throws {
+        guard ["put", "range", "txn"].contains(workload) else { throw ValidationError("unknown workload \(workload)") }
+        guard conns > 0, clients >= conns, total > 0, keySize > 0, keySpace > 0 else {
+            throw ValidationError("conns, clients, total, key-size and key-space must be positive (clients ≥ conns)")
+        }
+    }
+
+    func key(_ i: Int) -> Data {
+        var s = String(i % keySpace)
+        if s.count < keySize { s = String(repeating: "0", count: keySize - s.count) + s }
+        return Data(s.utf8.prefix(keySize))
+    }
+
+    func run() throws {
+        let parts = endpoint.split(separator: ":")
+        guard parts.count == 2, let port = Int(parts[1]) else { throw ValidationError("endpoint must be host:port") }
+        let host = String(parts[0])
+        let loop = try EventLoop()
+        let value = Data(repeating: UInt8(ascii: "v"), count: valSize)
+
+        var connections: [GRPCClientConnection] = []
+        var failedConnect: (any Error)?
+        for _ in 0..<conns {
+            GRPCClientConnection.connect(loop: loop, host: host, port: port) { r in
+                switch r {
+                case .success(let c): connections.append(c)
+                case .failure(let e): failedConnect = e
+                }
+                if connections.count + (failedConnect == nil ? 0 : 1) == conns { loop.stop() }
+            }
+        }
+        loop.run()
+        if let failedConnect { throw ValidationError("connect: \(failedConnect)") }
+
+        // Prefill keys for read workloads so that ranges find something.
+        if workload == "range" {
+            var done = 0
+            var next = 0
+            func fill(_ c: GRPCClientConnection) {
+                guard next < min(keySpace, total) else { return }
+                var r = Etcdserverpb_PutRequest()
+                r.key = key(next)
+                r.value = value
+                next += 1
+                c.unary("/etcdserverpb.KV/Put", r) { (_: Result<Etcdserverpb_PutResponse, GRPCStatus>) in
+                    done += 1
+                    if done == min(keySpace, total) { loop.stop() } else { fill(c) }
+                }
+            }
+            for i in 0..<clients { fill(connections[i % conns]) }
+            loop.run()
+        }
+
+        var latencies = [Double]()
+        latencies.reserveCapacity(total)
+        var errors = 0
+        var firstError: String?
+        var sent = 0, finished = 0
+        let start = DispatchTime.now().uptimeNanoseconds
+        let deadline = start + UInt64(maxSeconds * 1e9)
+
+        func issue(_ c: GRPCClientConnection) {
+            guard sent < total, DispatchTime.now().uptimeNanoseconds < deadline else { return }
+            let i = sent
+            sent += 1
+            let t0 = DispatchTime.now().uptimeNanoseconds
+            let complete: (GRPCStatus?) -> Void = { err in
+                latencies.append(Double(DispatchTime.now().uptimeNanoseconds - t0) / 1e6)
+                if let err {
+                    errors += 1
+                    if firstError == nil { firstError = err.description }
+                }
+                finished += 1
+                if finished == sent && (sent == total || DispatchTime.now().uptimeNanoseconds >= deadline) {
+                    loop.stop()
+                } else {
+                    issue(c)
+                }
+            }
+            switch workload {
+            case "put":
+                var r = Etcdserverpb_PutRequest()
+                r.key = key(i)
+                r.value = value
+                c.unary("/etcdserverpb.KV/Put", r) { (res: Result<Etcdserverpb_PutResponse, GRPCStatus>) in
+                    if case .failure(let e) = res { complete(e) } else { complete(nil) }
+                }
+            case "range":
+                var r = Etcdserverpb_RangeRequest()
+                r.key = key(i)
+                r.serializable = consistency == "s"
+                c.unary("/etcdserverpb.KV/Range", r) { (res: Result<Etcdserverpb_RangeResponse, GRPCStatus>) in
+                    if case .failure(let e) = res { complete(e) } else { complete(nil) }
+                }
+            default:  // txn: compare-and-swap style, one put on success, one get on failure
+                var cmp = Etcdserverpb_Compare()
+                cmp.key = key(i)
+                cmp.target = .version
+                cmp.result = .greater
+                cmp.version = -1
+                var put = Etcdserverpb_RequestOp()
+                var p = Etcdserverpb_PutRequest()
+                p.key = key(i)
+                p.value = value
+                put.requestPut = p
+                var r = Etcdserverpb_TxnRequest()
+                r.compare = [cmp]
+                r.success = [put]
+                c.unary("/etcdserverpb.KV/Txn", r) { (res: Result<Etcdserverpb_TxnResponse, GRPCStatus>) in
+                    if case .failure(let e) = res { complete(e) } else { complete(nil) }
+                }
+            }
+        }
+        for i in 0..<clients { issue(connections[i % conns]) }
+        loop.run()
+        let seconds = Double(DispatchTime.now().uptimeNanoseconds - start) / 1e9
+        for c in connections { c.close() }
+        loop.shutdown()
+        loop.drain()
+
+        latencies.sort()
+        func pct(_ p: Double) -> Double {
+            latencies.isEmpty ? 0 : latencies[min(latencies.count - 1, Int(Double(latencies.count) * p))]
+        }
+        let result: [String: Any] = [
+            "workload": workload, "endpoint": endpoint, "requests": finished, "errors": errors,
+            "seconds": seconds, "throughput": Double(finished) / seconds,
+            "p50_ms": pct(0.50), "p90_ms": pct(0.90), "p99_ms": pct(0.99), "max_ms": latencies.last ?? 0,
+            "conns": conns, "clients": clients, "key_size": keySize, "val_size": valSize,
+            "first_error": firstError ?? "",
+        ]
+        let data = try JSONSerialization.data(withJSONObject: result, options: [.sortedKeys])
+        print(String(decoding: data, as: UTF8.self))
+    }
+}
+
+Bench.main()

@@ -1,0 +1,243 @@
+import EventLoop
+import GRPC
+import HTTP2
+import SwiftProtobuf
+
+/// A gRPC client connection over HTTP/2 (h2c) on the caller's event loop. It is our own client
+/// for tests and benchmarks, so it runs on the same kind of loop as the server (no second event
+/// loop library). All methods must be called on the loop.
+public final class GRPCClientConnection: HTTP2SessionDelegate, TCPConnectionDelegate {
+    public let loop: EventLoop
+    private let tcp: TCPConnection
+    private let session = HTTP2Session(role: .client)
+    private let authority: String
+    private var calls: [Int32: ClientCall] = [:]
+    private var flushScheduled = false
+    public private(set) var isClosed = false
+    /// Metadata sent with every call (e.g. an auth token).
+    public var metadata: [HeaderField] = []
+    /// Called once when the connection closes.
+    public var onClose: (() -> Void)?
+
+    private init(loop: EventLoop, tcp: TCPConnection, authority: String) {
+        self.loop = loop
+        self.tcp = tcp
+        self.authority = authority
+        session.delegate = self
+    }
+
+    /// Connects to `host:port` and completes on the loop.
+    public static func connect(loop: EventLoop, host: String, port: Int,
+                               _ completion: @escaping (Result<GRPCClientConnection, any Error>) -> Void) {
+        TCPConnection.connect(loop: loop, host: host, port: port) { result in
+            switch result {
+            case .failure(let e): completion(.failure(e))
+            case .success(let tcp):
+                let c = GRPCClientConnection(loop: loop, tcp: tcp, authority: "\(host):\(port)")
+                tcp.start(delegate: c)
+                // nghttp2 writes the client magic and our SETTINGS on the first send.
+                c.flush()
+                completion(.success(c))
+            }
+        }
+    }
+
+    /// Opens a call on `path`. Messages come to `onMessage`; `onClose` gets the final status once.
+    public func open(_ path: String, onMessage: @escaping ([UInt8]) -> Void,
+                     onClose: @escaping (GRPCStatus) -> Void) -> ClientCall {
+        let call = ClientCall(connection: self, onMessage: onMessage, onClose: onClose)
+        guard !isClosed else {
+            call.close(GRPCStatus(.unavailable, "connection closed"))
+            return call
+        }
+        let headers: [HeaderField] = [(":method", "POST"), (":scheme", "http"), (":path", path),
+                                      (":authority", authority), ("content-type", "application/grpc"),
+                                      ("te", "trailers")] + metadata
+        let sid = session.request(headers: headers)
+        guard sid > 0 else {
+            call.close(GRPCStatus(.unavailable, "cannot open stream"))
+            return call
+        }
+        call.stream = sid
+        calls[sid] = call
+        scheduleFlush()
+        return call
+    }
+
+    /// A unary call with raw message bytes.
+    public func unary(_ path: String, _ request: [UInt8], _ done: @escaping (Result<[UInt8], GRPCStatus>) -> Void) {
+        var response: [UInt8]?
+        let call = open(path, onMessage: { response = $0 }, onClose: { status in
+            if status.code == .ok, let response { done(.success(response)) } else if status.code == .ok {
+                done(.failure(GRPCStatus(.internal, "no response message")))
+            } else {
+                done(.failure(status))
+            }
+        })
+        call.send(request)
+        call.closeSend()
+    }
+
+    /// A unary call with protobuf messages.
+    public func unary<Req: SwiftProtobuf.Message, Resp: SwiftProtobuf.Message>(
+        _ path: String, _ request: Req, _ done: @escaping (Result<Resp, GRPCStatus>) -> Void
+    ) {
+        let bytes: [UInt8]
+        do { bytes = try request.serializedBytes() } catch {
+            done(.failure(GRPCStatus(.internal, "encode: \(error)")))
+            return
+        }
+        unary(path, bytes) { result in
+            done(result.flatMap { data in
+                do { return .success(try Resp(serializedBytes: data)) } catch {
+                    return .failure(GRPCStatus(.internal, "decode: \(error)"))
+                }
+            })
+        }
+    }
+
+    func send(_ bytes: [UInt8], on stream: Int32) {
+        session.send(bytes, on: stream)
+        scheduleFlush()
+    }
+
+    func finish(_ stream: Int32) {
+        session.finish(stream, trailers: [])
+        scheduleFlush()
+    }
+
+    func reset(_ stream: Int32) {
+        session.reset(stream)
+        scheduleFlush()
+    }
+
+    /// Closes the connection; open calls end with UNAVAILABLE.
+    public func close() { tcp.close() }
+
+    private func scheduleFlush() {
+        guard !flushScheduled else { return }
+        flushScheduled = true
+        loop.atEndOfTurn { [weak self] in
+            guard let self else { return }
+            flushScheduled = false
+            flush()
+        }
+    }
+
+    private func flush() {
+        guard !tcp.isClosed else { return }
+        let out = session.takeOutput()
+        if !out.isEmpty { tcp.write(out) }
+    }
+
+    // MARK: TCPConnectionDelegate
+
+    public func connection(_ c: TCPConnection, received bytes: UnsafeRawBufferPointer) {
+        if !session.receive(bytes) {
+            flush()
+            tcp.close()
+            return
+        }
+        flush()
+    }
+
+    public func connectionWritable(_ c: TCPConnection) {}
+
+    public func connectionClosed(_ c: TCPConnection) {
+        isClosed = true
+        let open = calls
+        calls.removeAll()
+        for (_, call) in open { call.close(GRPCStatus(.unavailable, "connection closed")) }
+        let cb = onClose
+        onClose = nil
+        cb?()
+    }
+
+    // MARK: HTTP2SessionDelegate
+
+    public func streamHeaders(_ stream: Int32, _ headers: [HeaderField], _ block: HeaderBlock) {
+        guard let call = calls[stream] else { return }
+        for h in headers {
+            switch h.name {
+            case ":status" where h.value != "200":
+                call.status = GRPCStatus(.unavailable, "HTTP status \(h.value)")
+            case "grpc-status":
+                call.status = GRPCStatus(GRPCCode(rawValue: Int(h.value) ?? 2) ?? .unknown, call.status?.message ?? "")
+            case "grpc-message":
+                let code = call.status?.code ?? .unknown
+                call.status = GRPCStatus(code, GRPCStatus.decodeMessage(h.value))
+            default: break
+            }
+        }
+    }
+
+    public func streamData(_ stream: Int32, _ data: UnsafeRawBufferPointer) {
+        guard let call = calls[stream] else { return }
+        call.framer.append(data)
+        do {
+            while let m = try call.framer.next() { call.onMessage?(m) }
+        } catch {
+            call.status = GRPCStatus(.internal, "bad frame: \(error)")
+            reset(stream)
+        }
+    }
+
+    public func streamEnded(_ stream: Int32) {}
+
+    public func streamClosed(_ stream: Int32) {
+        guard let call = calls.removeValue(forKey: stream) else { return }
+        call.close(call.status ?? GRPCStatus(.unavailable, "stream closed without status"))
+    }
+
+    public func streamDrained(_ stream: Int32) {}
+}
+
+/// One client call: send messages, half-close, or cancel.
+public final class ClientCall {
+    weak var connection: GRPCClientConnection?
+    var stream: Int32 = 0
+    var framer = MessageFramer(maxMessageBytes: Int(Int32.max))
+    var status: GRPCStatus?
+    var onMessage: (([UInt8]) -> Void)?
+    private var onClose: ((GRPCStatus) -> Void)?
+    public private(set) var isClosed = false
+
+    init(connection: GRPCClientConnection, onMessage: @escaping ([UInt8]) -> Void,
+         onClose: @escaping (GRPCStatus) -> Void) {
+        self.connection = connection
+        self.onMessage = onMessage
+        self.onClose = onClose
+    }
+
+    /// Sends one request message.
+    public func send(_ message: [UInt8]) {
+        guard !isClosed, stream > 0 else { return }
+        connection?.send(MessageFramer.frame(message), on: stream)
+    }
+
+    /// Sends one protobuf request message.
+    public func send(_ message: some SwiftProtobuf.Message) {
+        if let bytes: [UInt8] = try? message.serializedBytes() { send(bytes) }
+    }
+
+    /// Half-closes: no more requests.
+    public func closeSend() {
+        guard !isClosed, stream > 0 else { return }
+        connection?.finish(stream)
+    }
+
+    /// Cancels the call (RST_STREAM).
+    public func cancel() {
+        guard !isClosed, stream > 0 else { return }
+        connection?.reset(stream)
+    }
+
+    func close(_ s: GRPCStatus) {
+        guard !isClosed else { return }
+        isClosed = true
+        let cb = onClose
+        onClose = nil
+        onMessage = nil
+        cb?(s)
+    }
+}
