@@ -45,7 +45,8 @@ let package = Package(
                                                         .product(name: "Logging", package: "swift-log")]),
         .target(name: "VigilClient", dependencies: ["EventLoop", "HTTP2", "GRPC", "EtcdProto",
                                                     .product(name: "SwiftProtobuf", package: "swift-protobuf")]),
-        .target(name: "VigilTesting", dependencies: []),
+        .target(name: "VigilTesting", dependencies: ["VigilClient", "EventLoop", "GRPC", "HTTP2",
+                                                     .product(name: "SwiftProtobuf", package: "swift-protobuf")]),
 
         // The load generator (Benchmarks/, not part of the tests).
         .executableTarget(name: "vigil-bench", dependencies: ["VigilClient", "EventLoop", "GRPC", "EtcdProto",
@@ -58,7 +59,8 @@ let package = Package(
 
         .testTarget(name: "MVCCTests", dependencies: ["MVCC"]),
         .testTarget(name: "GRPCTests", dependencies: ["GRPC"]),
-        .testTarget(name: "VigilIntegrationTests", dependencies: ["VigilTesting"]),
+        .testTarget(name: "VigilIntegrationTests", dependencies: ["VigilTesting", "EtcdProto", "GRPC",
+                                                                  .product(name: "SwiftProtobuf", package: "swift-protobuf")]),
     ],
     swiftLanguageModes: [.v5]
 )

@@ -49,6 +49,12 @@ public final class EventLoop {
         uv_run(raw, UV_RUN_DEFAULT)
     }
 
+    /// Runs one turn, waiting for I/O if nothing is ready (for blocking test clients).
+    public func runOnce() {
+        startPrepare()
+        uv_run(raw, UV_RUN_ONCE)
+    }
+
     /// Asks `run()` to return after the current turn.
     public func stop() { uv_stop(raw) }
 

@@ -1,0 +1,82 @@
+import EventLoop
+import Foundation
+import GRPC
+import HTTP2
+import SwiftProtobuf
+import VigilClient
+
+/// Runs gRPC calls against a server synchronously, each on a short-lived loop of its own
+/// (for tests: the loop runs only inside these calls).
+public final class BlockingClient {
+    public let loop: EventLoop
+    public let connection: GRPCClientConnection
+
+    public init(port: Int) throws {
+        loop = try EventLoop()
+        var result: Result<GRPCClientConnection, any Error>?
+        GRPCClientConnection.connect(loop: loop, host: "127.0.0.1", port: port) { result = $0 }
+        while result == nil { loop.runOnce() }
+        connection = try result!.get()
+    }
+
+    deinit {
+        connection.close()
+        loop.shutdown()
+        loop.drain()
+    }
+
+    /// A raw unary call: request bytes in, response bytes or status out.
+    public func unary(_ path: String, _ request: [UInt8], metadata: [HeaderField] = []) -> Result<[UInt8], GRPCStatus> {
+        var result: Result<[UInt8], GRPCStatus>?
+        let saved = connection.metadata
+        connection.metadata += metadata
+        connection.unary(path, request) { result = $0 }
+        connection.metadata = saved
+        let deadline = Date().addingTimeInterval(30)
+        while result == nil && Date() < deadline { loop.runOnce() }
+        return result ?? .failure(GRPCStatus(.deadlineExceeded, "test timeout"))
+    }
+
+    /// A typed unary call.
+    public func call<Req: SwiftProtobuf.Message, Resp: SwiftProtobuf.Message>(
+        _ path: String, _ request: Req, as: Resp.Type = Resp.self
+    ) -> Result<Resp, GRPCStatus> {
+        let bytes: [UInt8] = (try? request.serializedBytes()) ?? []
+        return unary(path, bytes).flatMap { data in
+            Result { try Resp(serializedBytes: data) }.mapError { GRPCStatus(.internal, "decode: \($0)") }
+        }
+    }
+
+    /// Runs the loop until `done()` or the time limit.
+    public func runUntil(seconds: Double = 30, _ done: () -> Bool) {
+        let deadline = Date().addingTimeInterval(seconds)
+        while !done() && Date() < deadline { loop.runOnce() }
+    }
+}
+
+/// Sends raw bytes to 127.0.0.1:`port` and returns what comes back until the peer closes or
+/// `timeout` passes (for HTTP/1.1 tests and hostile-input tests).
+public func rawExchange(port: Int, _ bytes: [UInt8], timeout: Double = 5) throws -> String {
+    let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+    guard fd >= 0 else { throw ProcessFailure(description: "socket failed") }
+    defer { close(fd) }
+    var addr = sockaddr_in()
+    addr.sin_family = sa_family_t(AF_INET)
+    addr.sin_port = UInt16(port).bigEndian
+    addr.sin_addr.s_addr = inet_addr("127.0.0.1")
+    let rc = withUnsafePointer(to: &addr) {
+        $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
+    }
+    guard rc == 0 else { throw ProcessFailure(description: "connect failed") }
+    var tv = timeval(tv_sec: Int(timeout), tv_usec: 0)
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+    _ = bytes.withUnsafeBytes { send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
+    var out = [UInt8]()
+    var buf = [UInt8](repeating: 0, count: 65536)
+    while true {
+        let n = recv(fd, &buf, buf.count, 0)
+        if n <= 0 { break }
+        out += buf[0..<n]
+    }
+    return String(decoding: out, as: UTF8.self)
+}

@@ -1,0 +1,176 @@
+#!/usr/bin/env python3
+"""Runs a workload against Vigil and a real etcd side by side, in one run, and prints a table.
+
+Both servers are started here on loopback ports with temporary data directories (fsync on for
+both), and the same vigil-bench load runs against each in turn, alternating, ROUNDS times. For each
+server it reports the median throughput and latency over the rounds, the server's CPU seconds per
+1,000 requests (from /proc/<pid>/stat) and its peak RSS (VmHWM from /proc/<pid>/status), and the
+ratio Vigil/etcd.
+
+  scripts/bench-vs-etcd.py put range-l range-s txn           # default workloads, a few minutes
+  scripts/bench-vs-etcd.py --rounds 3 --total 50000 put
+  scripts/bench-vs-etcd.py --markdown put >> Benchmarks/RESULTS.md
+
+Needs: the Debian package etcd-server (installed if missing), a release build of vigil and vigil-bench.
+"""
+import argparse, json, os, shutil, socket, statistics, subprocess, sys, tempfile, time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+WORKLOADS = {
+    "put": ["--workload", "put"],
+    "range-l": ["--workload", "range", "--consistency", "l"],
+    "range-s": ["--workload", "range", "--consistency", "s"],
+    "txn": ["--workload", "txn"],
+}
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    p = s.getsockname()[1]
+    s.close()
+    return p
+
+
+def wait_port(port, proc, timeout=30):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError("server exited early")
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError("server did not listen")
+
+
+def cpu_seconds(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def peak_rss_mb(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+class Server:
+    def __init__(self, kind, vigil_bin):
+        self.kind = kind
+        self.dir = tempfile.mkdtemp(prefix=f"bench-{kind}-")
+        self.port = free_port()
+        url = f"http://127.0.0.1:{self.port}"
+        if kind == "vigil":
+            cmd = [vigil_bin, "--data-dir", self.dir + "/data", "--listen-client-urls", url, "--log-level", "warn"]
+        else:
+            peer = f"http://127.0.0.1:{free_port()}"
+            cmd = ["etcd", "--data-dir", self.dir + "/data", "--listen-client-urls", url,
+                   "--advertise-client-urls", url, "--listen-peer-urls", peer,
+                   "--initial-advertise-peer-urls", peer, "--initial-cluster", f"default={peer}",
+                   "--log-level", "warn", "--logger", "zap"]
+        self.log = open(self.dir + ".log", "w")
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
+        wait_port(self.port, self.proc)
+        time.sleep(0.5 if kind == "etcd" else 0.1)  # etcd elects itself leader after listening
+
+    def stop(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+        os.unlink(self.dir + ".log")
+
+
+def run_bench(bench_bin, server, workload, extra):
+    cmd = [bench_bin, "--endpoint", f"127.0.0.1:{server.port}"] + WORKLOADS[workload] + extra
+    cpu0 = cpu_seconds(server.proc.pid)
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=900).stdout
+    cpu = cpu_seconds(server.proc.pid) - cpu0
+    r = json.loads(out.strip().splitlines()[-1])
+    r["server_cpu_s"] = cpu
+    return r
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("workloads", nargs="*", default=["put", "range-l", "range-s", "txn"])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--total", type=int, default=20000)
+    ap.add_argument("--conns", type=int, default=4)
+    ap.add_argument("--clients", type=int, default=64)
+    ap.add_argument("--val-size", type=int, default=256)
+    ap.add_argument("--markdown", action="store_true", help="print a Markdown table")
+    ap.add_argument("--no-build", action="store_true")
+    a = ap.parse_args()
+
+    if not shutil.which("etcd"):
+        subprocess.run([os.path.join(ROOT, "scripts/install-deps.sh"), "--test"], check=True)
+    if not a.no_build:
+        subprocess.run(["swift", "build", "-c", "release", "--product", "vigil"], cwd=ROOT, check=True)
+        subprocess.run(["swift", "build", "-c", "release", "--product", "vigil-bench"], cwd=ROOT, check=True)
+    vigil_bin = os.path.join(ROOT, ".build/release/vigil")
+    bench_bin = os.path.join(ROOT, ".build/release/vigil-bench")
+    extra = ["--total", str(a.total), "--conns", str(a.conns), "--clients", str(a.clients),
+             "--val-size", str(a.val_size)]
+
+    rows = []
+    for w in a.workloads:
+        servers = {k: Server(k, vigil_bin) for k in ("vigil", "etcd")}
+        results = {"vigil": [], "etcd": []}
+        try:
+            for _ in range(a.rounds):
+                for k in ("etcd", "vigil"):
+                    results[k].append(run_bench(bench_bin, servers[k], w, extra))
+            rss = {k: peak_rss_mb(s.proc.pid) for k, s in servers.items()}
+        finally:
+            for s in servers.values():
+                s.stop()
+        summary = {}
+        for k, rs in results.items():
+            med = lambda f: statistics.median(r[f] for r in rs)
+            summary[k] = {
+                "throughput": med("throughput"), "p50_ms": med("p50_ms"), "p90_ms": med("p90_ms"),
+                "p99_ms": med("p99_ms"), "max_ms": max(r["max_ms"] for r in rs),
+                "errors": sum(r["errors"] for r in rs),
+                "cpu_s_per_1k": 1000 * sum(r["server_cpu_s"] for r in rs) / sum(r["requests"] for r in rs),
+                "peak_rss_mb": rss[k],
+            }
+        rows.append((w, summary))
+        print(json.dumps({"workload": w, **summary}), file=sys.stderr)
+
+    cols = [("throughput", "req/s", "{:.0f}"), ("p50_ms", "p50 ms", "{:.2f}"), ("p90_ms", "p90 ms", "{:.2f}"),
+            ("p99_ms", "p99 ms", "{:.2f}"), ("max_ms", "max ms", "{:.1f}"), ("errors", "errors", "{}"),
+            ("cpu_s_per_1k", "CPU s/1k req", "{:.3f}"), ("peak_rss_mb", "peak RSS MiB", "{:.1f}")]
+    header = ["workload", "server"] + [c[1] for c in cols]
+    lines = []
+    for w, s in rows:
+        for k in ("vigil", "etcd"):
+            lines.append([w, k] + [fmt.format(s[k][f]) for f, _, fmt in cols])
+        ratio = []
+        for f, _, _ in cols:
+            e = s["etcd"][f]
+            ratio.append("{:.2f}x".format(s["vigil"][f] / e) if e else "-")
+        lines.append([w, "vigil/etcd"] + ratio)
+    if a.markdown:
+        print("| " + " | ".join(header) + " |")
+        print("|" + "---|" * len(header))
+        for l in lines:
+            print("| " + " | ".join(l) + " |")
+    else:
+        widths = [max(len(str(x)) for x in col) for col in zip(header, *lines)]
+        for l in [header] + lines:
+            print("  ".join(str(x).rjust(wd) for x, wd in zip(l, widths)))
+
+
+if __name__ == "__main__":
+    main()
