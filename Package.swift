@@ -29,16 +29,18 @@ let package = Package(
         .target(name: "LMDBBackend", dependencies: ["CLMDB", "MVCC"]),
 
         // Deterministic core: no C, no protobuf, no clock.
+        .target(name: "IntervalTree"),
         .target(name: "MVCC"),
+        .target(name: "WatchHub", dependencies: ["MVCC", "IntervalTree"]),
 
         // Protocol layers.
         .target(name: "GRPC", dependencies: ["HTTP2"]),
         .target(name: "EtcdProto", dependencies: [.product(name: "SwiftProtobuf", package: "swift-protobuf")]),
-        .target(name: "EtcdAPI", dependencies: ["EtcdProto", "MVCC", "GRPC",
+        .target(name: "EtcdAPI", dependencies: ["EtcdProto", "MVCC", "GRPC", "WatchHub",
                                                 .product(name: "SwiftProtobuf", package: "swift-protobuf")]),
 
         // Wiring and the executable.
-        .target(name: "VigilServer", dependencies: ["EtcdAPI", "EventLoop", "HTTP1", "HTTP2", "GRPC", "LMDBBackend",
+        .target(name: "VigilServer", dependencies: ["EtcdAPI", "WatchHub", "EventLoop", "HTTP1", "HTTP2", "GRPC", "LMDBBackend",
                                                     "MVCC", .product(name: "Logging", package: "swift-log")]),
         .executableTarget(name: "vigil", dependencies: ["VigilServer",
                                                         .product(name: "ArgumentParser", package: "swift-argument-parser"),
@@ -58,6 +60,7 @@ let package = Package(
                           exclude: ["README.md"]),
 
         .testTarget(name: "MVCCTests", dependencies: ["MVCC"]),
+        .testTarget(name: "WatchHubTests", dependencies: ["WatchHub", "IntervalTree", "MVCC"]),
         .testTarget(name: "GRPCTests", dependencies: ["GRPC"]),
         .testTarget(name: "VigilIntegrationTests", dependencies: ["VigilTesting", "EtcdProto", "GRPC",
                                                                   .product(name: "SwiftProtobuf", package: "swift-protobuf")]),

@@ -1,33 +1,72 @@
 #!/usr/bin/env bash
-# Regenerates Sources/EtcdProto/*.pb.swift from Protos/*.proto.
-# The generated Swift is committed, so a normal build never needs protoc; run this only after
-# changing a .proto file.
-#   protoc:            Debian's protobuf-compiler (installed if missing)
-#   protoc-gen-swift:  $PROTOC_GEN_SWIFT, else on PATH, else built once from the swift-protobuf
-#                      package this project depends on.
+# Regenerates Sources/EtcdProto/{kv,auth,rpc}.pb.swift from Protos/{kv,auth,rpc}.proto.
+#
+# The generated Swift is committed, so a normal build never needs protoc or the plugin; run this
+# (or `make protos`) only after changing a .proto file, and commit the result with it.
+#
+#   protoc:            Debian's protobuf-compiler (installed with apt-get if missing)
+#   protoc-gen-swift:  $PROTOC_GEN_SWIFT, else protoc-gen-swift on PATH, else built once (release)
+#                      from the swift-protobuf checkout this package depends on
+#                      (.build/checkouts/swift-protobuf), so plugin and runtime versions match.
 set -euo pipefail
-root="$(cd "$(dirname "$0")/.." && pwd)"
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 
-if ! command -v protoc >/dev/null; then
-    sudo=""; [ "$(id -u)" -ne 0 ] && sudo="sudo"
-    $sudo apt-get update -qq && $sudo apt-get install -y -qq protobuf-compiler >/dev/null
-fi
-
-plugin="${PROTOC_GEN_SWIFT:-$(command -v protoc-gen-swift || true)}"
-if [ -z "$plugin" ]; then
-    swift package resolve
-    checkout="$root/.build/checkouts/swift-protobuf"
-    (cd "$checkout" && swift build -c release --product protoc-gen-swift --scratch-path "$root/.build-protoc-gen-swift")
-    plugin="$root/.build-protoc-gen-swift/release/protoc-gen-swift"
-fi
-
+protos=(kv.proto auth.proto rpc.proto)
 out="$root/Sources/EtcdProto"
-rm -f "$out"/*.pb.swift
-protoc -I Protos \
+
+# --- protoc -------------------------------------------------------------------------------------
+if ! command -v protoc >/dev/null 2>&1; then
+    echo "protoc not found; installing protobuf-compiler" >&2
+    sudo=""
+    [ "$(id -u)" -ne 0 ] && sudo="sudo"
+    export DEBIAN_FRONTEND=noninteractive
+    $sudo apt-get update -qq
+    $sudo apt-get install -y -qq --no-install-recommends protobuf-compiler >/dev/null
+fi
+
+# --- protoc-gen-swift ---------------------------------------------------------------------------
+plugin="${PROTOC_GEN_SWIFT:-}"
+if [ -z "$plugin" ]; then
+    plugin="$(command -v protoc-gen-swift 2>/dev/null || true)"
+fi
+if [ -z "$plugin" ]; then
+    checkout="$root/.build/checkouts/swift-protobuf"
+    if [ ! -f "$checkout/Package.swift" ]; then
+        swift package resolve
+    fi
+    # A scratch path of our own keeps build products out of the dependency checkout.
+    scratch="$root/.build-protoc-gen-swift"
+    (cd "$checkout" && swift build -c release --product protoc-gen-swift --scratch-path "$scratch")
+    plugin="$scratch/release/protoc-gen-swift"
+fi
+if [ ! -x "$plugin" ]; then
+    echo "error: protoc-gen-swift plugin '$plugin' is not an executable file" >&2
+    exit 1
+fi
+
+# The generated code must match the SwiftProtobuf runtime the package links; warn on a mismatch.
+pinned="$(sed -n '/"identity" : "swift-protobuf"/,/}/s/.*"version" : "\([^"]*\)".*/\1/p' \
+    Package.resolved 2>/dev/null | head -n1 || true)"
+have="$("$plugin" --version 2>/dev/null | awk '{print $NF}' || true)"
+if [ -n "$pinned" ] && [ -n "$have" ] && [ "$pinned" != "$have" ]; then
+    echo "warning: protoc-gen-swift is $have but Package.resolved pins swift-protobuf $pinned" >&2
+fi
+
+# --- generate -----------------------------------------------------------------------------------
+# Generate into a temporary directory first so a failure leaves the committed files untouched.
+tmp="$(mktemp -d)"
+trap 'rm -rf "$tmp"' EXIT
+
+protoc --proto_path="$root/Protos" \
     --plugin=protoc-gen-swift="$plugin" \
     --swift_opt=Visibility=Public \
     --swift_opt=FileNaming=DropPath \
-    --swift_out="$out" \
-    Protos/kv.proto Protos/auth.proto Protos/rpc.proto
-echo "generated: $(ls "$out"/*.pb.swift | xargs -n1 basename | tr '\n' ' ')"
+    --swift_out="$tmp" \
+    "${protos[@]/#/$root/Protos/}"
+
+mkdir -p "$out"
+rm -f "$out"/*.pb.swift
+cp "$tmp"/*.pb.swift "$out"/
+echo "generated in ${out#"$root"/}: $(cd "$out" && ls *.pb.swift | tr '\n' ' ')"

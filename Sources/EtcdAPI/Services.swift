@@ -3,19 +3,24 @@ import Foundation
 import GRPC
 import MVCC
 import SwiftProtobuf
+import WatchHub
 
 /// Routes gRPC method paths (`/etcdserverpb.<Service>/<Method>`) to the services.
 public final class EtcdServices {
     public let context: ServerContext
     public let kv: KVService
+    public let watch: WatchService
     private var routes: [String: (ServerCall) -> Void] = [:]
     /// Server version reported by Status.
     public static let serverVersion = "3.4.23"
 
-    public init(context: ServerContext) {
+    public init(context: ServerContext, watchConfig: WatchHubConfig = WatchHubConfig()) {
         self.context = context
         self.kv = KVService(context: context)
+        self.watch = WatchService(context: context, config: watchConfig)
         registerKV()
+        let watch = self.watch
+        routes["/etcdserverpb.Watch/Watch"] = { call in watch.handle(call) }
         registerMaintenanceAndCluster()
     }
 

@@ -8,8 +8,15 @@
 // For information on using the generated types, please see the documentation:
 //   https://github.com/apple/swift-protobuf/
 
-/// Authentication types of the etcd v3 API (package authpb), wire-compatible with etcd 3.4/3.5.
-/// User and Role are the stored forms; clients only see Permission and UserAddOptions.
+/// Authentication types of the etcd v3 API (package authpb), wire-compatible with etcd 3.4/3.5:
+/// same package, message and field names, same field numbers and types.
+/// Written for Vigil from the published field list; no gogoproto options, no imports.
+///
+/// Clients only ever see UserAddOptions and Permission (inside etcdserverpb auth messages);
+/// User and Role are the forms the server keeps in its auth store.
+///
+/// The generated Swift (Sources/EtcdProto/auth.pb.swift) is committed; after editing this file run
+/// scripts/generate-protos.sh.
 
 #if canImport(FoundationEssentials)
 import FoundationEssentials
@@ -28,11 +35,14 @@ fileprivate nonisolated struct _GeneratedWithProtocGenSwiftVersion: SwiftProtobu
   typealias Version = _2
 }
 
+/// Options given when a user is created.
 public nonisolated struct Authpb_UserAddOptions: Sendable {
   // SwiftProtobuf.Message conformance is added in an extension below. See the
   // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
   // methods supported on all messages.
 
+  /// The user has no password and can never Authenticate (it may still be identified by other
+  /// means, e.g. a TLS client certificate common name).
   public var noPassword: Bool = false
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
@@ -40,6 +50,7 @@ public nonisolated struct Authpb_UserAddOptions: Sendable {
   public init() {}
 }
 
+/// User as stored by the server.
 public nonisolated struct Authpb_User: Sendable {
   // SwiftProtobuf.Message conformance is added in an extension below. See the
   // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
@@ -47,8 +58,10 @@ public nonisolated struct Authpb_User: Sendable {
 
   public var name: Data = Data()
 
+  /// Password hash (bcrypt), never the clear text; empty for a no_password user.
   public var password: Data = Data()
 
+  /// Names of the roles granted to the user, kept sorted.
   public var roles: [String] = []
 
   public var options: Authpb_UserAddOptions {
@@ -67,6 +80,9 @@ public nonisolated struct Authpb_User: Sendable {
   fileprivate var _options: Authpb_UserAddOptions? = nil
 }
 
+/// Permission grants access to a key or key range. key/range_end follow the same conventions as
+/// a range request: empty range_end means the single key `key`, range_end "\x00" means every key
+/// >= key, otherwise the half-open interval [key, range_end).
 public nonisolated struct Authpb_Permission: Sendable {
   // SwiftProtobuf.Message conformance is added in an extension below. See the
   // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
@@ -121,6 +137,8 @@ public nonisolated struct Authpb_Permission: Sendable {
   public init() {}
 }
 
+/// Role as stored by the server: a name and its key permissions (kept sorted by key).
+/// The role named "root" is special: holders pass every permission check and are administrators.
 public nonisolated struct Authpb_Role: Sendable {
   // SwiftProtobuf.Message conformance is added in an extension below. See the
   // `Message` and `Message+*Additions` files in the SwiftProtobuf library for

@@ -8,8 +8,12 @@
 // For information on using the generated types, please see the documentation:
 //   https://github.com/apple/swift-protobuf/
 
-/// Key-value types of the etcd v3 API (package mvccpb), wire-compatible with etcd 3.4/3.5.
-/// Written for Vigil from the published field list; no gogoproto options.
+/// Key-value types of the etcd v3 API (package mvccpb), wire-compatible with etcd 3.4/3.5:
+/// same package, message and field names, same field numbers and types.
+/// Written for Vigil from the published field list; no gogoproto options, no imports.
+///
+/// The generated Swift (Sources/EtcdProto/kv.pb.swift) is committed; after editing this file run
+/// scripts/generate-protos.sh.
 
 #if canImport(FoundationEssentials)
 import FoundationEssentials
@@ -28,24 +32,30 @@ fileprivate nonisolated struct _GeneratedWithProtocGenSwiftVersion: SwiftProtobu
   typealias Version = _2
 }
 
-/// KeyValue is a key's state at one revision. create_revision: revision of the put that created the
-/// key (since its last deletion); mod_revision: revision of its last change; version: puts since
-/// creation (reset by a deletion); lease: attached lease ID, 0 for none.
+/// KeyValue is the state of one key as of some store revision.
 public nonisolated struct Mvccpb_KeyValue: Sendable {
   // SwiftProtobuf.Message conformance is added in an extension below. See the
   // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
   // methods supported on all messages.
 
+  /// The key, arbitrary bytes (never empty in a stored key).
   public var key: Data = Data()
 
+  /// Revision of the put that created the key, counted from its most recent deletion (a key that
+  /// is deleted and put again gets a new create_revision).
   public var createRevision: Int64 = 0
 
+  /// Revision of the most recent change to the key.
   public var modRevision: Int64 = 0
 
+  /// Number of puts since the key was created: 1 after the creating put, +1 per later put.
+  /// A deletion ends the key's life; the next put starts again at 1.
   public var version: Int64 = 0
 
+  /// The value, arbitrary bytes (may be empty). Left empty in keys_only range results.
   public var value: Data = Data()
 
+  /// ID of the lease the key is attached to; 0 when it has none.
   public var lease: Int64 = 0
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
@@ -53,7 +63,8 @@ public nonisolated struct Mvccpb_KeyValue: Sendable {
   public init() {}
 }
 
-/// Event is one change as a watcher sees it; a DELETE carries only key and mod_revision.
+/// Event is one change to one key as a watcher receives it. All events of one revision reach a
+/// watcher in the same WatchResponse, in the order the changes were made.
 public nonisolated struct Mvccpb_Event: Sendable {
   // SwiftProtobuf.Message conformance is added in an extension below. See the
   // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
@@ -61,6 +72,8 @@ public nonisolated struct Mvccpb_Event: Sendable {
 
   public var type: Mvccpb_Event.EventType = .put
 
+  /// For PUT: the key's full state after the change. For DELETE: only key and mod_revision
+  /// (the revision of the deletion) are set.
   public var kv: Mvccpb_KeyValue {
     get {_kv ?? Mvccpb_KeyValue()}
     set {_kv = newValue}
@@ -70,6 +83,8 @@ public nonisolated struct Mvccpb_Event: Sendable {
   /// Clears the value of `kv`. Subsequent reads from it will return its default value.
   public mutating func clearKv() {self._kv = nil}
 
+  /// The key's state just before this change; only filled when the watcher asked for prev_kv and
+  /// that older state is still in (uncompacted) history.
   public var prevKv: Mvccpb_KeyValue {
     get {_prevKv ?? Mvccpb_KeyValue()}
     set {_prevKv = newValue}
@@ -83,7 +98,11 @@ public nonisolated struct Mvccpb_Event: Sendable {
 
   public nonisolated enum EventType: SwiftProtobuf.Enum, Swift.CaseIterable {
     public typealias RawValue = Int
+
+    /// The key was created or its value/lease changed.
     case put // = 0
+
+    /// The key was removed (DeleteRange, Txn delete, or its lease was revoked or expired).
     case delete // = 1
     case UNRECOGNIZED(Int)
 

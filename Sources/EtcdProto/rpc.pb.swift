@@ -9,9 +9,14 @@
 //   https://github.com/apple/swift-protobuf/
 
 /// The etcd v3 API (package etcdserverpb): the six services and their messages, wire-compatible
-/// with etcd 3.4/3.5 (same package, service, method and message names, same field numbers).
-/// Written for Vigil from the published field list; no gogoproto or HTTP annotations (the JSON
-/// gateway paths are served by Vigil's own router).
+/// with etcd 3.4/3.5 (same package, service, method and message names, same field numbers and
+/// types; the etcd 3.5 field set). Field names are kept exactly as etcd spells them (TTL, ID,
+/// grantedTTL, peerURLs, range_end, ...) because the JSON gateway derives its names from them.
+/// Written for Vigil from the published field list; no gogoproto or google.api HTTP annotations
+/// (the /v3/... JSON gateway paths are served by Vigil's own router).
+///
+/// The generated Swift (Sources/EtcdProto/rpc.pb.swift) is committed; after editing this file run
+/// scripts/generate-protos.sh.
 
 #if canImport(FoundationEssentials)
 import FoundationEssentials
@@ -32,8 +37,14 @@ fileprivate nonisolated struct _GeneratedWithProtocGenSwiftVersion: SwiftProtobu
 
 public nonisolated enum Etcdserverpb_AlarmType: SwiftProtobuf.Enum, Swift.CaseIterable {
   public typealias RawValue = Int
+
+  /// No alarm; in an AlarmRequest GET it means "all alarms".
   case none // = 0
+
+  /// The backend reached its size quota: writes that need space are refused until disarmed.
   case nospace // = 1
+
+  /// Data corruption was detected.
   case corrupt // = 2
   case UNRECOGNIZED(Int)
 
@@ -68,19 +79,23 @@ public nonisolated enum Etcdserverpb_AlarmType: SwiftProtobuf.Enum, Swift.CaseIt
 
 }
 
-/// ResponseHeader: cluster_id and member_id identify the answering member; revision is the store
-/// revision when the request was applied; raft_term the member's term.
+/// ResponseHeader is attached to (almost) every response.
 public nonisolated struct Etcdserverpb_ResponseHeader: Sendable {
   // SwiftProtobuf.Message conformance is added in an extension below. See the
   // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
   // methods supported on all messages.
 
+  /// ID of the cluster the answering member belongs to.
   public var clusterID: UInt64 = 0
 
+  /// ID of the answering member.
   public var memberID: UInt64 = 0
 
+  /// Store revision the response reflects: after a write, the revision the write created;
+  /// otherwise the store's current revision when the request was served.
   public var revision: Int64 = 0
 
+  /// Raft term of the answering member.
   public var raftTerm: UInt64 = 0
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
@@ -97,20 +112,27 @@ public nonisolated struct Etcdserverpb_RangeRequest: Sendable {
 
   public var rangeEnd: Data = Data()
 
+  /// Maximum number of keys returned; 0 = no limit.
   public var limit: Int64 = 0
 
+  /// Read the store as of this revision; <= 0 = latest. Compacted revisions cannot be read.
   public var revision: Int64 = 0
 
   public var sortOrder: Etcdserverpb_RangeRequest.SortOrder = .none
 
   public var sortTarget: Etcdserverpb_RangeRequest.SortTarget = .key
 
+  /// true: answer from the local member's state without the linearizability step (may be stale
+  /// in a multi-member cluster).
   public var serializable: Bool = false
 
+  /// Return keys and metadata but no values.
   public var keysOnly: Bool = false
 
+  /// Return only the count, no key-values.
   public var countOnly: Bool = false
 
+  /// Filters on the returned key-values; 0 disables each bound. They do not change `count`.
   public var minModRevision: Int64 = 0
 
   public var maxModRevision: Int64 = 0
@@ -123,6 +145,9 @@ public nonisolated struct Etcdserverpb_RangeRequest: Sendable {
 
   public nonisolated enum SortOrder: SwiftProtobuf.Enum, Swift.CaseIterable {
     public typealias RawValue = Int
+
+    /// No sorting requested: results come in ascending key order (but if sort_target is not KEY,
+    /// NONE behaves as ASCEND).
     case none // = 0
     case ascend // = 1
     case descend // = 2
@@ -222,10 +247,13 @@ public nonisolated struct Etcdserverpb_RangeResponse: Sendable {
   /// Clears the value of `header`. Subsequent reads from it will return its default value.
   public mutating func clearHeader() {self._header = nil}
 
+  /// The matching key-values (empty for count_only).
   public var kvs: [Mvccpb_KeyValue] = []
 
+  /// true when `limit` cut the result short.
   public var more: Bool = false
 
+  /// Number of keys in the range at the read revision, regardless of limit and filters.
   public var count: Int64 = 0
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
@@ -244,12 +272,16 @@ public nonisolated struct Etcdserverpb_PutRequest: Sendable {
 
   public var value: Data = Data()
 
+  /// Lease to attach the key to; 0 detaches it from any lease.
   public var lease: Int64 = 0
 
+  /// Return the key's previous state in PutResponse.prev_kv.
   public var prevKv: Bool = false
 
+  /// Keep the key's current value (the key must exist; `value` must be empty).
   public var ignoreValue: Bool = false
 
+  /// Keep the key's current lease (the key must exist; `lease` must be 0).
   public var ignoreLease: Bool = false
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
@@ -271,6 +303,7 @@ public nonisolated struct Etcdserverpb_PutResponse: Sendable {
   /// Clears the value of `header`. Subsequent reads from it will return its default value.
   public mutating func clearHeader() {self._header = nil}
 
+  /// The key's state before the put; only when requested and the key existed.
   public var prevKv: Mvccpb_KeyValue {
     get {_prevKv ?? Mvccpb_KeyValue()}
     set {_prevKv = newValue}
@@ -297,6 +330,7 @@ public nonisolated struct Etcdserverpb_DeleteRangeRequest: Sendable {
 
   public var rangeEnd: Data = Data()
 
+  /// Return the deleted key-values in DeleteRangeResponse.prev_kvs.
   public var prevKv: Bool = false
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
@@ -318,8 +352,10 @@ public nonisolated struct Etcdserverpb_DeleteRangeResponse: Sendable {
   /// Clears the value of `header`. Subsequent reads from it will return its default value.
   public mutating func clearHeader() {self._header = nil}
 
+  /// Number of keys deleted.
   public var deleted: Int64 = 0
 
+  /// The deleted key-values, in key order; only when requested.
   public var prevKvs: [Mvccpb_KeyValue] = []
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
@@ -329,6 +365,7 @@ public nonisolated struct Etcdserverpb_DeleteRangeResponse: Sendable {
   fileprivate var _header: Etcdserverpb_ResponseHeader? = nil
 }
 
+/// One operation of a transaction branch.
 public nonisolated struct Etcdserverpb_RequestOp: Sendable {
   // SwiftProtobuf.Message conformance is added in an extension below. See the
   // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
@@ -381,6 +418,8 @@ public nonisolated struct Etcdserverpb_RequestOp: Sendable {
   public init() {}
 }
 
+/// The result of one RequestOp, at the same position in TxnResponse.responses. Headers of these
+/// inner responses only carry the revision.
 public nonisolated struct Etcdserverpb_ResponseOp: Sendable {
   // SwiftProtobuf.Message conformance is added in an extension below. See the
   // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
@@ -433,6 +472,10 @@ public nonisolated struct Etcdserverpb_ResponseOp: Sendable {
   public init() {}
 }
 
+/// Compare is one condition of a transaction: `target` of the key (or of every key in
+/// [key, range_end)) compared with the value in target_union using `result`.
+/// A missing key compares as version/create_revision/mod_revision/lease 0; a VALUE compare on a
+/// missing key is always false.
 public nonisolated struct Etcdserverpb_Compare: Sendable {
   // SwiftProtobuf.Message conformance is added in an extension below. See the
   // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
@@ -444,6 +487,7 @@ public nonisolated struct Etcdserverpb_Compare: Sendable {
 
   public var key: Data = Data()
 
+  /// The value to compare against; the member set should match `target`.
   public var targetUnion: Etcdserverpb_Compare.OneOf_TargetUnion? = nil
 
   public var version: Int64 {
@@ -486,10 +530,12 @@ public nonisolated struct Etcdserverpb_Compare: Sendable {
     set {targetUnion = .lease(newValue)}
   }
 
+  /// Optional: compare every key in [key, range_end); true only if all of them satisfy it.
   public var rangeEnd: Data = Data()
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
+  /// The value to compare against; the member set should match `target`.
   public nonisolated enum OneOf_TargetUnion: Equatable, Sendable {
     case version(Int64)
     case createRevision(Int64)
@@ -590,6 +636,9 @@ public nonisolated struct Etcdserverpb_Compare: Sendable {
   public init() {}
 }
 
+/// Txn: if every compare holds (an empty list holds), run `success`, else run `failure`.
+/// Compares see the state before the transaction; ops run in order and later ops see the writes
+/// of earlier ones.
 public nonisolated struct Etcdserverpb_TxnRequest: Sendable {
   // SwiftProtobuf.Message conformance is added in an extension below. See the
   // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
@@ -620,8 +669,10 @@ public nonisolated struct Etcdserverpb_TxnResponse: Sendable {
   /// Clears the value of `header`. Subsequent reads from it will return its default value.
   public mutating func clearHeader() {self._header = nil}
 
+  /// Whether the compares held (so `success` ran).
   public var succeeded: Bool = false
 
+  /// One entry per op of the branch that ran.
   public var responses: [Etcdserverpb_ResponseOp] = []
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
@@ -631,6 +682,8 @@ public nonisolated struct Etcdserverpb_TxnResponse: Sendable {
   fileprivate var _header: Etcdserverpb_ResponseHeader? = nil
 }
 
+/// Compaction discards all history before `revision` (the latest state of each key as of that
+/// revision is kept). Older revisions can no longer be read or watched from.
 public nonisolated struct Etcdserverpb_CompactionRequest: Sendable {
   // SwiftProtobuf.Message conformance is added in an extension below. See the
   // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
@@ -638,6 +691,7 @@ public nonisolated struct Etcdserverpb_CompactionRequest: Sendable {
 
   public var revision: Int64 = 0
 
+  /// true: reply only once the old data has actually been removed from the backend.
   public var physical: Bool = false
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
@@ -681,6 +735,7 @@ public nonisolated struct Etcdserverpb_HashKVRequest: Sendable {
   // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
   // methods supported on all messages.
 
+  /// Hash the key history up to this revision; 0 = latest.
   public var revision: Int64 = 0
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
@@ -704,6 +759,7 @@ public nonisolated struct Etcdserverpb_HashKVResponse: Sendable {
 
   public var hash: UInt32 = 0
 
+  /// Compaction revision of the store when the hash was computed.
   public var compactRevision: Int64 = 0
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
@@ -746,6 +802,8 @@ public nonisolated struct Etcdserverpb_SnapshotRequest: Sendable {
   public init() {}
 }
 
+/// One chunk of a snapshot stream. The last message carries remaining_bytes 0 and, as blob, the
+/// SHA-256 of all the database bytes sent before it.
 public nonisolated struct Etcdserverpb_SnapshotResponse: Sendable {
   // SwiftProtobuf.Message conformance is added in an extension below. See the
   // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
@@ -760,6 +818,7 @@ public nonisolated struct Etcdserverpb_SnapshotResponse: Sendable {
   /// Clears the value of `header`. Subsequent reads from it will return its default value.
   public mutating func clearHeader() {self._header = nil}
 
+  /// Bytes still to come after this chunk.
   public var remainingBytes: UInt64 = 0
 
   public var blob: Data = Data()
@@ -771,6 +830,7 @@ public nonisolated struct Etcdserverpb_SnapshotResponse: Sendable {
   fileprivate var _header: Etcdserverpb_ResponseHeader? = nil
 }
 
+/// A client message on the watch stream: create a watcher, cancel one, or ask for progress.
 public nonisolated struct Etcdserverpb_WatchRequest: Sendable {
   // SwiftProtobuf.Message conformance is added in an extension below. See the
   // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
@@ -823,23 +883,32 @@ public nonisolated struct Etcdserverpb_WatchCreateRequest: Sendable {
 
   public var rangeEnd: Data = Data()
 
+  /// First revision to deliver (inclusive); 0 = only changes after the current revision.
   public var startRevision: Int64 = 0
 
+  /// Ask for periodic empty responses when nothing happened (progress bookmarks).
   public var progressNotify: Bool = false
 
   public var filters: [Etcdserverpb_WatchCreateRequest.FilterType] = []
 
+  /// Attach each changed key's previous state to its events.
   public var prevKv: Bool = false
 
+  /// Requested watcher ID; 0 = let the server pick one (unique on this stream).
   public var watchID: Int64 = 0
 
+  /// Allow the server to split very large responses into fragments.
   public var fragment: Bool = false
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public nonisolated enum FilterType: SwiftProtobuf.Enum, Swift.CaseIterable {
     public typealias RawValue = Int
+
+    /// Drop PUT events.
     case noput // = 0
+
+    /// Drop DELETE events.
     case nodelete // = 1
     case UNRECOGNIZED(Int)
 
@@ -886,6 +955,7 @@ public nonisolated struct Etcdserverpb_WatchCancelRequest: Sendable {
   public init() {}
 }
 
+/// Asks for a progress response (watch_id -1) once every watcher on the stream has caught up.
 public nonisolated struct Etcdserverpb_WatchProgressRequest: Sendable {
   // SwiftProtobuf.Message conformance is added in an extension below. See the
   // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
@@ -896,6 +966,9 @@ public nonisolated struct Etcdserverpb_WatchProgressRequest: Sendable {
   public init() {}
 }
 
+/// A server message on the watch stream. The response to a create has created=true and is sent
+/// before any event of that watcher; watch_id -1 marks a failed create or a stream-wide progress
+/// response.
 public nonisolated struct Etcdserverpb_WatchResponse: Sendable {
   // SwiftProtobuf.Message conformance is added in an extension below. See the
   // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
@@ -912,14 +985,20 @@ public nonisolated struct Etcdserverpb_WatchResponse: Sendable {
 
   public var watchID: Int64 = 0
 
+  /// This response confirms a create_request.
   public var created: Bool = false
 
+  /// The watcher is gone (cancelled by the client, failed to create, or compacted away).
   public var canceled: Bool = false
 
+  /// Nonzero when the watcher asked for revisions that were compacted: the watcher is cancelled
+  /// and this is the oldest revision still available.
   public var compactRevision: Int64 = 0
 
+  /// Why the watcher was cancelled, when the server cancelled it.
   public var cancelReason: String = String()
 
+  /// More fragments of the same response follow.
   public var fragment: Bool = false
 
   public var events: [Mvccpb_Event] = []
@@ -936,8 +1015,10 @@ public nonisolated struct Etcdserverpb_LeaseGrantRequest: Sendable {
   // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
   // methods supported on all messages.
 
+  /// Requested TTL in seconds (the server may raise it to its minimum).
   public var ttl: Int64 = 0
 
+  /// Requested lease ID; 0 = let the server choose.
   public var id: Int64 = 0
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
@@ -961,8 +1042,10 @@ public nonisolated struct Etcdserverpb_LeaseGrantResponse: Sendable {
 
   public var id: Int64 = 0
 
+  /// The TTL actually granted.
   public var ttl: Int64 = 0
 
+  /// Unused by etcd (errors are reported as gRPC status); kept for wire compatibility.
   public var error: String = String()
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
@@ -1005,6 +1088,8 @@ public nonisolated struct Etcdserverpb_LeaseRevokeResponse: Sendable {
   fileprivate var _header: Etcdserverpb_ResponseHeader? = nil
 }
 
+/// Internal (replication): the remaining TTL of a lease, persisted so a restart or leader change
+/// does not reset it. Not part of any client-facing service.
 public nonisolated struct Etcdserverpb_LeaseCheckpoint: Sendable {
   // SwiftProtobuf.Message conformance is added in an extension below. See the
   // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
@@ -1019,6 +1104,7 @@ public nonisolated struct Etcdserverpb_LeaseCheckpoint: Sendable {
   public init() {}
 }
 
+/// Internal: a batch of lease checkpoints.
 public nonisolated struct Etcdserverpb_LeaseCheckpointRequest: Sendable {
   // SwiftProtobuf.Message conformance is added in an extension below. See the
   // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
@@ -1031,6 +1117,7 @@ public nonisolated struct Etcdserverpb_LeaseCheckpointRequest: Sendable {
   public init() {}
 }
 
+/// Internal: the reply to a LeaseCheckpointRequest.
 public nonisolated struct Etcdserverpb_LeaseCheckpointResponse: Sendable {
   // SwiftProtobuf.Message conformance is added in an extension below. See the
   // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
@@ -1080,6 +1167,7 @@ public nonisolated struct Etcdserverpb_LeaseKeepAliveResponse: Sendable {
 
   public var id: Int64 = 0
 
+  /// The TTL the lease was renewed for; 0 (or less) when the lease does not exist or has expired.
   public var ttl: Int64 = 0
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
@@ -1096,6 +1184,7 @@ public nonisolated struct Etcdserverpb_LeaseTimeToLiveRequest: Sendable {
 
   public var id: Int64 = 0
 
+  /// Also list the keys attached to the lease.
   public var keys: Bool = false
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
@@ -1119,10 +1208,13 @@ public nonisolated struct Etcdserverpb_LeaseTimeToLiveResponse: Sendable {
 
   public var id: Int64 = 0
 
+  /// Remaining seconds; -1 when the lease does not exist or has expired.
   public var ttl: Int64 = 0
 
+  /// The TTL the lease was granted with.
   public var grantedTtl: Int64 = 0
 
+  /// Keys attached to the lease (when requested).
   public var keys: [Data] = []
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
@@ -1184,12 +1276,16 @@ public nonisolated struct Etcdserverpb_Member: Sendable {
 
   public var id: UInt64 = 0
 
+  /// Empty while the member has been added but not yet started.
   public var name: String = String()
 
+  /// URLs other members use to reach this one.
   public var peerUrls: [String] = []
 
+  /// URLs clients use to reach this member; empty while unstarted.
   public var clientUrls: [String] = []
 
+  /// A learner replicates data but does not vote.
   public var isLearner: Bool = false
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
@@ -1225,6 +1321,7 @@ public nonisolated struct Etcdserverpb_MemberAddResponse: Sendable {
   /// Clears the value of `header`. Subsequent reads from it will return its default value.
   public mutating func clearHeader() {self._header = nil}
 
+  /// The member just added.
   public var member: Etcdserverpb_Member {
     get {_member ?? Etcdserverpb_Member()}
     set {_member = newValue}
@@ -1234,6 +1331,7 @@ public nonisolated struct Etcdserverpb_MemberAddResponse: Sendable {
   /// Clears the value of `member`. Subsequent reads from it will return its default value.
   public mutating func clearMember() {self._member = nil}
 
+  /// All members after the change.
   public var members: [Etcdserverpb_Member] = []
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
@@ -1321,6 +1419,7 @@ public nonisolated struct Etcdserverpb_MemberListRequest: Sendable {
   // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
   // methods supported on all messages.
 
+  /// 3.5+: read the membership through the linearizable path instead of the local copy.
   public var linearizable: Bool = false
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
@@ -1356,6 +1455,7 @@ public nonisolated struct Etcdserverpb_MemberPromoteRequest: Sendable {
   // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
   // methods supported on all messages.
 
+  /// The learner to turn into a voting member.
   public var id: UInt64 = 0
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
@@ -1422,6 +1522,7 @@ public nonisolated struct Etcdserverpb_MoveLeaderRequest: Sendable {
   // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
   // methods supported on all messages.
 
+  /// Member ID of the new leader.
   public var targetID: UInt64 = 0
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
@@ -1457,6 +1558,7 @@ public nonisolated struct Etcdserverpb_AlarmRequest: Sendable {
 
   public var action: Etcdserverpb_AlarmRequest.AlarmAction = .get
 
+  /// Member the alarm concerns (for ACTIVATE/DEACTIVATE).
   public var memberID: UInt64 = 0
 
   public var alarm: Etcdserverpb_AlarmType = .none
@@ -1532,6 +1634,7 @@ public nonisolated struct Etcdserverpb_AlarmResponse: Sendable {
   /// Clears the value of `header`. Subsequent reads from it will return its default value.
   public mutating func clearHeader() {self._header = nil}
 
+  /// For GET, the matching active alarms; otherwise the alarm(s) affected.
   public var alarms: [Etcdserverpb_AlarmMember] = []
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
@@ -1548,6 +1651,7 @@ public nonisolated struct Etcdserverpb_DowngradeRequest: Sendable {
 
   public var action: Etcdserverpb_DowngradeRequest.DowngradeAction = .validate
 
+  /// Target cluster version, e.g. "3.4" (only major.minor matters).
   public var version: String = String()
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
@@ -1607,6 +1711,7 @@ public nonisolated struct Etcdserverpb_DowngradeResponse: Sendable {
   /// Clears the value of `header`. Subsequent reads from it will return its default value.
   public mutating func clearHeader() {self._header = nil}
 
+  /// Cluster version.
   public var version: String = String()
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
@@ -1640,20 +1745,27 @@ public nonisolated struct Etcdserverpb_StatusResponse: Sendable {
   /// Clears the value of `header`. Subsequent reads from it will return its default value.
   public mutating func clearHeader() {self._header = nil}
 
+  /// Server version, e.g. "3.5.x".
   public var version: String = String()
 
+  /// Size of the backend database in bytes (allocated, including free pages).
   public var dbSize: Int64 = 0
 
+  /// Member ID this member believes is the leader (0 if none).
   public var leader: UInt64 = 0
 
+  /// Raft commit index.
   public var raftIndex: UInt64 = 0
 
   public var raftTerm: UInt64 = 0
 
+  /// Raft index applied to the store.
   public var raftAppliedIndex: UInt64 = 0
 
+  /// Current problems: "no leader", active alarms.
   public var errors: [String] = []
 
+  /// Bytes of the backend actually in use.
   public var dbSizeInUse: Int64 = 0
 
   public var isLearner: Bool = false
@@ -1665,6 +1777,7 @@ public nonisolated struct Etcdserverpb_StatusResponse: Sendable {
   fileprivate var _header: Etcdserverpb_ResponseHeader? = nil
 }
 
+/// Enabling auth requires a user "root" holding the role "root".
 public nonisolated struct Etcdserverpb_AuthEnableRequest: Sendable {
   // SwiftProtobuf.Message conformance is added in an extension below. See the
   // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
@@ -1716,6 +1829,7 @@ public nonisolated struct Etcdserverpb_AuthUserAddRequest: Sendable {
 
   public var name: String = String()
 
+  /// Clear-text password as sent by clients.
   public var password: String = String()
 
   public var options: Authpb_UserAddOptions {
@@ -1727,6 +1841,8 @@ public nonisolated struct Etcdserverpb_AuthUserAddRequest: Sendable {
   /// Clears the value of `options`. Subsequent reads from it will return its default value.
   public mutating func clearOptions() {self._options = nil}
 
+  /// 3.5+: bcrypt hash of `password`, filled in by the server before the request is applied;
+  /// clients leave it empty.
   public var hashedPassword: String = String()
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
@@ -1769,6 +1885,7 @@ public nonisolated struct Etcdserverpb_AuthUserChangePasswordRequest: Sendable {
 
   public var password: String = String()
 
+  /// 3.5+: server-side bcrypt hash of `password` (see AuthUserAddRequest.hashedPassword).
   public var hashedPassword: String = String()
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
@@ -1776,6 +1893,7 @@ public nonisolated struct Etcdserverpb_AuthUserChangePasswordRequest: Sendable {
   public init() {}
 }
 
+/// Note the asymmetry with AuthUserRevokeRoleRequest: the user field is `user` here, `name` there.
 public nonisolated struct Etcdserverpb_AuthUserGrantRoleRequest: Sendable {
   // SwiftProtobuf.Message conformance is added in an extension below. See the
   // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
@@ -1860,11 +1978,14 @@ public nonisolated struct Etcdserverpb_AuthRoleDeleteRequest: Sendable {
   public init() {}
 }
 
+/// Adds a permission to a role; a permission with the same key and range_end replaces the old
+/// one's type.
 public nonisolated struct Etcdserverpb_AuthRoleGrantPermissionRequest: Sendable {
   // SwiftProtobuf.Message conformance is added in an extension below. See the
   // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
   // methods supported on all messages.
 
+  /// Role name.
   public var name: String = String()
 
   public var perm: Authpb_Permission {
@@ -1883,6 +2004,7 @@ public nonisolated struct Etcdserverpb_AuthRoleGrantPermissionRequest: Sendable 
   fileprivate var _perm: Authpb_Permission? = nil
 }
 
+/// Removes the role's permission with exactly this key and range_end.
 public nonisolated struct Etcdserverpb_AuthRoleRevokePermissionRequest: Sendable {
   // SwiftProtobuf.Message conformance is added in an extension below. See the
   // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
@@ -1957,6 +2079,7 @@ public nonisolated struct Etcdserverpb_AuthStatusResponse: Sendable {
 
   public var enabled: Bool = false
 
+  /// Revision of the auth store; it increases with every auth change.
   public var authRevision: UInt64 = 0
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
@@ -1980,6 +2103,7 @@ public nonisolated struct Etcdserverpb_AuthenticateResponse: Sendable {
   /// Clears the value of `header`. Subsequent reads from it will return its default value.
   public mutating func clearHeader() {self._header = nil}
 
+  /// Token to send with later requests (gRPC metadata "token", HTTP "Authorization").
   public var token: String = String()
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
@@ -2024,6 +2148,7 @@ public nonisolated struct Etcdserverpb_AuthUserGetResponse: Sendable {
   /// Clears the value of `header`. Subsequent reads from it will return its default value.
   public mutating func clearHeader() {self._header = nil}
 
+  /// Roles granted to the user, sorted.
   public var roles: [String] = []
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
@@ -2152,6 +2277,7 @@ public nonisolated struct Etcdserverpb_AuthRoleGetResponse: Sendable {
   /// Clears the value of `header`. Subsequent reads from it will return its default value.
   public mutating func clearHeader() {self._header = nil}
 
+  /// The role's permissions, sorted by key.
   public var perm: [Authpb_Permission] = []
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
@@ -2175,6 +2301,7 @@ public nonisolated struct Etcdserverpb_AuthRoleListResponse: Sendable {
   /// Clears the value of `header`. Subsequent reads from it will return its default value.
   public mutating func clearHeader() {self._header = nil}
 
+  /// All role names, sorted.
   public var roles: [String] = []
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
@@ -2198,6 +2325,7 @@ public nonisolated struct Etcdserverpb_AuthUserListResponse: Sendable {
   /// Clears the value of `header`. Subsequent reads from it will return its default value.
   public mutating func clearHeader() {self._header = nil}
 
+  /// All user names, sorted.
   public var users: [String] = []
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()

@@ -44,6 +44,12 @@ public struct MessageFramer {
         return nil
     }
 
+    /// The 5-byte prefix of an uncompressed message of `length` bytes.
+    public static func prefix(_ length: Int) -> [UInt8] {
+        let n = UInt32(length)
+        return [0, UInt8(n >> 24), UInt8((n >> 16) & 0xFF), UInt8((n >> 8) & 0xFF), UInt8(n & 0xFF)]
+    }
+
     /// Frames one message.
     public static func frame(_ payload: [UInt8]) -> [UInt8] {
         var out = [UInt8]()
@@ -101,7 +107,9 @@ public final class ServerCall {
             headersSent = true
             c.session.respond(stream, headers: GRPCConnection.responseHeaders, endStream: false)
         }
-        c.session.send(MessageFramer.frame(message), on: stream)
+        // The prefix and the payload go as two chunks, so a payload shared by many calls is not copied here.
+        c.session.send(MessageFramer.prefix(message.count), on: stream)
+        c.session.send(message, on: stream)
         c.needsFlush()
     }
 

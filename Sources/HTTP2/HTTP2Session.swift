@@ -202,7 +202,7 @@ public final class HTTP2Session {
 
     /// Queues body bytes on a stream opened by `request` or answered with `respond(endStream: false)`.
     public func send(_ bytes: [UInt8], on stream: Int32) {
-        guard var o = outbound[stream] else { return }
+        guard !bytes.isEmpty, var o = outbound[stream] else { return }
         o.bytes += bytes.count
         o.chunks.append(bytes)
         let wasDeferred = o.deferred

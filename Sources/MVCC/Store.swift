@@ -157,6 +157,40 @@ public final class KVStore {
         return RangeResult(kvs: kvs, count: count, revision: rev)
     }
 
+    /// The changes to keys in `[key, end)` with revisions in `from...to`, in revision order, each
+    /// with the key's previous state (if still in history). For watchers catching up from history.
+    /// Callers keep `from` ≥ the compact revision.
+    public func events(_ key: Bytes, _ end: Bytes, from: Int64, to: Int64) -> [(Revision, Event)] {
+        var out: [(Revision, Event)] = []
+        func collect(_ k: Bytes, _ h: KeyHistory) {
+            // First entry with main ≥ from.
+            var i = (h.lastIndex(atOrBefore: from - 1) ?? -1) + 1
+            while i < h.revs.count, h.revs[i].main <= to {
+                let rev = h.revs[i]
+                let prev = i > 0 ? h.states[i - 1] : nil
+                if let kv = h.states[i] {
+                    out.append((rev, Event(kind: .put, kv: kv, prevKV: prev)))
+                } else {
+                    out.append((rev, Event(kind: .delete, kv: KeyValue(key: k, modRevision: rev.main), prevKV: prev)))
+                }
+                i += 1
+            }
+        }
+        if end.isEmpty {
+            if let h = index[key] { collect(key, h) }
+        } else {
+            let upper: Bytes? = end == [0] ? nil : end
+            if upper == nil || compareBytes(upper!, key) > 0 {
+                keys.forEach(from: key, to: upper) { k in
+                    collect(k, index[k]!)
+                    return true
+                }
+            }
+        }
+        out.sort { $0.0 < $1.0 }
+        return out
+    }
+
     /// Starts a write transaction at revision `currentRevision + 1`. Only one may be open at a time.
     public func beginWrite() -> WriteTxn { WriteTxn(store: self) }
 

@@ -17,6 +17,8 @@ final class CommitCoordinator: CommitGate {
     private var waiterHead = 0
     /// Hooks that see every published write (watch fan-out plugs in here).
     var onPublish: [([Event], Int64) -> Void] = []
+    /// Hooks told the newest durable revision after each group commit.
+    var onCommitted: [(Int64) -> Void] = []
     /// Number of group commits done (for metrics and tests).
     private(set) var commits = 0
 
@@ -60,6 +62,7 @@ final class CommitCoordinator: CommitGate {
             let took = loop.nowMilliseconds - started
             if took > 1000 { logger.warning("slow fsync", metadata: ["took_ms": "\(took)"]) }
             store.markCommitted(batch.revision)
+            for hook in onCommitted { hook(store.committedRevision) }
             releaseWaiters()
             startCommitIfNeeded()
         })

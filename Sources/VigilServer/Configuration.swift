@@ -1,4 +1,5 @@
 import EtcdAPI
+import WatchHub
 
 /// Everything a Vigil server is started with. Names follow etcd's flags.
 public struct Configuration: Sendable {
@@ -20,6 +21,10 @@ public struct Configuration: Sendable {
     public var quotaBackendBytes: Int64 = 0
     /// `--unsafe-no-fsync`
     public var unsafeNoFsync = false
+    /// `--experimental-watch-progress-notify-interval` in milliseconds (etcd's default: 10 minutes).
+    public var watchProgressNotifyIntervalMs: UInt64 = 600_000
+    /// The watch hub's ring and slow-stream bounds.
+    public var watch = WatchHubConfig()
 
     public init() {}
 

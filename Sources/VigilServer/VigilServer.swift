@@ -8,6 +8,7 @@ import HTTP2
 import LMDBBackend
 import Logging
 import MVCC
+import WatchHub
 
 /// The loop-confined part of a running server: store, services, listeners and connections.
 final class VigilServerCore {
@@ -44,7 +45,13 @@ final class VigilServerCore {
         let ctx = ServerContext(store: store, identity: identity, limits: config.limits, gate: commits)
         let backend = self.backend
         ctx.dbSize = { Int64(backend.sizeInUse) }
-        services = EtcdServices(context: ctx)
+        var watchConfig = config.watch
+        watchConfig.fragmentBytes = config.limits.maxReceiveMessageBytes
+        services = EtcdServices(context: ctx, watchConfig: watchConfig)
+        let hub = services.watch.hub
+        commits.onPublish.append { events, revision in hub.publish(events, revision: revision) }
+        commits.onCommitted.append { revision in hub.advance(to: revision) }
+        loop.addBeforeSleep { [unowned self] in catchUpWatchers() }
         logger.info("store loaded", metadata: ["revision": "\(store.currentRevision)",
                                                "compact-revision": "\(store.compactRevision)",
                                                "keys": "\(store.liveKeyCount)"])
@@ -79,6 +86,32 @@ final class VigilServerCore {
         }
     }
 
+    private var catchUpTimer: LoopTimer?
+    private var progressTimer: LoopTimer?
+
+    /// Lets lagging or parked watchers catch up, a bounded step per loop turn; while work remains,
+    /// a zero timeout keeps the loop from sleeping.
+    private func catchUpWatchers() {
+        let hub = services.watch.hub
+        guard hub.catchUpPending else { return }
+        hub.catchUp()
+        if hub.catchUpPending && catchUpTimer == nil {
+            catchUpTimer = LoopTimer(loop: loop, timeoutMs: 0) { [unowned self] in catchUpTimer = nil }
+        }
+    }
+
+    /// Periodic progress notifications, every interval plus up to 10% jitter (as etcd).
+    func startProgressTimer() {
+        let base = config.watchProgressNotifyIntervalMs
+        let jitter = base / 10 > 0 ? UInt64.random(in: 0...(base / 10)) : 0
+        progressTimer = LoopTimer(loop: loop, timeoutMs: base + jitter) { [unowned self] in
+            progressTimer = nil
+            services.watch.hub.progressTick(streams: services.watch.openStreams)
+            startProgressTimer()
+        }
+        progressTimer?.unref()
+    }
+
     func connectionClosed(_ c: ClientConnection) {
         connectionObjects[ObjectIdentifier(c)] = nil
     }
@@ -87,6 +120,10 @@ final class VigilServerCore {
     func shutdown() {
         for l in listeners { l.close() }
         listeners.removeAll()
+        progressTimer?.cancel()
+        progressTimer = nil
+        catchUpTimer?.cancel()
+        catchUpTimer = nil
     }
 
     /// Closes listeners and every client connection.
@@ -159,6 +196,7 @@ public final class VigilServer: @unchecked Sendable {
             })
         }
         ports = try core.listen()
+        core.startProgressTimer()
         logger.info("ready to serve client requests")
         for (url, port) in zip(configuration.listenClientURLs, ports) {
             logger.notice("serving insecure client requests on \(url) (port \(port)), this is strongly discouraged!")

@@ -204,3 +204,75 @@ public struct Etcdctl: Sendable {
         return r.output
     }
 }
+
+/// A command running in the background whose output is collected as it comes
+/// (e.g. `etcdctl watch`, which runs until stopped).
+public final class BackgroundCommand: @unchecked Sendable {
+    private let process = Process()
+    private let lock = NSLock()
+    private var buffer = Data()
+    private let inPipe = Pipe()
+
+    public init(_ executable: String, _ args: [String], environment: [String: String] = [:]) throws {
+        process.executableURL = URL(fileURLWithPath: executable)
+        process.arguments = args
+        var env = ProcessInfo.processInfo.environment
+        for (k, v) in environment { env[k] = v }
+        process.environment = env
+        let out = Pipe()
+        process.standardOutput = out
+        process.standardError = out
+        process.standardInput = inPipe
+        let handle = out.fileHandleForReading
+        try process.run()
+        Thread.detachNewThread { [self] in
+            while true {
+                let d = handle.availableData
+                if d.isEmpty { break }
+                lock.withLock { buffer.append(d) }
+            }
+        }
+    }
+
+    /// Writes to the command's standard input.
+    public func write(_ s: String) { inPipe.fileHandleForWriting.write(Data(s.utf8)) }
+
+    /// Everything printed so far.
+    public var output: String { lock.withLock { String(decoding: buffer, as: UTF8.self) } }
+
+    /// Waits until the output satisfies `condition`; returns whether it did in time.
+    @discardableResult
+    public func wait(timeout: Double = 10, until condition: (String) -> Bool) -> Bool {
+        let deadline = Date().addingTimeInterval(timeout)
+        while Date() < deadline {
+            if condition(output) { return true }
+            usleep(10_000)
+        }
+        return condition(output)
+    }
+
+    public var isRunning: Bool { process.isRunning }
+
+    /// Stops the command and returns its output.
+    @discardableResult
+    public func stop() -> String {
+        if process.isRunning {
+            process.terminate()
+            let deadline = Date().addingTimeInterval(5)
+            while process.isRunning && Date() < deadline { usleep(10_000) }
+            if process.isRunning { kill(process.processIdentifier, SIGKILL) }
+        }
+        usleep(50_000)
+        return output
+    }
+
+    deinit { stop() }
+}
+
+extension Etcdctl {
+    /// Starts `etcdctl watch …` (or any long-running etcdctl command) in the background.
+    public func background(_ args: [String]) throws -> BackgroundCommand {
+        try BackgroundCommand(binary, ["--endpoints=\(endpoint)", "--dial-timeout=5s"] + args,
+                              environment: ["ETCDCTL_API": "3"])
+    }
+}

@@ -38,6 +38,9 @@ struct VigilCommand: ParsableCommand {
     var quotaBackendBytes: Int64?
     @Option(name: .customLong("log-level"), help: "debug, info, warn, error, panic or fatal.")
     var logLevel: String?
+    @Option(name: .customLong("experimental-watch-progress-notify-interval"),
+            help: "Interval of periodic watch progress notifications, e.g. 10m, 5s, 100ms (default 10m).")
+    var watchProgressNotifyInterval: String?
     @Flag(name: .customLong("unsafe-no-fsync"), help: "Disables fsync: unsafe, for tests only.")
     var unsafeNoFsync = false
 
@@ -75,9 +78,24 @@ struct VigilCommand: ParsableCommand {
             c.limits.maxTxnOps = v
         }
         if let v = quotaBackendBytes ?? value(nil, "ETCD_QUOTA_BACKEND_BYTES").flatMap(Int64.init) { c.quotaBackendBytes = v }
+        if let v = value(watchProgressNotifyInterval, "ETCD_EXPERIMENTAL_WATCH_PROGRESS_NOTIFY_INTERVAL") {
+            guard let ms = Self.durationMs(v), ms >= 100 else {
+                throw ValidationError("--experimental-watch-progress-notify-interval must be a duration of at least 100ms")
+            }
+            c.watchProgressNotifyIntervalMs = ms
+        }
         c.unsafeNoFsync = unsafeNoFsync || ProcessInfo.processInfo.environment["ETCD_UNSAFE_NO_FSYNC"] == "true"
         _ = try c.listenAddresses()
         return c
+    }
+
+    /// Parses a Go-style duration with one unit: "10m", "5s", "100ms", "1h".
+    static func durationMs(_ s: String) -> UInt64? {
+        for (unit, factor) in [("ms", 1.0), ("h", 3_600_000.0), ("m", 60_000.0), ("s", 1000.0)] where s.hasSuffix(unit) {
+            guard let n = Double(s.dropLast(unit.count)), n >= 0 else { return nil }
+            return UInt64(n * factor)
+        }
+        return nil
     }
 
     func logLevelValue() throws -> Logger.Level {

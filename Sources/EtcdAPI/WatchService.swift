@@ -1,0 +1,123 @@
+import EtcdProto
+import Foundation
+import GRPC
+import MVCC
+import SwiftProtobuf
+import WatchHub
+
+/// Encodes watch responses. Events go through SwiftProtobuf once each; the response around them is
+/// written by hand (field numbers from rpc.proto) so that encoded events are reused as they are.
+final class ProtoWatchEncoder: WatchEncoder {
+    private let headerPrefix: [UInt8]  // cluster_id, member_id (fields 1, 2)
+    private let raftTerm: UInt64
+
+    init(identity: MemberIdentity) {
+        var h: [UInt8] = []
+        Self.tag(&h, 1, 0); Self.varint(&h, identity.clusterID)
+        Self.tag(&h, 2, 0); Self.varint(&h, identity.memberID)
+        headerPrefix = h
+        raftTerm = identity.raftTerm
+    }
+
+    func encode(_ event: Event, prevKV: Bool) -> [UInt8] {
+        var e = Mvccpb_Event()
+        e.type = event.kind == .put ? .put : .delete
+        e.kv = event.kv.proto
+        if prevKV, let p = event.prevKV { e.prevKv = p.proto }
+        return (try? e.serializedBytes()) ?? []
+    }
+
+    func response(_ f: ResponseFields, events: [[UInt8]]) -> [UInt8] {
+        var header = headerPrefix
+        if f.headerRevision != 0 { Self.tag(&header, 3, 0); Self.varint(&header, UInt64(bitPattern: f.headerRevision)) }
+        if raftTerm != 0 { Self.tag(&header, 4, 0); Self.varint(&header, raftTerm) }
+        var size = header.count + 12
+        for e in events { size += e.count + 6 }
+        var out: [UInt8] = []
+        out.reserveCapacity(size + f.cancelReason.utf8.count + 40)
+        Self.tag(&out, 1, 2); Self.varint(&out, UInt64(header.count)); out += header
+        if f.watchID != 0 { Self.tag(&out, 2, 0); Self.varint(&out, UInt64(bitPattern: f.watchID)) }
+        if f.created { Self.tag(&out, 3, 0); out.append(1) }
+        if f.canceled { Self.tag(&out, 4, 0); out.append(1) }
+        if f.compactRevision != 0 { Self.tag(&out, 5, 0); Self.varint(&out, UInt64(bitPattern: f.compactRevision)) }
+        if !f.cancelReason.isEmpty {
+            Self.tag(&out, 6, 2); Self.varint(&out, UInt64(f.cancelReason.utf8.count)); out += Array(f.cancelReason.utf8)
+        }
+        if f.fragment { Self.tag(&out, 7, 0); out.append(1) }
+        for e in events {
+            Self.tag(&out, 11, 2); Self.varint(&out, UInt64(e.count)); out += e
+        }
+        return out
+    }
+
+    @inline(__always)
+    static func tag(_ out: inout [UInt8], _ field: UInt64, _ wire: UInt64) { varint(&out, field << 3 | wire) }
+
+    @inline(__always)
+    static func varint(_ out: inout [UInt8], _ v: UInt64) {
+        var v = v
+        while v >= 0x80 {
+            out.append(UInt8(v & 0x7F) | 0x80)
+            v >>= 7
+        }
+        out.append(UInt8(v))
+    }
+}
+
+/// A gRPC call as a watch sink.
+final class CallSink: WatchSink {
+    let call: ServerCall
+    init(_ call: ServerCall) { self.call = call }
+    func send(_ message: [UInt8]) { call.send(message) }
+    var queuedBytes: Int { call.queuedBytes }
+}
+
+/// The Watch service: one bidirectional stream per call, carrying many watchers.
+public final class WatchService {
+    public let hub: WatchHub
+    private var streams: [ObjectIdentifier: WatchStream] = [:]
+
+    public init(context: ServerContext, config: WatchHubConfig) {
+        hub = WatchHub(store: context.store, encoder: ProtoWatchEncoder(identity: context.identity), config: config)
+    }
+
+    /// All open streams (for periodic progress notifications).
+    public var openStreams: [WatchStream] { Array(streams.values) }
+
+    func handle(_ call: ServerCall) {
+        let stream = hub.openStream(CallSink(call))
+        let key = ObjectIdentifier(stream)
+        streams[key] = stream
+        call.onMessage = { [unowned self] bytes in
+            guard let req = try? Etcdserverpb_WatchRequest(serializedBytes: bytes) else {
+                call.finish(GRPCStatus(.internal, "grpc: error unmarshalling request"))
+                return
+            }
+            switch req.requestUnion {
+            case .createRequest(let c):
+                var w = WatchCreate(key: c.key.bytes, rangeEnd: c.rangeEnd.bytes)
+                w.startRevision = c.startRevision
+                w.progressNotify = c.progressNotify
+                w.noPut = c.filters.contains(.noput)
+                w.noDelete = c.filters.contains(.nodelete)
+                w.prevKV = c.prevKv
+                w.watchID = c.watchID
+                w.fragment = c.fragment
+                hub.create(stream, w)
+            case .cancelRequest(let c):
+                hub.cancel(stream, watchID: c.watchID)
+            case .progressRequest:
+                hub.requestProgress(stream)
+            case .none:
+                break
+            }
+        }
+        call.onDrained = { [unowned self] in hub.streamDrained(stream) }
+        let previous = call.onEnded
+        call.onEnded = { [unowned self] in
+            previous?()
+            hub.closeStream(stream)
+            streams[key] = nil
+        }
+    }
+}
