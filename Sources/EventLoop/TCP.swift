@@ -140,6 +140,18 @@ public final class TCPConnection {
     public func start(delegate: some TCPConnectionDelegate) {
         self.delegate = delegate
         self.owner = delegate
+        resumeReading()
+    }
+
+    /// Stops reading from the socket (the peer's writes then back up in the kernel).
+    public func pauseReading() {
+        guard !isClosed else { return }
+        uv_read_stop(asStream(box.pointer))
+    }
+
+    /// Starts or resumes reading.
+    public func resumeReading() {
+        guard !isClosed else { return }
         uv_read_start(asStream(box.pointer), { handle, _, buf in
             let me = Unmanaged<TCPConnection>.fromOpaque(handle!.pointee.data).takeUnretainedValue()
             buf!.pointee.base = me.readBuffer.assumingMemoryBound(to: CChar.self)

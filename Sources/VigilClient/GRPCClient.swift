@@ -111,6 +111,10 @@ public final class GRPCClientConnection: HTTP2SessionDelegate, TCPConnectionDele
         scheduleFlush()
     }
 
+    /// Stops reading from the socket, as a client that stops consuming would (for tests).
+    public func pauseReading() { tcp.pauseReading() }
+    public func resumeReading() { tcp.resumeReading() }
+
     /// Closes the connection; open calls end with UNAVAILABLE.
     public func close() { tcp.close() }
 

@@ -112,6 +112,33 @@ final class VigilServerCore {
         progressTimer?.unref()
     }
 
+    /// Prometheus text exposition of the server's gauges and counters (etcd's names where one exists).
+    func metricsText() -> String {
+        let hub = services.watch.hub
+        let streams = services.watch.openStreams
+        var out = ""
+        func metric(_ name: String, _ type: String, _ help: String, _ value: some Numeric) {
+            out += "# HELP \(name) \(help)\n# TYPE \(name) \(type)\n\(name) \(value)\n"
+        }
+        metric("etcd_debugging_mvcc_current_revision", "gauge", "The current revision of the store.", store.currentRevision)
+        metric("etcd_debugging_mvcc_compact_revision", "gauge", "The last compaction revision of the store.", store.compactRevision)
+        metric("etcd_debugging_mvcc_keys_total", "gauge", "Total number of keys.", store.liveKeyCount)
+        metric("etcd_mvcc_db_total_size_in_bytes", "gauge", "Total size of the underlying database in bytes.", backend.sizeInUse)
+        metric("etcd_server_quota_backend_bytes", "gauge", "Current backend storage quota size in bytes.", config.effectiveQuota)
+        metric("etcd_debugging_mvcc_watch_stream_total", "gauge", "Total number of watch streams.", hub.streamCount)
+        metric("etcd_debugging_mvcc_watcher_total", "gauge", "Total number of watchers.", hub.watcherCount)
+        metric("etcd_debugging_mvcc_slow_watcher_total", "gauge", "Watchers catching up or parked.", hub.unsyncedCount)
+        metric("etcd_debugging_mvcc_events_total", "counter", "Events sent to watchers.", hub.stats.eventsSent)
+        metric("vigil_watch_responses_total", "counter", "Watch responses sent.", hub.stats.responsesSent)
+        metric("vigil_watch_parked_total", "counter", "Times a watcher was parked because its stream was slow.", hub.stats.parked)
+        metric("vigil_watch_ring_events", "gauge", "Events held by the watch event ring.", hub.ringEvents)
+        metric("vigil_watch_ring_bytes", "gauge", "Approximate bytes held by the watch event ring.", hub.ringBytes)
+        metric("vigil_watch_stream_queued_bytes_max", "gauge", "Largest number of unsent bytes queued on one watch stream.",
+               streams.map(\.queuedBytes).max() ?? 0)
+        metric("vigil_backend_commits_total", "counter", "Group commits made durable.", commits.commits)
+        return out
+    }
+
     func connectionClosed(_ c: ClientConnection) {
         connectionObjects[ObjectIdentifier(c)] = nil
     }
@@ -144,6 +171,9 @@ final class PlainHTTPHandler: HTTP1Handler {
         case "/health":
             guard request.method == "GET" else { return .error(status: 405, grpcCode: 12, message: "Method Not Allowed") }
             return HTTP1Response(status: 200, body: Array(#"{"health":"true"}"#.utf8))
+        case "/metrics":
+            guard request.method == "GET" else { return .error(status: 405, grpcCode: 12, message: "Method Not Allowed") }
+            return HTTP1Response(status: 200, contentType: "text/plain; version=0.0.4", body: Array(core.metricsText().utf8))
         case "/version":
             guard request.method == "GET" else { return .error(status: 405, grpcCode: 12, message: "Method Not Allowed") }
             return HTTP1Response(status: 200, body: Array(#"{"etcdserver":"\#(EtcdServices.serverVersion)","etcdcluster":"3.4.0"}"#.utf8))

@@ -11,7 +11,12 @@ public final class BlockingClient {
     public let loop: EventLoop
     public let connection: GRPCClientConnection
 
+    public let port: Int
+    /// Connections opened with `newConnection()`, closed with this client.
+    private var extra: [GRPCClientConnection] = []
+
     public init(port: Int) throws {
+        self.port = port
         loop = try EventLoop()
         var result: Result<GRPCClientConnection, any Error>?
         GRPCClientConnection.connect(loop: loop, host: "127.0.0.1", port: port) { result = $0 }
@@ -19,8 +24,19 @@ public final class BlockingClient {
         connection = try result!.get()
     }
 
+    /// Another connection on the same loop.
+    public func newConnection() throws -> GRPCClientConnection {
+        var result: Result<GRPCClientConnection, any Error>?
+        GRPCClientConnection.connect(loop: loop, host: "127.0.0.1", port: port) { result = $0 }
+        while result == nil { loop.runOnce() }
+        let c = try result!.get()
+        extra.append(c)
+        return c
+    }
+
     deinit {
         connection.close()
+        for c in extra { c.close() }
         loop.shutdown()
         loop.drain()
     }
@@ -32,8 +48,7 @@ public final class BlockingClient {
         connection.metadata += metadata
         connection.unary(path, request) { result = $0 }
         connection.metadata = saved
-        let deadline = Date().addingTimeInterval(30)
-        while result == nil && Date() < deadline { loop.runOnce() }
+        runUntil { result != nil }
         return result ?? .failure(GRPCStatus(.deadlineExceeded, "test timeout"))
     }
 
@@ -50,6 +65,9 @@ public final class BlockingClient {
     /// Runs the loop until `done()` or the time limit.
     public func runUntil(seconds: Double = 30, _ done: () -> Bool) {
         let deadline = Date().addingTimeInterval(seconds)
+        // A ticking timer so that a quiet loop still comes back to check the deadline.
+        let tick = LoopTimer(loop: loop, timeoutMs: 50, repeatMs: 50) {}
+        defer { tick.cancel() }
         while !done() && Date() < deadline { loop.runOnce() }
     }
 }

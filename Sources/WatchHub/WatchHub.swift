@@ -108,6 +108,8 @@ public final class WatchStream {
     var closed = false
     init(sink: any WatchSink) { self.sink = sink }
     public var watcherCount: Int { watchers.count }
+    /// Bytes sent to this stream's peer and not yet taken by it.
+    public var queuedBytes: Int { sink.queuedBytes }
 }
 
 /// Counters for metrics.
@@ -149,6 +151,13 @@ public final class WatchHub {
         ring = EventRing(maxEvents: config.ringMaxEvents, maxBytes: config.ringMaxBytes)
         delivered = store.committedRevision
     }
+
+    /// Watchers currently unsynced (catching up or parked).
+    public var unsyncedCount: Int { unsynced.count }
+
+    /// Events and bytes held by the ring.
+    public var ringEvents: Int { ring.eventCount }
+    public var ringBytes: Int { ring.bytes }
 
     /// Set when some watcher may be able to catch up (the caller should run `catchUp()` soon).
     public private(set) var catchUpPending = false

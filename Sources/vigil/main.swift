@@ -41,6 +41,13 @@ struct VigilCommand: ParsableCommand {
     @Option(name: .customLong("experimental-watch-progress-notify-interval"),
             help: "Interval of periodic watch progress notifications, e.g. 10m, 5s, 100ms (default 10m).")
     var watchProgressNotifyInterval: String?
+    @Option(name: .customLong("watch-ring-max-events"), help: "Events the watch event ring keeps (default 200000).")
+    var watchRingMaxEvents: Int?
+    @Option(name: .customLong("watch-ring-max-bytes"), help: "Bytes the watch event ring keeps (default 64 MiB).")
+    var watchRingMaxBytes: Int?
+    @Option(name: .customLong("watch-stream-queue-bytes"),
+            help: "Unsent bytes after which a watch stream counts as slow and its watchers are parked (default 1 MiB).")
+    var watchStreamQueueBytes: Int?
     @Flag(name: .customLong("unsafe-no-fsync"), help: "Disables fsync: unsafe, for tests only.")
     var unsafeNoFsync = false
 
@@ -83,6 +90,12 @@ struct VigilCommand: ParsableCommand {
                 throw ValidationError("--experimental-watch-progress-notify-interval must be a duration of at least 100ms")
             }
             c.watchProgressNotifyIntervalMs = ms
+        }
+        if let v = watchRingMaxEvents { guard v > 0 else { throw ValidationError("--watch-ring-max-events must be positive") }; c.watch.ringMaxEvents = v }
+        if let v = watchRingMaxBytes { guard v > 0 else { throw ValidationError("--watch-ring-max-bytes must be positive") }; c.watch.ringMaxBytes = v }
+        if let v = watchStreamQueueBytes {
+            guard v > 0 else { throw ValidationError("--watch-stream-queue-bytes must be positive") }
+            c.watch.streamQueueLimit = v
         }
         c.unsafeNoFsync = unsafeNoFsync || ProcessInfo.processInfo.environment["ETCD_UNSAFE_NO_FSYNC"] == "true"
         _ = try c.listenAddresses()
