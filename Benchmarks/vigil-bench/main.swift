@@ -2,6 +2,8 @@
 // libuv loop. Prints one JSON object with throughput, latency percentiles and errors.
 //
 //   vigil-bench --endpoint 127.0.0.1:2379 --workload put --conns 4 --clients 64 --total 50000
+//   vigil-bench --workload watch --streams 10000 --watch-conns 100 --total 200 --server-pid 1234
+//   vigil-bench --workload watchers --streams 10000 --watchers-per-stream 100 --server-pid 1234
 import ArgumentParser
 import EtcdProto
 import EventLoop
@@ -14,7 +16,7 @@ struct Bench: ParsableCommand {
                                                     abstract: "Load generator for etcd v3 servers.")
 
     @Option(help: "host:port of the server.") var endpoint = "127.0.0.1:2379"
-    @Option(help: "put | range | txn") var workload = "put"
+    @Option(help: "put | range | txn | watch | watchers") var workload = "put"
     @Option(help: "TCP connections.") var conns = 4
     @Option(help: "Requests in flight in total, spread over the connections.") var clients = 64
     @Option(help: "Requests to send.") var total = 20000
@@ -23,9 +25,17 @@ struct Bench: ParsableCommand {
     @Option(help: "Distinct keys (keys are picked in sequence modulo this).") var keySpace = 10000
     @Option(help: "Range consistency: l (linearizable) or s (serializable).") var consistency = "l"
     @Option(help: "Seconds to run at most.") var maxSeconds = 120.0
+    @Option(help: "watch workloads: Watch streams.") var streams = 1000
+    @Option(help: "watch workloads: connections the streams are spread over.") var watchConns = 100
+    @Option(help: "watchers: watchers per stream, each on its own key.") var watchersPerStream = 100
+    @Option(help: "watch: puts per second (0 = one put in flight, as fast as it goes).") var rate = 0.0
+    @Option(help: "watch: extra streams on their own connection that stop reading.") var slowStreams = 0
+    @Option(help: "The server's pid, to read its memory and CPU from /proc.") var serverPid: Int32?
+
+    var port: Int { Int(endpoint.split(separator: ":").last ?? "") ?? 2379 }
 
     func validate() throws {
-        guard ["put", "range", "txn"].contains(workload) else { throw ValidationError("unknown workload \(workload)") }
+        guard ["put", "range", "txn", "watch", "watchers"].contains(workload) else { throw ValidationError("unknown workload \(workload)") }
         guard conns > 0, clients >= conns, total > 0, keySize > 0, keySpace > 0 else {
             throw ValidationError("conns, clients, total, key-size and key-space must be positive (clients ≥ conns)")
         }
@@ -57,6 +67,14 @@ struct Bench: ParsableCommand {
         }
         loop.run()
         if let failedConnect { throw ValidationError("connect: \(failedConnect)") }
+
+        if workload == "watch" || workload == "watchers" {
+            let w = WatchBench(bench: self, loop: loop, connections: connections, probe: ServerProbe(pid: serverPid))
+            let result = workload == "watch" ? try w.runFanout() : try w.runManyWatchers()
+            let data = try JSONSerialization.data(withJSONObject: result, options: [.sortedKeys])
+            print(String(decoding: data, as: UTF8.self))
+            return
+        }
 
         // Prefill keys for read workloads so that ranges find something.
         if workload == "range" {

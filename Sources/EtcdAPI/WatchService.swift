@@ -33,8 +33,8 @@ final class ProtoWatchEncoder: WatchEncoder {
         if raftTerm != 0 { Self.tag(&header, 4, 0); Self.varint(&header, raftTerm) }
         var size = header.count + 12
         for e in events { size += e.count + 6 }
-        var out: [UInt8] = []
-        out.reserveCapacity(size + f.cancelReason.utf8.count + 40)
+        var out: [UInt8] = [0, 0, 0, 0, 0]  // the gRPC message prefix, filled in below
+        out.reserveCapacity(size + f.cancelReason.utf8.count + 45)
         Self.tag(&out, 1, 2); Self.varint(&out, UInt64(header.count)); out += header
         if f.watchID != 0 { Self.tag(&out, 2, 0); Self.varint(&out, UInt64(bitPattern: f.watchID)) }
         if f.created { Self.tag(&out, 3, 0); out.append(1) }
@@ -47,6 +47,8 @@ final class ProtoWatchEncoder: WatchEncoder {
         for e in events {
             Self.tag(&out, 11, 2); Self.varint(&out, UInt64(e.count)); out += e
         }
+        let n = UInt32(out.count - 5)
+        out[1] = UInt8(n >> 24); out[2] = UInt8((n >> 16) & 0xFF); out[3] = UInt8((n >> 8) & 0xFF); out[4] = UInt8(n & 0xFF)
         return out
     }
 
@@ -68,8 +70,9 @@ final class ProtoWatchEncoder: WatchEncoder {
 final class CallSink: WatchSink {
     let call: ServerCall
     init(_ call: ServerCall) { self.call = call }
-    func send(_ message: [UInt8]) { call.send(message) }
+    func send(_ message: [UInt8]) { call.sendFramed(message) }
     var queuedBytes: Int { call.queuedBytes }
+    func notifyWhenDrained() { call.notifyWhenDrained() }
 }
 
 /// The Watch service: one bidirectional stream per call, carrying many watchers.

@@ -82,7 +82,8 @@ public final class ServerCall {
     public var onHalfClose: (() -> Void)?
     /// The call ended without `finish` from us (client cancelled, reset or connection lost).
     public var onCancel: (() -> Void)?
-    /// All queued responses went to the framing layer (the peer's window let them out).
+    /// All queued responses went to the framing layer (the peer's window let them out); called
+    /// once after each `notifyWhenDrained()`.
     public var onDrained: (() -> Void)?
     /// The call ended, either way (kept by the server for deadline timers).
     public var onEnded: (() -> Void)?
@@ -108,8 +109,19 @@ public final class ServerCall {
             c.session.respond(stream, headers: GRPCConnection.responseHeaders, endStream: false)
         }
         // The prefix and the payload go as two chunks, so a payload shared by many calls is not copied here.
-        c.session.send(MessageFramer.prefix(message.count), on: stream)
-        c.session.send(message, on: stream)
+        c.session.send(MessageFramer.prefix(message.count), message, on: stream)
+        c.needsFlush()
+    }
+
+    /// Sends bytes that are already one framed message (length prefix included), as they are:
+    /// for a message shared by many calls.
+    public func sendFramed(_ framed: [UInt8]) {
+        guard !isFinished, let c = connection else { return }
+        if !headersSent {
+            headersSent = true
+            c.session.respond(stream, headers: GRPCConnection.responseHeaders, endStream: false)
+        }
+        c.session.send(framed, on: stream)
         c.needsFlush()
     }
 
@@ -137,6 +149,9 @@ public final class ServerCall {
 
     /// Bytes of responses waiting for the peer's flow-control window.
     public var queuedBytes: Int { connection?.session.queuedBytes(stream) ?? 0 }
+
+    /// Asks for one `onDrained` call once the queued responses have gone out.
+    public func notifyWhenDrained() { connection?.session.notifyWhenDrained(stream) }
 
     /// The peer ended the call before we finished it.
     func markCancelled() {

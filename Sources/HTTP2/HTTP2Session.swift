@@ -48,12 +48,19 @@ public final class HTTP2Session {
         var headers: [HeaderField] = []
         var block: HeaderBlock
     }
-    private struct Outbound {
+    /// A stream's queued body: a class, so that queuing and reading mutate it in place (a struct
+    /// in a dictionary would be copied, chunks and all, on every change).
+    private final class Outbound {
         var chunks: [[UInt8]] = []
+        /// Index of the first chunk not fully sent (chunks before it are dropped in batches).
+        var head = 0
         var offset = 0
         var bytes = 0
         var trailers: [HeaderField]? = nil
         var deferred = false
+        /// Someone wants `streamDrained` when the queue empties.
+        var notifyDrained = false
+        var isEmpty: Bool { head == chunks.count }
     }
     private var inbound: [Int32: Inbound] = [:]
     private var outbound: [Int32: Outbound] = [:]
@@ -202,28 +209,48 @@ public final class HTTP2Session {
 
     /// Queues body bytes on a stream opened by `request` or answered with `respond(endStream: false)`.
     public func send(_ bytes: [UInt8], on stream: Int32) {
-        guard !bytes.isEmpty, var o = outbound[stream] else { return }
+        guard !bytes.isEmpty, let o = outbound[stream] else { return }
         o.bytes += bytes.count
         o.chunks.append(bytes)
         let wasDeferred = o.deferred
         o.deferred = false
-        outbound[stream] = o
         if wasDeferred { nghttp2_session_resume_data(session, stream) }
+    }
+
+    /// Queues two pieces of body bytes (e.g. a prefix and a shared payload) with one lookup.
+    public func send(_ first: [UInt8], _ second: [UInt8], on stream: Int32) {
+        guard let o = outbound[stream] else { return }
+        o.bytes += first.count + second.count
+        o.chunks.append(first)
+        o.chunks.append(second)
+        if o.deferred {
+            o.deferred = false
+            nghttp2_session_resume_data(session, stream)
+        }
     }
 
     /// Ends the stream after the queued body, with trailers if any (empty: END_STREAM on DATA).
     public func finish(_ stream: Int32, trailers: [HeaderField]) {
-        guard var o = outbound[stream] else { return }
+        guard let o = outbound[stream] else { return }
         o.trailers = trailers
         let wasDeferred = o.deferred
         o.deferred = false
-        outbound[stream] = o
         if wasDeferred { nghttp2_session_resume_data(session, stream) }
     }
 
     /// Resets a stream (RST_STREAM) with an HTTP/2 error code.
     public func reset(_ stream: Int32, code: UInt32 = UInt32(NGHTTP2_CANCEL.rawValue)) {
         nghttp2_submit_rst_stream(session, UInt8(NGHTTP2_FLAG_NONE.rawValue), stream, code)
+    }
+
+    /// Asks for one `streamDrained` call once `stream`'s queue has gone out (at once if it is empty).
+    public func notifyWhenDrained(_ stream: Int32) {
+        guard let o = outbound[stream] else { return }
+        if o.isEmpty {
+            delegate?.streamDrained(stream)
+        } else {
+            o.notifyDrained = true
+        }
     }
 
     /// Bytes queued on `stream` that the peer's window has not let out yet.
@@ -236,27 +263,33 @@ public final class HTTP2Session {
 
     private func read(_ sid: Int32, into buf: UnsafeMutablePointer<UInt8>, length: Int,
                       flags: UnsafeMutablePointer<UInt32>) -> Int {
-        guard var o = outbound[sid] else { return Int(NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE.rawValue) }
+        guard let o = outbound[sid] else { return Int(NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE.rawValue) }
         var written = 0
-        while written < length, !o.chunks.isEmpty {
-            let chunk = o.chunks[0]
-            let n = min(length - written, chunk.count - o.offset)
-            chunk.withUnsafeBufferPointer { src in
+        while written < length, !o.isEmpty {
+            let n = o.chunks[o.head].withUnsafeBufferPointer { src in
+                let n = min(length - written, src.count - o.offset)
                 (buf + written).update(from: src.baseAddress! + o.offset, count: n)
+                return n
             }
             written += n
             o.offset += n
-            if o.offset == chunk.count {
-                o.chunks.removeFirst()
+            if o.offset == o.chunks[o.head].count {
+                o.head += 1
                 o.offset = 0
             }
         }
+        if o.isEmpty {
+            o.chunks.removeAll(keepingCapacity: o.chunks.count <= 64)
+            o.head = 0
+        } else if o.head >= 256 {
+            o.chunks.removeFirst(o.head)
+            o.head = 0
+        }
         o.bytes -= written
-        let drained = o.chunks.isEmpty
+        let drained = o.isEmpty
         if drained, let trailers = o.trailers {
             // Empty trailers: end the stream with the last DATA frame.
             flags.pointee |= NGHTTP2_DATA_FLAG_EOF.rawValue
-            outbound[sid] = o
             if !trailers.isEmpty {
                 flags.pointee |= NGHTTP2_DATA_FLAG_NO_END_STREAM.rawValue
                 Self.withNV(trailers) { nva, n in _ = nghttp2_submit_trailer(session, sid, nva, n) }
@@ -265,11 +298,12 @@ public final class HTTP2Session {
         }
         if written == 0 {
             o.deferred = true
-            outbound[sid] = o
             return Int(NGHTTP2_ERR_DEFERRED.rawValue)
         }
-        outbound[sid] = o
-        if drained { delegate?.streamDrained(sid) }
+        if drained && o.notifyDrained {
+            o.notifyDrained = false
+            delegate?.streamDrained(sid)
+        }
         return written
     }
 

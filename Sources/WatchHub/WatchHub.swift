@@ -5,7 +5,9 @@ import MVCC
 public protocol WatchEncoder: AnyObject {
     /// One `mvccpb.Event`.
     func encode(_ event: Event, prevKV: Bool) -> [UInt8]
-    /// One `WatchResponse` whose `events` are the given encoded events.
+    /// One `WatchResponse` whose `events` are the given encoded events, as the bytes to write on the
+    /// stream unchanged (with the transport's framing, e.g. the gRPC length prefix), so that one
+    /// encoding is shared by every stream that receives it.
     func response(_ fields: ResponseFields, events: [[UInt8]]) -> [UInt8]
 }
 
@@ -30,6 +32,12 @@ public protocol WatchSink: AnyObject {
     func send(_ message: [UInt8])
     /// Bytes sent but not yet taken by the peer (its flow-control window).
     var queuedBytes: Int { get }
+    /// Asks for one `WatchHub.streamDrained` call once the queue has gone out.
+    func notifyWhenDrained()
+}
+
+extension WatchSink {
+    public func notifyWhenDrained() {}
 }
 
 /// A watch request, as etcd's WatchCreateRequest after the API layer's conversions.
@@ -64,48 +72,117 @@ public struct WatchHubConfig: Sendable {
     public init() {}
 }
 
-final class Watcher {
-    let id: Int64
-    unowned let stream: WatchStream
+/// All watchers on one [key, end): a single entry in the index however many watchers share it
+/// (thousands of subscribers on one configuration prefix cost one tree node).
+final class WatcherGroup {
     let key: Bytes
     let end: Bytes
-    let noPut: Bool
-    let noDelete: Bool
-    let prevKV: Bool
-    let progressNotify: Bool
-    let fragment: Bool
+    var members: [Watcher] = []
+    var handle: IntervalTree<WatcherGroup>.Handle = -1
+    init(key: Bytes, end: Bytes) {
+        self.key = key
+        self.end = end
+    }
+}
+
+/// One watcher, kept small (56 bytes with its header) because a million of them must fit: options
+/// and state are bits, the range lives in the group.
+final class Watcher {
+    let id: Int64
+    /// The stream outlives its watchers: closing a stream removes every watcher from the hub first.
+    unowned(unsafe) let stream: WatchStream
+    let group: WatcherGroup
     /// The next revision this watcher must receive.
     var nextRev: Int64
-    var synced = false
-    /// Set once the watcher left the hub (canceled, compacted or its stream closed).
-    var removed = false
-    var handle: IntervalTree<Watcher>.Handle = -1
-    var sentSinceProgress = false
-    /// Indices of events matched in the revision being dispatched.
-    var matched: [Int32] = []
+    /// Index in `group.members`.
+    var slot: Int32 = -1
+    private var bits: UInt16
 
-    init(id: Int64, stream: WatchStream, c: WatchCreate, nextRev: Int64) {
+    private static let noPutBit: UInt16 = 1, noDeleteBit: UInt16 = 2, prevKVBit: UInt16 = 4
+    private static let progressBit: UInt16 = 8, fragmentBit: UInt16 = 16, syncedBit: UInt16 = 32
+    private static let removedBit: UInt16 = 64, sentBit: UInt16 = 128
+
+    init(id: Int64, stream: WatchStream, group: WatcherGroup, c: WatchCreate, nextRev: Int64) {
         self.id = id
         self.stream = stream
-        key = c.key
-        end = c.rangeEnd
-        noPut = c.noPut
-        noDelete = c.noDelete
-        prevKV = c.prevKV
-        progressNotify = c.progressNotify
-        fragment = c.fragment
+        self.group = group
         self.nextRev = nextRev
+        var b: UInt16 = 0
+        if c.noPut { b |= Self.noPutBit }
+        if c.noDelete { b |= Self.noDeleteBit }
+        if c.prevKV { b |= Self.prevKVBit }
+        if c.progressNotify { b |= Self.progressBit }
+        if c.fragment { b |= Self.fragmentBit }
+        bits = b
     }
 
-    func wants(_ e: Event) -> Bool { e.kind == .put ? !noPut : !noDelete }
+    private func flag(_ bit: UInt16) -> Bool { bits & bit != 0 }
+    private func set(_ bit: UInt16, _ on: Bool) { if on { bits |= bit } else { bits &= ~bit } }
+
+    var prevKV: Bool { flag(Self.prevKVBit) }
+    var progressNotify: Bool { flag(Self.progressBit) }
+    var fragment: Bool { flag(Self.fragmentBit) }
+    /// Has everything up to the delivered revision and gets each new one as it is delivered.
+    var synced: Bool { get { flag(Self.syncedBit) } set { set(Self.syncedBit, newValue) } }
+    /// Left the hub (canceled, compacted or its stream closed).
+    var removed: Bool { get { flag(Self.removedBit) } set { set(Self.removedBit, newValue) } }
+    var sentSinceProgress: Bool { get { flag(Self.sentBit) } set { set(Self.sentBit, newValue) } }
+
+    func wants(_ e: Event) -> Bool { e.kind == .put ? !flag(Self.noPutBit) : !flag(Self.noDeleteBit) }
+}
+
+/// A stream's watchers by id: ids the hub assigns are small and dense (0, 1, 2, …) and live in an
+/// array; ids a client picks far from that go to a dictionary.
+struct WatcherTable {
+    private var dense: [Watcher?] = []
+    private var sparse: [Int64: Watcher] = [:]
+    private(set) var count = 0
+
+    subscript(id: Int64) -> Watcher? {
+        if id >= 0 && id < Int64(dense.count) { return dense[Int(id)] }
+        return sparse[id]
+    }
+
+    mutating func insert(_ w: Watcher) {
+        count += 1
+        if w.id >= 0 && w.id <= Int64(dense.count) && w.id < 1 << 24 {
+            if w.id == Int64(dense.count) { dense.append(w) } else { dense[Int(w.id)] = w }
+        } else {
+            sparse[w.id] = w
+        }
+    }
+
+    @discardableResult mutating func remove(_ id: Int64) -> Watcher? {
+        let w: Watcher?
+        if id >= 0 && id < Int64(dense.count) {
+            w = dense[Int(id)]
+            dense[Int(id)] = nil
+        } else {
+            w = sparse.removeValue(forKey: id)
+        }
+        if w != nil { count -= 1 }
+        return w
+    }
+
+    var isEmpty: Bool { count == 0 }
+
+    var all: [Watcher] { dense.compactMap { $0 } + sparse.values }
+
+    mutating func removeAll() {
+        dense = []
+        sparse = [:]
+        count = 0
+    }
 }
 
 /// One watch stream: many watchers sharing one sink.
 public final class WatchStream {
     let sink: any WatchSink
-    var watchers: [Int64: Watcher] = [:]
+    var watchers = WatcherTable()
     var nextID: Int64 = 0
     var closed = false
+    /// How many of this stream's watchers are unsynced.
+    var unsyncedCount = 0
     init(sink: any WatchSink) { self.sink = sink }
     public var watcherCount: Int { watchers.count }
     /// Bytes sent to this stream's peer and not yet taken by it.
@@ -137,8 +214,9 @@ public final class WatchHub {
     private var ring: EventRing
     /// Every revision up to this one has been delivered to synced watchers.
     public private(set) var delivered: Int64
-    private var singles: [Bytes: [Watcher]] = [:]
-    private var ranges = IntervalTree<Watcher>()
+    private var singles: [Bytes: WatcherGroup] = [:]
+    private var rangeGroups: [RangeKey: WatcherGroup] = [:]
+    private var ranges = IntervalTree<WatcherGroup>()
     private var unsynced: [ObjectIdentifier: Watcher] = [:]
     public private(set) var stats = WatchHubStats()
     public private(set) var watcherCount = 0
@@ -164,7 +242,7 @@ public final class WatchHub {
 
     /// A stream drained: its parked watchers may resume.
     public func streamDrained(_ s: WatchStream) {
-        if s.watchers.values.contains(where: { !$0.synced }) { catchUpPending = true }
+        if s.unsyncedCount > 0 { catchUpPending = true }
     }
 
     // MARK: Streams
@@ -179,7 +257,7 @@ public final class WatchHub {
         guard !s.closed else { return }
         s.closed = true
         streamCount -= 1
-        for w in s.watchers.values { unindex(w) }
+        for w in s.watchers.all { unindex(w) }
         s.watchers.removeAll()
     }
 
@@ -217,35 +295,52 @@ public final class WatchHub {
             s.nextID += 1
         }
         let start = c.startRevision == 0 ? delivered + 1 : c.startRevision
-        let w = Watcher(id: id, stream: s, c: c, nextRev: start)
-        s.watchers[id] = w
-        watcherCount += 1
         var f = ResponseFields(headerRevision: delivered, watchID: id)
         f.created = true
         send(s, f)
         if c.startRevision > 0 && c.startRevision < store.compactRevision {
             // Created, then canceled with the compact revision, as etcd answers.
-            s.watchers[id] = nil
-            watcherCount -= 1
             sendCompacted(s, id)
             return
         }
-        if c.rangeEnd.isEmpty {
-            singles[c.key, default: []].append(w)
-        } else {
-            w.handle = ranges.insert(low: c.key, high: c.rangeEnd == [0] ? nil : c.rangeEnd, w)
-        }
+        let w = Watcher(id: id, stream: s, group: group(c.key, c.rangeEnd), c: c, nextRev: start)
+        s.watchers.insert(w)
+        watcherCount += 1
+        w.slot = Int32(w.group.members.count)
+        w.group.members.append(w)
         if start <= delivered {
             unsynced[ObjectIdentifier(w)] = w
+            s.unsyncedCount += 1
             catchUpPending = true
         } else {
             w.synced = true  // possibly in the future: revisions below nextRev are skipped
         }
     }
 
+    private struct RangeKey: Hashable {
+        var key: Bytes
+        var end: Bytes
+    }
+
+    /// The group of [key, end), made and indexed on first use.
+    private func group(_ key: Bytes, _ end: Bytes) -> WatcherGroup {
+        if end.isEmpty {
+            if let g = singles[key] { return g }
+            let g = WatcherGroup(key: key, end: end)
+            singles[key] = g
+            return g
+        }
+        let rk = RangeKey(key: key, end: end)
+        if let g = rangeGroups[rk] { return g }
+        let g = WatcherGroup(key: key, end: end)
+        g.handle = ranges.insert(low: key, high: end == [0] ? nil : end, g)
+        rangeGroups[rk] = g
+        return g
+    }
+
     /// Cancels a watcher; unknown ids get no answer.
     public func cancel(_ s: WatchStream, watchID: Int64) {
-        guard let w = s.watchers.removeValue(forKey: watchID) else { return }
+        guard let w = s.watchers.remove(watchID) else { return }
         unindex(w)
         var f = ResponseFields(headerRevision: delivered, watchID: watchID)
         f.canceled = true
@@ -255,7 +350,8 @@ public final class WatchHub {
     /// Answers a progress request with `watch_id -1` at the delivered revision, ordered after the
     /// events already queued, if every watcher of the stream is synced.
     public func requestProgress(_ s: WatchStream) {
-        guard !s.watchers.isEmpty, s.watchers.values.allSatisfy({ $0.synced && $0.nextRev <= delivered + 1 }) else { return }
+        guard !s.watchers.isEmpty, s.unsyncedCount == 0,
+              s.watchers.all.allSatisfy({ $0.nextRev <= delivered + 1 }) else { return }
         send(s, ResponseFields(headerRevision: delivered, watchID: -1))
     }
 
@@ -263,7 +359,7 @@ public final class WatchHub {
     /// nothing since the last tick gets an empty response at the delivered revision.
     public func progressTick(streams: [WatchStream]) {
         for s in streams where !s.closed {
-            for w in s.watchers.values where w.progressNotify {
+            for w in s.watchers.all where w.progressNotify {
                 if w.synced && w.nextRev <= delivered + 1 && !w.sentSinceProgress {
                     send(s, ResponseFields(headerRevision: delivered, watchID: w.id))
                 }
@@ -276,15 +372,27 @@ public final class WatchHub {
         guard !w.removed else { return }
         w.removed = true
         watcherCount -= 1
-        unsynced[ObjectIdentifier(w)] = nil
-        if w.end.isEmpty {
-            if var list = singles[w.key] {
-                list.removeAll { $0 === w }
-                singles[w.key] = list.isEmpty ? nil : list
-            }
-        } else {
-            ranges.remove(w.handle)
+        if unsynced.removeValue(forKey: ObjectIdentifier(w)) != nil { w.stream.unsyncedCount -= 1 }
+        let g = w.group
+        let slot = Int(w.slot)
+        let last = g.members.removeLast()
+        if last !== w {
+            g.members[slot] = last
+            last.slot = Int32(slot)
         }
+        if g.members.isEmpty {
+            if g.end.isEmpty {
+                singles[g.key] = nil
+            } else {
+                ranges.remove(g.handle)
+                rangeGroups[RangeKey(key: g.key, end: g.end)] = nil
+            }
+        }
+    }
+
+    private func markSynced(_ w: Watcher) {
+        w.synced = true
+        if unsynced.removeValue(forKey: ObjectIdentifier(w)) != nil { w.stream.unsyncedCount -= 1 }
     }
 
     // MARK: Events
@@ -311,54 +419,79 @@ public final class WatchHub {
         var matched: [Int32]
     }
 
-    private func dispatch(_ entry: RevisionEvents) {
-        var touched: [Watcher] = []
-        for (i, e) in entry.events.enumerated() {
-            let idx = Int32(i)
-            if let list = singles[e.kv.key] {
-                for w in list {
-                    if w.matched.isEmpty { touched.append(w) }
-                    w.matched.append(idx)
-                }
-            }
-            ranges.stab(e.kv.key) { w in
-                if w.matched.isEmpty { touched.append(w) }
-                w.matched.append(idx)
-            }
-        }
-        // Watchers on different streams with the same id, options and matches get the very same bytes.
+    /// Remembers the last response built during one dispatch, so that watchers with the same id,
+    /// options and matches (typical of many subscribers to one prefix) share the very same bytes.
+    private struct ResponseMemo {
         var cache: [ResponseKey: [UInt8]] = [:]
-        for w in touched {
-            let matched = w.matched
-            w.matched.removeAll(keepingCapacity: true)
-            guard w.synced, !w.removed, entry.revision >= w.nextRev else { continue }
-            let wanted = matched.filter { w.wants(entry.events[Int($0)]) }
-            if wanted.isEmpty { continue }
-            if w.stream.sink.queuedBytes > config.streamQueueLimit {
-                park(w, at: entry.revision)
-                continue
-            }
-            let key = ResponseKey(watchID: w.id, prevKV: w.prevKV, fragment: w.fragment, matched: wanted)
-            if let bytes = cache[key] {
-                w.stream.sink.send(bytes)
-                stats.responsesSent += 1
-                stats.eventsSent += wanted.count
-            } else {
-                let events = wanted.map { entry.encoding(Int($0), prevKV: w.prevKV, encoder) }
-                let fields = ResponseFields(headerRevision: entry.revision, watchID: w.id)
-                if w.fragment {
-                    sendFragmented(w.stream, fields, events)
-                } else {
-                    let bytes = encoder.response(fields, events: events)
-                    cache[key] = bytes
-                    w.stream.sink.send(bytes)
-                    stats.responsesSent += 1
-                    stats.eventsSent += events.count
+        var lastKey: ResponseKey?
+        var lastBytes: [UInt8] = []
+    }
+
+    private static let firstEvent: [Int32] = [0]
+
+    private func dispatch(_ entry: RevisionEvents) {
+        var memo = ResponseMemo()
+        if entry.events.count == 1 {
+            // One event (a put or a delete): each matching group once, each member once.
+            let key = entry.events[0].kv.key
+            if let g = singles[key] { for w in g.members { deliver(w, entry, Self.firstEvent, &memo) } }
+            ranges.stab(key) { g in for w in g.members { deliver(w, entry, Self.firstEvent, &memo) } }
+            return
+        }
+        // Several events (a txn, a lease revoke, a range delete): gather each watcher's matches.
+        var order: [Watcher] = []
+        var matches: [ObjectIdentifier: [Int32]] = [:]
+        for (i, e) in entry.events.enumerated() {
+            func match(_ g: WatcherGroup) {
+                for w in g.members {
+                    let id = ObjectIdentifier(w)
+                    if matches[id] == nil { order.append(w) }
+                    matches[id, default: []].append(Int32(i))
                 }
             }
-            w.sentSinceProgress = true
-            w.nextRev = entry.revision + 1
+            if let g = singles[e.kv.key] { match(g) }
+            ranges.stab(e.kv.key, match)
         }
+        for w in order { deliver(w, entry, matches[ObjectIdentifier(w)]!, &memo) }
+    }
+
+    /// Sends `w` the events of `entry` at `matched` that it wants, or parks it if its stream is full.
+    private func deliver(_ w: Watcher, _ entry: RevisionEvents, _ matched: [Int32], _ memo: inout ResponseMemo) {
+        guard w.synced, !w.removed, entry.revision >= w.nextRev else { return }
+        let wanted: [Int32]
+        if matched.count == 1 {
+            guard w.wants(entry.events[Int(matched[0])]) else { return }
+            wanted = matched
+        } else {
+            wanted = matched.filter { w.wants(entry.events[Int($0)]) }
+            if wanted.isEmpty { return }
+        }
+        if w.stream.sink.queuedBytes > config.streamQueueLimit {
+            park(w, at: entry.revision)
+            return
+        }
+        if w.fragment {
+            let events = wanted.map { entry.encoding(Int($0), prevKV: w.prevKV, encoder) }
+            sendFragmented(w.stream, ResponseFields(headerRevision: entry.revision, watchID: w.id), events)
+        } else {
+            let key = ResponseKey(watchID: w.id, prevKV: w.prevKV, fragment: false, matched: wanted)
+            if key != memo.lastKey {
+                if let bytes = memo.cache[key] {
+                    memo.lastBytes = bytes
+                } else {
+                    let events = wanted.map { entry.encoding(Int($0), prevKV: w.prevKV, encoder) }
+                    memo.lastBytes = encoder.response(ResponseFields(headerRevision: entry.revision, watchID: w.id),
+                                                      events: events)
+                    memo.cache[key] = memo.lastBytes
+                }
+                memo.lastKey = key
+            }
+            w.stream.sink.send(memo.lastBytes)
+            stats.responsesSent += 1
+            stats.eventsSent += wanted.count
+        }
+        w.sentSinceProgress = true
+        w.nextRev = entry.revision + 1
     }
 
     /// `{watch_id, compact_revision, canceled}` with header revision 0, as etcd sends it.
@@ -373,6 +506,8 @@ public final class WatchHub {
         w.synced = false
         w.nextRev = revision
         unsynced[ObjectIdentifier(w)] = w
+        w.stream.unsyncedCount += 1
+        w.stream.sink.notifyWhenDrained()
         stats.parked += 1
     }
 
@@ -418,14 +553,19 @@ public final class WatchHub {
                 step(w)
             }
             // More to do and room to send: come back next turn. A full stream waits for its drain.
-            if !w.synced, !w.removed, w.stream.sink.queuedBytes <= config.streamQueueLimit { catchUpPending = true }
+            if !w.synced, !w.removed {
+                if w.stream.sink.queuedBytes <= config.streamQueueLimit {
+                    catchUpPending = true
+                } else {
+                    w.stream.sink.notifyWhenDrained()
+                }
+            }
         }
     }
 
     private func step(_ w: Watcher) {
         if w.nextRev > delivered {
-            w.synced = true
-            unsynced[ObjectIdentifier(w)] = nil
+            markSynced(w)
             return
         }
         var events: [[UInt8]] = []
@@ -434,7 +574,7 @@ public final class WatchHub {
         if let oldest = ring.oldestRevision, w.nextRev >= oldest {
             ring.forEach(from: w.nextRev) { entry in
                 guard entry.revision <= delivered else { return false }
-                for (i, e) in entry.events.enumerated() where KeyRange.contains(e.kv.key, key: w.key, end: w.end) && w.wants(e) {
+                for (i, e) in entry.events.enumerated() where KeyRange.contains(e.kv.key, key: w.group.key, end: w.group.end) && w.wants(e) {
                     let enc = entry.encoding(i, prevKV: w.prevKV, encoder)
                     events.append(enc)
                     bytes += enc.count
@@ -446,13 +586,13 @@ public final class WatchHub {
         } else {
             if store.compactRevision > 0 && w.nextRev < store.compactRevision {
                 sendCompacted(w.stream, w.id)
-                w.stream.watchers[w.id] = nil
+                w.stream.watchers.remove(w.id)
                 unindex(w)
                 return
             }
             stats.storeCatchUps += 1
             let to = min(delivered, w.nextRev + Int64(config.catchUpRevisions) - 1, (ring.oldestRevision ?? Int64.max) - 1)
-            for (_, e) in store.events(w.key, w.end, from: w.nextRev, to: to) where w.wants(e) {
+            for (_, e) in store.events(w.group.key, w.group.end, from: w.nextRev, to: to) where w.wants(e) {
                 events.append(encoder.encode(e, prevKV: w.prevKV))
             }
             last = to
@@ -463,9 +603,6 @@ public final class WatchHub {
             w.sentSinceProgress = true
         }
         w.nextRev = last + 1
-        if w.nextRev > delivered {
-            w.synced = true
-            unsynced[ObjectIdentifier(w)] = nil
-        }
+        if w.nextRev > delivered { markSynced(w) }
     }
 }
