@@ -58,6 +58,10 @@ let package = Package(
         // Examples (each runnable, with a README).
         .executableTarget(name: "EmbeddedExample", dependencies: ["VigilServer"], path: "Examples/embedded",
                           exclude: ["README.md"]),
+        .executableTarget(name: "ConfigPushExample",
+                          dependencies: ["VigilServer", "VigilClient", "EventLoop", "GRPC", "EtcdProto",
+                                         .product(name: "ArgumentParser", package: "swift-argument-parser")],
+                          path: "Examples/config-push", exclude: ["README.md"]),
 
         .testTarget(name: "MVCCTests", dependencies: ["MVCC"]),
         .testTarget(name: "WatchHubTests", dependencies: ["WatchHub", "IntervalTree", "MVCC"]),

@@ -10,6 +10,13 @@ ratio Vigil/etcd.
   scripts/bench-vs-etcd.py put range-l range-s txn           # default workloads, a few minutes
   scripts/bench-vs-etcd.py --rounds 3 --total 50000 put
   scripts/bench-vs-etcd.py --markdown put >> Benchmarks/RESULTS.md
+  scripts/bench-vs-etcd.py --markdown watch watch-slow watchers  # the watch hub (issue 4)
+
+The watch workloads (fresh servers for each round, one round by default):
+  watch       10,000 streams on one prefix over 100 connections, one writer putting --watch-puts keys
+  watch-slow  the same plus one stream that stops reading (its connection paused)
+  watchers    1,000,000 watchers (10,000 streams x 100 distinct keys): memory per watcher, and
+              server CPU per put with 10,000 watchers and with 1,000,000
 
 Needs: the Debian package etcd-server (installed if missing), a release build of vigil and vigil-bench.
 """
@@ -101,6 +108,45 @@ def run_bench(bench_bin, server, workload, extra):
     return r
 
 
+WATCH_WORKLOADS = {
+    "watch": ["--workload", "watch", "--streams", "10000", "--watch-conns", "100"],
+    "watch-slow": ["--workload", "watch", "--streams", "10000", "--watch-conns", "100", "--slow-streams", "1"],
+    "watchers": ["--workload", "watchers", "--streams", "10000", "--watch-conns", "100",
+                 "--watchers-per-stream", "100", "--total", "2000"],
+}
+
+WATCH_COLUMNS = {
+    "watch": [("events_per_s", "events/s", "{:.0f}"), ("p50_ms", "put→event p50 ms", "{:.1f}"),
+              ("p99_ms", "p99 ms", "{:.1f}"), ("cpu_s_per_million_events", "CPU s/M events", "{:.2f}"),
+              ("bytes_per_stream", "B/stream", "{:.0f}"), ("lost", "lost", "{}"), ("reordered", "reordered", "{}"),
+              ("duplicated", "dup", "{}"), ("rss_end_kib", "RSS end KiB", "{}")],
+    "watchers": [("bytes_per_watcher", "B/watcher", "{:.0f}"), ("few_cpu_us_per_put", "CPU µs/put 10k", "{:.0f}"),
+                 ("many_cpu_us_per_put", "CPU µs/put 1M", "{:.0f}"), ("few_p99_ms", "p99 ms 10k", "{:.2f}"),
+                 ("many_p99_ms", "p99 ms 1M", "{:.2f}"), ("rss_many_kib", "RSS KiB", "{}")],
+}
+
+
+def run_watch(bench_bin, vigil_bin, workload, a):
+    """One watch workload against fresh servers, each alone on the machine in turn."""
+    out = {}
+    for k in ("etcd", "vigil"):
+        runs = []
+        for _ in range(a.watch_rounds):
+            server = Server(k, vigil_bin)
+            try:
+                extra = ["--total", str(a.watch_puts)] if workload != "watchers" else []
+                cmd = [bench_bin, "--endpoint", f"127.0.0.1:{server.port}", "--conns", "1", "--clients", "1",
+                       "--max-seconds", "600", "--server-pid", str(server.proc.pid)] + WATCH_WORKLOADS[workload] + extra
+                res = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=1800).stdout
+                runs.append(json.loads(res.strip().splitlines()[-1]))
+            finally:
+                server.stop()
+        key = "watchers" if workload == "watchers" else "watch"
+        out[k] = {f: statistics.median(r[f] for r in runs) for f, _, _ in WATCH_COLUMNS[key]}
+    print(json.dumps({"workload": workload, **out}), file=sys.stderr)
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("workloads", nargs="*", default=["put", "range-l", "range-s", "txn"])
@@ -111,6 +157,8 @@ def main():
     ap.add_argument("--val-size", type=int, default=256)
     ap.add_argument("--markdown", action="store_true", help="print a Markdown table")
     ap.add_argument("--no-build", action="store_true")
+    ap.add_argument("--watch-rounds", type=int, default=1)
+    ap.add_argument("--watch-puts", type=int, default=200)
     a = ap.parse_args()
 
     if not shutil.which("etcd"):
@@ -122,6 +170,17 @@ def main():
     bench_bin = os.path.join(ROOT, ".build/release/vigil-bench")
     extra = ["--total", str(a.total), "--conns", str(a.conns), "--clients", str(a.clients),
              "--val-size", str(a.val_size)]
+
+    watch = [w for w in a.workloads if w in WATCH_WORKLOADS]
+    for w in watch:
+        out = run_watch(bench_bin, vigil_bin, w, a)
+        cols = WATCH_COLUMNS["watchers" if w == "watchers" else "watch"]
+        header = ["workload", "server"] + [c[1] for c in cols]
+        lines = [[w, k] + [fmt.format(out[k][f]) for f, _, fmt in cols] for k in ("vigil", "etcd")]
+        lines.append([w, "vigil/etcd"] + ["{:.2f}x".format(out["vigil"][f] / out["etcd"][f]) if out["etcd"][f] else "-"
+                                          for f, _, _ in cols])
+        print_table(header, lines, a.markdown)
+    a.workloads = [w for w in a.workloads if w not in WATCH_WORKLOADS]
 
     rows = []
     for w in a.workloads:
@@ -161,7 +220,12 @@ def main():
             e = s["etcd"][f]
             ratio.append("{:.2f}x".format(s["vigil"][f] / e) if e else "-")
         lines.append([w, "vigil/etcd"] + ratio)
-    if a.markdown:
+    if rows:
+        print_table(header, lines, a.markdown)
+
+
+def print_table(header, lines, markdown):
+    if markdown:
         print("| " + " | ".join(header) + " |")
         print("|" + "---|" * len(header))
         for l in lines:

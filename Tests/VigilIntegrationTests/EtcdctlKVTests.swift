@@ -193,4 +193,13 @@ func b64(_ s: String) -> String { Data(s.utf8).base64EncodedString() }
         #expect(r.stdout.contains("get greeting = hello from an embedded vigil"))
         #expect(r.stdout.contains("stopped cleanly"))
     }
+
+    @Test func configPushSubscribersResumeAfterReconnect() throws {
+        let dir = URL(fileURLWithPath: try vigilBinary()).deletingLastPathComponent()
+        let r = try runCommand(dir.appendingPathComponent("ConfigPushExample").path,
+                               ["--subscribers", "60", "--changes", "300", "--keys", "20"], timeout: 120)
+        #expect(r.status == 0, "\(r.stdout)\(r.stderr)")
+        #expect(r.stdout.contains("60/60 subscribers match the server"))
+        #expect(r.stdout.contains("resumed after reconnect: 20/20"))
+    }
 }
