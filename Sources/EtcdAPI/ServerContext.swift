@@ -37,6 +37,9 @@ public struct Limits: Sendable {
 public protocol CommitGate: AnyObject {
     /// Runs `body` on the loop once every revision up to `revision` is durable (at once if it is).
     func whenDurable(_ revision: Int64, _ body: @escaping () -> Void)
+    /// Runs `body` on the loop once everything written so far, revisions or not (e.g. lease
+    /// records), is durable.
+    func whenFlushed(_ body: @escaping () -> Void)
     /// Called after each write transaction that changed something (event fan-out hooks here).
     func published(_ events: [Event], revision: Int64)
 }

@@ -10,15 +10,24 @@ public final class EtcdServices {
     public let context: ServerContext
     public let kv: KVService
     public let watch: WatchService
+    public let lessor: Lessor
     private var routes: [String: (ServerCall) -> Void] = [:]
     /// Server version reported by Status.
     public static let serverVersion = "3.4.23"
 
-    public init(context: ServerContext, watchConfig: WatchHubConfig = WatchHubConfig()) {
+    /// - Parameters:
+    ///   - meta: the backend's meta entries (persisted leases are restored from them).
+    ///   - now: the loop's clock in milliseconds (lease expiry).
+    public init(context: ServerContext, watchConfig: WatchHubConfig = WatchHubConfig(), meta: [String: Int64] = [:],
+                now: @escaping () -> UInt64 = { DispatchTime.now().uptimeNanoseconds / 1_000_000 }) {
         self.context = context
         self.kv = KVService(context: context)
         self.watch = WatchService(context: context, config: watchConfig)
+        let lessor = Lessor(context: context, meta: meta, now: now)
+        self.lessor = lessor
+        context.leaseExists = { lessor.exists($0) }
         registerKV()
+        registerLease()
         let watch = self.watch
         routes["/etcdserverpb.Watch/Watch"] = { call in watch.handle(call) }
         registerMaintenanceAndCluster()
@@ -83,6 +92,65 @@ public final class EtcdServices {
             } else {
                 reply.ok(resp)
             }
+        }
+    }
+
+    private func registerLease() {
+        let ctx = context
+        let lessor = self.lessor
+        unary("/etcdserverpb.Lease/LeaseGrant") { (r: Etcdserverpb_LeaseGrantRequest, _, reply: Reply<Etcdserverpb_LeaseGrantResponse>) throws(EtcdError) in
+            let (id, ttl) = try lessor.grant(id: r.id, ttl: r.ttl)
+            var resp = Etcdserverpb_LeaseGrantResponse()
+            resp.id = id
+            resp.ttl = ttl
+            resp.header = ctx.header(ctx.store.currentRevision)
+            ctx.gate.whenFlushed { reply.ok(resp) }
+        }
+        let revoke = { (r: Etcdserverpb_LeaseRevokeRequest, _: Int, reply: Reply<Etcdserverpb_LeaseRevokeResponse>) throws(EtcdError) in
+            let rev = try lessor.revoke(r.id)
+            var resp = Etcdserverpb_LeaseRevokeResponse()
+            resp.header = ctx.header(rev)
+            ctx.gate.whenFlushed { reply.ok(resp) }
+        }
+        unary("/etcdserverpb.Lease/LeaseRevoke", revoke)
+        unary("/etcdserverpb.Lease/LeaseTimeToLive") { (r: Etcdserverpb_LeaseTimeToLiveRequest, _, reply: Reply<Etcdserverpb_LeaseTimeToLiveResponse>) in
+            var resp = Etcdserverpb_LeaseTimeToLiveResponse()
+            resp.header = ctx.header(ctx.store.committedRevision)
+            resp.id = r.id
+            if let t = lessor.timeToLive(r.id) {
+                resp.ttl = t.remaining
+                resp.grantedTtl = t.granted
+                if r.keys { resp.keys = t.keys.map { Data($0) } }
+            } else {
+                resp.ttl = -1
+            }
+            reply.ok(resp)
+        }
+        unary("/etcdserverpb.Lease/LeaseLeases") { (_: Etcdserverpb_LeaseLeasesRequest, _, reply: Reply<Etcdserverpb_LeaseLeasesResponse>) in
+            var resp = Etcdserverpb_LeaseLeasesResponse()
+            resp.header = ctx.header(ctx.store.committedRevision)
+            resp.leases = lessor.all().map { id in
+                var s = Etcdserverpb_LeaseStatus()
+                s.id = id
+                return s
+            }
+            reply.ok(resp)
+        }
+        // A bidirectional stream: each request renews one lease and is answered with its TTL
+        // (0 when the lease is unknown or expired, which is not an error).
+        routes["/etcdserverpb.Lease/LeaseKeepAlive"] = { call in
+            call.onMessage = { [unowned call] bytes in
+                guard let r = try? Etcdserverpb_LeaseKeepAliveRequest(serializedBytes: bytes) else {
+                    call.finish(GRPCStatus(.internal, "grpc: error unmarshalling request"))
+                    return
+                }
+                var resp = Etcdserverpb_LeaseKeepAliveResponse()
+                resp.id = r.id
+                resp.ttl = lessor.renew(r.id)
+                resp.header = ctx.header(ctx.store.committedRevision)
+                if let bytes: [UInt8] = try? resp.serializedBytes() { call.send(bytes) }
+            }
+            call.onHalfClose = { [unowned call] in call.finish(.ok) }
         }
     }
 

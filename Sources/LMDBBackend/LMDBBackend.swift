@@ -111,6 +111,14 @@ public final class LMDBBackend: Backend, @unchecked Sendable {
                 let u = UInt64(bitPattern: value)
                 try put(txn, metaDB, Array(name.utf8), (0..<8).map { UInt8((u >> (56 - 8 * UInt64($0))) & 0xFF) })
             }
+            for name in batch.removedMeta {
+                var kb = Array(name.utf8)
+                let rc = kb.withUnsafeMutableBytes { kp -> Int32 in
+                    var k = MDB_val(mv_size: kp.count, mv_data: kp.baseAddress)
+                    return mdb_del(txn, metaDB, &k, nil)
+                }
+                if rc != 0 && rc != MDB_NOTFOUND { throw LMDBError(code: rc) }
+            }
             try check(mdb_txn_commit(txn))
         } catch {
             mdb_txn_abort(txn)

@@ -15,9 +15,11 @@ public struct WriteBatch: Sendable {
     public var records: [Record] = []
     public var removed: [Revision] = []
     public var meta: [String: Int64] = [:]
+    /// Meta entries to delete (after `meta` is applied).
+    public var removedMeta: [String] = []
     /// The store revision this batch makes durable.
     public var revision: Int64 = 0
-    public var isEmpty: Bool { records.isEmpty && removed.isEmpty && meta.isEmpty }
+    public var isEmpty: Bool { records.isEmpty && removed.isEmpty && meta.isEmpty && removedMeta.isEmpty }
     public init() {}
 }
 
@@ -243,6 +245,21 @@ public final class KVStore {
         }
         pending.meta[MetaKey.compactRevision] = revision
     }
+
+    /// Records a meta entry (e.g. a lease) in the next group commit.
+    public func setMeta(_ name: String, _ value: Int64) {
+        pending.removedMeta.removeAll { $0 == name }
+        pending.meta[name] = value
+    }
+
+    /// Deletes a meta entry in the next group commit.
+    public func removeMeta(_ name: String) {
+        pending.meta[name] = nil
+        pending.removedMeta.append(name)
+    }
+
+    /// Whether something is waiting for the next group commit.
+    public var hasPending: Bool { !pending.isEmpty }
 
     /// Hands over everything written since the last call, for one group commit.
     public func takeBatch() -> WriteBatch? {

@@ -39,6 +39,20 @@ final class CommitCoordinator: CommitGate {
         }
     }
 
+    /// Group commits handed to the backend, and finished.
+    private var batchesTaken = 0
+    private var batchesDone = 0
+    private var flushWaiters: [(batch: Int, body: () -> Void)] = []
+
+    func whenFlushed(_ body: @escaping () -> Void) {
+        let target = store.hasPending ? batchesTaken + 1 : batchesTaken
+        if target <= batchesDone && flushWaiters.isEmpty {
+            body()
+        } else {
+            flushWaiters.append((target, body))
+        }
+    }
+
     func published(_ events: [Event], revision: Int64) {
         for hook in onPublish { hook(events, revision) }
     }
@@ -46,6 +60,7 @@ final class CommitCoordinator: CommitGate {
     private func startCommitIfNeeded() {
         guard !inFlight, let batch = store.takeBatch() else { return }
         inFlight = true
+        batchesTaken += 1
         let backend = self.backend
         var failure: (any Error)?
         let started = loop.nowMilliseconds
@@ -61,9 +76,15 @@ final class CommitCoordinator: CommitGate {
             commits += 1
             let took = loop.nowMilliseconds - started
             if took > 1000 { logger.warning("slow fsync", metadata: ["took_ms": "\(took)"]) }
+            batchesDone += 1
             store.markCommitted(batch.revision)
             for hook in onCommitted { hook(store.committedRevision) }
             releaseWaiters()
+            let ready = flushWaiters.prefix { $0.batch <= batchesDone }
+            if !ready.isEmpty {
+                flushWaiters.removeFirst(ready.count)
+                for w in ready { w.body() }
+            }
             startCommitIfNeeded()
         })
     }

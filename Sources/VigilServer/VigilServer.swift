@@ -47,8 +47,10 @@ final class VigilServerCore {
         ctx.dbSize = { Int64(backend.sizeInUse) }
         var watchConfig = config.watch
         watchConfig.fragmentBytes = config.limits.maxReceiveMessageBytes
-        services = EtcdServices(context: ctx, watchConfig: watchConfig)
+        services = EtcdServices(context: ctx, watchConfig: watchConfig, meta: meta, now: { loop.nowMilliseconds })
         let hub = services.watch.hub
+        let lessor = services.lessor
+        commits.onPublish.append { events, _ in lessor.observe(events) }
         commits.onPublish.append { events, revision in hub.publish(events, revision: revision) }
         commits.onCommitted.append { revision in hub.advance(to: revision) }
         loop.addBeforeSleep { [unowned self] in catchUpWatchers() }
@@ -88,6 +90,23 @@ final class VigilServerCore {
 
     private var catchUpTimer: LoopTimer?
     private var progressTimer: LoopTimer?
+    private var leaseTimer: LoopTimer?
+    private var leaseBacklogTimer: LoopTimer?
+
+    /// Lease expiry: every 100 ms, revoke expired leases a bounded batch at a time; while a backlog
+    /// remains (a mass expiry), the next batch runs on the next loop turn so requests interleave.
+    func startLeaseTimer() {
+        leaseTimer = LoopTimer(loop: loop, timeoutMs: 100, repeatMs: 100) { [unowned self] in expireLeases() }
+        leaseTimer?.unref()
+    }
+
+    private func expireLeases() {
+        guard leaseBacklogTimer == nil, services.lessor.expireStep() else { return }
+        leaseBacklogTimer = LoopTimer(loop: loop, timeoutMs: 0) { [unowned self] in
+            leaseBacklogTimer = nil
+            expireLeases()
+        }
+    }
 
     /// Lets lagging or parked watchers catch up, a bounded step per loop turn; while work remains,
     /// a zero timeout keeps the loop from sleeping.
@@ -151,6 +170,10 @@ final class VigilServerCore {
         progressTimer = nil
         catchUpTimer?.cancel()
         catchUpTimer = nil
+        leaseTimer?.cancel()
+        leaseTimer = nil
+        leaseBacklogTimer?.cancel()
+        leaseBacklogTimer = nil
     }
 
     /// Closes listeners and every client connection.
@@ -227,6 +250,7 @@ public final class VigilServer: @unchecked Sendable {
         }
         ports = try core.listen()
         core.startProgressTimer()
+        core.startLeaseTimer()
         logger.info("ready to serve client requests")
         for (url, port) in zip(configuration.listenClientURLs, ports) {
             logger.notice("serving insecure client requests on \(url) (port \(port)), this is strongly discouraged!")
