@@ -11,12 +11,17 @@ ratio Vigil/etcd.
   scripts/bench-vs-etcd.py --rounds 3 --total 50000 put
   scripts/bench-vs-etcd.py --markdown put >> Benchmarks/RESULTS.md
   scripts/bench-vs-etcd.py --markdown watch watch-slow watchers  # the watch hub (issue 4)
+  scripts/bench-vs-etcd.py --markdown keepalive-1 keepalive-100 leases lease-expiry  # leases (issue 5)
 
 The watch workloads (fresh servers for each round, one round by default):
   watch       10,000 streams on one prefix over 100 connections, one writer putting --watch-puts keys
   watch-slow  the same plus one stream that stops reading (its connection paused)
   watchers    1,000,000 watchers (10,000 streams x 100 distinct keys): memory per watcher, and
               server CPU per put with 10,000 watchers and with 1,000,000
+The lease workloads (same way):
+  keepalive-1, keepalive-100   200,000 renewals over 1 / 100 LeaseKeepAlive streams (one in flight each)
+  leases                       100,000 leases granted: server memory per lease
+  lease-expiry                 100,000 leases (TTL 2 s, one key each) expiring while reads probe the server
 
 Needs: the Debian package etcd-server (installed if missing), a release build of vigil and vigil-bench.
 """
@@ -113,6 +118,10 @@ WATCH_WORKLOADS = {
     "watch-slow": ["--workload", "watch", "--streams", "10000", "--watch-conns", "100", "--slow-streams", "1"],
     "watchers": ["--workload", "watchers", "--streams", "10000", "--watch-conns", "100",
                  "--watchers-per-stream", "100", "--total", "2000"],
+    "keepalive-1": ["--workload", "keepalive", "--streams", "1", "--total", "50000"],
+    "keepalive-100": ["--workload", "keepalive", "--streams", "100", "--total", "200000", "--conns", "4", "--clients", "4"],
+    "leases": ["--workload", "leases", "--total", "100000", "--conns", "4", "--clients", "64"],
+    "lease-expiry": ["--workload", "lease-expiry", "--total", "100000", "--conns", "4", "--clients", "64"],
 }
 
 WATCH_COLUMNS = {
@@ -123,7 +132,20 @@ WATCH_COLUMNS = {
     "watchers": [("bytes_per_watcher", "B/watcher", "{:.0f}"), ("few_cpu_us_per_put", "CPU µs/put 10k", "{:.0f}"),
                  ("many_cpu_us_per_put", "CPU µs/put 1M", "{:.0f}"), ("few_p99_ms", "p99 ms 10k", "{:.2f}"),
                  ("many_p99_ms", "p99 ms 1M", "{:.2f}"), ("rss_many_kib", "RSS KiB", "{}")],
+    "keepalive": [("per_s", "renewals/s", "{:.0f}"), ("p50_ms", "p50 ms", "{:.3f}"), ("p99_ms", "p99 ms", "{:.3f}"),
+                  ("cpu_us_per_renewal", "CPU µs/renewal", "{:.1f}"), ("expired_answers", "TTL 0 answers", "{}")],
+    "leases": [("grants_per_s", "grants/s", "{:.0f}"), ("bytes_per_lease", "B/lease", "{:.0f}")],
+    "lease-expiry": [("seconds_to_expire_all", "s until all expired", "{:.1f}"),
+                     ("longest_read_ms", "longest read ms", "{:.1f}"), ("left", "keys left", "{}")],
 }
+
+
+def columns_for(workload):
+    if workload.startswith("keepalive"):
+        return WATCH_COLUMNS["keepalive"]
+    if workload in ("watchers", "leases", "lease-expiry"):
+        return WATCH_COLUMNS[workload]
+    return WATCH_COLUMNS["watch"]
 
 
 def run_watch(bench_bin, vigil_bin, workload, a):
@@ -134,15 +156,14 @@ def run_watch(bench_bin, vigil_bin, workload, a):
         for _ in range(a.watch_rounds):
             server = Server(k, vigil_bin)
             try:
-                extra = ["--total", str(a.watch_puts)] if workload != "watchers" else []
+                extra = ["--total", str(a.watch_puts)] if workload in ("watch", "watch-slow") else []
                 cmd = [bench_bin, "--endpoint", f"127.0.0.1:{server.port}", "--conns", "1", "--clients", "1",
                        "--max-seconds", "600", "--server-pid", str(server.proc.pid)] + WATCH_WORKLOADS[workload] + extra
                 res = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=1800).stdout
                 runs.append(json.loads(res.strip().splitlines()[-1]))
             finally:
                 server.stop()
-        key = "watchers" if workload == "watchers" else "watch"
-        out[k] = {f: statistics.median(r[f] for r in runs) for f, _, _ in WATCH_COLUMNS[key]}
+        out[k] = {f: statistics.median(r[f] for r in runs) for f, _, _ in columns_for(workload)}
     print(json.dumps({"workload": workload, **out}), file=sys.stderr)
     return out
 
@@ -174,7 +195,7 @@ def main():
     watch = [w for w in a.workloads if w in WATCH_WORKLOADS]
     for w in watch:
         out = run_watch(bench_bin, vigil_bin, w, a)
-        cols = WATCH_COLUMNS["watchers" if w == "watchers" else "watch"]
+        cols = columns_for(w)
         header = ["workload", "server"] + [c[1] for c in cols]
         lines = [[w, k] + [fmt.format(out[k][f]) for f, _, fmt in cols] for k in ("vigil", "etcd")]
         lines.append([w, "vigil/etcd"] + ["{:.2f}x".format(out["vigil"][f] / out["etcd"][f]) if out["etcd"][f] else "-"

@@ -5,8 +5,9 @@ set -euo pipefail
 
 packages=(libuv1-dev libnghttp2-dev libhttp-parser-dev liblmdb-dev pkg-config)
 if [ "${1:-}" = "--test" ]; then
-    # etcdctl drives the integration tests; etcd runs beside Vigil in the benchmarks.
-    packages+=(etcd-client etcd-server)
+    # etcdctl drives the integration tests, curl the gateway tests; etcd runs beside Vigil in the
+    # benchmarks.
+    packages+=(etcd-client etcd-server curl)
 fi
 
 missing=()

@@ -12,6 +12,8 @@ public final class EtcdServices {
     public let watch: WatchService
     public let lessor: Lessor
     private var routes: [String: (ServerCall) -> Void] = [:]
+    /// The same unary methods for the JSON gateway, by gRPC path: JSON body in, reply through `out`.
+    private(set) var jsonRoutes: [String: (_ body: [UInt8], _ out: @escaping (Int, [UInt8]) -> Void) -> Void] = [:]
     /// Server version reported by Status.
     public static let serverVersion = "3.4.23"
 
@@ -53,6 +55,19 @@ public final class EtcdServices {
                 let reply = Reply<Resp>(call)
                 do throws(EtcdError) { try body(req, bytes.count, reply) } catch { reply.fail(error) }
             }
+        }
+        jsonRoutes[path] = { json, out in
+            let reply = Reply<Resp>(json: out)
+            let req: Req
+            do {
+                req = try Req(jsonUTF8Data: Data(json.isEmpty ? Array("{}".utf8) : json))
+            } catch {
+                reply.fail(GRPCStatus(.invalidArgument, "\(error)"))
+                return
+            }
+            // The request limit applies to the request as the gRPC API would see it.
+            let size = (try? req.serializedBytes() as [UInt8])?.count ?? json.count
+            do throws(EtcdError) { try body(req, size, reply) } catch { reply.fail(error) }
         }
     }
 
@@ -138,21 +153,29 @@ public final class EtcdServices {
         }
         // A bidirectional stream: each request renews one lease and is answered with its TTL
         // (0 when the lease is unknown or expired, which is not an error).
-        routes["/etcdserverpb.Lease/LeaseKeepAlive"] = { call in
+        routes["/etcdserverpb.Lease/LeaseKeepAlive"] = { [unowned self] call in
             call.onMessage = { [unowned call] bytes in
                 guard let r = try? Etcdserverpb_LeaseKeepAliveRequest(serializedBytes: bytes) else {
                     call.finish(GRPCStatus(.internal, "grpc: error unmarshalling request"))
                     return
                 }
-                var resp = Etcdserverpb_LeaseKeepAliveResponse()
-                resp.id = r.id
-                resp.ttl = lessor.renew(r.id)
-                resp.header = ctx.header(ctx.store.committedRevision)
-                if let bytes: [UInt8] = try? resp.serializedBytes() { call.send(bytes) }
+                if let bytes: [UInt8] = try? self.keepAliveResponse(r).serializedBytes() { call.send(bytes) }
             }
             call.onHalfClose = { [unowned call] in call.finish(.ok) }
         }
     }
+
+    /// Renews a lease for a keep-alive request (TTL 0: unknown or expired, not an error).
+    func keepAliveResponse(_ r: Etcdserverpb_LeaseKeepAliveRequest) -> Etcdserverpb_LeaseKeepAliveResponse {
+        var resp = Etcdserverpb_LeaseKeepAliveResponse()
+        resp.id = r.id
+        resp.ttl = lessor.renew(r.id)
+        resp.header = context.header(context.store.committedRevision)
+        return resp
+    }
+
+    /// The HTTP/JSON gateway over these services.
+    public private(set) lazy var gateway = Gateway(services: self)
 
     private func member() -> Etcdserverpb_Member {
         var m = Etcdserverpb_Member()
@@ -188,19 +211,40 @@ public final class EtcdServices {
     }
 }
 
-/// Answers a unary call once: a message and OK, or an error status.
+/// Answers a unary call once: a message and OK, or an error status — over gRPC, or as the JSON
+/// gateway's HTTP status and body.
 public final class Reply<Resp: SwiftProtobuf.Message> {
-    let call: ServerCall
-    init(_ call: ServerCall) { self.call = call }
+    let call: ServerCall?
+    let json: ((Int, [UInt8]) -> Void)?
+    init(_ call: ServerCall) {
+        self.call = call
+        json = nil
+    }
+    init(json: @escaping (Int, [UInt8]) -> Void) {
+        call = nil
+        self.json = json
+    }
 
     public func ok(_ resp: Resp) {
-        do {
-            call.send(try resp.serializedBytes())
-            call.finish(.ok)
-        } catch {
-            call.finish(GRPCStatus(.internal, "grpc: error while marshaling: \(error)"))
+        if let call {
+            do {
+                call.send(try resp.serializedBytes())
+                call.finish(.ok)
+            } catch {
+                call.finish(GRPCStatus(.internal, "grpc: error while marshaling: \(error)"))
+            }
+        } else if let json {
+            do {
+                json(200, Array(try resp.jsonString(options: Gateway.jsonOptions).utf8))
+            } catch {
+                fail(GRPCStatus(.internal, "grpc: error while marshaling: \(error)"))
+            }
         }
     }
 
-    public func fail(_ e: EtcdError) { call.finish(e.status) }
+    public func fail(_ e: EtcdError) { fail(e.status) }
+
+    func fail(_ s: GRPCStatus) {
+        if let call { call.finish(s) } else { json?(Gateway.httpStatus(s.code), Gateway.errorBody(s)) }
+    }
 }

@@ -87,40 +87,73 @@ public final class WatchService {
     /// All open streams (for periodic progress notifications).
     public var openStreams: [WatchStream] { Array(streams.values) }
 
+    /// Opens a watch stream answering through `sink` (a gRPC call, or the JSON gateway).
+    func open(_ sink: any WatchSink) -> WatchSession {
+        let stream = hub.openStream(sink)
+        streams[ObjectIdentifier(stream)] = stream
+        return WatchSession(service: self, stream: stream)
+    }
+
+    fileprivate func close(_ stream: WatchStream) {
+        hub.closeStream(stream)
+        streams[ObjectIdentifier(stream)] = nil
+    }
+
     func handle(_ call: ServerCall) {
-        let stream = hub.openStream(CallSink(call))
-        let key = ObjectIdentifier(stream)
-        streams[key] = stream
-        call.onMessage = { [unowned self] bytes in
+        let session = open(CallSink(call))
+        call.onMessage = { bytes in
             guard let req = try? Etcdserverpb_WatchRequest(serializedBytes: bytes) else {
                 call.finish(GRPCStatus(.internal, "grpc: error unmarshalling request"))
                 return
             }
-            switch req.requestUnion {
-            case .createRequest(let c):
-                var w = WatchCreate(key: c.key.bytes, rangeEnd: c.rangeEnd.bytes)
-                w.startRevision = c.startRevision
-                w.progressNotify = c.progressNotify
-                w.noPut = c.filters.contains(.noput)
-                w.noDelete = c.filters.contains(.nodelete)
-                w.prevKV = c.prevKv
-                w.watchID = c.watchID
-                w.fragment = c.fragment
-                hub.create(stream, w)
-            case .cancelRequest(let c):
-                hub.cancel(stream, watchID: c.watchID)
-            case .progressRequest:
-                hub.requestProgress(stream)
-            case .none:
-                break
-            }
+            session.receive(req)
         }
-        call.onDrained = { [unowned self] in hub.streamDrained(stream) }
+        call.onDrained = { [unowned self] in hub.streamDrained(session.stream) }
         let previous = call.onEnded
-        call.onEnded = { [unowned self] in
+        call.onEnded = {
             previous?()
-            hub.closeStream(stream)
-            streams[key] = nil
+            session.close()
         }
+    }
+}
+
+/// One open watch stream: requests in, responses out through its sink.
+final class WatchSession {
+    unowned let service: WatchService
+    let stream: WatchStream
+    private var closed = false
+
+    init(service: WatchService, stream: WatchStream) {
+        self.service = service
+        self.stream = stream
+    }
+
+    func receive(_ req: Etcdserverpb_WatchRequest) {
+        guard !closed else { return }
+        let hub = service.hub
+        switch req.requestUnion {
+        case .createRequest(let c):
+            var w = WatchCreate(key: c.key.bytes, rangeEnd: c.rangeEnd.bytes)
+            w.startRevision = c.startRevision
+            w.progressNotify = c.progressNotify
+            w.noPut = c.filters.contains(.noput)
+            w.noDelete = c.filters.contains(.nodelete)
+            w.prevKV = c.prevKv
+            w.watchID = c.watchID
+            w.fragment = c.fragment
+            hub.create(stream, w)
+        case .cancelRequest(let c):
+            hub.cancel(stream, watchID: c.watchID)
+        case .progressRequest:
+            hub.requestProgress(stream)
+        case .none:
+            break
+        }
+    }
+
+    func close() {
+        guard !closed else { return }
+        closed = true
+        service.close(stream)
     }
 }

@@ -33,7 +33,9 @@ public struct HTTP1Response: Sendable {
         return HTTP1Response(status: status, body: Array(#"{"error":"\#(m)","code":\#(grpcCode),"message":"\#(m)"}"#.utf8))
     }
 
-    static let reasons: [Int: String] = [200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
+    static let reasons: [Int: String] = [200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
+                                         405: "Method Not Allowed", 409: "Conflict", 429: "Too Many Requests",
+                                         504: "Gateway Timeout",
                                          408: "Request Timeout", 413: "Payload Too Large", 500: "Internal Server Error",
                                          501: "Not Implemented", 503: "Service Unavailable"]
 
@@ -69,9 +71,69 @@ private func hex4(_ v: UInt32) -> String {
     return String(repeating: "0", count: max(0, 4 - s.count)) + s
 }
 
-/// Serves requests (on the loop) and gives back a response.
+/// Serves requests (on the loop); answers through the responder, at once or later, whole or as a
+/// chunked stream.
 public protocol HTTP1Handler: AnyObject {
-    func handle(_ request: HTTP1Request) -> HTTP1Response
+    func handle(_ request: HTTP1Request, _ responder: HTTP1Responder)
+}
+
+/// The answer to one request. Requests on a connection are answered in order: the next one is
+/// handled once this one is done.
+public final class HTTP1Responder {
+    weak var connection: HTTP1Connection?
+    let keepAlive: Bool
+    public private(set) var isDone = false
+    private var streaming = false
+    /// Called if the connection goes away before the response is done (a watch stream's end).
+    public var onClose: (() -> Void)?
+
+    init(connection: HTTP1Connection, keepAlive: Bool) {
+        self.connection = connection
+        self.keepAlive = keepAlive
+    }
+
+    /// Sends a whole response.
+    public func respond(_ r: HTTP1Response) {
+        guard !isDone, !streaming, let c = connection else { return }
+        isDone = true
+        onClose = nil
+        c.send(r.serialize(keepAlive: keepAlive), close: !keepAlive)
+        c.responseDone()
+    }
+
+    /// Starts a chunked response that stays open until `finish()` or the client leaves.
+    public func startStream(status: Int = 200, contentType: String = "application/json") {
+        guard !isDone, !streaming, let c = connection else { return }
+        streaming = true
+        var head = "HTTP/1.1 \(status) \(HTTP1Response.reasons[status] ?? "Status")\r\n"
+        head += "Content-Type: \(contentType)\r\nTransfer-Encoding: chunked\r\n\r\n"
+        c.send(Array(head.utf8), close: false)
+    }
+
+    /// Sends one chunk of a streamed response.
+    public func send(_ bytes: [UInt8]) {
+        guard streaming, !isDone, !bytes.isEmpty, let c = connection else { return }
+        c.send(Array((String(bytes.count, radix: 16) + "\r\n").utf8) + bytes + Array("\r\n".utf8), close: false)
+    }
+
+    /// Ends a streamed response.
+    public func finish() {
+        guard streaming, !isDone, let c = connection else { return }
+        isDone = true
+        onClose = nil
+        c.send(Array("0\r\n\r\n".utf8), close: !keepAlive)
+        c.responseDone()
+    }
+
+    /// Bytes written to the socket and not yet taken by the peer.
+    public var queuedBytes: Int { connection?.queuedBytes() ?? 0 }
+
+    func connectionClosed() {
+        let cb = onClose
+        onClose = nil
+        isDone = true
+        cb?()
+    }
 }
 
 /// HTTP/1.1 over http-parser: bytes in, requests to the handler, response bytes out.
@@ -82,6 +144,11 @@ public final class HTTP1Connection {
     private weak var handler: (any HTTP1Handler)?
     private let write: ([UInt8], Bool) -> Void
     private let maxBodyBytes: Int
+    /// Bytes waiting in the socket's write queue.
+    public var queuedBytes: () -> Int = { 0 }
+    /// Complete requests not yet handled (pipelining), and the one being answered.
+    private var queue: [(HTTP1Request, Bool)] = []
+    private var current: HTTP1Responder?
 
     private var url: [UInt8] = []
     private var headers: [(name: String, value: String)] = []
@@ -98,7 +165,12 @@ public final class HTTP1Connection {
         self.maxBodyBytes = maxBodyBytes
         http_parser_init(parser, HTTP_REQUEST)
         parser.pointee.data = Unmanaged.passUnretained(self).toOpaque()
-        settings.on_message_begin = { p in HTTP1Connection.from(p).reset(); return 0 }
+        settings.on_message_begin = { p in
+            let me = HTTP1Connection.from(p)
+            me.reset()
+            me.midRequest = true
+            return 0
+        }
         settings.on_url = { p, at, n in HTTP1Connection.from(p).url.append(contentsOf: HTTP1Connection.buf(at, n)); return 0 }
         settings.on_header_field = { p, at, n in
             let me = HTTP1Connection.from(p)
@@ -115,7 +187,7 @@ public final class HTTP1Connection {
         settings.on_headers_complete = { p in
             let me = HTTP1Connection.from(p)
             if me.inValue { me.endHeader() }
-            return 0
+            return me.headersComplete(contentLength: p!.pointee.content_length)
         }
         settings.on_body = { p, at, n in
             let me = HTTP1Connection.from(p)
@@ -151,29 +223,85 @@ public final class HTTP1Connection {
         field = []; value = []; inValue = false
     }
 
+    /// Refuses a declared body over the limit before it is sent, and answers `Expect: 100-continue`.
+    private func headersComplete(contentLength: UInt64) -> Int32 {
+        if contentLength != UInt64.max && contentLength > UInt64(maxBodyBytes) {
+            tooLarge = true
+            http_parser_pause(parser, 1)
+            return 0
+        }
+        if headers.contains(where: { $0.name.lowercased() == "expect" && $0.value.lowercased() == "100-continue" }) {
+            write(Array("HTTP/1.1 100 Continue\r\n\r\n".utf8), false)
+        }
+        return 0
+    }
+
+    /// Some of a request has arrived, not all of it.
+    public private(set) var midRequest = false
+
+    /// The request being received took too long: 408 and close.
+    public func timeOut() {
+        guard midRequest, !closed else { return }
+        send(HTTP1Response.error(status: 408, grpcCode: 4, message: "request timed out").serialize(keepAlive: false),
+             close: true)
+    }
+
     private func complete() {
+        midRequest = false
         let method = String(cString: http_method_str(http_method(rawValue: parser.pointee.method)))
         let req = HTTP1Request(method: method, url: String(decoding: url, as: UTF8.self), headers: headers, body: body)
-        let resp = handler?.handle(req)
-            ?? HTTP1Response.error(status: 404, grpcCode: 5, message: "Not Found")
-        let keepAlive = http_should_keep_alive(parser) != 0
-        write(resp.serialize(keepAlive: keepAlive), !keepAlive)
-        if !keepAlive { closed = true }
+        queue.append((req, http_should_keep_alive(parser) != 0))
+    }
+
+    /// Handles the next queued request if none is being answered.
+    private func pump() {
+        while current == nil, !closed, !queue.isEmpty {
+            let (req, keepAlive) = queue.removeFirst()
+            let r = HTTP1Responder(connection: self, keepAlive: keepAlive)
+            current = r
+            if let handler {
+                handler.handle(req, r)
+            } else {
+                r.respond(.error(status: 404, grpcCode: 5, message: "Not Found"))
+            }
+        }
+    }
+
+    func send(_ bytes: [UInt8], close: Bool) {
+        guard !closed else { return }
+        write(bytes, close)
+        if close { closed = true }
+    }
+
+    func responseDone() {
+        current = nil
+        pump()
+    }
+
+    /// Whether a request is being answered (e.g. a long-lived stream).
+    public var isBusy: Bool { current != nil || !queue.isEmpty }
+
+    /// The peer went away: a response in progress hears it.
+    public func connectionClosed() {
+        closed = true
+        queue.removeAll()
+        let r = current
+        current = nil
+        r?.connectionClosed()
     }
 
     /// Feeds bytes from the socket.
     public func receive(_ bytes: UnsafeRawBufferPointer) {
         guard !closed, let base = bytes.baseAddress else { return }
         let n = http_parser_execute(parser, &settings, base.assumingMemoryBound(to: CChar.self), bytes.count)
+        if !tooLarge { pump() }
         if closed { return }
         if tooLarge {
-            closed = true
-            write(HTTP1Response.error(status: 413, grpcCode: 3, message: "etcdserver: request is too large")
-                .serialize(keepAlive: false), true)
+            send(HTTP1Response.error(status: 413, grpcCode: 3, message: "etcdserver: request is too large")
+                .serialize(keepAlive: false), close: true)
         } else if n != bytes.count || parser.pointee.http_errno != 0 {
-            closed = true
-            write(HTTP1Response.error(status: 400, grpcCode: 3, message: "malformed HTTP request")
-                .serialize(keepAlive: false), true)
+            send(HTTP1Response.error(status: 400, grpcCode: 3, message: "malformed HTTP request")
+                .serialize(keepAlive: false), close: true)
         }
     }
 }

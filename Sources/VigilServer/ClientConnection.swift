@@ -42,18 +42,38 @@ final class ClientConnection: TCPConnectionDelegate {
                 }
                 startHTTP2(with: seen)
             } else {
-                let h1 = HTTP1Connection(handler: server.http1Handler) { [unowned self] out, close in
+                // JSON carries bytes in base64: allow a request at the gRPC limit once encoded.
+                let maxBody = server.limits.maxReceiveMessageBytes / 3 * 4 + 64 * 1024
+                let h1 = HTTP1Connection(handler: server.http1Handler, maxBodyBytes: maxBody) { [unowned self] out, close in
                     tcp.write(out)
                     if close { tcp.close() }
                 }
+                h1.queuedBytes = { [unowned self] in tcp.queuedWriteBytes }
                 mode = .http1(h1)
                 seen.withUnsafeBytes { h1.receive($0) }
+                armReadTimer(h1)
             }
         case .http2(let session, _):
             session.receive(bytes)
             flush()
         case .http1(let h1):
             h1.receive(bytes)
+            armReadTimer(h1)
+        }
+    }
+
+    private var readTimer: LoopTimer?
+
+    /// A request that has begun must arrive in full within the read timeout (from its first bytes).
+    private func armReadTimer(_ h1: HTTP1Connection) {
+        if !h1.midRequest {
+            readTimer?.cancel()
+            readTimer = nil
+        } else if readTimer == nil {
+            readTimer = LoopTimer(loop: server.loop, timeoutMs: server.config.httpReadTimeoutMs) { [weak self, weak h1] in
+                self?.readTimer = nil
+                h1?.timeOut()
+            }
         }
     }
 
@@ -91,6 +111,9 @@ final class ClientConnection: TCPConnectionDelegate {
 
     func connectionClosed(_ c: TCPConnection) {
         if case .http2(_, let grpc) = mode { grpc.connectionClosed() }
+        if case .http1(let h1) = mode { h1.connectionClosed() }
+        readTimer?.cancel()
+        readTimer = nil
         mode = .sniffing([])
         server.connectionClosed(self)
     }

@@ -184,25 +184,52 @@ final class VigilServerCore {
     }
 }
 
-/// Answers plain HTTP/1.1 until the JSON gateway lands: `/health`, `/version`, and etcd-shaped 404s.
+/// HTTP/1.1 on the client port: the JSON gateway under `/v3/` (and `/v3beta/`), `/health`,
+/// `/version` and `/metrics`.
 final class PlainHTTPHandler: HTTP1Handler {
     unowned let core: VigilServerCore
     init(core: VigilServerCore) { self.core = core }
 
-    func handle(_ request: HTTP1Request) -> HTTP1Response {
+    func handle(_ request: HTTP1Request, _ responder: HTTP1Responder) {
+        let path = request.path
+        if Gateway.handles(path) {
+            core.services.gateway.handle(method: request.method, path: path, body: request.body,
+                                         headers: request.headers, HTTP1GatewayResponder(responder))
+            return
+        }
+        responder.respond(plain(request))
+    }
+
+    private func plain(_ request: HTTP1Request) -> HTTP1Response {
+        let get = request.method == "GET" || request.method == "HEAD"
         switch request.path {
         case "/health":
-            guard request.method == "GET" else { return .error(status: 405, grpcCode: 12, message: "Method Not Allowed") }
+            guard get else { return .error(status: 405, grpcCode: 12, message: "Method Not Allowed") }
             return HTTP1Response(status: 200, body: Array(#"{"health":"true"}"#.utf8))
         case "/metrics":
-            guard request.method == "GET" else { return .error(status: 405, grpcCode: 12, message: "Method Not Allowed") }
+            guard get else { return .error(status: 405, grpcCode: 12, message: "Method Not Allowed") }
             return HTTP1Response(status: 200, contentType: "text/plain; version=0.0.4", body: Array(core.metricsText().utf8))
         case "/version":
-            guard request.method == "GET" else { return .error(status: 405, grpcCode: 12, message: "Method Not Allowed") }
+            guard get else { return .error(status: 405, grpcCode: 12, message: "Method Not Allowed") }
             return HTTP1Response(status: 200, body: Array(#"{"etcdserver":"\#(EtcdServices.serverVersion)","etcdcluster":"3.4.0"}"#.utf8))
         default:
             return .error(status: 404, grpcCode: 5, message: "Not Found")
         }
+    }
+}
+
+/// The gateway's answers written through an HTTP/1.1 responder.
+final class HTTP1GatewayResponder: GatewayResponder {
+    let r: HTTP1Responder
+    init(_ r: HTTP1Responder) { self.r = r }
+    func respond(status: Int, body: [UInt8]) { r.respond(HTTP1Response(status: status, body: body)) }
+    func startStream() { r.startStream() }
+    func send(_ chunk: [UInt8]) { r.send(chunk) }
+    func finish() { r.finish() }
+    var queuedBytes: Int { r.queuedBytes }
+    var onClose: (() -> Void)? {
+        get { r.onClose }
+        set { r.onClose = newValue }
     }
 }
 

@@ -48,6 +48,9 @@ struct VigilCommand: ParsableCommand {
     @Option(name: .customLong("watch-stream-queue-bytes"),
             help: "Unsent bytes after which a watch stream counts as slow and its watchers are parked (default 1 MiB).")
     var watchStreamQueueBytes: Int?
+    @Option(name: .customLong("http-read-timeout"),
+            help: "Seconds an HTTP/1.1 request may take to arrive in full before it is answered 408 (default 10).")
+    var httpReadTimeout: Double?
     @Flag(name: .customLong("unsafe-no-fsync"), help: "Disables fsync: unsafe, for tests only.")
     var unsafeNoFsync = false
 
@@ -96,6 +99,10 @@ struct VigilCommand: ParsableCommand {
         if let v = watchStreamQueueBytes {
             guard v > 0 else { throw ValidationError("--watch-stream-queue-bytes must be positive") }
             c.watch.streamQueueLimit = v
+        }
+        if let v = httpReadTimeout {
+            guard v > 0 else { throw ValidationError("--http-read-timeout must be positive") }
+            c.httpReadTimeoutMs = UInt64(v * 1000)
         }
         c.unsafeNoFsync = unsafeNoFsync || ProcessInfo.processInfo.environment["ETCD_UNSAFE_NO_FSYNC"] == "true"
         _ = try c.listenAddresses()

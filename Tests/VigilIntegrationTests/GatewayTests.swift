@@ -1,0 +1,167 @@
+import EtcdProto
+import Foundation
+import GRPC
+import SwiftProtobuf
+import Testing
+import VigilClient
+import VigilTesting
+
+/// The HTTP/JSON gateway with real HTTP requests (curl, as etcd's gateway docs use it), checked
+/// against the same request's gRPC answer.
+@Suite(.serialized) struct GatewayTests {
+    let server: LiveServer
+    let curlPath: String
+
+    init() throws {
+        server = try LiveServer(args: ["--unsafe-no-fsync", "--http-read-timeout", "0.5"])
+        curlPath = try #require(which("curl"), "curl is installed by scripts/install-deps.sh --test")
+    }
+
+    /// POSTs `body` to `path`; returns (HTTP status, body).
+    func post(_ path: String, _ body: String) throws -> (Int, String) {
+        let r = try runCommand(curlPath, ["-s", "-X", "POST", "-w", "\n%{http_code}", "\(server.url)\(path)", "-d", body])
+        let lines = r.stdout.split(separator: "\n", omittingEmptySubsequences: false)
+        return (Int(lines.last ?? "") ?? 0, lines.dropLast().joined(separator: "\n"))
+    }
+
+    func json(_ s: String) -> NSDictionary? {
+        (try? JSONSerialization.jsonObject(with: Data(s.utf8))) as? NSDictionary
+    }
+
+    /// The gRPC answer to the same request, in the gateway's JSON mapping.
+    func grpcJSON<Req: SwiftProtobuf.Message, Resp: SwiftProtobuf.Message>(_ path: String, _ req: Req, _: Resp.Type) throws -> NSDictionary? {
+        let c = try BlockingClient(port: server.port)
+        let r: Result<Resp, GRPCStatus> = c.call(path, req)
+        var o = JSONEncodingOptions()
+        o.preserveProtoFieldNames = true
+        return json(try r.get().jsonString(options: o))
+    }
+
+    @Test func unaryPathsAnswerAsGRPCDoes() throws {
+        let (ps, put) = try post("/v3/kv/put", #"{"key":"Zm9v","value":"YmFy"}"#)
+        #expect(ps == 200)
+        #expect(put == #"{"header":{"cluster_id":"14841639068965178418","member_id":"10276657743932975437","revision":"2","raft_term":"2"}}"#)
+
+        var range = Etcdserverpb_RangeRequest()
+        range.key = Data("foo".utf8)
+        let (rs, got) = try post("/v3/kv/range", #"{"key":"Zm9v"}"#)
+        #expect(rs == 200)
+        #expect(got.contains(#""kvs":[{"key":"Zm9v","create_revision":"2","mod_revision":"2","version":"1","value":"YmFy"}],"count":"1""#))
+        #expect(json(got) == (try grpcJSON("/etcdserverpb.KV/Range", range, Etcdserverpb_RangeResponse.self)))
+        // camelCase names and numbers as numbers are accepted too; /v3beta is an alias.
+        let (_, camel) = try post("/v3beta/kv/range", #"{"key":"Zm9v","rangeEnd":"Zm9w","revision":2}"#)
+        #expect(json(camel)?["count"] as? String == "1")
+
+        let (ts, txn) = try post("/v3/kv/txn", #"{"compare":[{"target":"CREATE","key":"Zm9v","create_revision":"2"}],"success":[{"request_put":{"key":"Zm9v","value":"YmF6"}}]}"#)
+        #expect(ts == 200)
+        #expect(txn.contains(#""succeeded":true,"responses":[{"response_put":{"header":{"revision":"3"}}}]"#))
+
+        let (ls, lease) = try post("/v3/lease/grant", #"{"TTL":"60","ID":"77"}"#)
+        #expect(ls == 200)
+        #expect(json(lease)?["ID"] as? String == "77" && json(lease)?["TTL"] as? String == "60")
+        _ = try post("/v3/kv/put", #"{"key":"bGVhc2Vk","value":"eA==","lease":"77"}"#)
+        var ttl = Etcdserverpb_LeaseTimeToLiveRequest()
+        ttl.id = 77
+        ttl.keys = true
+        let (_, ttlJSON) = try post("/v3/lease/timetolive", #"{"ID":"77","keys":true}"#)
+        #expect(json(ttlJSON)?["keys"] as? [String] == ["bGVhc2Vk"])
+        #expect(json(ttlJSON)?["grantedTTL"] as? String == "60")
+        let (_, leases) = try post("/v3/lease/leases", "{}")
+        #expect(json(leases) == (try grpcJSON("/etcdserverpb.Lease/LeaseLeases", Etcdserverpb_LeaseLeasesRequest(), Etcdserverpb_LeaseLeasesResponse.self)))
+        let (_, members) = try post("/v3/cluster/member/list", "{}")
+        #expect(json(members) == (try grpcJSON("/etcdserverpb.Cluster/MemberList", Etcdserverpb_MemberListRequest(), Etcdserverpb_MemberListResponse.self)))
+        let (ss, status) = try post("/v3/maintenance/status", "{}")
+        #expect(ss == 200 && json(status)?["version"] as? String == "3.4.23")
+        #expect(try post("/v3/lease/revoke", #"{"ID":"77"}"#).0 == 200)
+        #expect(try post("/v3/kv/range", #"{"key":"bGVhc2Vk"}"#).1.contains("kvs") == false)
+
+        let (ds, del) = try post("/v3/kv/deleterange", #"{"key":"Zm9v","prev_kv":true}"#)
+        #expect(ds == 200 && json(del)?["deleted"] as? String == "1")
+        let (cs, _) = try post("/v3/kv/compaction", #"{"revision":"3"}"#)
+        #expect(cs == 200)
+        let (es, err) = try post("/v3/kv/range", #"{"key":"Zm9v","revision":"2"}"#)
+        #expect(es == 400)
+        #expect(err == #"{"error":"etcdserver: mvcc: required revision has been compacted","code":11,"message":"etcdserver: mvcc: required revision has been compacted"}"#)
+        let (ns, notFound) = try post("/v3/lease/revoke", #"{"ID":"12345"}"#)
+        #expect(ns == 404 && notFound.contains(#""code":5"#))
+    }
+
+    @Test func watchStreamReceivesPutsMadeOverGRPC() throws {
+        let w = try BackgroundCommand(curlPath, ["-s", "-N", "-X", "POST", "\(server.url)/v3/watch",
+                                                 "-d", #"{"create_request":{"key":"d2F0Y2hlZA==","prev_kv":true}}"#])
+        #expect(w.wait { $0.contains(#""created":true"#) })
+        let c = try BlockingClient(port: server.port)
+        for v in ["1", "2"] {
+            var p = Etcdserverpb_PutRequest()
+            p.key = Data("watched".utf8)
+            p.value = Data(v.utf8)
+            _ = c.call("/etcdserverpb.KV/Put", p, as: Etcdserverpb_PutResponse.self)
+        }
+        #expect(w.wait { $0.contains(#""prev_kv":{"key":"d2F0Y2hlZA==""#) })
+        let out = w.stop()
+        let lines = out.split(separator: "\n")
+        #expect(lines.count == 3)
+        #expect(lines.allSatisfy { $0.hasPrefix(#"{"result":{"header":"#) })
+        #expect(lines[1].contains(#""value":"MQ==""#) && lines[2].contains(#""value":"Mg==""#))
+    }
+
+    @Test func keepAliveOverHTTP() throws {
+        _ = try post("/v3/lease/grant", #"{"TTL":"30","ID":"5"}"#)
+        let (s, body) = try post("/v3/lease/keepalive", #"{"ID":"5"}{"ID":"6"}"#)
+        #expect(s == 200)
+        let lines = body.split(separator: "\n")
+        #expect(lines.count == 2)
+        #expect(lines[0].contains(#""ID":"5","TTL":"30""#))
+        #expect(lines[1].contains(#""ID":"6""#) && !lines[1].contains("TTL"))
+    }
+
+    @Test func badInputGetsClearErrors() throws {
+        #expect(try post("/v3/kv/range", #"{"key": "#).0 == 400)
+        let (ws, wrongType) = try post("/v3/kv/range", #"{"key": {"a": 1}}"#)
+        #expect(ws == 400 && wrongType.contains(#""code":3"#))
+        #expect(try post("/v3/kv/range", #"{"no_such_field": 1}"#).0 == 400)
+        #expect(try post("/v3/kv/range", #"{"key": ""}"#).1.contains("etcdserver: key is not provided"))
+        #expect(try post("/v3/kv/nothing", "{}").0 == 404)
+        let get = try runCommand(curlPath, ["-s", "-o", "/dev/null", "-w", "%{http_code}", "\(server.url)/v3/kv/range"])
+        #expect(get.stdout == "405")
+        // Oversized: past the request limit (encoded as JSON).
+        let big = String(repeating: "A", count: 3 << 20)
+        let tooBig = try runCommand(curlPath, ["-s", "-o", "/dev/null", "-w", "%{http_code}", "-X", "POST",
+                                               "\(server.url)/v3/kv/put", "--data-binary", "@-"],
+                                    stdin: #"{"key":"YQ==","value":""# + big + #""}"#)
+        #expect(tooBig.stdout == "413")
+        // A value just over 1.5 MiB fits the body limit but not the request limit.
+        let over = Data(repeating: 1, count: 1_572_864 + 10).base64EncodedString()
+        let tooLarge = try runCommand(curlPath, ["-s", "-X", "POST", "\(server.url)/v3/kv/put", "--data-binary", "@-"],
+                                      stdin: #"{"key":"YQ==","value":""# + over + #""}"#)
+        #expect(tooLarge.stdout.contains("etcdserver: request is too large"))
+        // Half-sent: the body never completes; the read timeout answers 408.
+        let half = try rawExchange(port: server.port, Array("POST /v3/kv/range HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"k".utf8), timeout: 5)
+        #expect(half.hasPrefix("HTTP/1.1 408"))
+        // The server is still fine.
+        #expect(try post("/v3/kv/range", #"{"key":"YQ=="}"#).0 == 200)
+    }
+
+    @Test func manyKeepAliveRequestsOnOneConnection() throws {
+        var raw = ""
+        let body = #"{"key":"YQ=="}"#
+        for i in 0..<100 {
+            raw += "POST /v3/kv/range HTTP/1.1\r\nHost: x\r\nContent-Length: \(body.utf8.count)\r\n"
+            raw += i == 99 ? "Connection: close\r\n\r\n" : "\r\n"
+            raw += body
+        }
+        let out = try rawExchange(port: server.port, Array(raw.utf8), timeout: 10)
+        #expect(out.components(separatedBy: "HTTP/1.1 200 OK").count - 1 == 100)
+    }
+
+    @Test func healthVersionMetrics() throws {
+        let health = try runCommand(curlPath, ["-s", "\(server.url)/health"])
+        #expect(health.stdout == #"{"health":"true"}"#)
+        let version = try runCommand(curlPath, ["-s", "\(server.url)/version"])
+        #expect(json(version.stdout)?["etcdserver"] as? String == "3.4.23")
+        #expect(json(version.stdout)?["etcdcluster"] as? String == "3.4.0")
+        let metrics = try runCommand(curlPath, ["-s", "\(server.url)/metrics"])
+        #expect(metrics.stdout.contains("etcd_debugging_mvcc_current_revision "))
+        #expect(metrics.stdout.contains("etcd_debugging_mvcc_watcher_total "))
+    }
+}
