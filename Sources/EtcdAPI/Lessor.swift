@@ -70,6 +70,13 @@ public final class Lessor {
     private var heap = ExpiryHeap()
     private let idBase: Int64
     private var idCounter: Int64 = 0
+    /// Counters for metrics.
+    public struct Stats: Sendable {
+        public var granted = 0
+        public var revoked = 0
+        public var renewed = 0
+    }
+    public private(set) var stats = Stats()
     /// Leases revoked per expiry step at most.
     public var revokeBatch = 500
 
@@ -118,6 +125,7 @@ public final class Lessor {
         leases[id] = l
         heap.push(l.expiry, id)
         ctx.store.setMeta(metaName(id), ttl)
+        stats.granted += 1
         return (id, ttl)
     }
 
@@ -130,6 +138,7 @@ public final class Lessor {
         let events = txn.end()
         if !events.isEmpty { ctx.gate.published(events, revision: txn.revision) }
         ctx.store.removeMeta(metaName(id))
+        stats.revoked += 1
         return ctx.store.currentRevision
     }
 
@@ -139,6 +148,7 @@ public final class Lessor {
         guard let l = leases[id], l.expiry > t else { return 0 }
         l.expiry = t + UInt64(l.ttl) * 1000
         heap.push(l.expiry, id)
+        stats.renewed += 1
         return l.ttl
     }
 

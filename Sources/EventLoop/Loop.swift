@@ -83,8 +83,23 @@ public final class EventLoop {
         uv_unref(asHandle(prepare))
     }
 
+    private var turnObserver: ((UInt64) -> Void)?
+    private var lastTurnEnd: UInt64 = 0
+    private var lastIdle: UInt64 = 0
+
+    /// Reports how long each loop turn kept the loop busy (nanoseconds, time waiting for I/O
+    /// excluded), measured as each turn ends. Call before `run()`.
+    public func measureTurns(_ observe: @escaping (UInt64) -> Void) {
+        uv_loop_configure_idle_time(raw)
+        turnObserver = observe
+        lastTurnEnd = uv_hrtime()
+        lastIdle = uv_metrics_idle_time(raw)
+        startPrepare()
+    }
+
     /// Runs queued end-of-turn work and the hooks; work may queue more work, which runs too.
     func runBeforeSleep() {
+        defer { if turnObserver != nil { observeTurn() } }
         var rounds = 0
         repeat {
             while !pendingOnce.isEmpty {
@@ -95,6 +110,16 @@ public final class EventLoop {
             for hook in beforeSleepHooks { hook() }
             rounds += 1
         } while !pendingOnce.isEmpty && rounds < 16
+    }
+
+    private func observeTurn() {
+        let now = uv_hrtime()
+        let idle = uv_metrics_idle_time(raw)
+        let elapsed = now &- lastTurnEnd
+        let waited = idle &- lastIdle
+        lastTurnEnd = now
+        lastIdle = idle
+        turnObserver?(elapsed > waited ? elapsed - waited : 0)
     }
 
     /// Runs the loop until no handle or request keeps it alive (after `shutdown()` and closing

@@ -126,9 +126,13 @@ public final class ServerCall {
     }
 
     /// Ends the call with a status (trailers-only if nothing was sent).
+    /// The status the call ended with (cancelled if the peer ended it).
+    public private(set) var finalStatus: GRPCStatus?
+
     public func finish(_ status: GRPCStatus) {
         guard !isFinished, let c = connection else { return }
         isFinished = true
+        finalStatus = status
         var trailers: [HeaderField] = [("grpc-status", String(status.code.rawValue))]
         if !status.message.isEmpty { trailers.append(("grpc-message", status.encodedMessage)) }
         if headersSent {
@@ -173,6 +177,8 @@ public final class ServerCall {
 /// Serves non-gRPC HTTP/2 requests (e.g. the JSON gateway over h2c).
 public protocol PlainHTTP2Handler: AnyObject {
     func handle(stream: Int32, headers: [HeaderField], body: [UInt8], session: HTTP2Session, flush: @escaping () -> Void)
+    /// A stream handed to `handle` closed (the client left, or the answer is done).
+    func streamClosed(_ stream: Int32)
 }
 
 /// Routes the streams of one HTTP/2 connection to gRPC handlers.
@@ -274,7 +280,10 @@ public final class GRPCConnection: HTTP2SessionDelegate {
 
     public func streamClosed(_ stream: Int32) {
         plain[stream] = nil
-        guard let call = calls.removeValue(forKey: stream) else { return }
+        guard let call = calls.removeValue(forKey: stream) else {
+            plainHandler?.streamClosed(stream)
+            return
+        }
         if !call.isFinished { call.markCancelled() }
         call.clearCallbacks()
     }

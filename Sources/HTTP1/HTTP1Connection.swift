@@ -7,6 +7,13 @@ public struct HTTP1Request: Sendable {
     public var headers: [(name: String, value: String)]
     public var body: [UInt8]
 
+    public init(method: String, url: String, headers: [(name: String, value: String)], body: [UInt8]) {
+        self.method = method
+        self.url = url
+        self.headers = headers
+        self.body = body
+    }
+
     /// The path without the query string.
     public var path: String { String(url.split(separator: "?", maxSplits: 1).first ?? "") }
 

@@ -63,6 +63,7 @@ final class ClientConnection: TCPConnectionDelegate {
     }
 
     private var readTimer: LoopTimer?
+    private var plainRequests: PlainHTTP2Requests?
 
     /// A request that has begun must arrive in full within the read timeout (from its first bytes).
     private func armReadTimer(_ h1: HTTP1Connection) {
@@ -82,6 +83,9 @@ final class ClientConnection: TCPConnectionDelegate {
         let grpc = GRPCConnection(session: session, maxMessageBytes: server.limits.maxReceiveMessageBytes,
                                   route: { [unowned server] path in server.route(path) },
                                   needsFlush: { [unowned self] in scheduleFlush() })
+        let plainRequests = PlainHTTP2Requests(core: server)
+        self.plainRequests = plainRequests
+        grpc.plainHandler = plainRequests
         mode = .http2(session, grpc)
         bytes.withUnsafeBytes { session.receive($0) }
         flush()
@@ -112,6 +116,8 @@ final class ClientConnection: TCPConnectionDelegate {
     func connectionClosed(_ c: TCPConnection) {
         if case .http2(_, let grpc) = mode { grpc.connectionClosed() }
         if case .http1(let h1) = mode { h1.connectionClosed() }
+        plainRequests?.connectionClosed()
+        plainRequests = nil
         readTimer?.cancel()
         readTimer = nil
         mode = .sniffing([])

@@ -54,6 +54,7 @@ final class VigilServerCore {
         commits.onPublish.append { events, revision in hub.publish(events, revision: revision) }
         commits.onCommitted.append { revision in hub.advance(to: revision) }
         loop.addBeforeSleep { [unowned self] in catchUpWatchers() }
+        loop.measureTurns { [unowned self] ns in metrics.turn(nanoseconds: ns) }
         logger.info("store loaded", metadata: ["revision": "\(store.currentRevision)",
                                                "compact-revision": "\(store.compactRevision)",
                                                "keys": "\(store.liveKeyCount)"])
@@ -77,12 +78,19 @@ final class VigilServerCore {
     func route(_ path: String) -> ((ServerCall) -> Void)? {
         guard let handler = services.route(path) else { return nil }
         return { [unowned self] call in
+            metrics.callStarted(path)
+            let started = DispatchTime.now().uptimeNanoseconds
+            var timer: LoopTimer?
             if let ms = call.timeoutMs {
-                let timer = LoopTimer(loop: loop, timeoutMs: ms) { [weak call] in
+                timer = LoopTimer(loop: loop, timeoutMs: ms) { [weak call] in
                     guard let call, !call.isFinished else { return }
                     call.finish(GRPCStatus(.deadlineExceeded, "context deadline exceeded"))
                 }
-                call.onEnded = { timer.cancel() }
+            }
+            call.onEnded = { [unowned self, unowned call] in
+                timer?.cancel()
+                let seconds = Double(DispatchTime.now().uptimeNanoseconds - started) / 1e9
+                metrics.callEnded(path, code: call.finalStatus?.code ?? .cancelled, seconds: seconds)
             }
             handler(call)
         }
@@ -90,6 +98,7 @@ final class VigilServerCore {
 
     private var catchUpTimer: LoopTimer?
     private var progressTimer: LoopTimer?
+    var metrics = ServerMetrics()
     private var leaseTimer: LoopTimer?
     private var leaseBacklogTimer: LoopTimer?
 
@@ -155,6 +164,12 @@ final class VigilServerCore {
         metric("vigil_watch_stream_queued_bytes_max", "gauge", "Largest number of unsent bytes queued on one watch stream.",
                streams.map(\.queuedBytes).max() ?? 0)
         metric("vigil_backend_commits_total", "counter", "Group commits made durable.", commits.commits)
+        let lessor = services.lessor
+        metric("vigil_lease_total", "gauge", "Leases alive.", lessor.count)
+        metric("etcd_debugging_lease_granted_total", "counter", "The total number of granted leases.", lessor.stats.granted)
+        metric("etcd_debugging_lease_revoked_total", "counter", "The total number of revoked leases.", lessor.stats.revoked)
+        metric("etcd_debugging_lease_renewed_total", "counter", "The number of renewed leases seen by the leader.", lessor.stats.renewed)
+        out += metrics.text()
         return out
     }
 
@@ -200,7 +215,7 @@ final class PlainHTTPHandler: HTTP1Handler {
         responder.respond(plain(request))
     }
 
-    private func plain(_ request: HTTP1Request) -> HTTP1Response {
+    func plain(_ request: HTTP1Request) -> HTTP1Response {
         let get = request.method == "GET" || request.method == "HEAD"
         switch request.path {
         case "/health":
@@ -215,6 +230,93 @@ final class PlainHTTPHandler: HTTP1Handler {
         default:
             return .error(status: 404, grpcCode: 5, message: "Not Found")
         }
+    }
+}
+
+/// Non-gRPC HTTP/2 requests on one connection (h2c; one per connection, as stream ids are): the same gateway and plain endpoints.
+final class PlainHTTP2Requests: PlainHTTP2Handler {
+    unowned let core: VigilServerCore
+    private var open: [Int32: HTTP2GatewayResponder] = [:]
+    init(core: VigilServerCore) { self.core = core }
+
+    func handle(stream: Int32, headers: [HeaderField], body: [UInt8], session: HTTP2Session, flush: @escaping () -> Void) {
+        let method = headers.first { $0.name == ":method" }?.value ?? "GET"
+        let url = headers.first { $0.name == ":path" }?.value ?? "/"
+        let out = HTTP2GatewayResponder(session: session, stream: stream, flush: flush)
+        let request = HTTP1Request(method: method, url: url, headers: headers.filter { !$0.name.hasPrefix(":") }, body: body)
+        if Gateway.handles(request.path) {
+            open[stream] = out
+            core.services.gateway.handle(method: method, path: request.path, body: body, headers: request.headers, out)
+        } else {
+            let r = (core.http1Handler as? PlainHTTPHandler)?.plain(request)
+                ?? HTTP1Response.error(status: 404, grpcCode: 5, message: "Not Found")
+            out.respond(status: r.status, body: r.body, contentType: r.headers.first?.value ?? "application/json")
+        }
+    }
+
+    func streamClosed(_ stream: Int32) {
+        guard let out = open.removeValue(forKey: stream) else { return }
+        out.closed()
+    }
+
+    /// The connection went away: every stream still answering hears it.
+    func connectionClosed() {
+        let all = open.values
+        open.removeAll()
+        for out in all { out.closed() }
+    }
+}
+
+/// The gateway's answers written on an HTTP/2 stream.
+final class HTTP2GatewayResponder: GatewayResponder {
+    let session: HTTP2Session
+    let stream: Int32
+    let flush: () -> Void
+    private var done = false
+    var onClose: (() -> Void)?
+
+    init(session: HTTP2Session, stream: Int32, flush: @escaping () -> Void) {
+        self.session = session
+        self.stream = stream
+        self.flush = flush
+    }
+
+    func respond(status: Int, body: [UInt8]) { respond(status: status, body: body, contentType: "application/json") }
+
+    func respond(status: Int, body: [UInt8], contentType: String) {
+        guard !done else { return }
+        done = true
+        session.respond(stream, headers: [(":status", String(status)), ("content-type", contentType)], endStream: false)
+        session.send(body, on: stream)
+        session.finish(stream, trailers: [])
+        flush()
+    }
+
+    func startStream() {
+        session.respond(stream, headers: [(":status", "200"), ("content-type", "application/json")], endStream: false)
+        flush()
+    }
+
+    func send(_ chunk: [UInt8]) {
+        guard !done else { return }
+        session.send(chunk, on: stream)
+        flush()
+    }
+
+    func finish() {
+        guard !done else { return }
+        done = true
+        session.finish(stream, trailers: [])
+        flush()
+    }
+
+    var queuedBytes: Int { session.queuedBytes(stream) }
+
+    func closed() {
+        done = true
+        let cb = onClose
+        onClose = nil
+        cb?()
     }
 }
 

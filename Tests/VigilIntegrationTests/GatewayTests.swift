@@ -105,6 +105,31 @@ import VigilTesting
         #expect(lines[1].contains(#""value":"MQ==""#) && lines[2].contains(#""value":"Mg==""#))
     }
 
+    func metric(_ name: String) throws -> String? {
+        let m = try runCommand(curlPath, ["-s", "\(server.url)/metrics"]).stdout
+        return m.split(separator: "\n").first { $0.hasPrefix(name + " ") }.map { String($0.split(separator: " ")[1]) }
+    }
+
+    @Test func sameGatewayOverH2CAndStreamsEndWithTheirClients() throws {
+        let put = try runCommand(curlPath, ["-s", "--http2-prior-knowledge", "-X", "POST", "\(server.url)/v3/kv/put",
+                                            "-d", #"{"key":"aDI=","value":"eQ=="}"#])
+        #expect(put.stdout.hasPrefix(#"{"header":{"cluster_id":"14841639068965178418""#))
+        let health = try runCommand(curlPath, ["-s", "--http2-prior-knowledge", "\(server.url)/health"])
+        #expect(health.stdout == #"{"health":"true"}"#)
+        for h2 in [true, false] {
+            let w = try BackgroundCommand(curlPath, ["-s", "-N"] + (h2 ? ["--http2-prior-knowledge"] : []) +
+                                          ["-X", "POST", "\(server.url)/v3/watch", "-d", #"{"create_request":{"key":"aDI="}}"#])
+            #expect(w.wait { $0.contains(#""created":true"#) })
+            #expect(try metric("etcd_debugging_mvcc_watcher_total") == "1")
+            _ = w.stop()
+            // The client left: its watch stream and watcher are gone.
+            let deadline = Date().addingTimeInterval(5)
+            while Date() < deadline, try metric("etcd_debugging_mvcc_watcher_total") != "0" { usleep(50_000) }
+            #expect(try metric("etcd_debugging_mvcc_watcher_total") == "0")
+            #expect(try metric("etcd_debugging_mvcc_watch_stream_total") == "0")
+        }
+    }
+
     @Test func keepAliveOverHTTP() throws {
         _ = try post("/v3/lease/grant", #"{"TTL":"30","ID":"5"}"#)
         let (s, body) = try post("/v3/lease/keepalive", #"{"ID":"5"}{"ID":"6"}"#)
@@ -160,7 +185,18 @@ import VigilTesting
         let version = try runCommand(curlPath, ["-s", "\(server.url)/version"])
         #expect(json(version.stdout)?["etcdserver"] as? String == "3.4.23")
         #expect(json(version.stdout)?["etcdcluster"] as? String == "3.4.0")
+        let c = try BlockingClient(port: server.port)
+        var r = Etcdserverpb_RangeRequest()
+        r.key = Data("m".utf8)
+        _ = c.call("/etcdserverpb.KV/Range", r, as: Etcdserverpb_RangeResponse.self)
+        r.key = Data()
+        _ = c.call("/etcdserverpb.KV/Range", r, as: Etcdserverpb_RangeResponse.self)
         let metrics = try runCommand(curlPath, ["-s", "\(server.url)/metrics"])
+        #expect(metrics.stdout.contains(#"grpc_server_handled_total{grpc_code="OK",grpc_method="Range",grpc_service="etcdserverpb.KV",grpc_type="unary"} 1"#))
+        #expect(metrics.stdout.contains(#"grpc_server_handled_total{grpc_code="InvalidArgument",grpc_method="Range",grpc_service="etcdserverpb.KV",grpc_type="unary"} 1"#))
+        #expect(metrics.stdout.contains(#"grpc_server_handling_seconds_count{grpc_method="Range",grpc_service="etcdserverpb.KV",grpc_type="unary"} 2"#))
+        #expect(metrics.stdout.contains("vigil_loop_turn_seconds_count "))
+        #expect(metrics.stdout.contains("vigil_lease_total 0"))
         #expect(metrics.stdout.contains("etcd_debugging_mvcc_current_revision "))
         #expect(metrics.stdout.contains("etcd_debugging_mvcc_watcher_total "))
     }
