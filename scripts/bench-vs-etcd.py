@@ -136,7 +136,8 @@ WATCH_COLUMNS = {
                   ("cpu_us_per_renewal", "CPU µs/renewal", "{:.1f}"), ("expired_answers", "TTL 0 answers", "{}")],
     "leases": [("grants_per_s", "grants/s", "{:.0f}"), ("bytes_per_lease", "B/lease", "{:.0f}")],
     "lease-expiry": [("seconds_to_expire_all", "s until all expired", "{:.1f}"),
-                     ("longest_read_ms", "longest read ms", "{:.1f}"), ("left", "keys left", "{}")],
+                     ("longest_read_ms", "longest read ms", "{:.1f}"), ("left", "keys left", "{}"),
+                     ("loop_turn_max_ms", "longest loop turn ms (Vigil)", "{:.1f}")],
 }
 
 
@@ -146,6 +147,19 @@ def columns_for(workload):
     if workload in ("watchers", "leases", "lease-expiry"):
         return WATCH_COLUMNS[workload]
     return WATCH_COLUMNS["watch"]
+
+
+def loop_turn_max_ms(server):
+    """Vigil's longest loop turn so far, from its /metrics (etcd has no such figure)."""
+    import urllib.request
+    try:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{server.port}/metrics", timeout=10).read().decode()
+    except OSError:
+        return 0
+    for line in text.splitlines():
+        if line.startswith("vigil_loop_turn_seconds_max "):
+            return float(line.split()[1]) * 1000
+    return 0
 
 
 def run_watch(bench_bin, vigil_bin, workload, a):
@@ -160,7 +174,9 @@ def run_watch(bench_bin, vigil_bin, workload, a):
                 cmd = [bench_bin, "--endpoint", f"127.0.0.1:{server.port}", "--conns", "1", "--clients", "1",
                        "--max-seconds", "600", "--server-pid", str(server.proc.pid)] + WATCH_WORKLOADS[workload] + extra
                 res = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=1800).stdout
-                runs.append(json.loads(res.strip().splitlines()[-1]))
+                r = json.loads(res.strip().splitlines()[-1])
+                r["loop_turn_max_ms"] = loop_turn_max_ms(server) if k == "vigil" else 0
+                runs.append(r)
             finally:
                 server.stop()
         out[k] = {f: statistics.median(r[f] for r in runs) for f, _, _ in columns_for(workload)}
