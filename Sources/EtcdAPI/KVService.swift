@@ -152,6 +152,7 @@ public final class KVService {
     /// A top-level Put. Returns the response and the revision to wait for.
     public func put(_ r: PutRequest) throws(EtcdError) -> (PutResponse, Int64) {
         try validatePut(r)
+        try ctx.checkQuota(Self.putCost(r))
         let txn = store.beginWrite()
         try checkPutApplicable(r, txn)
         var resp = applyPut(r, txn)
@@ -181,8 +182,25 @@ public final class KVService {
 
     // MARK: Txn
 
+    /// etcd's quota cost of a put: its size plus a fixed overhead for the index.
+    static func putCost(_ r: PutRequest) -> Int { r.key.count + r.value.count + 256 }
+
+    /// The cost of every put in a txn, both branches and nested txns.
+    static func txnCost(_ r: TxnRequest) -> Int {
+        var cost = 0
+        for op in r.success + r.failure {
+            switch op.request {
+            case .requestPut(let p): cost += putCost(p)
+            case .requestTxn(let t): cost += txnCost(t)
+            default: break
+            }
+        }
+        return cost
+    }
+
     public func txn(_ r: TxnRequest) throws(EtcdError) -> (TxnResponse, Int64) {
         try validateTxn(r, budget: ctx.limits.maxTxnOps)
+        try ctx.checkQuota(Self.txnCost(r))
         _ = try checkIntervals(r.success)
         _ = try checkIntervals(r.failure)
         let txn = store.beginWrite()

@@ -118,6 +118,7 @@ public final class Lessor {
     /// Grants a lease (ID 0: the server picks one). Returns the ID and the granted TTL.
     public func grant(id: Int64, ttl: Int64) throws(EtcdError) -> (id: Int64, ttl: Int64) {
         if ttl > Self.maxTTL { throw .leaseTTLTooLarge }
+        try ctx.checkQuota(64)
         let ttl = max(ttl, Self.minTTL)
         let id = id == 0 ? nextID() : id
         if leases[id] != nil { throw .leaseExist }

@@ -44,6 +44,15 @@ public protocol CommitGate: AnyObject {
     func published(_ events: [Event], revision: Int64)
 }
 
+/// The backend operations Maintenance needs; each runs off the loop and calls back on it.
+public protocol MaintenanceBackend: AnyObject {
+    func defragment(_ done: @escaping ((any Error)?) -> Void)
+    func hash(_ done: @escaping (Result<UInt32, any Error>) -> Void)
+    /// Writes a consistent copy of the store to a temporary file and gives its path (the caller
+    /// deletes it).
+    func snapshot(_ done: @escaping (Result<String, any Error>) -> Void)
+}
+
 /// Shared state of the services: store, identity, limits, commit gate.
 public final class ServerContext {
     public let store: KVStore
@@ -52,8 +61,27 @@ public final class ServerContext {
     public unowned let gate: any CommitGate
     /// Tells whether a lease exists (a lessor plugs in here; without one, no lease exists).
     public var leaseExists: (Int64) -> Bool = { _ in false }
-    /// Size of the backend file in bytes.
+    /// Size of the backend file in bytes (as of the last commit).
     public var dbSize: () -> Int64 = { 0 }
+    /// Bytes of the backend holding data (free pages excluded).
+    public var dbSizeInUse: () -> Int64 = { 0 }
+    /// `--quota-backend-bytes` (already defaulted).
+    public var quotaBytes: Int64 = 2 << 30
+    /// Defragment, hash and snapshot, which need the backend and the thread pool.
+    public weak var maintenance: (any MaintenanceBackend)?
+    public private(set) lazy var alarms = Alarms(store: store, memberID: identity.memberID)
+
+    /// etcd's quota check before a write that adds `cost` bytes: refused while NOSPACE is active,
+    /// and raises NOSPACE when the write would pass the quota.
+    public func checkQuota(_ cost: Int) throws(EtcdError) {
+        guard cost > 0 else { return }
+        if alarms.isActive(.corrupt) { throw .corrupt }
+        if alarms.isActive(.nospace) { throw .noSpace }
+        if dbSize() + Int64(cost) > quotaBytes {
+            alarms.activate(.nospace)
+            throw .noSpace
+        }
+    }
 
     public init(store: KVStore, identity: MemberIdentity, limits: Limits, gate: any CommitGate) {
         self.store = store

@@ -28,6 +28,7 @@ public final class EtcdServices {
         let lessor = Lessor(context: context, meta: meta, now: now)
         self.lessor = lessor
         context.leaseExists = { lessor.exists($0) }
+        context.alarms.restore(meta)
         registerKV()
         registerLease()
         let watch = self.watch
@@ -197,8 +198,71 @@ public final class EtcdServices {
             resp.raftIndex = UInt64(max(ctx.store.committedRevision, 0))
             resp.raftAppliedIndex = resp.raftIndex
             resp.dbSize = ctx.dbSize()
-            resp.dbSizeInUse = resp.dbSize
+            resp.dbSizeInUse = ctx.dbSizeInUse()
+            resp.errors = ctx.alarms.statusErrors
             reply.ok(resp)
+        }
+        unary("/etcdserverpb.Maintenance/Alarm") { (r: Etcdserverpb_AlarmRequest, _, reply: Reply<Etcdserverpb_AlarmResponse>) in
+            var resp = Etcdserverpb_AlarmResponse()
+            resp.header = ctx.header(ctx.store.committedRevision)
+            switch r.action {
+            case .get:
+                resp.alarms = ctx.alarms.active.filter { r.alarm == .none || $0.alarm == r.alarm }
+            case .activate:
+                if r.alarm != .none { resp.alarms = [ctx.alarms.activate(r.alarm, member: r.memberID)] }
+            case .deactivate:
+                if let a = ctx.alarms.deactivate(r.alarm) { resp.alarms = [a] }
+            default:
+                break
+            }
+            ctx.gate.whenFlushed { reply.ok(resp) }
+        }
+        unary("/etcdserverpb.Maintenance/Defragment") { (_: Etcdserverpb_DefragmentRequest, _, reply: Reply<Etcdserverpb_DefragmentResponse>) throws(EtcdError) in
+            guard let m = ctx.maintenance else { throw .notCapable }
+            m.defragment { error in
+                if let error { reply.fail(EtcdError(.internal, "etcdserver: defragment failed: \(error)")) } else {
+                    reply.ok(Etcdserverpb_DefragmentResponse())
+                }
+            }
+        }
+        unary("/etcdserverpb.Maintenance/Hash") { (_: Etcdserverpb_HashRequest, _, reply: Reply<Etcdserverpb_HashResponse>) throws(EtcdError) in
+            guard let m = ctx.maintenance else { throw .notCapable }
+            let rev = ctx.store.currentRevision
+            m.hash { result in
+                switch result {
+                case .success(let h):
+                    var resp = Etcdserverpb_HashResponse()
+                    resp.header = ctx.header(rev)
+                    resp.hash = h
+                    reply.ok(resp)
+                case .failure(let e): reply.fail(EtcdError(.internal, "etcdserver: hash failed: \(e)"))
+                }
+            }
+        }
+        unary("/etcdserverpb.Maintenance/HashKV") { (r: Etcdserverpb_HashKVRequest, _, reply: Reply<Etcdserverpb_HashKVResponse>) throws(EtcdError) in
+            var resp = Etcdserverpb_HashKVResponse()
+            do throws(MVCCError) { resp.hash = try ctx.store.hashKV(revision: r.revision) } catch { throw EtcdError.from(error) }
+            resp.compactRevision = max(ctx.store.compactRevision, 0)
+            resp.header = ctx.header(ctx.store.currentRevision)
+            reply.ok(resp)
+        }
+        unary("/etcdserverpb.Maintenance/MoveLeader") { (r: Etcdserverpb_MoveLeaderRequest, _, reply: Reply<Etcdserverpb_MoveLeaderResponse>) throws(EtcdError) in
+            // One member: it is the leader already; any other target is not a member.
+            guard r.targetID == ctx.identity.memberID else { throw .badLeaderTransferee }
+            var resp = Etcdserverpb_MoveLeaderResponse()
+            resp.header = ctx.header(ctx.store.committedRevision)
+            reply.ok(resp)
+        }
+        routes["/etcdserverpb.Maintenance/Snapshot"] = { call in
+            call.onMessage = { _ in
+                guard let m = ctx.maintenance else { return call.finish(EtcdError.notCapable.status) }
+                m.snapshot { result in
+                    switch result {
+                    case .success(let path): SnapshotSender(call: call, path: path).start()
+                    case .failure(let e): call.finish(GRPCStatus(.internal, "etcdserver: snapshot failed: \(e)"))
+                    }
+                }
+            }
         }
         unary("/etcdserverpb.Cluster/MemberList") { [unowned self] (_: Etcdserverpb_MemberListRequest, _, reply: Reply<Etcdserverpb_MemberListResponse>) in
             var resp = Etcdserverpb_MemberListResponse()
@@ -208,6 +272,79 @@ public final class EtcdServices {
             resp.members = [member()]
             reply.ok(resp)
         }
+        // Membership cannot change: this is a one-member cluster with no peers.
+        let fixed = EtcdError(.failedPrecondition, "etcdserver: membership of a single-member vigil cluster cannot change")
+        unary("/etcdserverpb.Cluster/MemberAdd") { (_: Etcdserverpb_MemberAddRequest, _, _: Reply<Etcdserverpb_MemberAddResponse>) throws(EtcdError) in
+            throw fixed
+        }
+        unary("/etcdserverpb.Cluster/MemberRemove") { (r: Etcdserverpb_MemberRemoveRequest, _, _: Reply<Etcdserverpb_MemberRemoveResponse>) throws(EtcdError) in
+            throw r.id == ctx.identity.memberID ? EtcdError.memberNotEnoughStarted : EtcdError.memberNotFound
+        }
+        unary("/etcdserverpb.Cluster/MemberUpdate") { (r: Etcdserverpb_MemberUpdateRequest, _, _: Reply<Etcdserverpb_MemberUpdateResponse>) throws(EtcdError) in
+            throw r.id == ctx.identity.memberID ? fixed : EtcdError.memberNotFound
+        }
+        unary("/etcdserverpb.Cluster/MemberPromote") { (r: Etcdserverpb_MemberPromoteRequest, _, _: Reply<Etcdserverpb_MemberPromoteResponse>) throws(EtcdError) in
+            throw r.id == ctx.identity.memberID ? EtcdError.memberNotLearner : EtcdError.memberNotFound
+        }
+    }
+}
+
+/// Streams a snapshot file as etcd does: 32 KiB blobs with the bytes remaining after each, then a
+/// last message holding the SHA-256 of everything sent; waits for the client's window between
+/// chunks, so a large store never sits in memory.
+final class SnapshotSender {
+    let call: ServerCall
+    let path: String
+    private var file: FileHandle?
+    private var remaining: UInt64 = 0
+    private var sha = SHA256()
+    private static let chunk = 32 * 1024
+
+    init(call: ServerCall, path: String) {
+        self.call = call
+        self.path = path
+    }
+
+    func start() {
+        guard let f = FileHandle(forReadingAtPath: path),
+              let size = (try? FileManager.default.attributesOfItem(atPath: path)[.size] as? NSNumber)?.uint64Value else {
+            call.finish(GRPCStatus(.internal, "etcdserver: snapshot file missing"))
+            return
+        }
+        file = f
+        remaining = size
+        call.onDrained = { [self] in pump() }
+        call.onEnded = { [self] in cleanup() }
+        pump()
+    }
+
+    private func pump() {
+        guard let file, !call.isFinished else { return cleanup() }
+        // Keep about 1 MiB in flight; continue when the client has taken it.
+        while call.queuedBytes < 1 << 20 {
+            let data = file.readData(ofLength: Self.chunk)
+            if data.isEmpty {
+                var last = Etcdserverpb_SnapshotResponse()
+                last.blob = Data(sha.finish())
+                if let b: [UInt8] = try? last.serializedBytes() { call.send(b) }
+                call.finish(.ok)
+                cleanup()
+                return
+            }
+            sha.update(data)
+            remaining -= UInt64(data.count)
+            var r = Etcdserverpb_SnapshotResponse()
+            r.remainingBytes = remaining
+            r.blob = data
+            if let b: [UInt8] = try? r.serializedBytes() { call.send(b) }
+        }
+        call.notifyWhenDrained()
+    }
+
+    private func cleanup() {
+        try? file?.close()
+        file = nil
+        unlink(path)
     }
 }
 

@@ -1,4 +1,5 @@
 import CLMDB
+import Foundation
 import MVCC
 
 #if canImport(Glibc)
@@ -25,6 +26,10 @@ public final class LMDBBackend: Backend, @unchecked Sendable {
     private var keyDB: MDB_dbi = 0
     private var metaDB: MDB_dbi = 0
     public let path: String
+    private let mapSize: Int
+    private let flags: UInt32
+    /// Serializes use of `env` between the loop (sizes) and the thread pool (commits, defrag, copies).
+    private let lock = NSLock()
 
     /// Opens (creating if needed) the environment in directory `path`.
     /// - Parameters:
@@ -32,13 +37,20 @@ public final class LMDBBackend: Backend, @unchecked Sendable {
     ///   - noSync: skip fsync at commit (etcd's `--unsafe-no-fsync`; tests only).
     public init(path: String, mapSize: Int, noSync: Bool = false) throws {
         self.path = path
+        self.mapSize = mapSize
+        var flags = UInt32(MDB_NOTLS)
+        if noSync { flags |= UInt32(MDB_NOSYNC) }
+        self.flags = flags
         mkdir(path, 0o700)
+        try open()
+        refreshSizes()
+    }
+
+    private func open() throws {
         try check(mdb_env_create(&env))
         do {
             try check(mdb_env_set_maxdbs(env, 4))
             try check(mdb_env_set_mapsize(env, mapSize))
-            var flags = UInt32(MDB_NOTLS)
-            if noSync { flags |= UInt32(MDB_NOSYNC) }
             try check(mdb_env_open(env, path, flags, 0o600))
             var txn: OpaquePointer?
             try check(mdb_txn_begin(env, nil, 0, &txn))
@@ -93,6 +105,8 @@ public final class LMDBBackend: Backend, @unchecked Sendable {
     }
 
     public func commit(_ batch: WriteBatch) throws {
+        lock.lock()
+        defer { lock.unlock() }
         var txn: OpaquePointer?
         try check(mdb_txn_begin(env, nil, 0, &txn))
         do {
@@ -124,6 +138,7 @@ public final class LMDBBackend: Backend, @unchecked Sendable {
             mdb_txn_abort(txn)
             throw error
         }
+        refreshSizes()
     }
 
     private func put(_ txn: OpaquePointer?, _ dbi: MDB_dbi, _ key: Bytes, _ value: Bytes) throws {
@@ -138,12 +153,108 @@ public final class LMDBBackend: Backend, @unchecked Sendable {
     }
 
     /// Bytes the data file occupies (LMDB's last used page × page size).
-    public var sizeInUse: Int {
+    private let sizeLock = NSLock()
+    private var cachedSizes = (allocated: 0, inUse: 0)
+
+    /// The sizes as of the last commit or defragment (never waits for a commit in progress).
+    public var lastSizes: (allocated: Int, inUse: Int) {
+        sizeLock.lock()
+        defer { sizeLock.unlock() }
+        return cachedSizes
+    }
+
+    public var sizeInUse: Int { lastSizes.allocated }
+
+    private func refreshSizes() {
+        let s = measureSizes()
+        sizeLock.lock()
+        cachedSizes = s
+        sizeLock.unlock()
+    }
+
+    /// Bytes the data file's pages span (etcd's dbSize) and those holding data, free pages
+    /// excluded (dbSizeInUse). Call with `lock` held.
+    private func measureSizes() -> (allocated: Int, inUse: Int) {
         var info = MDB_envinfo()
         var stat = MDB_stat()
         mdb_env_info(env, &info)
         mdb_env_stat(env, &stat)
-        return (info.me_last_pgno + 1) * Int(stat.ms_psize)
+        let pages = info.me_last_pgno + 1
+        // The free list (database 0): each value is a count followed by that many page numbers.
+        var free = 0
+        var txn: OpaquePointer?
+        if mdb_txn_begin(env, nil, UInt32(MDB_RDONLY), &txn) == 0 {
+            var cursor: OpaquePointer?
+            if mdb_cursor_open(txn, 0, &cursor) == 0 {
+                var k = MDB_val(), v = MDB_val()
+                var rc = mdb_cursor_get(cursor, &k, &v, MDB_FIRST)
+                while rc == 0 {
+                    if v.mv_size >= MemoryLayout<Int>.size {
+                        free += v.mv_data.loadUnaligned(as: Int.self)
+                    }
+                    rc = mdb_cursor_get(cursor, &k, &v, MDB_NEXT)
+                }
+                mdb_cursor_close(cursor)
+            }
+            mdb_txn_abort(txn)
+        }
+        let psize = Int(stat.ms_psize)
+        return (pages * psize, max(0, pages - free) * psize)
+    }
+
+    /// Rewrites the data file without free pages (etcd's defragment): a compacting copy that
+    /// replaces the file, then the environment is reopened on it.
+    public func defragment() throws {
+        lock.lock()
+        defer { lock.unlock() }
+        let tmp = path + "/defrag"
+        mkdir(tmp, 0o700)
+        defer { unlink(tmp + "/data.mdb"); rmdir(tmp) }
+        try check(mdb_env_copy2(env, tmp, UInt32(MDB_CP_COMPACT)))
+        let fd = Glibc.open(tmp + "/data.mdb", O_RDONLY)
+        if fd >= 0 { fsync(fd); close(fd) }
+        mdb_env_close(env)
+        env = nil
+        guard rename(tmp + "/data.mdb", path + "/data.mdb") == 0 else {
+            try open()
+            throw LMDBError(code: errno)
+        }
+        try open()
+        refreshSizes()
+    }
+
+    /// Writes a consistent compacted copy of the store to the file `file` (for snapshots).
+    public func copy(to file: String) throws {
+        lock.lock()
+        defer { lock.unlock() }
+        let fd = Glibc.open(file, O_WRONLY | O_CREAT | O_TRUNC, 0o600)
+        guard fd >= 0 else { throw LMDBError(code: errno) }
+        defer { close(fd) }
+        try check(mdb_env_copyfd2(env, fd, UInt32(MDB_CP_COMPACT)))
+        fsync(fd)
+    }
+
+    /// CRC-32C over every record and meta entry (Maintenance.Hash).
+    public func hash() throws -> UInt32 {
+        lock.lock()
+        defer { lock.unlock() }
+        var crc = CRC32C()
+        var txn: OpaquePointer?
+        try check(mdb_txn_begin(env, nil, UInt32(MDB_RDONLY), &txn))
+        defer { mdb_txn_abort(txn) }
+        for dbi in [keyDB, metaDB] {
+            var cursor: OpaquePointer?
+            try check(mdb_cursor_open(txn, dbi, &cursor))
+            var k = MDB_val(), v = MDB_val()
+            var rc = mdb_cursor_get(cursor, &k, &v, MDB_FIRST)
+            while rc == 0 {
+                crc.update(UnsafeRawBufferPointer(start: k.mv_data, count: k.mv_size))
+                crc.update(UnsafeRawBufferPointer(start: v.mv_data, count: v.mv_size))
+                rc = mdb_cursor_get(cursor, &k, &v, MDB_NEXT)
+            }
+            mdb_cursor_close(cursor)
+        }
+        return crc.value
     }
 }
 

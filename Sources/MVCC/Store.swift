@@ -275,6 +275,36 @@ public final class KVStore {
         committedRevision = max(committedRevision, revision)
     }
 
+    /// CRC-32C over the history kept up to `revision` (0 = current), in revision order: equal
+    /// histories (same writes, same compaction) give equal hashes (etcd's HashKV).
+    public func hashKV(revision: Int64) throws(MVCCError) -> UInt32 {
+        let upTo = revision <= 0 ? currentRevision : revision
+        if upTo > currentRevision { throw .futureRevision }
+        if compactRevision > 0 && upTo < compactRevision { throw .compacted }
+        var records: [(Revision, Bytes, KeyValue?)] = []
+        for (key, h) in index {
+            for (i, rev) in h.revs.enumerated() where rev.main <= upTo { records.append((rev, key, h.states[i])) }
+        }
+        records.sort { $0.0 < $1.0 }
+        var crc = CRC32C()
+        func int(_ v: Int64) {
+            var b = v.bigEndian
+            withUnsafeBytes(of: &b) { crc.update($0) }
+        }
+        for (rev, key, kv) in records {
+            crc.update(rev.bytes)
+            int(Int64(key.count))
+            crc.update(key)
+            if let kv {
+                int(kv.createRevision); int(kv.version); int(kv.lease); int(Int64(kv.value.count))
+                crc.update(kv.value)
+            } else {
+                int(-1)
+            }
+        }
+        return crc.value
+    }
+
     /// Number of keys with history (live or not) in the index.
     public var indexedKeyCount: Int { keys.count }
 }

@@ -57,8 +57,28 @@ final class CommitCoordinator: CommitGate {
         for hook in onPublish { hook(events, revision) }
     }
 
+    private var exclusiveWork: [(work: () -> Void, done: () -> Void)] = []
+
+    /// Runs `work` on the thread pool when no group commit is in flight (and none starts until it
+    /// is done), then `done` on the loop: defragment and snapshot copies see a quiet backend.
+    func exclusive(_ work: @escaping () -> Void, done: @escaping () -> Void) {
+        exclusiveWork.append((work, done))
+        startCommitIfNeeded()
+    }
+
     private func startCommitIfNeeded() {
-        guard !inFlight, let batch = store.takeBatch() else { return }
+        guard !inFlight else { return }
+        if !exclusiveWork.isEmpty {
+            let job = exclusiveWork.removeFirst()
+            inFlight = true
+            ThreadPool.submit(on: loop, work: job.work, done: { [unowned self] in
+                inFlight = false
+                job.done()
+                startCommitIfNeeded()
+            })
+            return
+        }
+        guard let batch = store.takeBatch() else { return }
         inFlight = true
         batchesTaken += 1
         let backend = self.backend

@@ -23,6 +23,8 @@ public struct Configuration: Sendable {
     public var unsafeNoFsync = false
     /// `--experimental-watch-progress-notify-interval` in milliseconds (etcd's default: 10 minutes).
     public var watchProgressNotifyIntervalMs: UInt64 = 600_000
+    /// A snapshot file (`etcdctl snapshot save`) to start from when the data directory is empty.
+    public var restoreSnapshot: String?
     /// How long an HTTP/1.1 request may take to arrive in full (slow or half-sent requests get 408).
     public var httpReadTimeoutMs: UInt64 = 10_000
     /// The watch hub's ring and slow-stream bounds.

@@ -32,6 +32,9 @@ final class VigilServerCore {
         self.logger = logger
         let dir = config.dataDir
         try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        if let snap = config.restoreSnapshot {
+            try Self.restore(snapshot: snap, into: dir + "/member", logger: logger)
+        }
         let mapSize = Int(max(config.effectiveQuota * 2, 8 << 30))
         backend = try LMDBBackend(path: dir + "/member", mapSize: mapSize, noSync: config.unsafeNoFsync)
         let (records, meta) = try backend.load()
@@ -44,10 +47,13 @@ final class VigilServerCore {
             clientURLs: config.advertiseClientURLs ?? config.listenClientURLs)
         let ctx = ServerContext(store: store, identity: identity, limits: config.limits, gate: commits)
         let backend = self.backend
-        ctx.dbSize = { Int64(backend.sizeInUse) }
+        ctx.dbSize = { Int64(backend.lastSizes.allocated) }
+        ctx.dbSizeInUse = { Int64(backend.lastSizes.inUse) }
+        ctx.quotaBytes = config.effectiveQuota
         var watchConfig = config.watch
         watchConfig.fragmentBytes = config.limits.maxReceiveMessageBytes
         services = EtcdServices(context: ctx, watchConfig: watchConfig, meta: meta, now: { loop.nowMilliseconds })
+        ctx.maintenance = self
         let hub = services.watch.hub
         let lessor = services.lessor
         commits.onPublish.append { events, _ in lessor.observe(events) }
@@ -58,6 +64,25 @@ final class VigilServerCore {
         logger.info("store loaded", metadata: ["revision": "\(store.currentRevision)",
                                                "compact-revision": "\(store.compactRevision)",
                                                "keys": "\(store.liveKeyCount)"])
+    }
+
+    /// Puts a snapshot file in place as the data file of an empty member directory; a trailing
+    /// SHA-256 (as the Snapshot stream ends) is checked and dropped.
+    static func restore(snapshot: String, into member: String, logger: Logger) throws {
+        let target = member + "/data.mdb"
+        if FileManager.default.fileExists(atPath: target) {
+            logger.warning("--restore-snapshot ignored: the data directory already holds data", metadata: ["file": "\(target)"])
+            return
+        }
+        var data = try Data(contentsOf: URL(fileURLWithPath: snapshot))
+        if data.count > 32 {
+            var sha = SHA256Digest()
+            sha.update(data.prefix(data.count - 32))
+            if Data(sha.finish()) == data.suffix(32) { data = data.prefix(data.count - 32) }
+        }
+        try FileManager.default.createDirectory(atPath: member, withIntermediateDirectories: true)
+        try data.write(to: URL(fileURLWithPath: target))
+        logger.info("restored snapshot", metadata: ["file": "\(snapshot)", "bytes": "\(data.count)"])
     }
 
     func listen() throws -> [Int] {
@@ -199,6 +224,39 @@ final class VigilServerCore {
     }
 }
 
+extension VigilServerCore: MaintenanceBackend {
+    func defragment(_ done: @escaping ((any Error)?) -> Void) {
+        let backend = self.backend
+        var failure: (any Error)?
+        let started = loop.nowMilliseconds
+        commits.exclusive({
+            do { try backend.defragment() } catch { failure = error }
+        }, done: { [logger, loop] in
+            logger.info("defragmented", metadata: ["took_ms": "\(loop.nowMilliseconds - started)",
+                                                   "db_size": "\(backend.lastSizes.allocated)"])
+            done(failure)
+        })
+    }
+
+    func hash(_ done: @escaping (Result<UInt32, any Error>) -> Void) {
+        let backend = self.backend
+        var result: Result<UInt32, any Error> = .failure(EtcdError.notCapable)
+        commits.exclusive({ result = Result { try backend.hash() } }, done: { done(result) })
+    }
+
+    func snapshot(_ done: @escaping (Result<String, any Error>) -> Void) {
+        let backend = self.backend
+        let file = config.dataDir + "/member/snapshot-\(UInt64.random(in: 0...UInt64.max)).db"
+        var result: Result<String, any Error> = .failure(EtcdError.notCapable)
+        commits.exclusive({
+            result = Result {
+                try backend.copy(to: file)
+                return file
+            }
+        }, done: { done(result) })
+    }
+}
+
 /// HTTP/1.1 on the client port: the JSON gateway under `/v3/` (and `/v3beta/`), `/health`,
 /// `/version` and `/metrics`.
 final class PlainHTTPHandler: HTTP1Handler {
@@ -220,6 +278,17 @@ final class PlainHTTPHandler: HTTP1Handler {
         switch request.path {
         case "/health":
             guard get else { return .error(status: 405, grpcCode: 12, message: "Method Not Allowed") }
+            // Unhealthy while an alarm is active, unless the query excludes it (?exclude=NOSPACE).
+            let query = request.url.split(separator: "?", maxSplits: 1).dropFirst().first.map(String.init) ?? ""
+            let excluded = Set(query.split(separator: "&").compactMap { p -> String? in
+                let kv = p.split(separator: "=", maxSplits: 1)
+                return kv.count == 2 && kv[0] == "exclude" ? String(kv[1]) : nil
+            })
+            let alarms = core.services.context.alarms.active
+                .map { $0.alarm == .nospace ? "NOSPACE" : "CORRUPT" }.filter { !excluded.contains($0) }
+            if let first = alarms.first {
+                return HTTP1Response(status: 503, body: Array(#"{"health":"false","reason":"ALARM \#(first)"}"#.utf8))
+            }
             return HTTP1Response(status: 200, body: Array(#"{"health":"true"}"#.utf8))
         case "/metrics":
             guard get else { return .error(status: 405, grpcCode: 12, message: "Method Not Allowed") }

@@ -51,6 +51,9 @@ struct VigilCommand: ParsableCommand {
     @Option(name: .customLong("http-read-timeout"),
             help: "Seconds an HTTP/1.1 request may take to arrive in full before it is answered 408 (default 10).")
     var httpReadTimeout: Double?
+    @Option(name: .customLong("restore-snapshot"),
+            help: "A file from `etcdctl snapshot save` to start from when --data-dir holds no data yet.")
+    var restoreSnapshot: String?
     @Flag(name: .customLong("unsafe-no-fsync"), help: "Disables fsync: unsafe, for tests only.")
     var unsafeNoFsync = false
 
@@ -104,6 +107,7 @@ struct VigilCommand: ParsableCommand {
             guard v > 0 else { throw ValidationError("--http-read-timeout must be positive") }
             c.httpReadTimeoutMs = UInt64(v * 1000)
         }
+        c.restoreSnapshot = restoreSnapshot
         c.unsafeNoFsync = unsafeNoFsync || ProcessInfo.processInfo.environment["ETCD_UNSAFE_NO_FSYNC"] == "true"
         _ = try c.listenAddresses()
         return c
