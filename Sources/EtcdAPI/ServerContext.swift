@@ -71,6 +71,25 @@ public final class ServerContext {
     public weak var maintenance: (any MaintenanceBackend)?
     public private(set) lazy var alarms = Alarms(store: store, memberID: identity.memberID)
 
+    private var compactionWaiters: [() -> Void] = []
+
+    /// Runs `body` once the compaction in progress has removed its history and that is durable
+    /// (at the next flush if none is in progress): a physical Compact answers then.
+    public func whenCompacted(_ body: @escaping () -> Void) {
+        if store.compactionPending { compactionWaiters.append(body) } else { gate.whenFlushed(body) }
+    }
+
+    /// Removes a bounded slice of compacted history (the server calls this each loop turn while
+    /// `store.compactionPending`); returns true when the compaction is complete.
+    @discardableResult
+    public func compactionStep(maxKeys: Int) -> Bool {
+        guard store.compactStep(maxKeys: maxKeys) else { return false }
+        let waiters = compactionWaiters
+        compactionWaiters = []
+        for w in waiters { gate.whenFlushed(w) }
+        return true
+    }
+
     /// etcd's quota check before a write that adds `cost` bytes: refused while NOSPACE is active,
     /// and raises NOSPACE when the write would pass the quota.
     public func checkQuota(_ cost: Int) throws(EtcdError) {

@@ -104,7 +104,7 @@ public final class EtcdServices {
             var resp = Etcdserverpb_CompactionResponse()
             resp.header = context.header(rev)
             if r.physical {
-                gate.whenDurable(context.store.currentRevision) { reply.ok(resp) }
+                context.whenCompacted { reply.ok(resp) }
             } else {
                 reply.ok(resp)
             }

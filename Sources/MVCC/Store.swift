@@ -218,33 +218,59 @@ public final class KVStore {
         pending.meta[MetaKey.currentRevision] = revision
     }
 
-    /// Removes history below `revision`: for each key, every change older than its newest change at or
-    /// before `revision` (and that one too if it is a deletion). Reads below `revision` then fail with
-    /// `compacted`.
+    /// Keys still to prune for the compaction in progress, and the revision to prune to.
+    private var compactionKeys: [Bytes] = []
+    private var compactionNext = 0
+    private var compactionPrune: Int64 = 0
+
+    /// Whether removal of compacted history is still under way (see `compactStep`).
+    public var compactionPending: Bool { compactionNext < compactionKeys.count }
+
+    /// Compacts at `revision`: reads below it fail with `compacted` from now on; the history
+    /// itself — for each key, every change older than its newest change at or before `revision`
+    /// (and that one too if it is a deletion) — is removed by `compactStep` calls, a bounded number
+    /// of keys at a time, so that a large compaction never holds the loop.
     public func compact(_ revision: Int64) throws(MVCCError) {
         if revision <= compactRevision { throw .compacted }
         if revision > currentRevision { throw .futureRevision }
         compactRevision = revision
+        pending.meta[MetaKey.compactRevision] = revision
         // Prune no further than what readers at the committed revision still need; the rest of the
         // history below `revision` goes at the next compaction.
-        let prune = min(revision, committedRevision)
-        var emptied: [Bytes] = []
-        for (key, h) in index {
-            guard var keep = h.lastIndex(atOrBefore: prune) else { continue }
+        compactionPrune = min(revision, committedRevision)
+        compactionKeys = Array(index.keys)
+        compactionNext = 0
+    }
+
+    /// Removes the compacted history of up to `maxKeys` keys; returns true when none is left.
+    @discardableResult
+    public func compactStep(maxKeys: Int = 10_000) -> Bool {
+        let end = min(compactionKeys.count, compactionNext + maxKeys)
+        while compactionNext < end {
+            let key = compactionKeys[compactionNext]
+            compactionNext += 1
+            guard let h = index[key], var keep = h.lastIndex(atOrBefore: compactionPrune) else { continue }
             if h.states[keep] == nil { keep += 1 }
             if keep > 0 {
                 pending.removed.append(contentsOf: h.revs[0..<keep])
                 h.revs.removeFirst(keep)
                 h.states.removeFirst(keep)
             }
-            if h.revs.isEmpty { emptied.append(key) }
+            if h.revs.isEmpty {
+                index[key] = nil
+                keys.remove(key)
+            }
         }
-        for k in emptied {
-            index[k] = nil
-            keys.remove(k)
+        if compactionNext >= compactionKeys.count {
+            compactionKeys = []
+            compactionNext = 0
+            return true
         }
-        pending.meta[MetaKey.compactRevision] = revision
+        return false
     }
+
+    /// Runs a compaction's removal to the end at once (tests, tools).
+    public func finishCompaction() { while !compactStep(maxKeys: Int.max) {} }
 
     /// Records a meta entry (e.g. a lease) in the next group commit.
     public func setMeta(_ name: String, _ value: Int64) {

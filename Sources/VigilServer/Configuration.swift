@@ -23,6 +23,23 @@ public struct Configuration: Sendable {
     public var unsafeNoFsync = false
     /// `--experimental-watch-progress-notify-interval` in milliseconds (etcd's default: 10 minutes).
     public var watchProgressNotifyIntervalMs: UInt64 = 600_000
+    /// Keys whose compacted history is removed per loop turn.
+    public var compactionBatchKeys = 5_000
+    /// `--auto-compaction-mode` ("periodic" or "revision"; empty = off) and
+    /// `--auto-compaction-retention` ("1h", "30m", "1000"; for periodic a bare number is hours).
+    public var autoCompactionMode = ""
+    public var autoCompactionRetention = "0"
+    /// How often revision-mode auto-compaction checks.
+    public var autoCompactionCheckMs: UInt64 = 300_000
+
+    /// Parses a Go-style duration with one unit: "10m", "5s", "100ms", "1h".
+    public static func durationMs(_ s: String) -> UInt64? {
+        for (unit, factor) in [("ms", 1.0), ("h", 3_600_000.0), ("m", 60_000.0), ("s", 1000.0)] where s.hasSuffix(unit) {
+            guard let n = Double(s.dropLast(unit.count)), n >= 0 else { return nil }
+            return UInt64(n * factor)
+        }
+        return nil
+    }
     /// A snapshot file (`etcdctl snapshot save`) to start from when the data directory is empty.
     public var restoreSnapshot: String?
     /// How long an HTTP/1.1 request may take to arrive in full (slow or half-sent requests get 408).
@@ -59,4 +76,10 @@ public struct Configuration: Sendable {
         if host.isEmpty { host = "0.0.0.0" }
         return (host, port)
     }
+}
+
+/// A configuration that cannot be served.
+public struct ConfigurationError: Error, CustomStringConvertible {
+    public let description: String
+    public init(_ description: String) { self.description = description }
 }

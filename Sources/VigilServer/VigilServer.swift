@@ -60,6 +60,7 @@ final class VigilServerCore {
         commits.onPublish.append { events, revision in hub.publish(events, revision: revision) }
         commits.onCommitted.append { revision in hub.advance(to: revision) }
         loop.addBeforeSleep { [unowned self] in catchUpWatchers() }
+        loop.addBeforeSleep { [unowned self] in compactInSteps() }
         loop.measureTurns { [unowned self] ns in metrics.turn(nanoseconds: ns) }
         logger.info("store loaded", metadata: ["revision": "\(store.currentRevision)",
                                                "compact-revision": "\(store.compactRevision)",
@@ -124,6 +125,24 @@ final class VigilServerCore {
     private var catchUpTimer: LoopTimer?
     private var progressTimer: LoopTimer?
     var metrics = ServerMetrics()
+    private var compactionTimer: LoopTimer?
+    private var autoCompactor: AutoCompactor?
+
+    func startAutoCompaction() throws {
+        guard let mode = try AutoCompactor.mode(config) else { return }
+        autoCompactor = AutoCompactor(loop: loop, services: services, mode: mode, logger: logger)
+        autoCompactor?.start()
+    }
+
+    /// Removes compacted history a slice per loop turn; while some remains, a zero timeout keeps
+    /// the loop turning (requests are served between slices).
+    private func compactInSteps() {
+        guard store.compactionPending else { return }
+        if !services.context.compactionStep(maxKeys: config.compactionBatchKeys), compactionTimer == nil {
+            compactionTimer = LoopTimer(loop: loop, timeoutMs: 0) { [unowned self] in compactionTimer = nil }
+        }
+    }
+
     private var leaseTimer: LoopTimer?
     private var leaseBacklogTimer: LoopTimer?
 
@@ -212,6 +231,10 @@ final class VigilServerCore {
         catchUpTimer = nil
         leaseTimer?.cancel()
         leaseTimer = nil
+        autoCompactor?.stop()
+        autoCompactor = nil
+        compactionTimer?.cancel()
+        compactionTimer = nil
         leaseBacklogTimer?.cancel()
         leaseBacklogTimer = nil
     }
@@ -446,6 +469,7 @@ public final class VigilServer: @unchecked Sendable {
                 stopLoop()
             })
         }
+        try core.startAutoCompaction()
         ports = try core.listen()
         core.startProgressTimer()
         core.startLeaseTimer()

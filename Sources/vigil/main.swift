@@ -51,6 +51,14 @@ struct VigilCommand: ParsableCommand {
     @Option(name: .customLong("http-read-timeout"),
             help: "Seconds an HTTP/1.1 request may take to arrive in full before it is answered 408 (default 10).")
     var httpReadTimeout: Double?
+    @Option(name: .customLong("auto-compaction-mode"), help: "periodic or revision (default periodic when a retention is set).")
+    var autoCompactionMode: String?
+    @Option(name: .customLong("auto-compaction-retention"),
+            help: "periodic: history to keep (\"1h\", \"30m\"; a bare number is hours); revision: revisions to keep. 0 = off.")
+    var autoCompactionRetention: String?
+    @Option(name: .customLong("auto-compaction-check-interval"),
+            help: "How often revision-mode auto-compaction checks (default 5m, as etcd).")
+    var autoCompactionCheckInterval: String?
     @Option(name: .customLong("restore-snapshot"),
             help: "A file from `etcdctl snapshot save` to start from when --data-dir holds no data yet.")
     var restoreSnapshot: String?
@@ -108,19 +116,19 @@ struct VigilCommand: ParsableCommand {
             c.httpReadTimeoutMs = UInt64(v * 1000)
         }
         c.restoreSnapshot = restoreSnapshot
+        c.autoCompactionRetention = value(autoCompactionRetention, "ETCD_AUTO_COMPACTION_RETENTION") ?? "0"
+        c.autoCompactionMode = value(autoCompactionMode, "ETCD_AUTO_COMPACTION_MODE")
+            ?? (c.autoCompactionRetention == "0" ? "" : "periodic")
+        if let v = autoCompactionCheckInterval {
+            guard let ms = Self.durationMs(v), ms > 0 else { throw ValidationError("invalid --auto-compaction-check-interval \(v)") }
+            c.autoCompactionCheckMs = ms
+        }
         c.unsafeNoFsync = unsafeNoFsync || ProcessInfo.processInfo.environment["ETCD_UNSAFE_NO_FSYNC"] == "true"
         _ = try c.listenAddresses()
         return c
     }
 
-    /// Parses a Go-style duration with one unit: "10m", "5s", "100ms", "1h".
-    static func durationMs(_ s: String) -> UInt64? {
-        for (unit, factor) in [("ms", 1.0), ("h", 3_600_000.0), ("m", 60_000.0), ("s", 1000.0)] where s.hasSuffix(unit) {
-            guard let n = Double(s.dropLast(unit.count)), n >= 0 else { return nil }
-            return UInt64(n * factor)
-        }
-        return nil
-    }
+    static func durationMs(_ s: String) -> UInt64? { Configuration.durationMs(s) }
 
     func logLevelValue() throws -> Logger.Level {
         switch value(logLevel, "ETCD_LOG_LEVEL") ?? "info" {

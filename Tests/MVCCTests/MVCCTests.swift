@@ -126,6 +126,7 @@ private func del(_ s: KVStore, _ k: String, _ end: String = "") -> Int {
         del(s, "b")  // 5
         put(s, "c", "1")  // 6
         try s.compact(5)
+        s.finishCompaction()
         #expect(s.compactRevision == 5)
         #expect(throws: MVCCError.compacted) { try s.range(b("a"), [], revision: 4) }
         #expect(try s.range(b("a"), [], revision: 5).kvs.first?.value == b("2"))
@@ -137,6 +138,27 @@ private func del(_ s: KVStore, _ k: String, _ end: String = "") -> Int {
         #expect(batch.removed.contains(Revision(main: 2)))
         #expect(batch.removed.contains(Revision(main: 5)))
         #expect(!batch.removed.contains(Revision(main: 3)))
+    }
+
+    @Test func compactionRunsInBoundedSteps() throws {
+        let s = KVStore()
+        for i in 0..<100 {
+            put(s, "k\(i)", "1")
+            put(s, "k\(i)", "2")
+        }
+        let rev = s.currentRevision
+        try s.compact(rev)
+        // Logically compacted at once; history removed 10 keys per step.
+        #expect(throws: MVCCError.compacted) { try s.range(b("k1"), [], revision: rev - 1) }
+        #expect(s.compactionPending)
+        var steps = 0
+        while !s.compactStep(maxKeys: 10) { steps += 1 }
+        #expect(steps == 9)
+        #expect(!s.compactionPending)
+        var removed: [Revision] = []
+        while let batch = s.takeBatch() { removed += batch.removed }
+        #expect(removed.count == 100, "one superseded revision per key")
+        #expect(try s.range(b("k"), b("l")).kvs.allSatisfy { $0.value == b("2") })
     }
 
     @Test func restoreRebuildsTheSameState() throws {

@@ -108,4 +108,32 @@ import VigilTesting
         #expect(try ctl.ok("alarm", "list") == "")
         #expect(try ctl.ok("put", "small", "x") == "OK\n")
     }
+
+    func compactRevision(_ ctl: Etcdctl) throws -> Int64 {
+        let out = try ctl.ok("endpoint", "hashkv", "-w", "json")
+        let arr = try JSONSerialization.jsonObject(with: Data(out.utf8)) as? [[String: Any]]
+        return int((arr?.first?["HashKV"] as? [String: Any])?["compact_revision"])
+    }
+
+    @Test func autoCompactionByRevisionAndByPeriod() throws {
+        let byRev = try LiveServer(args: ["--unsafe-no-fsync", "--auto-compaction-mode", "revision",
+                                          "--auto-compaction-retention", "10", "--auto-compaction-check-interval", "200ms"])
+        let c1 = try Etcdctl(endpoint: byRev.endpoint)
+        for i in 0..<30 { _ = try c1.ok("put", "k", "v\(i)") }  // revisions 2...31
+        var deadline = Date().addingTimeInterval(5)
+        while Date() < deadline, try compactRevision(c1) != 21 { usleep(100_000) }
+        #expect(try compactRevision(c1) == 21, "current 31 minus the 10 revisions kept")
+        #expect(try c1.fails("get", "k", "--rev", "20").contains("required revision has been compacted"))
+        #expect(try c1.ok("get", "k", "--rev", "21", "--print-value-only") == "v19\n")
+
+        let byTime = try LiveServer(args: ["--unsafe-no-fsync", "--auto-compaction-mode", "periodic",
+                                           "--auto-compaction-retention", "1s"])
+        let c2 = try Etcdctl(endpoint: byTime.endpoint)
+        for i in 0..<5 { _ = try c2.ok("put", "p", "v\(i)") }  // revisions 2...6
+        // A second later the history older than a second goes: compacted at a revision ≥ 6.
+        deadline = Date().addingTimeInterval(5)
+        while Date() < deadline, try compactRevision(c2) < 6 { usleep(100_000) }
+        #expect(try compactRevision(c2) >= 6)
+        #expect(try c2.ok("get", "p", "--print-value-only") == "v4\n")
+    }
 }

@@ -173,6 +173,7 @@ func texts(_ s: TestSink) -> [String] { s.messages.map { String(decoding: $0, as
         h.put("k", "2")
         h.put("k", "3")
         try h.store.compact(3)
+        h.store.finishCompaction()
         let sink = TestSink()
         let s = h.hub.openStream(sink)
         var config = WatchCreate(key: b("k"))
