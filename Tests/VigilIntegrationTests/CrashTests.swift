@@ -1,0 +1,128 @@
+import EtcdProto
+import Foundation
+import GRPC
+import MVCC
+import Testing
+import VigilClient
+import VigilTesting
+
+/// Crash consistency: writers keep many puts and two-key txns in flight while the server is killed
+/// with SIGKILL at a random moment, again and again (fsync on, as in production). After each
+/// restart every acknowledged write is there at its revision, a txn is all there or not at all,
+/// revisions never go back, and HashKV equals the hash of a local replay of the writes that exist.
+@Suite(.serialized) struct CrashTests {
+    /// One write the test made: a put of `p/<id>` or a txn of `t/<id>/a` and `t/<id>/b`.
+    struct Op {
+        let id: Int
+        var isTxn: Bool { id % 4 == 3 }
+        var keys: [String] { isTxn ? ["t/\(id)/a", "t/\(id)/b"] : ["p/\(id)"] }
+        var value: String { "v\(id)" }
+    }
+
+    @Test func acknowledgedWritesSurviveSIGKILL() throws {
+        let server = try LiveServer(args: [])
+        var acked: [Int: Int64] = [:]  // op id → revision
+        var issued = 0
+        var highestSeen: Int64 = 1
+        var generator = SystemRandomNumberGenerator()
+
+        for cycle in 0..<6 {
+            let c = try BlockingClient(port: server.port)
+            var conns = [c.connection]
+            for _ in 0..<3 { conns.append(try c.newConnection()) }
+            var outstanding = 0
+            var killed = false
+            let killAfter = Int.random(in: 20...200, using: &generator)
+            var ackedThisCycle = 0
+            func issue(_ conn: GRPCClientConnection) {
+                guard !killed else { return }
+                let op = Op(id: issued)
+                issued += 1
+                outstanding += 1
+                let done: (Int64?) -> Void = { rev in
+                    outstanding -= 1
+                    if let rev {
+                        acked[op.id] = rev
+                        ackedThisCycle += 1
+                        if ackedThisCycle == killAfter, let pid = server.pid {
+                            kill(pid, SIGKILL)
+                            killed = true
+                        }
+                    }
+                    issue(conn)
+                }
+                if op.isTxn {
+                    var t = Etcdserverpb_TxnRequest()
+                    t.success = op.keys.map { k in
+                        var p = Etcdserverpb_PutRequest()
+                        p.key = Data(k.utf8)
+                        p.value = Data(op.value.utf8)
+                        var r = Etcdserverpb_RequestOp()
+                        r.requestPut = p
+                        return r
+                    }
+                    conn.unary("/etcdserverpb.KV/Txn", t) { (r: Result<Etcdserverpb_TxnResponse, GRPCStatus>) in
+                        done(try? r.get().header.revision)
+                    }
+                } else {
+                    var p = Etcdserverpb_PutRequest()
+                    p.key = Data(op.keys[0].utf8)
+                    p.value = Data(op.value.utf8)
+                    conn.unary("/etcdserverpb.KV/Put", p) { (r: Result<Etcdserverpb_PutResponse, GRPCStatus>) in
+                        done(try? r.get().header.revision)
+                    }
+                }
+            }
+            for i in 0..<32 { issue(conns[i % conns.count]) }
+            c.runUntil(seconds: 60) { killed && outstanding == 0 }
+            #expect(killed, "cycle \(cycle): the server was killed mid-write")
+            for conn in conns { conn.close() }
+
+            try server.restart()
+            let check = try BlockingClient(port: server.port)
+            var all = Etcdserverpb_RangeRequest()
+            all.key = Data([0])
+            all.rangeEnd = Data([0])
+            let state = try check.call("/etcdserverpb.KV/Range", all, as: Etcdserverpb_RangeResponse.self).get()
+            var present: [String: Mvccpb_KeyValue] = [:]
+            for kv in state.kvs { present[String(decoding: kv.key, as: UTF8.self)] = kv }
+
+            // Every acknowledged write, at its revision; revisions never go back.
+            for (id, rev) in acked {
+                for k in Op(id: id).keys {
+                    #expect(present[k]?.modRevision == rev, "acknowledged \(k) at \(rev)")
+                    #expect(present[k].map { String(decoding: $0.value, as: UTF8.self) } == Op(id: id).value)
+                }
+            }
+            #expect(state.header.revision >= highestSeen)
+            #expect(state.header.revision >= acked.values.max() ?? 1)
+            highestSeen = state.header.revision
+
+            // Nothing half-exists: a txn's keys are both there (same revision) or both absent.
+            var existing: [(rev: Int64, op: Op)] = []
+            for id in 0..<issued {
+                let op = Op(id: id)
+                let kvs = op.keys.map { present[$0] }
+                #expect(kvs.allSatisfy { $0 == nil } || kvs.allSatisfy { $0 != nil }, "op \(id) half applied")
+                if let first = kvs.first ?? nil {
+                    #expect(kvs.allSatisfy { $0?.modRevision == first.modRevision })
+                    existing.append((first.modRevision, op))
+                }
+            }
+
+            // HashKV equals a local replay of exactly the writes that exist, in revision order.
+            let replay = KVStore()
+            for (rev, op) in existing.sorted(by: { $0.rev < $1.rev }) {
+                let txn = replay.beginWrite()
+                #expect(txn.revision == rev, "revisions are dense: no write lost between acknowledged ones")
+                for k in op.keys { txn.put(Array(k.utf8), value: Array(op.value.utf8), lease: 0) }
+                _ = txn.end()
+            }
+            let hash = try check.call("/etcdserverpb.Maintenance/HashKV", Etcdserverpb_HashKVRequest(),
+                                      as: Etcdserverpb_HashKVResponse.self).get()
+            #expect(hash.hash == (try replay.hashKV(revision: 0)), "cycle \(cycle)")
+        }
+        print("crash test: \(issued) writes issued, \(acked.count) acknowledged, final revision \(highestSeen)")
+        #expect(acked.count > 100)
+    }
+}
