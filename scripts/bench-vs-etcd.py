@@ -12,6 +12,7 @@ ratio Vigil/etcd.
   scripts/bench-vs-etcd.py --markdown put >> Benchmarks/RESULTS.md
   scripts/bench-vs-etcd.py --markdown watch watch-slow watchers  # the watch hub (issue 4)
   scripts/bench-vs-etcd.py --markdown keepalive-1 keepalive-100 leases lease-expiry  # leases (issue 5)
+  scripts/bench-vs-etcd.py --markdown compaction                 # history (issue 3)
 
 The watch workloads (fresh servers for each round, one round by default):
   watch       10,000 streams on one prefix over 100 connections, one writer putting --watch-puts keys
@@ -22,6 +23,9 @@ The lease workloads (same way):
   keepalive-1, keepalive-100   200,000 renewals over 1 / 100 LeaseKeepAlive streams (one in flight each)
   leases                       100,000 leases granted: server memory per lease
   lease-expiry                 100,000 leases (TTL 2 s, one key each) expiring while reads probe the server
+The history workload:
+  compaction                   1,000,000 revisions over 10,000 keys, then Compact(physical) while reads
+                               probe the server, then Defragment
 
 Needs: the Debian package etcd-server (installed if missing), a release build of vigil and vigil-bench.
 """
@@ -122,6 +126,8 @@ WATCH_WORKLOADS = {
     "keepalive-100": ["--workload", "keepalive", "--streams", "100", "--total", "200000", "--conns", "4", "--clients", "4"],
     "leases": ["--workload", "leases", "--total", "100000", "--conns", "4", "--clients", "64"],
     "lease-expiry": ["--workload", "lease-expiry", "--total", "100000", "--conns", "4", "--clients", "64"],
+    "compaction": ["--workload", "compaction", "--total", "1000000", "--key-space", "10000", "--conns", "8",
+                   "--clients", "256", "--val-size", "64"],
 }
 
 WATCH_COLUMNS = {
@@ -138,13 +144,18 @@ WATCH_COLUMNS = {
     "lease-expiry": [("seconds_to_expire_all", "s until all expired", "{:.1f}"),
                      ("longest_read_ms", "longest read ms", "{:.1f}"), ("left", "keys left", "{}"),
                      ("loop_turn_max_ms", "longest loop turn ms (Vigil)", "{:.1f}")],
+    "compaction": [("write_seconds", "write 1M s", "{:.1f}"), ("compact_seconds", "compact s", "{:.2f}"),
+                   ("probe_p99_ms", "read p99 ms during", "{:.1f}"), ("probe_max_ms", "read max ms during", "{:.1f}"),
+                   ("defrag_seconds", "defrag s", "{:.2f}"), ("db_mb_before", "db MB", "{:.1f}"),
+                   ("db_mb_after_defrag", "db MB after defrag", "{:.1f}"),
+                   ("loop_turn_max_ms", "longest loop turn ms (Vigil)", "{:.1f}")],
 }
 
 
 def columns_for(workload):
     if workload.startswith("keepalive"):
         return WATCH_COLUMNS["keepalive"]
-    if workload in ("watchers", "leases", "lease-expiry"):
+    if workload in ("watchers", "leases", "lease-expiry", "compaction"):
         return WATCH_COLUMNS[workload]
     return WATCH_COLUMNS["watch"]
 

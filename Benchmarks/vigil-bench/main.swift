@@ -7,6 +7,7 @@
 //   vigil-bench --workload keepalive --streams 100 --total 200000
 //   vigil-bench --workload leases --total 100000 --server-pid 1234
 //   vigil-bench --workload lease-expiry --total 100000
+//   vigil-bench --workload compaction --total 1000000 --key-space 10000 --conns 8 --clients 256
 import ArgumentParser
 import EtcdProto
 import EventLoop
@@ -19,7 +20,7 @@ struct Bench: ParsableCommand {
                                                     abstract: "Load generator for etcd v3 servers.")
 
     @Option(help: "host:port of the server.") var endpoint = "127.0.0.1:2379"
-    @Option(help: "put | range | txn | watch | watchers | keepalive | leases | lease-expiry") var workload = "put"
+    @Option(help: "put | range | txn | watch | watchers | keepalive | leases | lease-expiry | compaction") var workload = "put"
     @Option(help: "TCP connections.") var conns = 4
     @Option(help: "Requests in flight in total, spread over the connections.") var clients = 64
     @Option(help: "Requests to send.") var total = 20000
@@ -38,7 +39,7 @@ struct Bench: ParsableCommand {
     var port: Int { Int(endpoint.split(separator: ":").last ?? "") ?? 2379 }
 
     func validate() throws {
-        guard ["put", "range", "txn", "watch", "watchers", "keepalive", "leases", "lease-expiry"].contains(workload) else { throw ValidationError("unknown workload \(workload)") }
+        guard ["put", "range", "txn", "watch", "watchers", "keepalive", "leases", "lease-expiry", "compaction"].contains(workload) else { throw ValidationError("unknown workload \(workload)") }
         guard conns > 0, clients >= conns, total > 0, keySize > 0, keySpace > 0 else {
             throw ValidationError("conns, clients, total, key-size and key-space must be positive (clients ≥ conns)")
         }
@@ -74,6 +75,12 @@ struct Bench: ParsableCommand {
         if workload == "watch" || workload == "watchers" {
             let w = WatchBench(bench: self, loop: loop, connections: connections, probe: ServerProbe(pid: serverPid))
             let result = workload == "watch" ? try w.runFanout() : try w.runManyWatchers()
+            let data = try JSONSerialization.data(withJSONObject: result, options: [.sortedKeys])
+            print(String(decoding: data, as: UTF8.self))
+            return
+        }
+        if workload == "compaction" {
+            let result = try CompactionBench(bench: self, loop: loop, connections: connections).run()
             let data = try JSONSerialization.data(withJSONObject: result, options: [.sortedKeys])
             print(String(decoding: data, as: UTF8.self))
             return
