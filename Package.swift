@@ -42,7 +42,7 @@ let package = Package(
         // Wiring and the executable.
         .target(name: "VigilServer", dependencies: ["EtcdAPI", "WatchHub", "EventLoop", "HTTP1", "HTTP2", "GRPC", "LMDBBackend",
                                                     "MVCC", .product(name: "Logging", package: "swift-log")]),
-        .executableTarget(name: "vigil", dependencies: ["VigilServer",
+        .executableTarget(name: "vigil", dependencies: ["VigilServer", "EventLoop",
                                                         .product(name: "ArgumentParser", package: "swift-argument-parser"),
                                                         .product(name: "Logging", package: "swift-log")]),
         .target(name: "VigilClient", dependencies: ["EventLoop", "HTTP2", "GRPC", "EtcdProto",
@@ -54,6 +54,12 @@ let package = Package(
         .executableTarget(name: "vigil-bench", dependencies: ["VigilClient", "EventLoop", "GRPC", "EtcdProto",
                                                               .product(name: "ArgumentParser", package: "swift-argument-parser")],
                           path: "Benchmarks/vigil-bench"),
+
+        // Micro-benchmarks of the hot paths with allocation counts (the C target counts them).
+        .target(name: "CAllocCount", path: "Benchmarks/CAllocCount"),
+        .executableTarget(name: "vigil-micro",
+                          dependencies: ["CAllocCount", "EtcdAPI", "WatchHub", "IntervalTree", "MVCC", "LMDBBackend"],
+                          path: "Benchmarks/micro"),
 
         // Examples (each runnable, with a README).
         .executableTarget(name: "EmbeddedExample", dependencies: ["VigilServer"], path: "Examples/embedded",

@@ -20,7 +20,10 @@ struct Bench: ParsableCommand {
                                                     abstract: "Load generator for etcd v3 servers.")
 
     @Option(help: "host:port of the server.") var endpoint = "127.0.0.1:2379"
-    @Option(help: "put | range | txn | watch | watchers | keepalive | leases | lease-expiry | compaction") var workload = "put"
+    @Option(help: """
+        put | range | txn | watch (= watch-fanout) | watch-latency | watchers | keepalive (= lease-keepalive) \
+        | leases | lease-expiry | compaction
+        """) var workload = "put"
     @Option(help: "TCP connections.") var conns = 4
     @Option(help: "Requests in flight in total, spread over the connections.") var clients = 64
     @Option(help: "Requests to send.") var total = 20000
@@ -38,8 +41,11 @@ struct Bench: ParsableCommand {
 
     var port: Int { Int(endpoint.split(separator: ":").last ?? "") ?? 2379 }
 
+    static let workloads: Set<String> = ["put", "range", "txn", "watch", "watch-fanout", "watch-latency", "watchers",
+                                         "keepalive", "lease-keepalive", "leases", "lease-expiry", "compaction"]
+
     func validate() throws {
-        guard ["put", "range", "txn", "watch", "watchers", "keepalive", "leases", "lease-expiry", "compaction"].contains(workload) else { throw ValidationError("unknown workload \(workload)") }
+        guard Self.workloads.contains(workload) else { throw ValidationError("unknown workload \(workload)") }
         guard conns > 0, clients >= conns, total > 0, keySize > 0, keySpace > 0 else {
             throw ValidationError("conns, clients, total, key-size and key-space must be positive (clients ≥ conns)")
         }
@@ -72,9 +78,12 @@ struct Bench: ParsableCommand {
         loop.run()
         if let failedConnect { throw ValidationError("connect: \(failedConnect)") }
 
-        if workload == "watch" || workload == "watchers" {
-            let w = WatchBench(bench: self, loop: loop, connections: connections, probe: ServerProbe(pid: serverPid))
-            let result = workload == "watch" ? try w.runFanout() : try w.runManyWatchers()
+        if ["watch", "watch-fanout", "watch-latency", "watchers"].contains(workload) {
+            var me = self
+            // watch-latency: the fan-out at a gentle fixed rate, so that latency is not queueing.
+            if workload == "watch-latency" && rate == 0 { me.rate = 20 }
+            let w = WatchBench(bench: me, loop: loop, connections: connections, probe: ServerProbe(pid: serverPid))
+            let result = workload == "watchers" ? try w.runManyWatchers() : try w.runFanout()
             let data = try JSONSerialization.data(withJSONObject: result, options: [.sortedKeys])
             print(String(decoding: data, as: UTF8.self))
             return
@@ -85,10 +94,10 @@ struct Bench: ParsableCommand {
             print(String(decoding: data, as: UTF8.self))
             return
         }
-        if ["keepalive", "leases", "lease-expiry"].contains(workload) {
+        if ["keepalive", "lease-keepalive", "leases", "lease-expiry"].contains(workload) {
             let l = LeaseBench(bench: self, loop: loop, connections: connections, probe: ServerProbe(pid: serverPid))
             let result = switch workload {
-            case "keepalive": try l.runKeepAlive()
+            case "keepalive", "lease-keepalive": try l.runKeepAlive()
             case "leases": try l.runLeases()
             default: try l.runExpiry()
             }

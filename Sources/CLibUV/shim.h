@@ -5,3 +5,10 @@
 static inline int uv_loop_configure_idle_time(uv_loop_t *loop) {
     return uv_loop_configure(loop, UV_METRICS_IDLE_TIME);
 }
+
+#include <malloc.h>
+
+/* Turns off glibc's fast bins (see EventLoop.preferShortTurns). */
+static inline void vigil_disable_malloc_fastbins(void) {
+    mallopt(M_MXFAST, 0);
+}

@@ -82,8 +82,8 @@ public final class ServerContext {
     /// Removes a bounded slice of compacted history (the server calls this each loop turn while
     /// `store.compactionPending`); returns true when the compaction is complete.
     @discardableResult
-    public func compactionStep(maxKeys: Int) -> Bool {
-        guard store.compactStep(maxKeys: maxKeys) else { return false }
+    public func compactionStep(maxRevisions: Int) -> Bool {
+        guard store.compactStep(maxRevisions: maxRevisions) else { return false }
         let waiters = compactionWaiters
         compactionWaiters = []
         for w in waiters { gate.whenFlushed(w) }

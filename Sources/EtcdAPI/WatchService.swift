@@ -7,11 +7,11 @@ import WatchHub
 
 /// Encodes watch responses. Events go through SwiftProtobuf once each; the response around them is
 /// written by hand (field numbers from rpc.proto) so that encoded events are reused as they are.
-final class ProtoWatchEncoder: WatchEncoder {
+public final class ProtoWatchEncoder: WatchEncoder {
     private let headerPrefix: [UInt8]  // cluster_id, member_id (fields 1, 2)
     private let raftTerm: UInt64
 
-    init(identity: MemberIdentity) {
+    public init(identity: MemberIdentity) {
         var h: [UInt8] = []
         Self.tag(&h, 1, 0); Self.varint(&h, identity.clusterID)
         Self.tag(&h, 2, 0); Self.varint(&h, identity.memberID)
@@ -19,7 +19,7 @@ final class ProtoWatchEncoder: WatchEncoder {
         raftTerm = identity.raftTerm
     }
 
-    func encode(_ event: Event, prevKV: Bool) -> [UInt8] {
+    public func encode(_ event: Event, prevKV: Bool) -> [UInt8] {
         var e = Mvccpb_Event()
         e.type = event.kind == .put ? .put : .delete
         e.kv = event.kv.proto
@@ -27,7 +27,7 @@ final class ProtoWatchEncoder: WatchEncoder {
         return (try? e.serializedBytes()) ?? []
     }
 
-    func response(_ f: ResponseFields, events: [[UInt8]]) -> [UInt8] {
+    public func response(_ f: ResponseFields, events: [[UInt8]]) -> [UInt8] {
         var header = headerPrefix
         if f.headerRevision != 0 { Self.tag(&header, 3, 0); Self.varint(&header, UInt64(bitPattern: f.headerRevision)) }
         if raftTerm != 0 { Self.tag(&header, 4, 0); Self.varint(&header, raftTerm) }

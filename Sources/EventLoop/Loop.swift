@@ -40,6 +40,12 @@ public final class EventLoop {
         raw.deallocate()
     }
 
+    /// Tunes the process's allocator for short loop turns: glibc's fast bins defer merging freed
+    /// chunks until some large allocation consolidates them all at once, so freeing a large
+    /// compaction's history stalls a turn for tens of milliseconds; without them, frees merge as
+    /// they happen. Process-wide: the `vigil` executable calls it; an embedding program may choose.
+    public static func preferShortTurns() { vigil_disable_malloc_fastbins() }
+
     /// Milliseconds of the loop's cached clock (monotonic).
     public var nowMilliseconds: UInt64 { uv_now(raw) }
 

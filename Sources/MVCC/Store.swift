@@ -242,24 +242,32 @@ public final class KVStore {
         compactionNext = 0
     }
 
-    /// Removes the compacted history of up to `maxKeys` keys; returns true when none is left.
+    /// Removes up to `maxRevisions` revisions of compacted history (a key visited counts as one;
+    /// a key with a long history is done over several steps); returns true when none is left.
     @discardableResult
-    public func compactStep(maxKeys: Int = 10_000) -> Bool {
-        let end = min(compactionKeys.count, compactionNext + maxKeys)
-        while compactionNext < end {
+    public func compactStep(maxRevisions: Int = 20_000) -> Bool {
+        var budget = maxRevisions
+        while compactionNext < compactionKeys.count && budget > 0 {
             let key = compactionKeys[compactionNext]
-            compactionNext += 1
-            guard let h = index[key], var keep = h.lastIndex(atOrBefore: compactionPrune) else { continue }
-            if h.states[keep] == nil { keep += 1 }
-            if keep > 0 {
-                pending.removed.append(contentsOf: h.revs[0..<keep])
-                h.revs.removeFirst(keep)
-                h.states.removeFirst(keep)
+            budget -= 1
+            guard let h = index[key], var keep = h.lastIndex(atOrBefore: compactionPrune) else {
+                compactionNext += 1
+                continue
             }
+            if h.states[keep] == nil { keep += 1 }
+            let n = min(keep, budget)
+            if n > 0 {
+                pending.removed.append(contentsOf: h.revs[0..<n])
+                h.revs.removeFirst(n)
+                h.states.removeFirst(n)
+                budget -= n
+            }
+            guard n == keep else { continue }  // more of this key next step
             if h.revs.isEmpty {
                 index[key] = nil
                 keys.remove(key)
             }
+            compactionNext += 1
         }
         if compactionNext >= compactionKeys.count {
             compactionKeys = []
@@ -270,7 +278,7 @@ public final class KVStore {
     }
 
     /// Runs a compaction's removal to the end at once (tests, tools).
-    public func finishCompaction() { while !compactStep(maxKeys: Int.max) {} }
+    public func finishCompaction() { while !compactStep(maxRevisions: Int.max / 2) {} }
 
     /// Records a meta entry (e.g. a lease) in the next group commit.
     public func setMeta(_ name: String, _ value: Int64) {

@@ -23,8 +23,8 @@ public struct Configuration: Sendable {
     public var unsafeNoFsync = false
     /// `--experimental-watch-progress-notify-interval` in milliseconds (etcd's default: 10 minutes).
     public var watchProgressNotifyIntervalMs: UInt64 = 600_000
-    /// Keys whose compacted history is removed per loop turn.
-    public var compactionBatchKeys = 5_000
+    /// Revisions of compacted history removed per loop turn (a few milliseconds of work).
+    public var compactionBatchRevisions = 2_500
     /// `--auto-compaction-mode` ("periodic" or "revision"; empty = off) and
     /// `--auto-compaction-retention` ("1h", "30m", "1000"; for periodic a bare number is hours).
     public var autoCompactionMode = ""

@@ -138,7 +138,7 @@ final class VigilServerCore {
     /// the loop turning (requests are served between slices).
     private func compactInSteps() {
         guard store.compactionPending else { return }
-        if !services.context.compactionStep(maxKeys: config.compactionBatchKeys), compactionTimer == nil {
+        if !services.context.compactionStep(maxRevisions: config.compactionBatchRevisions), compactionTimer == nil {
             compactionTimer = LoopTimer(loop: loop, timeoutMs: 0) { [unowned self] in compactionTimer = nil }
         }
     }

@@ -10,7 +10,7 @@ public final class RevisionEvents {
     var encodedWithPrev: [[UInt8]?]
     let approximateBytes: Int
 
-    init(revision: Int64, events: [Event]) {
+    public init(revision: Int64, events: [Event]) {
         self.revision = revision
         self.events = events
         encoded = Array(repeating: nil, count: events.count)

@@ -89,7 +89,8 @@ final class WatcherGroup {
 /// and state are bits, the range lives in the group.
 final class Watcher {
     let id: Int64
-    /// The stream outlives its watchers: closing a stream removes every watcher from the hub first.
+    /// The stream outlives its watchers: the hub holds every open stream, and closing one removes
+    /// its watchers from the hub first.
     unowned(unsafe) let stream: WatchStream
     let group: WatcherGroup
     /// The next revision this watcher must receive.
@@ -221,6 +222,7 @@ public final class WatchHub {
     public private(set) var stats = WatchHubStats()
     public private(set) var watcherCount = 0
     public private(set) var streamCount = 0
+    private var openStreams: [ObjectIdentifier: WatchStream] = [:]
 
     public init(store: KVStore, encoder: any WatchEncoder, config: WatchHubConfig = WatchHubConfig()) {
         self.store = store
@@ -247,9 +249,12 @@ public final class WatchHub {
 
     // MARK: Streams
 
+    /// Opens a stream; the hub keeps it until `closeStream` (its watchers point at it).
     public func openStream(_ sink: any WatchSink) -> WatchStream {
         streamCount += 1
-        return WatchStream(sink: sink)
+        let s = WatchStream(sink: sink)
+        openStreams[ObjectIdentifier(s)] = s
+        return s
     }
 
     /// Frees everything the stream's watchers held.
@@ -257,6 +262,7 @@ public final class WatchHub {
         guard !s.closed else { return }
         s.closed = true
         streamCount -= 1
+        openStreams[ObjectIdentifier(s)] = nil
         for w in s.watchers.all { unindex(w) }
         s.watchers.removeAll()
     }

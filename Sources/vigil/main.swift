@@ -1,5 +1,6 @@
 import ArgumentParser
 import EtcdAPI
+import EventLoop
 import Foundation
 import Logging
 import VigilServer
@@ -155,4 +156,5 @@ struct VigilCommand: ParsableCommand {
     }
 }
 
+EventLoop.preferShortTurns()
 VigilCommand.main()

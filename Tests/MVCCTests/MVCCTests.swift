@@ -148,12 +148,13 @@ private func del(_ s: KVStore, _ k: String, _ end: String = "") -> Int {
         }
         let rev = s.currentRevision
         try s.compact(rev)
-        // Logically compacted at once; history removed 10 keys per step.
+        // Logically compacted at once; history removed 10 revisions (keys visited count too) per step.
         #expect(throws: MVCCError.compacted) { try s.range(b("k1"), [], revision: rev - 1) }
         #expect(s.compactionPending)
         var steps = 0
-        while !s.compactStep(maxKeys: 10) { steps += 1 }
-        #expect(steps == 9)
+        while !s.compactStep(maxRevisions: 10) { steps += 1 }
+        // 100 keys, each visited once and with one revision removed: 200 units of work.
+        #expect(steps == 19)
         #expect(!s.compactionPending)
         var removed: [Revision] = []
         while let batch = s.takeBatch() { removed += batch.removed }

@@ -1,0 +1,7 @@
+#pragma once
+#include <stdint.h>
+
+/* Allocations (malloc, calloc, realloc, posix_memalign, aligned_alloc) made by this process
+   since it started. Linking this target into an executable interposes the allocator entry
+   points; they forward to the C library's. For micro-benchmarks only. */
+uint64_t alloc_count(void);
