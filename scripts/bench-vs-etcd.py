@@ -17,6 +17,8 @@ ratio Vigil/etcd.
 The watch workloads (fresh servers for each round, one round by default):
   watch       10,000 streams on one prefix over 100 connections, one writer putting --watch-puts keys
   watch-slow  the same plus one stream that stops reading (its connection paused)
+  watch-fanout  1,000 streams x 10 watchers each on the prefix
+  watch-latency the 10,000 streams with the writer at 20 puts/s (latency without queueing)
   watchers    1,000,000 watchers (10,000 streams x 100 distinct keys): memory per watcher, and
               server CPU per put with 10,000 watchers and with 1,000,000
 The lease workloads (same way):
@@ -119,6 +121,9 @@ def run_bench(bench_bin, server, workload, extra):
 
 WATCH_WORKLOADS = {
     "watch": ["--workload", "watch", "--streams", "10000", "--watch-conns", "100"],
+    "watch-fanout": ["--workload", "watch", "--streams", "1000", "--watch-conns", "100",
+                     "--prefix-watchers-per-stream", "10"],
+    "watch-latency": ["--workload", "watch-latency", "--streams", "10000", "--watch-conns", "100"],
     "watch-slow": ["--workload", "watch", "--streams", "10000", "--watch-conns", "100", "--slow-streams", "1"],
     "watchers": ["--workload", "watchers", "--streams", "10000", "--watch-conns", "100",
                  "--watchers-per-stream", "100", "--total", "2000"],
@@ -152,6 +157,10 @@ WATCH_COLUMNS = {
 }
 
 
+# Every special workload also reports the server's whole CPU time and peak RSS for its run.
+COMMON_COLUMNS = [("server_cpu_total_s", "server CPU s", "{:.1f}"), ("peak_rss_mb", "peak RSS MiB", "{:.0f}")]
+
+
 def columns_for(workload):
     if workload.startswith("keepalive"):
         return WATCH_COLUMNS["keepalive"]
@@ -181,16 +190,19 @@ def run_watch(bench_bin, vigil_bin, workload, a):
         for _ in range(a.watch_rounds):
             server = Server(k, vigil_bin)
             try:
-                extra = ["--total", str(a.watch_puts)] if workload in ("watch", "watch-slow") else []
+                extra = ["--total", str(a.watch_puts)] if workload.startswith("watch") and workload != "watchers" else []
                 cmd = [bench_bin, "--endpoint", f"127.0.0.1:{server.port}", "--conns", "1", "--clients", "1",
                        "--max-seconds", "600", "--server-pid", str(server.proc.pid)] + WATCH_WORKLOADS[workload] + extra
                 res = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=1800).stdout
                 r = json.loads(res.strip().splitlines()[-1])
                 r["loop_turn_max_ms"] = loop_turn_max_ms(server) if k == "vigil" else 0
+                r["server_cpu_total_s"] = cpu_seconds(server.proc.pid)
+                r["peak_rss_mb"] = peak_rss_mb(server.proc.pid)
                 runs.append(r)
             finally:
                 server.stop()
-        out[k] = {f: statistics.median(r[f] for r in runs) for f, _, _ in columns_for(workload)}
+        cols = columns_for(workload) + COMMON_COLUMNS
+        out[k] = {f: statistics.median(r[f] for r in runs) for f, _, _ in cols}
     print(json.dumps({"workload": workload, **out}), file=sys.stderr)
     return out
 
@@ -222,7 +234,7 @@ def main():
     watch = [w for w in a.workloads if w in WATCH_WORKLOADS]
     for w in watch:
         out = run_watch(bench_bin, vigil_bin, w, a)
-        cols = columns_for(w)
+        cols = columns_for(w) + COMMON_COLUMNS
         header = ["workload", "server"] + [c[1] for c in cols]
         lines = [[w, k] + [fmt.format(out[k][f]) for f, _, fmt in cols] for k in ("vigil", "etcd")]
         lines.append([w, "vigil/etcd"] + ["{:.2f}x".format(out["vigil"][f] / out["etcd"][f]) if out["etcd"][f] else "-"

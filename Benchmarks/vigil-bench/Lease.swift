@@ -88,7 +88,8 @@ struct LeaseBench {
         return [
             "workload": "keepalive", "streams": ids.count, "renewals": renewed, "expired_answers": zero,
             "seconds": seconds, "per_s": Double(renewed) / seconds,
-            "p50_ms": WatchBench.percentile(latencies, 0.5), "p99_ms": WatchBench.percentile(latencies, 0.99),
+            "p50_ms": WatchBench.percentile(latencies, 0.5), "p90_ms": WatchBench.percentile(latencies, 0.9),
+            "p99_ms": WatchBench.percentile(latencies, 0.99), "max_ms": latencies.last ?? 0,
             "cpu_us_per_renewal": renewed > 0 ? cpu * 1e6 / Double(renewed) : 0,
         ]
     }

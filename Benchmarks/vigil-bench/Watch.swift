@@ -42,7 +42,8 @@ final class BenchStream {
     let call: ClientCall
     var created = 0
     var events = 0
-    var lastRev: Int64 = 0
+    /// The last revision each watcher (by watch id) received, to check order per watcher.
+    var lastRev: [Int64: Int64] = [:]
     var outOfOrder = 0
     var onEvent: ((Mvccpb_Event) -> Void)?
     var closed = false
@@ -53,8 +54,8 @@ final class BenchStream {
             guard let me, let r = try? Etcdserverpb_WatchResponse(serializedBytes: bytes) else { return }
             if r.created { me.created += 1 }
             for e in r.events {
-                if e.kv.modRevision <= me.lastRev { me.outOfOrder += 1 }
-                me.lastRev = e.kv.modRevision
+                if e.kv.modRevision <= me.lastRev[r.watchID, default: 0] { me.outOfOrder += 1 }
+                me.lastRev[r.watchID] = e.kv.modRevision
                 me.events += 1
                 me.onEvent?(e)
             }
@@ -150,8 +151,10 @@ struct WatchBench {
         let rss0 = probe.rssKiB()
         let watchConns = try connect(bench.watchConns)
         let streams = openStreams(watchConns)
-        for s in streams { s.watch(Data("w/".utf8), Data("w0".utf8)) }
-        guard runUntil(seconds: bench.maxSeconds, { streams.allSatisfy { $0.created > 0 } }) else {
+        // W watchers per stream on the prefix (with --watchers-per-stream; 1 by default here).
+        let perStream = max(1, bench.prefixWatchersPerStream)
+        for s in streams { for _ in 0..<perStream { s.watch(Data("w/".utf8), Data("w0".utf8)) } }
+        guard runUntil(seconds: bench.maxSeconds, { streams.allSatisfy { $0.created >= perStream } }) else {
             throw BenchError("not every watch was created")
         }
         Thread.sleep(forTimeInterval: 1)
@@ -182,7 +185,7 @@ struct WatchBench {
                 if idx < total { latencies.append(Double(DispatchTime.now().uptimeNanoseconds - sendTimes[idx]) / 1e6) }
             }
         }
-        let expected = total * streams.count
+        let expected = total * streams.count * perStream
         let cpu0 = probe.cpuSeconds()
         let t0 = now()
         let w = write(count: total, key: { Data("w/\($0)".utf8) }, sentAt: { sendTimes[$0] = $1 },
@@ -191,15 +194,15 @@ struct WatchBench {
         let cpu = probe.cpuSeconds() - cpu0
         let rssEnd = probe.rssKiB()
         latencies.sort()
-        let lost = streams.reduce(0) { $0 + max(0, total - $1.events) }
-        let dup = streams.reduce(0) { $0 + max(0, $1.events - total) }
+        let lost = streams.reduce(0) { $0 + max(0, total * perStream - $1.events) }
+        let dup = streams.reduce(0) { $0 + max(0, $1.events - total * perStream) }
         let reordered = streams.reduce(0) { $0 + $1.outOfOrder }
         return [
-            "workload": "watch", "streams": streams.count, "puts": total, "put_errors": w.errors,
+            "workload": "watch", "streams": streams.count, "watchers_per_stream": perStream, "puts": total, "put_errors": w.errors,
             "delivered": delivered, "lost": lost, "duplicated": dup, "reordered": reordered,
             "seconds": seconds, "events_per_s": Double(delivered) / seconds,
-            "p50_ms": Self.percentile(latencies, 0.5), "p99_ms": Self.percentile(latencies, 0.99),
-            "max_ms": latencies.last ?? 0,
+            "p50_ms": Self.percentile(latencies, 0.5), "p90_ms": Self.percentile(latencies, 0.9),
+            "p99_ms": Self.percentile(latencies, 0.99), "max_ms": latencies.last ?? 0,
             "server_cpu_s": cpu, "cpu_s_per_million_events": delivered > 0 ? cpu * 1e6 / Double(delivered) : 0,
             "rss_before_kib": rss0, "rss_streams_kib": rssStreams, "rss_end_kib": rssEnd,
             "bytes_per_stream": Double(rssStreams - rss0) * 1024 / Double(streams.count),

@@ -35,6 +35,8 @@ struct Bench: ParsableCommand {
     @Option(help: "watch workloads: Watch streams.") var streams = 1000
     @Option(help: "watch workloads: connections the streams are spread over.") var watchConns = 100
     @Option(help: "watchers: watchers per stream, each on its own key.") var watchersPerStream = 100
+    @Option(name: .customLong("prefix-watchers-per-stream"),
+            help: "watch: watchers per stream on the prefix (each gets every event).") var prefixWatchersPerStream = 1
     @Option(help: "watch: puts per second (0 = one put in flight, as fast as it goes).") var rate = 0.0
     @Option(help: "watch: extra streams on their own connection that stop reading.") var slowStreams = 0
     @Option(help: "The server's pid, to read its memory and CPU from /proc.") var serverPid: Int32?

@@ -27,6 +27,9 @@ import VigilTesting
         let watch = try bench(p, ["--workload", "watch", "--streams", "20", "--watch-conns", "2", "--total", "20",
                                   "--server-pid", pid, "--slow-streams", "1"])
         #expect(number(watch["delivered"]) == 400 && number(watch["lost"]) == 0 && number(watch["reordered"]) == 0)
+        let fanout = try bench(p, ["--workload", "watch-fanout", "--streams", "10", "--watch-conns", "2",
+                                   "--prefix-watchers-per-stream", "3", "--total", "10"])
+        #expect(number(fanout["delivered"]) == 300 && number(fanout["lost"]) == 0 && number(fanout["reordered"]) == 0)
         let latency = try bench(p, ["--workload", "watch-latency", "--streams", "10", "--watch-conns", "2", "--total", "10"])
         #expect(number(latency["delivered"]) == 100 && number(latency["p99_ms"]) > 0)
         let watchers = try bench(p, ["--workload", "watchers", "--streams", "10", "--watch-conns", "2",
