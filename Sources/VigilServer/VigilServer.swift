@@ -449,6 +449,9 @@ public final class VigilServer: @unchecked Sendable {
 
     /// Serves on the calling thread until `stop()` or SIGINT/SIGTERM.
     public func run(onReady: (([Int]) -> Void)? = nil) throws {
+        // A client that goes away while we write must not kill the process: write errors are
+        // handled per connection.
+        signal(SIGPIPE, SIG_IGN)
         let loop = try EventLoop()
         let core = try VigilServerCore(loop: loop, config: configuration, logger: logger)
         let wake = Wakeup(loop: loop) { [unowned self] in drainInbox() }

@@ -1,0 +1,158 @@
+import EtcdProto
+import Foundation
+import GRPC
+import Testing
+import VigilClient
+import VigilTesting
+
+/// Abusive clients against the real binary: each time the server keeps serving others and its
+/// memory stays bounded.
+@Suite(.serialized) struct AbuseTests {
+    let server: LiveServer
+    let ctl: Etcdctl
+
+    init() throws {
+        signal(SIGPIPE, SIG_IGN)  // this test writes to sockets the server closes
+        server = try LiveServer(args: ["--unsafe-no-fsync", "--http-read-timeout", "0.5"])
+        ctl = try Etcdctl(endpoint: server.endpoint)
+    }
+
+    /// A TCP connection to the server, or -1.
+    func connect() -> Int32 {
+        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        var addr = sockaddr_in()
+        addr.sin_family = sa_family_t(AF_INET)
+        addr.sin_port = UInt16(server.port).bigEndian
+        addr.sin_addr.s_addr = inet_addr("127.0.0.1")
+        let rc = withUnsafePointer(to: &addr) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Foundation.connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
+        }
+        if rc != 0 { close(fd); return -1 }
+        return fd
+    }
+
+    func stillServes() throws {
+        _ = try ctl.ok("put", "alive", "yes")
+        #expect(try ctl.ok("get", "alive") == "alive\nyes\n")
+    }
+
+    @Test func aClientLeavingMidResponseDoesNotKillTheServer() throws {
+        // Large responses, then the client resets the connection without reading them.
+        var put = Etcdserverpb_PutRequest()
+        put.key = Data("large".utf8)
+        put.value = Data(repeating: 0x78, count: 1_000_000)
+        _ = try BlockingClient(port: server.port).call("/etcdserverpb.KV/Put", put, as: Etcdserverpb_PutResponse.self).get()
+        for _ in 0..<5 {
+            let fd = connect()
+            var req = ""
+            for _ in 0..<20 {
+                let body = #"{"key":"bGFyZ2U="}"#
+                req += "POST /v3/kv/range HTTP/1.1\r\nHost: x\r\nContent-Length: \(body.utf8.count)\r\n\r\n\(body)"
+            }
+            _ = Array(req.utf8).withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
+            usleep(50_000)
+            var l = linger(l_onoff: 1, l_linger: 0)  // close with RST
+            setsockopt(fd, SOL_SOCKET, SO_LINGER, &l, socklen_t(MemoryLayout<linger>.size))
+            close(fd)
+        }
+        usleep(200_000)
+        #expect(server.pid.map { kill($0, 0) == 0 } == true, "the server is still running")
+        try stillServes()
+    }
+
+    @Test func garbageInsteadOfAPreface() throws {
+        var rng = SystemRandomNumberGenerator()
+        for _ in 0..<20 {
+            let junk = (0..<Int.random(in: 1...4096, using: &rng)).map { _ in UInt8.random(in: 0...255, using: &rng) }
+            _ = try rawExchange(port: server.port, junk, timeout: 1)
+        }
+        // Something that starts like the HTTP/2 preface and then is not.
+        _ = try rawExchange(port: server.port, Array("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".utf8) + [UInt8](repeating: 0xFF, count: 64), timeout: 1)
+        try stillServes()
+    }
+
+    @Test func connectionsClosedMidMessage() throws {
+        // Half a gRPC request: preface, SETTINGS, then a HEADERS frame cut short, then close.
+        for cut in [10, 24, 30, 40] {
+            let fd = connect()
+            #expect(fd >= 0)
+            var bytes = Array("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".utf8)
+            bytes += [0, 0, 0, 4, 0, 0, 0, 0, 0]  // empty SETTINGS
+            bytes += [0, 0, 40, 1, 4, 0, 0, 0, 1] + [UInt8](repeating: 0x82, count: 40)  // HEADERS, 40 bytes promised
+            _ = bytes.prefix(cut + 24).withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
+            close(fd)
+        }
+        // Half an HTTP/1.1 body, then close.
+        let fd = connect()
+        let half = Array("POST /v3/kv/put HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"key\":".utf8)
+        _ = half.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
+        close(fd)
+        try stillServes()
+    }
+
+    @Test func slowlorisGetsTimedOut() throws {
+        let fd = connect()
+        #expect(fd >= 0)
+        defer { close(fd) }
+        // A header a byte at a time, slower than the read timeout allows.
+        let request = Array("GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: ".utf8)
+        var closedEarly = false
+        for b in request + Array(repeating: UInt8(ascii: "a"), count: 40) {
+            var byte = b
+            if write(fd, &byte, 1) != 1 { closedEarly = true; break }
+            usleep(30_000)
+        }
+        var buf = [UInt8](repeating: 0, count: 512)
+        var tv = timeval(tv_sec: 2, tv_usec: 0)
+        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+        let n = read(fd, &buf, buf.count)
+        let answer = n > 0 ? String(decoding: buf[0..<n], as: UTF8.self) : ""
+        #expect(closedEarly || answer.hasPrefix("HTTP/1.1 408"), "got \(answer)")
+        try stillServes()
+    }
+
+    @Test func oversizedHeadersAreRefused() throws {
+        let huge = String(repeating: "h", count: 200_000)
+        let out = try rawExchange(port: server.port, Array("GET /health HTTP/1.1\r\nHost: x\r\nX-Big: \(huge)\r\n\r\n".utf8), timeout: 3)
+        #expect(out.hasPrefix("HTTP/1.1 4"), "got \(out.prefix(40))")
+        try stillServes()
+    }
+
+    @Test func thousandsOfIdleConnections() throws {
+        let before = residentKiB(pid: server.pid!)
+        var fds: [Int32] = []
+        // Stay under the test process's own descriptor limit.
+        var limit = rlimit()
+        getrlimit(__rlimit_resource_t(RLIMIT_NOFILE.rawValue), &limit)
+        let n = min(2000, Int(limit.rlim_cur) - 100)
+        for _ in 0..<n {
+            let fd = connect()
+            if fd >= 0 { fds.append(fd) }
+        }
+        defer { for fd in fds { close(fd) } }
+        #expect(fds.count == n)
+        try stillServes()
+        let growth = residentKiB(pid: server.pid!) - before
+        #expect(growth < 64 * 1024, "\(n) idle connections grew RSS by \(growth) KiB")
+    }
+
+    @Test func aFloodOfWatchCreatesOnOneStream() throws {
+        let c = try BlockingClient(port: server.port)
+        let s = WatchStreamClient(c.connection)
+        for i in 0..<20_000 { s.create("flood/\(i)") }
+        c.runUntil(seconds: 60) { s.responses.count >= 20_000 }
+        #expect(s.responses.count == 20_000)
+        #expect(s.responses.allSatisfy { $0.created })
+        try stillServes()
+        // The stream going away frees every watcher.
+        s.call.cancel()
+        c.runUntil(seconds: 0.5) { false }
+        func watchers() throws -> Bool {
+            try rawExchange(port: server.port, Array("GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".utf8))
+                .contains("etcd_debugging_mvcc_watcher_total 0")
+        }
+        let deadline = Date().addingTimeInterval(5)
+        while Date() < deadline, try !watchers() { usleep(100_000) }
+        #expect(try watchers())
+    }
+}
