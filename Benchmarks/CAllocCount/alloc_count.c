@@ -1,5 +1,21 @@
 #define _GNU_SOURCE
 #include "alloc_count.h"
+
+#if defined(__has_feature)
+#if __has_feature(address_sanitizer) || __has_feature(thread_sanitizer)
+#define VIGIL_SANITIZED 1
+#endif
+#endif
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+#define VIGIL_SANITIZED 1
+#endif
+
+#ifdef VIGIL_SANITIZED
+/* Sanitizers own the allocator: no interposition, no counts. */
+uint64_t alloc_count(void) { return 0; }
+int alloc_count_enabled(void) { return 0; }
+#else
+int alloc_count_enabled(void) { return 1; }
 #include <dlfcn.h>
 #include <stdatomic.h>
 #include <stddef.h>
@@ -82,3 +98,4 @@ void free(void *p) {
     resolve();
     if (real_free) real_free(p);
 }
+#endif

@@ -12,6 +12,9 @@ import MVCC
 import WatchHub
 
 let quick = CommandLine.arguments.contains("--quick")
+if alloc_count_enabled() == 0 {
+    FileHandle.standardError.write(Data("allocation counts are off in sanitizer builds\n".utf8))
+}
 let scale = quick ? 20 : 1
 
 struct Result {

@@ -16,12 +16,7 @@ struct CompactionBench {
 
     func now() -> UInt64 { DispatchTime.now().uptimeNanoseconds }
 
-    func runUntil(seconds: Double, _ done: () -> Bool) {
-        let deadline = now() + UInt64(seconds * 1e9)
-        let tick = LoopTimer(loop: loop, timeoutMs: 20, repeatMs: 20) {}
-        defer { tick.cancel() }
-        while !done() && now() < deadline { loop.runOnce() }
-    }
+    func runUntil(seconds: Double, _ done: () -> Bool) { loop.run(forAtMost: seconds, until: done) }
 
     func call<Req: SwiftProtobuf.Message, Resp: SwiftProtobuf.Message>(_ c: GRPCClientConnection, _ path: String, _ r: Req,
                                                                        as: Resp.Type) -> Result<Resp, GRPCStatus>? {

@@ -19,13 +19,7 @@ struct LeaseBench {
 
     func now() -> UInt64 { DispatchTime.now().uptimeNanoseconds }
 
-    func runUntil(seconds: Double, _ done: () -> Bool) -> Bool {
-        let deadline = now() + UInt64(seconds * 1e9)
-        let tick = LoopTimer(loop: loop, timeoutMs: 20, repeatMs: 20) {}
-        defer { tick.cancel() }
-        while !done() && now() < deadline { loop.runOnce() }
-        return done()
-    }
+    func runUntil(seconds: Double, _ done: () -> Bool) -> Bool { loop.run(forAtMost: seconds, until: done) }
 
     /// Grants `n` leases of `ttl` seconds with `bench.clients` in flight; `then` runs after each
     /// grant with its index and ID and calls its completion when done with it.

@@ -81,14 +81,7 @@ struct WatchBench {
 
     func now() -> UInt64 { DispatchTime.now().uptimeNanoseconds }
 
-    /// Runs the loop until `done()` or `seconds` pass; a ticking timer keeps a quiet loop checking.
-    func runUntil(seconds: Double, _ done: () -> Bool) -> Bool {
-        let deadline = now() + UInt64(seconds * 1e9)
-        let tick = LoopTimer(loop: loop, timeoutMs: 20, repeatMs: 20) {}
-        defer { tick.cancel() }
-        while !done() && now() < deadline { loop.runOnce() }
-        return done()
-    }
+    func runUntil(seconds: Double, _ done: () -> Bool) -> Bool { loop.run(forAtMost: seconds, until: done) }
 
     /// Opens `bench.streams` streams spread over the watch connections.
     func openStreams(_ watchConns: [GRPCClientConnection]) -> [BenchStream] {

@@ -145,13 +145,7 @@ struct ConfigPush: ParsableCommand {
         }
 
         let loop = try EventLoop()
-        func runUntil(_ seconds: Double, _ done: () -> Bool) -> Bool {
-            let deadline = Date().addingTimeInterval(seconds)
-            let tick = LoopTimer(loop: loop, timeoutMs: 20, repeatMs: 20) {}
-            defer { tick.cancel() }
-            while !done() && Date() < deadline { loop.runOnce() }
-            return done()
-        }
+        func runUntil(_ seconds: Double, _ done: () -> Bool) -> Bool { loop.run(forAtMost: seconds, until: done) }
 
         // The publisher: its own connection, one change at a time.
         var publisherConn: GRPCClientConnection?

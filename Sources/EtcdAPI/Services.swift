@@ -27,7 +27,7 @@ public final class EtcdServices {
         self.watch = WatchService(context: context, config: watchConfig)
         let lessor = Lessor(context: context, meta: meta, now: now)
         self.lessor = lessor
-        context.leaseExists = { lessor.exists($0) }
+        context.leaseExists = { [unowned lessor] in lessor.exists($0) }
         context.alarms.restore(meta)
         registerKV()
         registerLease()

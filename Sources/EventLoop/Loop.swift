@@ -1,4 +1,5 @@
 import CLibUV
+import Dispatch
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -59,6 +60,18 @@ public final class EventLoop {
     public func runOnce() {
         startPrepare()
         uv_run(raw, UV_RUN_ONCE)
+    }
+
+    /// Runs turns until `done()` or until `seconds` pass, for programs that drive the loop
+    /// themselves (clients, tests, benchmarks); a ticking timer keeps a quiet loop checking the
+    /// deadline. Returns `done()`.
+    @discardableResult
+    public func run(forAtMost seconds: Double, until done: () -> Bool) -> Bool {
+        let deadline = DispatchTime.now().uptimeNanoseconds + UInt64(max(0, seconds) * 1e9)
+        let tick = LoopTimer(loop: self, timeoutMs: 20, repeatMs: 20) {}
+        defer { tick.cancel() }
+        while !done() && DispatchTime.now().uptimeNanoseconds < deadline { runOnce() }
+        return done()
     }
 
     /// Asks `run()` to return after the current turn.

@@ -280,8 +280,24 @@ public final class HTTP1Connection {
         if close { closed = true }
     }
 
+    /// Pipelined requests wait while this many response bytes sit unsent: a client that sends
+    /// many heavy requests and reads nothing gets one answer's worth of memory, not all of them.
+    public static let pipelineHighWater = 256 * 1024
+    private var waitingForDrain = false
+
     func responseDone() {
         current = nil
+        if !queue.isEmpty && queuedBytes() > Self.pipelineHighWater {
+            waitingForDrain = true
+            return
+        }
+        pump()
+    }
+
+    /// The socket's write queue drained: answer the next pipelined request, if one waits.
+    public func writable() {
+        guard waitingForDrain else { return }
+        waitingForDrain = false
         pump()
     }
 

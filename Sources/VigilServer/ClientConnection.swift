@@ -111,7 +111,9 @@ final class ClientConnection: TCPConnectionDelegate {
         if !session.isAlive || session.failed { tcp.close() }
     }
 
-    func connectionWritable(_ c: TCPConnection) { flush() }
+    func connectionWritable(_ c: TCPConnection) {
+        if case .http1(let h1) = mode { h1.writable() } else { flush() }
+    }
 
     func connectionClosed(_ c: TCPConnection) {
         if case .http2(_, let grpc) = mode { grpc.connectionClosed() }

@@ -64,11 +64,7 @@ public final class BlockingClient {
 
     /// Runs the loop until `done()` or the time limit.
     public func runUntil(seconds: Double = 30, _ done: () -> Bool) {
-        let deadline = Date().addingTimeInterval(seconds)
-        // A ticking timer so that a quiet loop still comes back to check the deadline.
-        let tick = LoopTimer(loop: loop, timeoutMs: 50, repeatMs: 50) {}
-        defer { tick.cancel() }
-        while !done() && Date() < deadline { loop.runOnce() }
+        loop.run(forAtMost: seconds, until: done)
     }
 }
 

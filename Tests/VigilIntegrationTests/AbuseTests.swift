@@ -131,7 +131,12 @@ import VigilTesting
         }
         defer { for fd in fds { close(fd) } }
         #expect(fds.count == n)
-        try stillServes()
+        // Checked with our own client: spawning etcdctl with thousands of descriptors open trips
+        // a bug in Foundation's Process under the address sanitizer.
+        var put = Etcdserverpb_PutRequest()
+        put.key = Data("idle".utf8)
+        put.value = Data("ok".utf8)
+        #expect((try? BlockingClient(port: server.port).call("/etcdserverpb.KV/Put", put, as: Etcdserverpb_PutResponse.self).get()) != nil)
         let growth = residentKiB(pid: server.pid!) - before
         #expect(growth < 64 * 1024, "\(n) idle connections grew RSS by \(growth) KiB")
     }

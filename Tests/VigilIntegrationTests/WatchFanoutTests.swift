@@ -80,7 +80,10 @@ import VigilTesting
             .flatMap { Int($0.split(separator: " ")[1]) } ?? -1
         // One response past the bound at most; the rest waits in the store and ring, not in a queue.
         #expect(queued >= 0 && queued <= 262_144 + 64 * 1024, "queued \(queued)")
-        #expect(metrics.contains("vigil_watch_parked_total 1"))
+        // Parked at least once (it may resume while kernel buffers still take bytes, and park again).
+        let parked = metrics.split(separator: "\n").first { $0.hasPrefix("vigil_watch_parked_total ") }
+            .flatMap { Int($0.split(separator: " ")[1]) } ?? 0
+        #expect(parked >= 1)
         let growth = residentKiB(pid: server.pid!) - rssBefore
         #expect(growth < 160 * 1024, "server RSS grew \(growth) KiB")
         // When the slow reader comes back it gets every event, exactly once, in order.

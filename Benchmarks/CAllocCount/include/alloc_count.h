@@ -5,3 +5,6 @@
    since it started. Linking this target into an executable interposes the allocator entry
    points; they forward to the C library's. For micro-benchmarks only. */
 uint64_t alloc_count(void);
+
+/* 0 in sanitizer builds, where the allocator is not interposed (counts stay 0). */
+int alloc_count_enabled(void);
