@@ -15,6 +15,8 @@ public protocol GatewayResponder: AnyObject {
     var queuedBytes: Int { get }
     /// Set by the gateway: called if the client leaves before the answer is done.
     var onClose: (() -> Void)? { get set }
+    /// Calls `body` once the bytes sent so far have left (at once if they have).
+    func notifyWhenDrained(_ body: @escaping () -> Void)
 }
 
 /// etcd's HTTP/JSON gateway (grpc-gateway v1 as etcd 3.4 serves it): `POST /v3/...` with a JSON
@@ -180,7 +182,11 @@ public final class Gateway {
         case .failure(let s): return out.respond(status: Gateway.httpStatus(s.code), body: Self.errorBody(s))
         }
         out.startStream()
-        let session = services.watch.open(JSONWatchSink(out))
+        let sink = JSONWatchSink(out)
+        let session = services.watch.open(sink)
+        let hub = services.watch.hub
+        // Parked watchers resume when this client has taken what it was sent.
+        sink.onDrained = { [weak session] in if let session { hub.streamDrained(session.stream) } }
         out.onClose = { session.close() }
         for r in requests { session.receive(r) }
     }
@@ -213,4 +219,7 @@ final class JSONWatchSink: WatchSink {
     }
 
     var queuedBytes: Int { out.queuedBytes }
+    var onDrained: (() -> Void)?
+
+    func notifyWhenDrained() { out.notifyWhenDrained { [weak self] in self?.onDrained?() } }
 }

@@ -179,6 +179,8 @@ public protocol PlainHTTP2Handler: AnyObject {
     func handle(stream: Int32, headers: [HeaderField], body: [UInt8], session: HTTP2Session, flush: @escaping () -> Void)
     /// A stream handed to `handle` closed (the client left, or the answer is done).
     func streamClosed(_ stream: Int32)
+    /// A stream handed to `handle` sent everything queued (after `HTTP2Session.notifyWhenDrained`).
+    func streamDrained(_ stream: Int32)
 }
 
 /// Routes the streams of one HTTP/2 connection to gRPC handlers.
@@ -289,7 +291,7 @@ public final class GRPCConnection: HTTP2SessionDelegate {
     }
 
     public func streamDrained(_ stream: Int32) {
-        calls[stream]?.onDrained?()
+        if let call = calls[stream] { call.onDrained?() } else { plainHandler?.streamDrained(stream) }
     }
 
     /// Called when the connection is gone: every open call hears `onCancel`.

@@ -93,6 +93,19 @@ public final class HTTP1Responder {
     private var streaming = false
     /// Called if the connection goes away before the response is done (a watch stream's end).
     public var onClose: (() -> Void)?
+    /// Called once when the socket's write queue next drains (see `notifyWhenDrained`).
+    private var onDrained: (() -> Void)?
+
+    /// Calls `body` once everything written so far has gone to the kernel (at once if it has).
+    public func notifyWhenDrained(_ body: @escaping () -> Void) {
+        if queuedBytes == 0 { body() } else { onDrained = body }
+    }
+
+    func drained() {
+        let cb = onDrained
+        onDrained = nil
+        cb?()
+    }
 
     init(connection: HTTP1Connection, keepAlive: Bool) {
         self.connection = connection
@@ -296,6 +309,7 @@ public final class HTTP1Connection {
 
     /// The socket's write queue drained: answer the next pipelined request, if one waits.
     public func writable() {
+        current?.drained()
         guard waitingForDrain else { return }
         waitingForDrain = false
         pump()

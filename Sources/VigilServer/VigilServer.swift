@@ -351,6 +351,8 @@ final class PlainHTTP2Requests: PlainHTTP2Handler {
         out.closed()
     }
 
+    func streamDrained(_ stream: Int32) { open[stream]?.drained() }
+
     /// The connection went away: every stream still answering hears it.
     func connectionClosed() {
         let all = open.values
@@ -404,6 +406,19 @@ final class HTTP2GatewayResponder: GatewayResponder {
 
     var queuedBytes: Int { session.queuedBytes(stream) }
 
+    private var onDrained: (() -> Void)?
+
+    func notifyWhenDrained(_ body: @escaping () -> Void) {
+        onDrained = body
+        session.notifyWhenDrained(stream)
+    }
+
+    func drained() {
+        let cb = onDrained
+        onDrained = nil
+        cb?()
+    }
+
     func closed() {
         done = true
         let cb = onClose
@@ -425,6 +440,7 @@ final class HTTP1GatewayResponder: GatewayResponder {
         get { r.onClose }
         set { r.onClose = newValue }
     }
+    func notifyWhenDrained(_ body: @escaping () -> Void) { r.notifyWhenDrained(body) }
 }
 
 /// A Vigil server: an etcd v3–compatible key-value store on one libuv loop.

@@ -130,6 +130,56 @@ import VigilTesting
         }
     }
 
+    @Test func aGatewayWatchThatStopsReadingResumesComplete() throws {
+        let slow = try LiveServer(args: ["--unsafe-no-fsync", "--watch-stream-queue-bytes", "262144"])
+        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        defer { close(fd) }
+        var addr = sockaddr_in()
+        addr.sin_family = sa_family_t(AF_INET)
+        addr.sin_port = UInt16(slow.port).bigEndian
+        addr.sin_addr.s_addr = inet_addr("127.0.0.1")
+        let rc = withUnsafePointer(to: &addr) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
+        }
+        #expect(rc == 0)
+        let body = #"{"create_request":{"key":"Zy8=","range_end":"ZzA="}}"#  // prefix "g/"
+        let request = "POST /v3/watch HTTP/1.1\r\nHost: x\r\nContent-Length: \(body.utf8.count)\r\n\r\n\(body)"
+        _ = Array(request.utf8).withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
+        usleep(300_000)
+        // 1,000 events of 16 KiB while this client reads nothing.
+        let c = try BlockingClient(port: slow.port)
+        var done = 0, next = 0, last: Int64 = 0
+        func issue() {
+            guard next < 1000 else { return }
+            var p = Etcdserverpb_PutRequest()
+            p.key = Data("g/\(next)".utf8)
+            p.value = Data(repeating: 0x61, count: 16 * 1024)
+            next += 1
+            c.connection.unary("/etcdserverpb.KV/Put", p) { (r: Result<Etcdserverpb_PutResponse, GRPCStatus>) in
+                last = max(last, (try? r.get().header.revision) ?? 0)
+                done += 1
+                issue()
+            }
+        }
+        for _ in 0..<16 { issue() }
+        c.runUntil(seconds: 60) { done == 1000 }
+        let metrics = try rawExchange(port: slow.port, Array("GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".utf8))
+        #expect(!metrics.contains("vigil_watch_parked_total 0\n"), "the stalled gateway watch was parked")
+        // Now read: every event arrives, once, even though the stream was parked meanwhile.
+        var tv = timeval(tv_sec: 1, tv_usec: 0)
+        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+        var received: [UInt8] = []
+        var buf = [UInt8](repeating: 0, count: 1 << 16)
+        let deadline = Date().addingTimeInterval(30)
+        func events() -> Int { String(decoding: received, as: UTF8.self).components(separatedBy: #""mod_revision""#).count - 1 }
+        while Date() < deadline {
+            let n = read(fd, &buf, buf.count)
+            if n > 0 { received += buf[0..<n] } else if events() >= 1000 { break }
+        }
+        #expect(events() == 1000)
+        #expect(String(decoding: received, as: UTF8.self).contains(#""mod_revision":"\#(last)""#))
+    }
+
     @Test func keepAliveOverHTTP() throws {
         _ = try post("/v3/lease/grant", #"{"TTL":"30","ID":"5"}"#)
         let (s, body) = try post("/v3/lease/keepalive", #"{"ID":"5"}{"ID":"6"}"#)
