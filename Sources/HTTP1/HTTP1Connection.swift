@@ -298,13 +298,18 @@ public final class HTTP1Connection {
     public static let pipelineHighWater = 256 * 1024
     private var waitingForDrain = false
 
+    /// Runs work on a later loop turn (set by the owner): pipelined requests are answered one
+    /// per turn, so a client that queues many heavy requests and leaves is noticed after one.
+    public var nextTurn: ((@escaping () -> Void) -> Void)?
+
     func responseDone() {
         current = nil
         if !queue.isEmpty && queuedBytes() > Self.pipelineHighWater {
             waitingForDrain = true
             return
         }
-        pump()
+        guard !queue.isEmpty else { return }
+        if let nextTurn { nextTurn { [weak self] in self?.pump() } } else { pump() }
     }
 
     /// The socket's write queue drained: answer the next pipelined request, if one waits.

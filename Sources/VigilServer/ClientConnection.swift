@@ -49,6 +49,13 @@ final class ClientConnection: TCPConnectionDelegate {
                     if close { tcp.close() }
                 }
                 h1.queuedBytes = { [unowned self] in tcp.queuedWriteBytes }
+                h1.nextTurn = { [weak self] work in
+                    guard let self else { return }
+                    pipelineTimer = LoopTimer(loop: server.loop, timeoutMs: 0) { [weak self] in
+                        self?.pipelineTimer = nil
+                        work()
+                    }
+                }
                 mode = .http1(h1)
                 seen.withUnsafeBytes { h1.receive($0) }
                 armReadTimer(h1)
@@ -64,6 +71,7 @@ final class ClientConnection: TCPConnectionDelegate {
 
     private var readTimer: LoopTimer?
     private var plainRequests: PlainHTTP2Requests?
+    private var pipelineTimer: LoopTimer?
 
     /// A request that has begun must arrive in full within the read timeout (from its first bytes).
     private func armReadTimer(_ h1: HTTP1Connection) {
@@ -122,6 +130,8 @@ final class ClientConnection: TCPConnectionDelegate {
         plainRequests = nil
         readTimer?.cancel()
         readTimer = nil
+        pipelineTimer?.cancel()
+        pipelineTimer = nil
         mode = .sniffing([])
         server.connectionClosed(self)
     }

@@ -40,7 +40,7 @@ import VigilTesting
         // Large responses, then the client resets the connection without reading them.
         var put = Etcdserverpb_PutRequest()
         put.key = Data("large".utf8)
-        put.value = Data(repeating: 0x78, count: 1_000_000)
+        put.value = Data(repeating: 0x78, count: 300_000)
         _ = try BlockingClient(port: server.port).call("/etcdserverpb.KV/Put", put, as: Etcdserverpb_PutResponse.self).get()
         for _ in 0..<5 {
             let fd = connect()
