@@ -9,14 +9,10 @@ import GRPC
 import SwiftProtobuf
 import VigilClient
 
-struct CompactionBench {
+struct CompactionBench: Workload {
     let bench: Bench
     let loop: EventLoop
     let connections: [GRPCClientConnection]
-
-    func now() -> UInt64 { DispatchTime.now().uptimeNanoseconds }
-
-    func runUntil(seconds: Double, _ done: () -> Bool) { loop.run(forAtMost: seconds, until: done) }
 
     func call<Req: SwiftProtobuf.Message, Resp: SwiftProtobuf.Message>(_ c: GRPCClientConnection, _ path: String, _ r: Req,
                                                                        as: Resp.Type) -> Result<Resp, GRPCStatus>? {

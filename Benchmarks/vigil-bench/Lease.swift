@@ -11,15 +11,11 @@ import Foundation
 import GRPC
 import VigilClient
 
-struct LeaseBench {
+struct LeaseBench: Workload {
     let bench: Bench
     let loop: EventLoop
     let connections: [GRPCClientConnection]
     let probe: ServerProbe
-
-    func now() -> UInt64 { DispatchTime.now().uptimeNanoseconds }
-
-    func runUntil(seconds: Double, _ done: () -> Bool) -> Bool { loop.run(forAtMost: seconds, until: done) }
 
     /// Grants `n` leases of `ttl` seconds with `bench.clients` in flight; `then` runs after each
     /// grant with its index and ID and calls its completion when done with it.

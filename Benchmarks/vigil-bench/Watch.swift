@@ -73,15 +73,25 @@ final class BenchStream {
     }
 }
 
-struct WatchBench {
+/// What every special workload has: the options, the loop, the connections; and its helpers.
+protocol Workload {
+    var bench: Bench { get }
+    var loop: EventLoop { get }
+    var connections: [GRPCClientConnection] { get }
+}
+
+extension Workload {
+    func now() -> UInt64 { DispatchTime.now().uptimeNanoseconds }
+
+    @discardableResult
+    func runUntil(seconds: Double, _ done: () -> Bool) -> Bool { loop.run(forAtMost: seconds, until: done) }
+}
+
+struct WatchBench: Workload {
     let bench: Bench
     let loop: EventLoop
     let connections: [GRPCClientConnection]
     let probe: ServerProbe
-
-    func now() -> UInt64 { DispatchTime.now().uptimeNanoseconds }
-
-    func runUntil(seconds: Double, _ done: () -> Bool) -> Bool { loop.run(forAtMost: seconds, until: done) }
 
     /// Opens `bench.streams` streams spread over the watch connections.
     func openStreams(_ watchConns: [GRPCClientConnection]) -> [BenchStream] {

@@ -169,6 +169,12 @@ struct WatcherTable {
 
     var all: [Watcher] { dense.compactMap { $0 } + sparse.values }
 
+    /// Whether every watcher satisfies `p` (without building `all`).
+    func allSatisfy(_ p: (Watcher) -> Bool) -> Bool {
+        for w in dense { if let w, !p(w) { return false } }
+        return sparse.values.allSatisfy(p)
+    }
+
     mutating func removeAll() {
         dense = []
         sparse = [:]
@@ -357,7 +363,7 @@ public final class WatchHub {
     /// events already queued, if every watcher of the stream is synced.
     public func requestProgress(_ s: WatchStream) {
         guard !s.watchers.isEmpty, s.unsyncedCount == 0,
-              s.watchers.all.allSatisfy({ $0.nextRev <= delivered + 1 }) else { return }
+              s.watchers.allSatisfy({ $0.nextRev <= delivered + 1 }) else { return }
         send(s, ResponseFields(headerRevision: delivered, watchID: -1))
     }
 
