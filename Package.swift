@@ -21,12 +21,14 @@ let package = Package(
         .systemLibrary(name: "CNghttp2", pkgConfig: "libnghttp2", providers: [.apt(["libnghttp2-dev"])]),
         .systemLibrary(name: "CLMDB", pkgConfig: "lmdb", providers: [.apt(["liblmdb-dev"])]),
         .systemLibrary(name: "CHTTPParser", providers: [.apt(["libhttp-parser-dev"])]),
+        .systemLibrary(name: "CCrypt", providers: [.apt(["libcrypt-dev"])]),
 
         // Thin Swift over C.
         .target(name: "EventLoop", dependencies: ["CLibUV"]),
         .target(name: "HTTP2", dependencies: ["CNghttp2"]),
         .target(name: "HTTP1", dependencies: ["CHTTPParser"]),
         .target(name: "LMDBBackend", dependencies: ["CLMDB", "MVCC"]),
+        .target(name: "Passwords", dependencies: ["CCrypt"]),
 
         // Deterministic core: no C, no protobuf, no clock.
         .target(name: "IntervalTree"),
@@ -36,7 +38,7 @@ let package = Package(
         // Protocol layers.
         .target(name: "GRPC", dependencies: ["HTTP2"]),
         .target(name: "EtcdProto", dependencies: [.product(name: "SwiftProtobuf", package: "swift-protobuf")]),
-        .target(name: "EtcdAPI", dependencies: ["EtcdProto", "MVCC", "GRPC", "WatchHub",
+        .target(name: "EtcdAPI", dependencies: ["EtcdProto", "MVCC", "GRPC", "WatchHub", "Passwords",
                                                 .product(name: "SwiftProtobuf", package: "swift-protobuf")]),
 
         // Wiring and the executable.

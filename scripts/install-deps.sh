@@ -3,7 +3,7 @@
 # Needs root (or sudo) only when something has to be installed.
 set -euo pipefail
 
-packages=(libuv1-dev libnghttp2-dev libhttp-parser-dev liblmdb-dev pkg-config)
+packages=(libuv1-dev libnghttp2-dev libhttp-parser-dev liblmdb-dev libcrypt-dev pkg-config)
 if [ "${1:-}" = "--test" ]; then
     # etcdctl drives the integration tests, curl the gateway tests; etcd runs beside Vigil in the
     # benchmarks.

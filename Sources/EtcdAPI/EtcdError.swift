@@ -49,6 +49,15 @@ public struct EtcdError: Error, Equatable, CustomStringConvertible {
     public static let permissionDenied = EtcdError(.permissionDenied, "etcdserver: permission denied")
     public static let authNotEnabled = EtcdError(.failedPrecondition, "etcdserver: authentication is not enabled")
     public static let invalidAuthToken = EtcdError(.unauthenticated, "etcdserver: invalid auth token")
+    public static let permissionNotGiven = EtcdError(.invalidArgument, "etcdserver: permission not given")
+    public static let roleNotGranted = EtcdError(.failedPrecondition, "etcdserver: role is not granted to the user")
+    public static let permissionNotGranted = EtcdError(.failedPrecondition, "etcdserver: permission is not granted to the role")
+    public static let invalidAuthMgmt = EtcdError(.invalidArgument, "etcdserver: invalid auth management")
+    public static let authOldRevision = EtcdError(.invalidArgument, "etcdserver: revision of auth store is old")
+    /// Not an etcd error: bcrypt reads 72 bytes at most and no NUL, so longer passwords are refused
+    /// rather than silently cut.
+    public static let passwordUnusable = EtcdError(.invalidArgument,
+                                                   "etcdserver: password must be at most 72 bytes and hold no NUL byte")
     public static let notCapable = EtcdError(.unavailable, "etcdserver: not capable")
     public static let stopped = EtcdError(.unavailable, "etcdserver: server stopped")
     public static let timeout = EtcdError(.unavailable, "etcdserver: request timed out")

@@ -59,6 +59,7 @@ public final class Gateway {
         "/maintenance/transfer-leadership": "/etcdserverpb.Maintenance/MoveLeader",
         "/auth/enable": "/etcdserverpb.Auth/AuthEnable",
         "/auth/disable": "/etcdserverpb.Auth/AuthDisable",
+        "/auth/status": "/etcdserverpb.Auth/AuthStatus",
         "/auth/authenticate": "/etcdserverpb.Auth/Authenticate",
         "/auth/user/add": "/etcdserverpb.Auth/UserAdd",
         "/auth/user/get": "/etcdserverpb.Auth/UserGet",
@@ -121,15 +122,17 @@ public final class Gateway {
         guard method == "POST" else {
             return out.respond(status: 405, body: Self.errorBody(GRPCStatus(.unimplemented, "Method Not Allowed")))
         }
+        // grpc-gateway passes the Authorization header on as the token.
+        let token = headers.first { $0.name.lowercased() == "authorization" }?.value
         switch grpcPath {
-        case "/etcdserverpb.Watch/Watch": watch(body, out)
-        case "/etcdserverpb.Lease/LeaseKeepAlive": keepAlive(body, out)
+        case "/etcdserverpb.Watch/Watch": watch(body, token, out)
+        case "/etcdserverpb.Lease/LeaseKeepAlive": keepAlive(body, token, out)
         default:
             guard let route = services.jsonRoutes[grpcPath] else {
                 let name = grpcPath.split(separator: "/").last.map(String.init) ?? grpcPath
                 return out.respond(status: 501, body: Self.errorBody(GRPCStatus(.unimplemented, "unknown method \(name)")))
             }
-            route(body) { status, bytes in out.respond(status: status, body: bytes) }
+            route(body, token) { status, bytes in out.respond(status: status, body: bytes) }
         }
     }
 
@@ -175,7 +178,7 @@ public final class Gateway {
     }
 
     /// `/v3/watch`: the body's WatchRequests, then a stream of responses until the client leaves.
-    private func watch(_ body: [UInt8], _ out: any GatewayResponder) {
+    private func watch(_ body: [UInt8], _ token: String?, _ out: any GatewayResponder) {
         let requests: [Etcdserverpb_WatchRequest]
         switch decodeAll(body, as: Etcdserverpb_WatchRequest.self) {
         case .success(let r): requests = r
@@ -183,7 +186,7 @@ public final class Gateway {
         }
         out.startStream()
         let sink = JSONWatchSink(out)
-        let session = services.watch.open(sink)
+        let session = services.watch.open(sink, token: token)
         let hub = services.watch.hub
         // Parked watchers resume when this client has taken what it was sent.
         sink.onDrained = { [weak session] in if let session { hub.streamDrained(session.stream) } }
@@ -192,16 +195,22 @@ public final class Gateway {
     }
 
     /// `/v3/lease/keepalive`: one answer per request in the body, then the stream ends.
-    private func keepAlive(_ body: [UInt8], _ out: any GatewayResponder) {
+    private func keepAlive(_ body: [UInt8], _ token: String?, _ out: any GatewayResponder) {
         let requests: [Etcdserverpb_LeaseKeepAliveRequest]
         switch decodeAll(body, as: Etcdserverpb_LeaseKeepAliveRequest.self) {
         case .success(let r): requests = r
         case .failure(let s): return out.respond(status: Gateway.httpStatus(s.code), body: Self.errorBody(s))
         }
-        out.startStream()
+        var answers: [[UInt8]] = []
         for r in requests {
-            out.send(Self.result(services.keepAliveResponse(r)))
+            do throws(EtcdError) {
+                answers.append(Self.result(try services.keepAliveResponse(r, token: token)))
+            } catch {
+                return out.respond(status: Gateway.httpStatus(error.code), body: Self.errorBody(error.status))
+            }
         }
+        out.startStream()
+        for a in answers { out.send(a) }
         out.finish()
     }
 }

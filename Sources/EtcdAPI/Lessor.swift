@@ -161,6 +161,9 @@ public final class Lessor {
         return (remaining, l.ttl, l.keys.sorted { compareBytes($0, $1) < 0 })
     }
 
+    /// The keys attached to a lease (none for an unknown one).
+    public func keys(_ id: Int64) -> Set<Bytes> { leases[id]?.keys ?? [] }
+
     /// All lease IDs, soonest expiry first.
     public func all() -> [Int64] {
         leases.values.sorted { ($0.expiry, $0.id) < ($1.expiry, $1.id) }.map(\.id)

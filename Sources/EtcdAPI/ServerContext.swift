@@ -69,6 +69,12 @@ public final class ServerContext {
     public var quotaBytes: Int64 = 2 << 30
     /// Defragment, hash and snapshot, which need the backend and the thread pool.
     public weak var maintenance: (any MaintenanceBackend)?
+    /// Runs `work` off the loop, then `done` on the loop (the server plugs in its thread pool;
+    /// without one both run at once). Password hashing goes here.
+    public var offload: (_ work: @escaping () -> Void, _ done: @escaping () -> Void) -> Void = { work, done in
+        work()
+        done()
+    }
     public private(set) lazy var alarms = Alarms(store: store, memberID: identity.memberID)
 
     private var compactionWaiters: [() -> Void] = []

@@ -11,22 +11,29 @@ public final class EtcdServices {
     public let kv: KVService
     public let watch: WatchService
     public let lessor: Lessor
+    public let auth: AuthStore
     private var routes: [String: (ServerCall) -> Void] = [:]
     /// The same unary methods for the JSON gateway, by gRPC path: JSON body in, reply through `out`.
-    private(set) var jsonRoutes: [String: (_ body: [UInt8], _ out: @escaping (Int, [UInt8]) -> Void) -> Void] = [:]
+    private(set) var jsonRoutes: [String: (_ body: [UInt8], _ token: String?, _ out: @escaping (Int, [UInt8]) -> Void) -> Void] = [:]
     /// Server version reported by Status.
     public static let serverVersion = "3.4.23"
 
     /// - Parameters:
     ///   - meta: the backend's meta entries (persisted leases are restored from them).
-    ///   - now: the loop's clock in milliseconds (lease expiry).
+    ///   - blobs: the backend's named values (auth users and roles).
+    ///   - now: the loop's clock in milliseconds (lease expiry, token expiry).
     public init(context: ServerContext, watchConfig: WatchHubConfig = WatchHubConfig(), meta: [String: Int64] = [:],
+                blobs: [String: [UInt8]] = [:], authConfig: AuthConfig = AuthConfig(),
                 now: @escaping () -> UInt64 = { DispatchTime.now().uptimeNanoseconds / 1_000_000 }) {
         self.context = context
         self.kv = KVService(context: context)
-        self.watch = WatchService(context: context, config: watchConfig)
         let lessor = Lessor(context: context, meta: meta, now: now)
         self.lessor = lessor
+        let auth = AuthStore(store: context.store, meta: meta, blobs: blobs, config: authConfig, now: now)
+        self.auth = auth
+        auth.leaseKeys = { [unowned lessor] in lessor.keys($0) }
+        auth.offload = { [unowned context] work, done in context.offload(work, done) }
+        self.watch = WatchService(context: context, config: watchConfig, auth: auth)
         context.leaseExists = { [unowned lessor] in lessor.exists($0) }
         context.alarms.restore(meta)
         registerKV()
@@ -34,6 +41,7 @@ public final class EtcdServices {
         let watch = self.watch
         routes["/etcdserverpb.Watch/Watch"] = { call in watch.handle(call) }
         registerMaintenanceAndCluster()
+        registerAuth()
     }
 
     /// The handler for a path, nil if unknown (answered UNIMPLEMENTED).
@@ -42,22 +50,41 @@ public final class EtcdServices {
     /// Adds or replaces a handler (later services plug in here).
     public func register(_ path: String, _ handler: @escaping (ServerCall) -> Void) { routes[path] = handler }
 
-    /// Registers a unary method: decode one request, run `body`, which replies through `Reply`.
+    /// The auth token of a gRPC call (`token` metadata, or `authorization` as the gateway sends it).
+    static func token(_ call: ServerCall) -> String? { call.metadata("token") ?? call.metadata("authorization") }
+
+    /// Checks that the sender of `token` may make this request (nothing to check while auth is
+    /// disabled).
+    func authorize<Req>(_ access: Access<Req>, _ req: Req, token: String?) throws(EtcdError) {
+        if case .open = access { return }
+        guard let caller = try auth.caller(token: token) else { return }
+        switch access {
+        case .open, .authenticated: return
+        case .admin: try auth.requireAdmin(caller)
+        case .keys(let check): if !caller.isRoot { try check(caller, req) }
+        }
+    }
+
+    /// Registers a unary method: decode one request, check who may make it, run `body`, which
+    /// replies through `Reply`.
     public func unary<Req: SwiftProtobuf.Message, Resp: SwiftProtobuf.Message>(
-        _ path: String, _ body: @escaping (Req, Int, Reply<Resp>) throws(EtcdError) -> Void
+        _ path: String, access: Access<Req>, _ body: @escaping (Req, Int, Reply<Resp>) throws(EtcdError) -> Void
     ) {
-        routes[path] = { call in
-            call.onMessage = { bytes in
+        routes[path] = { [unowned self] call in
+            call.onMessage = { [unowned self] bytes in
                 let req: Req
                 do { req = try Req(serializedBytes: bytes) } catch {
                     call.finish(GRPCStatus(.internal, "grpc: error unmarshalling request: \(error)"))
                     return
                 }
                 let reply = Reply<Resp>(call)
-                do throws(EtcdError) { try body(req, bytes.count, reply) } catch { reply.fail(error) }
+                do throws(EtcdError) {
+                    try authorize(access, req, token: Self.token(call))
+                    try body(req, bytes.count, reply)
+                } catch { reply.fail(error) }
             }
         }
-        jsonRoutes[path] = { json, out in
+        jsonRoutes[path] = { [unowned self] json, token, out in
             let reply = Reply<Resp>(json: out)
             let req: Req
             do {
@@ -68,37 +95,41 @@ public final class EtcdServices {
             }
             // The request limit applies to the request as the gRPC API would see it.
             let size = (try? req.serializedBytes() as [UInt8])?.count ?? json.count
-            do throws(EtcdError) { try body(req, size, reply) } catch { reply.fail(error) }
+            do throws(EtcdError) {
+                try authorize(access, req, token: token)
+                try body(req, size, reply)
+            } catch { reply.fail(error) }
         }
     }
 
-    private func checkSize(_ n: Int) throws(EtcdError) {
+    func checkSize(_ n: Int) throws(EtcdError) {
         if n > context.limits.maxRequestBytes { throw .requestTooLarge }
     }
 
     private func registerKV() {
         let kv = self.kv
         let gate = context.gate
-        unary("/etcdserverpb.KV/Range") { (r: Etcdserverpb_RangeRequest, _, reply: Reply<Etcdserverpb_RangeResponse>) throws(EtcdError) in
+        let auth = self.auth
+        unary("/etcdserverpb.KV/Range", access: .keys { c, r throws(EtcdError) in try auth.check(c, .read, key: r.key.bytes, rangeEnd: r.rangeEnd.bytes) }) { (r: Etcdserverpb_RangeRequest, _, reply: Reply<Etcdserverpb_RangeResponse>) throws(EtcdError) in
             reply.ok(try kv.range(r))
         }
-        unary("/etcdserverpb.KV/Put") { [unowned self] (r: Etcdserverpb_PutRequest, n, reply: Reply<Etcdserverpb_PutResponse>) throws(EtcdError) in
+        unary("/etcdserverpb.KV/Put", access: .keys { c, r throws(EtcdError) in try auth.check(c, put: r) }) { [unowned self] (r: Etcdserverpb_PutRequest, n, reply: Reply<Etcdserverpb_PutResponse>) throws(EtcdError) in
             try checkSize(n)
             let (resp, rev) = try kv.put(r)
             gate.whenDurable(rev) { reply.ok(resp) }
         }
-        unary("/etcdserverpb.KV/DeleteRange") { [unowned self] (r: Etcdserverpb_DeleteRangeRequest, n, reply: Reply<Etcdserverpb_DeleteRangeResponse>) throws(EtcdError) in
+        unary("/etcdserverpb.KV/DeleteRange", access: .keys { c, r throws(EtcdError) in try auth.check(c, deleteRange: r) }) { [unowned self] (r: Etcdserverpb_DeleteRangeRequest, n, reply: Reply<Etcdserverpb_DeleteRangeResponse>) throws(EtcdError) in
             try checkSize(n)
             let (resp, rev) = try kv.deleteRange(r)
             gate.whenDurable(rev) { reply.ok(resp) }
         }
-        unary("/etcdserverpb.KV/Txn") { [unowned self] (r: Etcdserverpb_TxnRequest, n, reply: Reply<Etcdserverpb_TxnResponse>) throws(EtcdError) in
+        unary("/etcdserverpb.KV/Txn", access: .keys { c, r throws(EtcdError) in try auth.check(c, txn: r) }) { [unowned self] (r: Etcdserverpb_TxnRequest, n, reply: Reply<Etcdserverpb_TxnResponse>) throws(EtcdError) in
             try checkSize(n)
             let (resp, _) = try kv.txn(r)
             // A txn may have read state that is not durable yet: answer once all of it is.
             gate.whenDurable(context.store.currentRevision) { reply.ok(resp) }
         }
-        unary("/etcdserverpb.KV/Compact") { [unowned self] (r: Etcdserverpb_CompactionRequest, n, reply: Reply<Etcdserverpb_CompactionResponse>) throws(EtcdError) in
+        unary("/etcdserverpb.KV/Compact", access: .admin) { [unowned self] (r: Etcdserverpb_CompactionRequest, n, reply: Reply<Etcdserverpb_CompactionResponse>) throws(EtcdError) in
             try checkSize(n)
             let rev = try kv.compact(r)
             var resp = Etcdserverpb_CompactionResponse()
@@ -114,7 +145,8 @@ public final class EtcdServices {
     private func registerLease() {
         let ctx = context
         let lessor = self.lessor
-        unary("/etcdserverpb.Lease/LeaseGrant") { (r: Etcdserverpb_LeaseGrantRequest, _, reply: Reply<Etcdserverpb_LeaseGrantResponse>) throws(EtcdError) in
+        let auth = self.auth
+        unary("/etcdserverpb.Lease/LeaseGrant", access: .authenticated) { (r: Etcdserverpb_LeaseGrantRequest, _, reply: Reply<Etcdserverpb_LeaseGrantResponse>) throws(EtcdError) in
             let (id, ttl) = try lessor.grant(id: r.id, ttl: r.ttl)
             var resp = Etcdserverpb_LeaseGrantResponse()
             resp.id = id
@@ -128,8 +160,10 @@ public final class EtcdServices {
             resp.header = ctx.header(rev)
             ctx.gate.whenFlushed { reply.ok(resp) }
         }
-        unary("/etcdserverpb.Lease/LeaseRevoke", revoke)
-        unary("/etcdserverpb.Lease/LeaseTimeToLive") { (r: Etcdserverpb_LeaseTimeToLiveRequest, _, reply: Reply<Etcdserverpb_LeaseTimeToLiveResponse>) in
+        unary("/etcdserverpb.Lease/LeaseRevoke", access: .keys { c, r throws(EtcdError) in try auth.checkLeaseKeys(c, r.id, .write) }, revoke)
+        unary("/etcdserverpb.Lease/LeaseTimeToLive", access: .keys { c, r throws(EtcdError) in
+            if r.keys { try auth.checkLeaseKeys(c, r.id, .read) }
+        }) { (r: Etcdserverpb_LeaseTimeToLiveRequest, _, reply: Reply<Etcdserverpb_LeaseTimeToLiveResponse>) in
             var resp = Etcdserverpb_LeaseTimeToLiveResponse()
             resp.header = ctx.header(ctx.store.committedRevision)
             resp.id = r.id
@@ -142,7 +176,9 @@ public final class EtcdServices {
             }
             reply.ok(resp)
         }
-        unary("/etcdserverpb.Lease/LeaseLeases") { (_: Etcdserverpb_LeaseLeasesRequest, _, reply: Reply<Etcdserverpb_LeaseLeasesResponse>) in
+        unary("/etcdserverpb.Lease/LeaseLeases", access: .keys { c, _ throws(EtcdError) in
+            for id in lessor.all() { try auth.checkLeaseKeys(c, id, .read) }
+        }) { (_: Etcdserverpb_LeaseLeasesRequest, _, reply: Reply<Etcdserverpb_LeaseLeasesResponse>) in
             var resp = Etcdserverpb_LeaseLeasesResponse()
             resp.header = ctx.header(ctx.store.committedRevision)
             resp.leases = lessor.all().map { id in
@@ -155,19 +191,27 @@ public final class EtcdServices {
         // A bidirectional stream: each request renews one lease and is answered with its TTL
         // (0 when the lease is unknown or expired, which is not an error).
         routes["/etcdserverpb.Lease/LeaseKeepAlive"] = { [unowned self] call in
+            let token = Self.token(call)
             call.onMessage = { [unowned call] bytes in
                 guard let r = try? Etcdserverpb_LeaseKeepAliveRequest(serializedBytes: bytes) else {
                     call.finish(GRPCStatus(.internal, "grpc: error unmarshalling request"))
                     return
                 }
-                if let bytes: [UInt8] = try? self.keepAliveResponse(r).serializedBytes() { call.send(bytes) }
+                do throws(EtcdError) {
+                    let resp = try self.keepAliveResponse(r, token: token)
+                    if let bytes: [UInt8] = try? resp.serializedBytes() { call.send(bytes) }
+                } catch { call.finish(error.status) }
             }
             call.onHalfClose = { [unowned call] in call.finish(.ok) }
         }
     }
 
-    /// Renews a lease for a keep-alive request (TTL 0: unknown or expired, not an error).
-    func keepAliveResponse(_ r: Etcdserverpb_LeaseKeepAliveRequest) -> Etcdserverpb_LeaseKeepAliveResponse {
+    /// Renews a lease for a keep-alive request (TTL 0: unknown or expired, not an error) once the
+    /// sender may write the lease's keys.
+    func keepAliveResponse(_ r: Etcdserverpb_LeaseKeepAliveRequest, token: String?) throws(EtcdError)
+        -> Etcdserverpb_LeaseKeepAliveResponse {
+        try authorize(Access<Etcdserverpb_LeaseKeepAliveRequest>.keys { [auth] c, r throws(EtcdError) in try auth.checkLeaseKeys(c, r.id, .write) },
+                      r, token: token)
         var resp = Etcdserverpb_LeaseKeepAliveResponse()
         resp.id = r.id
         resp.ttl = lessor.renew(r.id)
@@ -189,7 +233,7 @@ public final class EtcdServices {
 
     private func registerMaintenanceAndCluster() {
         let ctx = context
-        unary("/etcdserverpb.Maintenance/Status") { (_: Etcdserverpb_StatusRequest, _, reply: Reply<Etcdserverpb_StatusResponse>) in
+        unary("/etcdserverpb.Maintenance/Status", access: .authenticated) { (_: Etcdserverpb_StatusRequest, _, reply: Reply<Etcdserverpb_StatusResponse>) in
             var resp = Etcdserverpb_StatusResponse()
             resp.header = ctx.header(ctx.store.committedRevision)
             resp.version = EtcdServices.serverVersion
@@ -202,7 +246,10 @@ public final class EtcdServices {
             resp.errors = ctx.alarms.statusErrors
             reply.ok(resp)
         }
-        unary("/etcdserverpb.Maintenance/Alarm") { (r: Etcdserverpb_AlarmRequest, _, reply: Reply<Etcdserverpb_AlarmResponse>) in
+        let auth = self.auth
+        unary("/etcdserverpb.Maintenance/Alarm", access: .keys { c, r throws(EtcdError) in
+            if r.action != .get { try auth.requireAdmin(c) }
+        }) { (r: Etcdserverpb_AlarmRequest, _, reply: Reply<Etcdserverpb_AlarmResponse>) in
             var resp = Etcdserverpb_AlarmResponse()
             resp.header = ctx.header(ctx.store.committedRevision)
             switch r.action {
@@ -217,7 +264,7 @@ public final class EtcdServices {
             }
             ctx.gate.whenFlushed { reply.ok(resp) }
         }
-        unary("/etcdserverpb.Maintenance/Defragment") { (_: Etcdserverpb_DefragmentRequest, _, reply: Reply<Etcdserverpb_DefragmentResponse>) throws(EtcdError) in
+        unary("/etcdserverpb.Maintenance/Defragment", access: .admin) { (_: Etcdserverpb_DefragmentRequest, _, reply: Reply<Etcdserverpb_DefragmentResponse>) throws(EtcdError) in
             guard let m = ctx.maintenance else { throw .notCapable }
             m.defragment { error in
                 if let error { reply.fail(EtcdError(.internal, "etcdserver: defragment failed: \(error)")) } else {
@@ -225,7 +272,7 @@ public final class EtcdServices {
                 }
             }
         }
-        unary("/etcdserverpb.Maintenance/Hash") { (_: Etcdserverpb_HashRequest, _, reply: Reply<Etcdserverpb_HashResponse>) throws(EtcdError) in
+        unary("/etcdserverpb.Maintenance/Hash", access: .admin) { (_: Etcdserverpb_HashRequest, _, reply: Reply<Etcdserverpb_HashResponse>) throws(EtcdError) in
             guard let m = ctx.maintenance else { throw .notCapable }
             let rev = ctx.store.currentRevision
             m.hash { result in
@@ -239,22 +286,25 @@ public final class EtcdServices {
                 }
             }
         }
-        unary("/etcdserverpb.Maintenance/HashKV") { (r: Etcdserverpb_HashKVRequest, _, reply: Reply<Etcdserverpb_HashKVResponse>) throws(EtcdError) in
+        unary("/etcdserverpb.Maintenance/HashKV", access: .admin) { (r: Etcdserverpb_HashKVRequest, _, reply: Reply<Etcdserverpb_HashKVResponse>) throws(EtcdError) in
             var resp = Etcdserverpb_HashKVResponse()
             do throws(MVCCError) { resp.hash = try ctx.store.hashKV(revision: r.revision) } catch { throw EtcdError.from(error) }
             resp.compactRevision = max(ctx.store.compactRevision, 0)
             resp.header = ctx.header(ctx.store.currentRevision)
             reply.ok(resp)
         }
-        unary("/etcdserverpb.Maintenance/MoveLeader") { (r: Etcdserverpb_MoveLeaderRequest, _, reply: Reply<Etcdserverpb_MoveLeaderResponse>) throws(EtcdError) in
+        unary("/etcdserverpb.Maintenance/MoveLeader", access: .admin) { (r: Etcdserverpb_MoveLeaderRequest, _, reply: Reply<Etcdserverpb_MoveLeaderResponse>) throws(EtcdError) in
             // One member: it is the leader already; any other target is not a member.
             guard r.targetID == ctx.identity.memberID else { throw .badLeaderTransferee }
             var resp = Etcdserverpb_MoveLeaderResponse()
             resp.header = ctx.header(ctx.store.committedRevision)
             reply.ok(resp)
         }
-        routes["/etcdserverpb.Maintenance/Snapshot"] = { call in
-            call.onMessage = { _ in
+        routes["/etcdserverpb.Maintenance/Snapshot"] = { [unowned self] call in
+            call.onMessage = { [unowned self] _ in
+                do throws(EtcdError) {
+                    try authorize(Access<Etcdserverpb_SnapshotRequest>.admin, Etcdserverpb_SnapshotRequest(), token: Self.token(call))
+                } catch { return call.finish(error.status) }
                 guard let m = ctx.maintenance else { return call.finish(EtcdError.notCapable.status) }
                 m.snapshot { result in
                     switch result {
@@ -264,7 +314,7 @@ public final class EtcdServices {
                 }
             }
         }
-        unary("/etcdserverpb.Cluster/MemberList") { [unowned self] (_: Etcdserverpb_MemberListRequest, _, reply: Reply<Etcdserverpb_MemberListResponse>) in
+        unary("/etcdserverpb.Cluster/MemberList", access: .open) { [unowned self] (_: Etcdserverpb_MemberListRequest, _, reply: Reply<Etcdserverpb_MemberListResponse>) in
             var resp = Etcdserverpb_MemberListResponse()
             var h = ctx.header(0)
             h.revision = 0
@@ -274,19 +324,31 @@ public final class EtcdServices {
         }
         // Membership cannot change: this is a one-member cluster with no peers.
         let fixed = EtcdError(.failedPrecondition, "etcdserver: membership of a single-member vigil cluster cannot change")
-        unary("/etcdserverpb.Cluster/MemberAdd") { (_: Etcdserverpb_MemberAddRequest, _, _: Reply<Etcdserverpb_MemberAddResponse>) throws(EtcdError) in
+        unary("/etcdserverpb.Cluster/MemberAdd", access: .admin) { (_: Etcdserverpb_MemberAddRequest, _, _: Reply<Etcdserverpb_MemberAddResponse>) throws(EtcdError) in
             throw fixed
         }
-        unary("/etcdserverpb.Cluster/MemberRemove") { (r: Etcdserverpb_MemberRemoveRequest, _, _: Reply<Etcdserverpb_MemberRemoveResponse>) throws(EtcdError) in
+        unary("/etcdserverpb.Cluster/MemberRemove", access: .admin) { (r: Etcdserverpb_MemberRemoveRequest, _, _: Reply<Etcdserverpb_MemberRemoveResponse>) throws(EtcdError) in
             throw r.id == ctx.identity.memberID ? EtcdError.memberNotEnoughStarted : EtcdError.memberNotFound
         }
-        unary("/etcdserverpb.Cluster/MemberUpdate") { (r: Etcdserverpb_MemberUpdateRequest, _, _: Reply<Etcdserverpb_MemberUpdateResponse>) throws(EtcdError) in
+        unary("/etcdserverpb.Cluster/MemberUpdate", access: .admin) { (r: Etcdserverpb_MemberUpdateRequest, _, _: Reply<Etcdserverpb_MemberUpdateResponse>) throws(EtcdError) in
             throw r.id == ctx.identity.memberID ? fixed : EtcdError.memberNotFound
         }
-        unary("/etcdserverpb.Cluster/MemberPromote") { (r: Etcdserverpb_MemberPromoteRequest, _, _: Reply<Etcdserverpb_MemberPromoteResponse>) throws(EtcdError) in
+        unary("/etcdserverpb.Cluster/MemberPromote", access: .admin) { (r: Etcdserverpb_MemberPromoteRequest, _, _: Reply<Etcdserverpb_MemberPromoteResponse>) throws(EtcdError) in
             throw r.id == ctx.identity.memberID ? EtcdError.memberNotLearner : EtcdError.memberNotFound
         }
     }
+}
+
+/// Who may call a method while auth is enabled.
+public enum Access<Req> {
+    /// Anyone, with or without a token (Authenticate, MemberList).
+    case open
+    /// Any user with a valid token.
+    case authenticated
+    /// Users holding the root role.
+    case admin
+    /// Users whose roles grant the keys the request touches (root skips the check).
+    case keys((Caller, Req) throws(EtcdError) -> Void)
 }
 
 /// Streams a snapshot file as etcd does: 32 KiB blobs with the bytes remaining after each, then a

@@ -79,8 +79,10 @@ final class CallSink: WatchSink {
 public final class WatchService {
     public let hub: WatchHub
     private var streams: [ObjectIdentifier: WatchStream] = [:]
+    let auth: AuthStore
 
-    public init(context: ServerContext, config: WatchHubConfig) {
+    init(context: ServerContext, config: WatchHubConfig, auth: AuthStore) {
+        self.auth = auth
         hub = WatchHub(store: context.store, encoder: ProtoWatchEncoder(identity: context.identity), config: config)
     }
 
@@ -88,10 +90,12 @@ public final class WatchService {
     public var openStreams: [WatchStream] { Array(streams.values) }
 
     /// Opens a watch stream answering through `sink` (a gRPC call, or the JSON gateway).
-    func open(_ sink: any WatchSink) -> WatchSession {
+    /// Opens a watch stream answering through `sink` (a gRPC call, or the JSON gateway); `token`
+    /// is the stream's auth token, checked at each create.
+    func open(_ sink: any WatchSink, token: String?) -> WatchSession {
         let stream = hub.openStream(sink)
         streams[ObjectIdentifier(stream)] = stream
-        return WatchSession(service: self, stream: stream)
+        return WatchSession(service: self, stream: stream, token: token)
     }
 
     fileprivate func close(_ stream: WatchStream) {
@@ -100,7 +104,7 @@ public final class WatchService {
     }
 
     func handle(_ call: ServerCall) {
-        let session = open(CallSink(call))
+        let session = open(CallSink(call), token: EtcdServices.token(call))
         call.onMessage = { bytes in
             guard let req = try? Etcdserverpb_WatchRequest(serializedBytes: bytes) else {
                 call.finish(GRPCStatus(.internal, "grpc: error unmarshalling request"))
@@ -122,10 +126,12 @@ final class WatchSession {
     unowned let service: WatchService
     let stream: WatchStream
     private var closed = false
+    let token: String?
 
-    init(service: WatchService, stream: WatchStream) {
+    init(service: WatchService, stream: WatchStream, token: String?) {
         self.service = service
         self.stream = stream
+        self.token = token
     }
 
     func receive(_ req: Etcdserverpb_WatchRequest) {
@@ -141,6 +147,16 @@ final class WatchSession {
             w.prevKV = c.prevKv
             w.watchID = c.watchID
             w.fragment = c.fragment
+            // Auth comes after the negative-revision check and before the range check, as in etcd;
+            // a refusal is a failed create on the stream, not an error of the call.
+            if c.startRevision >= 0 {
+                do throws(EtcdError) {
+                    let auth = service.auth
+                    try auth.check(try auth.caller(token: token), .read, key: w.key, rangeEnd: w.rangeEnd)
+                } catch {
+                    return hub.reject(stream, reason: error.message)
+                }
+            }
             hub.create(stream, w)
         case .cancelRequest(let c):
             hub.cancel(stream, watchID: c.watchID)

@@ -19,12 +19,14 @@ private func check(_ rc: Int32) throws {
 
 /// The durable backend on LMDB. Two databases:
 /// - `key`: 16-byte revision (big-endian main, sub) → encoded record (etcd's "key" bucket layout);
-/// - `meta`: name → 8-byte big-endian integer.
+/// - `meta`: name → 8-byte big-endian integer;
+/// - `blob`: name → bytes (auth users and roles).
 /// Each `commit` is one LMDB write transaction; LMDB fsyncs at commit unless `noSync`.
 public final class LMDBBackend: Backend, @unchecked Sendable {
     private var env: OpaquePointer?
     private var keyDB: MDB_dbi = 0
     private var metaDB: MDB_dbi = 0
+    private var blobDB: MDB_dbi = 0
     public let path: String
     private let mapSize: Int
     private let flags: UInt32
@@ -57,6 +59,7 @@ public final class LMDBBackend: Backend, @unchecked Sendable {
             do {
                 try check(mdb_dbi_open(txn, "key", UInt32(MDB_CREATE), &keyDB))
                 try check(mdb_dbi_open(txn, "meta", UInt32(MDB_CREATE), &metaDB))
+                try check(mdb_dbi_open(txn, "blob", UInt32(MDB_CREATE), &blobDB))
                 try check(mdb_txn_commit(txn))
             } catch {
                 mdb_txn_abort(txn)
@@ -104,6 +107,26 @@ public final class LMDBBackend: Backend, @unchecked Sendable {
         return (records, meta)
     }
 
+    /// The named byte values (see `WriteBatch.blobs`).
+    public func loadBlobs() throws -> [String: [UInt8]] {
+        var txn: OpaquePointer?
+        try check(mdb_txn_begin(env, nil, UInt32(MDB_RDONLY), &txn))
+        defer { mdb_txn_abort(txn) }
+        var out: [String: [UInt8]] = [:]
+        var cursor: OpaquePointer?
+        try check(mdb_cursor_open(txn, blobDB, &cursor))
+        defer { mdb_cursor_close(cursor) }
+        var k = MDB_val(), v = MDB_val()
+        var rc = mdb_cursor_get(cursor, &k, &v, MDB_FIRST)
+        while rc == 0 {
+            let name = String(decoding: UnsafeRawBufferPointer(start: k.mv_data, count: k.mv_size), as: UTF8.self)
+            out[name] = Array(UnsafeRawBufferPointer(start: v.mv_data, count: v.mv_size))
+            rc = mdb_cursor_get(cursor, &k, &v, MDB_NEXT)
+        }
+        if rc != MDB_NOTFOUND { throw LMDBError(code: rc) }
+        return out
+    }
+
     public func commit(_ batch: WriteBatch) throws {
         lock.lock()
         defer { lock.unlock() }
@@ -125,13 +148,9 @@ public final class LMDBBackend: Backend, @unchecked Sendable {
                 let u = UInt64(bitPattern: value)
                 try put(txn, metaDB, Array(name.utf8), (0..<8).map { UInt8((u >> (56 - 8 * UInt64($0))) & 0xFF) })
             }
-            for name in batch.removedMeta {
-                var kb = Array(name.utf8)
-                let rc = kb.withUnsafeMutableBytes { kp -> Int32 in
-                    var k = MDB_val(mv_size: kp.count, mv_data: kp.baseAddress)
-                    return mdb_del(txn, metaDB, &k, nil)
-                }
-                if rc != 0 && rc != MDB_NOTFOUND { throw LMDBError(code: rc) }
+            for name in batch.removedMeta { try delete(txn, metaDB, Array(name.utf8)) }
+            for (name, value) in batch.blobs {
+                if let value { try put(txn, blobDB, Array(name.utf8), value) } else { try delete(txn, blobDB, Array(name.utf8)) }
             }
             try check(mdb_txn_commit(txn))
         } catch {
@@ -150,6 +169,15 @@ public final class LMDBBackend: Backend, @unchecked Sendable {
                 try check(mdb_put(txn, dbi, &k, &v, 0))
             }
         }
+    }
+
+    private func delete(_ txn: OpaquePointer?, _ dbi: MDB_dbi, _ key: Bytes) throws {
+        var key = key
+        let rc = key.withUnsafeMutableBytes { kp -> Int32 in
+            var k = MDB_val(mv_size: kp.count, mv_data: kp.baseAddress)
+            return mdb_del(txn, dbi, &k, nil)
+        }
+        if rc != 0 && rc != MDB_NOTFOUND { throw LMDBError(code: rc) }
     }
 
     /// Bytes the data file occupies (LMDB's last used page × page size).
@@ -242,7 +270,7 @@ public final class LMDBBackend: Backend, @unchecked Sendable {
         var txn: OpaquePointer?
         try check(mdb_txn_begin(env, nil, UInt32(MDB_RDONLY), &txn))
         defer { mdb_txn_abort(txn) }
-        for dbi in [keyDB, metaDB] {
+        for dbi in [keyDB, metaDB, blobDB] {
             var cursor: OpaquePointer?
             try check(mdb_cursor_open(txn, dbi, &cursor))
             var k = MDB_val(), v = MDB_val()

@@ -17,9 +17,13 @@ public struct WriteBatch: Sendable {
     public var meta: [String: Int64] = [:]
     /// Meta entries to delete (after `meta` is applied).
     public var removedMeta: [String] = []
+    /// Named byte values outside the key space (auth users and roles); nil deletes the name.
+    public var blobs: [String: Bytes?] = [:]
     /// The store revision this batch makes durable.
     public var revision: Int64 = 0
-    public var isEmpty: Bool { records.isEmpty && removed.isEmpty && meta.isEmpty && removedMeta.isEmpty }
+    public var isEmpty: Bool {
+        records.isEmpty && removed.isEmpty && meta.isEmpty && removedMeta.isEmpty && blobs.isEmpty
+    }
     public init() {}
 }
 
@@ -290,6 +294,11 @@ public final class KVStore {
     public func removeMeta(_ name: String) {
         pending.meta[name] = nil
         pending.removedMeta.append(name)
+    }
+
+    /// Records a named byte value (nil: deletes it) in the next group commit.
+    public func setBlob(_ name: String, _ value: Bytes?) {
+        pending.blobs[name] = .some(value)
     }
 
     /// Whether something is waiting for the next group commit.

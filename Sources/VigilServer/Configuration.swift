@@ -44,6 +44,8 @@ public struct Configuration: Sendable {
     public var restoreSnapshot: String?
     /// How long an HTTP/1.1 request may take to arrive in full (slow or half-sent requests get 408).
     public var httpReadTimeoutMs: UInt64 = 10_000
+    /// `--auth-token-ttl`, `--bcrypt-cost`.
+    public var auth = AuthConfig()
     /// The watch hub's ring and slow-stream bounds.
     public var watch = WatchHubConfig()
 

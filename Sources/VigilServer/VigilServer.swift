@@ -38,6 +38,7 @@ final class VigilServerCore {
         let mapSize = Int(max(config.effectiveQuota * 2, 8 << 30))
         backend = try LMDBBackend(path: dir + "/member", mapSize: mapSize, noSync: config.unsafeNoFsync)
         let (records, meta) = try backend.load()
+        let blobs = try backend.loadBlobs()
         store = KVStore(records: records, meta: meta)
         commits = CommitCoordinator(loop: loop, store: store, backend: backend, logger: logger)
         let memberID = MemberIDs.memberID(peerURLs: config.initialAdvertisePeerURLs, clusterToken: config.initialClusterToken)
@@ -52,7 +53,9 @@ final class VigilServerCore {
         ctx.quotaBytes = config.effectiveQuota
         var watchConfig = config.watch
         watchConfig.fragmentBytes = config.limits.maxReceiveMessageBytes
-        services = EtcdServices(context: ctx, watchConfig: watchConfig, meta: meta, now: { loop.nowMilliseconds })
+        ctx.offload = { work, done in ThreadPool.submit(on: loop, work: work, done: done) }
+        services = EtcdServices(context: ctx, watchConfig: watchConfig, meta: meta, blobs: blobs, authConfig: config.auth,
+                                now: { loop.nowMilliseconds })
         ctx.maintenance = self
         let hub = services.watch.hub
         let lessor = services.lessor

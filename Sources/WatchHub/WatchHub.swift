@@ -279,6 +279,10 @@ public final class WatchHub {
         stats.eventsSent += events.count
     }
 
+    /// Answers a create request with a failure (`watch_id -1`, created and canceled) without
+    /// creating a watcher; the API layer uses it for permission refusals.
+    public func reject(_ s: WatchStream, reason: String) { fail(s, reason) }
+
     private func fail(_ s: WatchStream, _ reason: String) {
         var f = ResponseFields(headerRevision: delivered, watchID: -1)
         f.created = true

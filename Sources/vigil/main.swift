@@ -63,6 +63,12 @@ struct VigilCommand: ParsableCommand {
     @Option(name: .customLong("restore-snapshot"),
             help: "A file from `etcdctl snapshot save` to start from when --data-dir holds no data yet.")
     var restoreSnapshot: String?
+    @Option(name: .customLong("auth-token"), help: "Token type: simple (the default; JWT is not supported).")
+    var authToken: String?
+    @Option(name: .customLong("auth-token-ttl"), help: "Seconds a simple token lives after its last use (default 300).")
+    var authTokenTTL: Int?
+    @Option(name: .customLong("bcrypt-cost"), help: "bcrypt cost for password hashes, 4 to 31 (default 10).")
+    var bcryptCost: Int?
     @Flag(name: .customLong("unsafe-no-fsync"), help: "Disables fsync: unsafe, for tests only.")
     var unsafeNoFsync = false
 
@@ -117,6 +123,19 @@ struct VigilCommand: ParsableCommand {
             c.httpReadTimeoutMs = UInt64(v * 1000)
         }
         c.restoreSnapshot = restoreSnapshot
+        if let v = value(authToken, "ETCD_AUTH_TOKEN") {
+            guard v == "simple" || v.hasPrefix("simple,") else {
+                throw ValidationError("--auth-token \(v): only simple tokens are supported")
+            }
+        }
+        if let v = authTokenTTL ?? value(nil, "ETCD_AUTH_TOKEN_TTL").flatMap(Int.init) {
+            guard v > 0 else { throw ValidationError("--auth-token-ttl must be positive") }
+            c.auth.tokenTTLSeconds = v
+        }
+        if let v = bcryptCost ?? value(nil, "ETCD_BCRYPT_COST").flatMap(Int.init) {
+            guard (4...31).contains(v) else { throw ValidationError("--bcrypt-cost must be between 4 and 31") }
+            c.auth.bcryptCost = v
+        }
         c.autoCompactionRetention = value(autoCompactionRetention, "ETCD_AUTO_COMPACTION_RETENTION") ?? "0"
         c.autoCompactionMode = value(autoCompactionMode, "ETCD_AUTO_COMPACTION_MODE")
             ?? (c.autoCompactionRetention == "0" ? "" : "periodic")
