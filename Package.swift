@@ -63,6 +63,10 @@ let package = Package(
                           dependencies: ["CAllocCount", "EtcdAPI", "WatchHub", "IntervalTree", "MVCC", "LMDBBackend"],
                           path: "Benchmarks/micro"),
 
+        // Fuzzing (scripts/fuzz.sh): the harness, and its libFuzzer entry point / corpus replayer.
+        .target(name: "FuzzHarness", dependencies: ["VigilServer", "GRPC", .product(name: "Logging", package: "swift-log")]),
+        .executableTarget(name: "vigil-fuzz", dependencies: ["FuzzHarness"], path: "Fuzz"),
+
         // Examples (each runnable, with a README).
         .executableTarget(name: "EmbeddedExample", dependencies: ["VigilServer"], path: "Examples/embedded",
                           exclude: ["README.md"]),
@@ -74,7 +78,7 @@ let package = Package(
         .testTarget(name: "MVCCTests", dependencies: ["MVCC"]),
         .testTarget(name: "WatchHubTests", dependencies: ["WatchHub", "IntervalTree", "MVCC"]),
         .testTarget(name: "GRPCTests", dependencies: ["GRPC"]),
-        .testTarget(name: "VigilIntegrationTests", dependencies: ["VigilTesting", "EtcdProto", "GRPC", "MVCC",
+        .testTarget(name: "VigilIntegrationTests", dependencies: ["VigilTesting", "EtcdProto", "GRPC", "MVCC", "FuzzHarness",
                                                                   .product(name: "SwiftProtobuf", package: "swift-protobuf")]),
     ],
     swiftLanguageModes: [.v5]

@@ -1,0 +1,127 @@
+import Foundation
+import GRPC
+import Logging
+import VigilServer
+
+/// What the fuzz targets run on one input (`Fuzz/main.swift` calls these from libFuzzer; the
+/// corpus tests call them too). Each must survive any bytes: a trap here is a bug found.
+public enum FuzzHarness {
+    public static let targets = ["connection", "framing"]
+
+    /// Runs target `name` on `input`; false for an unknown target.
+    @discardableResult
+    public static func run(_ name: String, _ input: [UInt8]) -> Bool {
+        switch name {
+        case "connection": connection(input)
+        case "framing": framing(input)
+        default: return false
+        }
+        return true
+    }
+
+    /// The files named, directories expanded (sorted).
+    public static func files(_ paths: [String]) -> [String] {
+        var files: [String] = []
+        for path in paths {
+            var isDir: ObjCBool = false
+            if FileManager.default.fileExists(atPath: path, isDirectory: &isDir), isDir.boolValue {
+                files += ((try? FileManager.default.contentsOfDirectory(atPath: path)) ?? []).sorted().map { path + "/" + $0 }
+            } else {
+                files.append(path)
+            }
+        }
+        return files
+    }
+
+    // MARK: connection
+
+    /// One server for the whole run: state (keys, leases, users) builds up across inputs, as it
+    /// would with many clients.
+    nonisolated(unsafe) private static var server: (VigilServer, Int)?
+
+    private static func port() -> Int {
+        if let (_, p) = server { return p }
+        var c = Configuration()
+        c.dataDir = NSTemporaryDirectory() + "vigil-fuzz-\(getpid())"
+        c.listenClientURLs = ["http://127.0.0.1:0"]
+        c.unsafeNoFsync = true
+        c.httpReadTimeoutMs = 200
+        var logger = Logger(label: "vigil-fuzz")
+        logger.logLevel = .critical
+        let s = VigilServer(configuration: c, logger: logger)
+        guard let p = try? s.start().first else { fatalError("fuzz server did not start") }
+        atexit { try? FileManager.default.removeItem(atPath: NSTemporaryDirectory() + "vigil-fuzz-\(getpid())") }
+        server = (s, p)
+        return p
+    }
+
+    /// `input` as everything a client sends on one connection (HTTP/1.1 or HTTP/2 with gRPC), then
+    /// the client's end of stream; reads what comes back until the server closes or goes quiet.
+    public static func connection(_ input: [UInt8]) {
+        _ = exchange(port: port(), input, quietMs: 100)
+    }
+
+    /// Sends `input`, half-closes, and collects the answer (until close, or `quietMs` of silence).
+    public static func exchange(port: Int, _ input: [UInt8], quietMs: Int32) -> [UInt8] {
+        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        guard fd >= 0 else { return [] }
+        defer { close(fd) }
+        var addr = sockaddr_in()
+        addr.sin_family = sa_family_t(AF_INET)
+        addr.sin_port = UInt16(port).bigEndian
+        addr.sin_addr.s_addr = inet_addr("127.0.0.1")
+        let rc = withUnsafePointer(to: &addr) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
+        }
+        guard rc == 0 else { return [] }
+        var out: [UInt8] = []
+        var buf = [UInt8](repeating: 0, count: 65536)
+        var sent = 0
+        var halfClosed = false
+        while true {
+            // Write while reading, so that a server answering early never deadlocks us.
+            var p = pollfd(fd: fd, events: Int16(POLLIN) | (halfClosed ? 0 : Int16(POLLOUT)), revents: 0)
+            guard poll(&p, 1, quietMs) > 0 else { break }
+            if p.revents & Int16(POLLIN) != 0 {
+                let n = recv(fd, &buf, buf.count, 0)
+                if n <= 0 { break }
+                out += buf[0..<n]
+            }
+            if !halfClosed && p.revents & Int16(POLLOUT) != 0 {
+                let n = input.withUnsafeBytes { send(fd, $0.baseAddress! + sent, $0.count - sent, Int32(MSG_NOSIGNAL | MSG_DONTWAIT)) }
+                if n > 0 { sent += n }
+                if n < 0 && errno != EAGAIN { break }
+                if sent == input.count {
+                    shutdown(fd, Int32(SHUT_WR))
+                    halfClosed = true
+                }
+            }
+            if p.revents & Int16(POLLHUP | POLLERR) != 0 { break }
+        }
+        return out
+    }
+
+    // MARK: framing
+
+    /// gRPC message framing fed in chunks whose sizes come from the input itself: every message
+    /// taken out must be whole and within the limit, and a refusal must stay a refusal.
+    public static func framing(_ input: [UInt8]) {
+        guard let first = input.first else { return }
+        let max = 1 << 16
+        var framer = MessageFramer(maxMessageBytes: max)
+        let chunk = Int(first) + 1
+        var i = 1
+        while i < input.count {
+            let end = Swift.min(input.count, i + chunk)
+            input[i..<end].withUnsafeBytes { framer.append($0) }
+            i = end
+            do {
+                while let m = try framer.next() {
+                    precondition(m.count <= max, "framer gave a message over the limit")
+                }
+            } catch {
+                return
+            }
+        }
+    }
+}

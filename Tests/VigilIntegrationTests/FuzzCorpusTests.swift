@@ -1,0 +1,39 @@
+import Foundation
+import FuzzHarness
+import Testing
+import VigilTesting
+
+/// The fuzzing corpus (scripts/fuzz.sh) and any crash-reproducing inputs, replayed as ordinary
+/// tests: every input against the real binary, which must keep serving afterwards.
+@Suite(.serialized) struct FuzzCorpusTests {
+    static let corpus = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+        .appendingPathComponent("FuzzCorpus").path
+
+    func inputs(_ dir: String, prefix: String = "") -> [String] {
+        FuzzHarness.files([Self.corpus + "/" + dir]).filter { ($0 as NSString).lastPathComponent.hasPrefix(prefix) }
+    }
+
+    @Test func connectionCorpusAgainstTheBinary() throws {
+        let server = try LiveServer(args: ["--unsafe-no-fsync", "--http-read-timeout", "1"])
+        let files = inputs("connection") + inputs("crashes", prefix: "connection-")
+        #expect(files.count >= 40, "the corpus is in Tests/FuzzCorpus/connection")
+        for f in files {
+            let input = Array(try Data(contentsOf: URL(fileURLWithPath: f)))
+            _ = FuzzHarness.exchange(port: server.port, input, quietMs: 2000)
+            #expect(server.pid != nil && kill(server.pid!, 0) == 0, "server died on \(f)")
+        }
+        let ctl = try Etcdctl(endpoint: server.endpoint)
+        #expect(try ctl.ok("put", "after-fuzz", "ok") == "OK\n")
+        #expect(try ctl.ok("get", "after-fuzz") == "after-fuzz\nok\n")
+        #expect(try rawExchange(port: server.port, Array("GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".utf8))
+            .contains("200 OK"))
+    }
+
+    @Test func framingCorpusInProcess() {
+        let files = inputs("framing") + inputs("crashes", prefix: "framing-")
+        #expect(files.count >= 5)
+        for f in files {
+            #expect(FuzzHarness.run("framing", Array((try? Data(contentsOf: URL(fileURLWithPath: f))) ?? Data())))
+        }
+    }
+}
