@@ -15,6 +15,8 @@ public final class EtcdServices {
     private var routes: [String: (ServerCall) -> Void] = [:]
     /// The same unary methods for the JSON gateway, by gRPC path: JSON body in, reply through `out`.
     private(set) var jsonRoutes: [String: (_ body: [UInt8], _ token: String?, _ out: @escaping (Int, [UInt8]) -> Void) -> Void] = [:]
+    /// Sees every gateway request that failed (the server counts refusals from it).
+    public var onGatewayFailure: ((GRPCStatus) -> Void)?
     /// Server version reported by Status.
     public static let serverVersion = "3.4.23"
 
@@ -85,7 +87,7 @@ public final class EtcdServices {
             }
         }
         jsonRoutes[path] = { [unowned self] json, token, out in
-            let reply = Reply<Resp>(json: out)
+            let reply = Reply<Resp>(json: out, failed: onGatewayFailure)
             let req: Req
             do {
                 req = try Req(jsonUTF8Data: Data(json.isEmpty ? Array("{}".utf8) : json))
@@ -415,13 +417,16 @@ final class SnapshotSender {
 public final class Reply<Resp: SwiftProtobuf.Message> {
     let call: ServerCall?
     let json: ((Int, [UInt8]) -> Void)?
+    let failed: ((GRPCStatus) -> Void)?
     init(_ call: ServerCall) {
         self.call = call
         json = nil
+        failed = nil
     }
-    init(json: @escaping (Int, [UInt8]) -> Void) {
+    init(json: @escaping (Int, [UInt8]) -> Void, failed: ((GRPCStatus) -> Void)? = nil) {
         call = nil
         self.json = json
+        self.failed = failed
     }
 
     public func ok(_ resp: Resp) {
@@ -444,6 +449,7 @@ public final class Reply<Resp: SwiftProtobuf.Message> {
     public func fail(_ e: EtcdError) { fail(e.status) }
 
     func fail(_ s: GRPCStatus) {
+        failed?(s)
         if let call { call.finish(s) } else { json?(Gateway.httpStatus(s.code), Gateway.errorBody(s)) }
     }
 }

@@ -256,12 +256,16 @@ public final class HTTP1Connection {
         return 0
     }
 
+    /// A request was refused for a limit: 413 (too large) or 408 (too slow).
+    public var onRefused: ((Int) -> Void)?
+
     /// Some of a request has arrived, not all of it.
     public private(set) var midRequest = false
 
     /// The request being received took too long: 408 and close.
     public func timeOut() {
         guard midRequest, !closed else { return }
+        onRefused?(408)
         send(HTTP1Response.error(status: 408, grpcCode: 4, message: "request timed out").serialize(keepAlive: false),
              close: true)
     }
@@ -339,6 +343,7 @@ public final class HTTP1Connection {
         if !tooLarge { pump() }
         if closed { return }
         if tooLarge {
+            onRefused?(413)
             send(HTTP1Response.error(status: 413, grpcCode: 3, message: "etcdserver: request is too large")
                 .serialize(keepAlive: false), close: true)
         } else if n != bytes.count || parser.pointee.http_errno != 0 {

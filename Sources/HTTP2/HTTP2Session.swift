@@ -29,7 +29,8 @@ public protocol HTTP2SessionDelegate: AnyObject {
 
 /// Limits announced to the peer in our SETTINGS frame.
 public struct HTTP2Settings {
-    public var maxConcurrentStreams: UInt32 = 4096
+    /// etcd's `--max-concurrent-streams` (default: no limit, math.MaxUint32).
+    public var maxConcurrentStreams: UInt32 = .max
     public var initialWindowSize: UInt32 = 1 << 20
     public var connectionWindowSize: Int32 = 16 << 20
     public var maxHeaderListSize: UInt32 = 64 << 10
@@ -43,6 +44,8 @@ public struct HTTP2Settings {
 public final class HTTP2Session {
     private var session: OpaquePointer?
     public weak var delegate: (any HTTP2SessionDelegate)?
+    /// The peer opened a stream past `maxConcurrentStreams` and it was refused (REFUSED_STREAM).
+    public var onStreamRefused: (() -> Void)?
 
     private struct Inbound {
         var headers: [HeaderField] = []
@@ -104,6 +107,13 @@ public final class HTTP2Session {
             }
             if endStream, hd.type == UInt8(NGHTTP2_HEADERS.rawValue) || hd.type == UInt8(NGHTTP2_DATA.rawValue) {
                 me.delegate?.streamEnded(hd.stream_id)
+            }
+            return 0
+        }
+        nghttp2_session_callbacks_set_on_frame_send_callback(cbs) { _, frame, ud in
+            let f = frame!.pointee
+            if f.hd.type == UInt8(NGHTTP2_RST_STREAM.rawValue), f.rst_stream.error_code == NGHTTP2_REFUSED_STREAM.rawValue {
+                HTTP2Session.from(ud).onStreamRefused?()
             }
             return 0
         }

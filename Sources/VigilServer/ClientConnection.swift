@@ -49,6 +49,9 @@ final class ClientConnection: TCPConnectionDelegate {
                     if close { tcp.close() }
                 }
                 h1.queuedBytes = { [unowned self] in tcp.queuedWriteBytes }
+                h1.onRefused = { [unowned server] status in
+                    server.metrics.refused[status == 413 ? "request_too_large" : "http_read_timeout", default: 0] += 1
+                }
                 h1.nextTurn = { [weak self] work in
                     guard let self else { return }
                     pipelineTimer = LoopTimer(loop: server.loop, timeoutMs: 0) { [weak self] in
@@ -88,6 +91,7 @@ final class ClientConnection: TCPConnectionDelegate {
 
     private func startHTTP2(with bytes: [UInt8]) {
         let session = HTTP2Session(settings: server.http2Settings)
+        session.onStreamRefused = { [unowned server] in server.metrics.refused["too_many_streams", default: 0] += 1 }
         let grpc = GRPCConnection(session: session, maxMessageBytes: server.limits.maxReceiveMessageBytes,
                                   route: { [unowned server] path in server.route(path) },
                                   needsFlush: { [unowned self] in scheduleFlush() })

@@ -17,6 +17,9 @@ public struct Configuration: Sendable {
     public var initialClusterToken = "etcd-cluster"
     /// `--max-request-bytes`, `--max-txn-ops`
     public var limits = Limits()
+    /// `--max-concurrent-streams`: HTTP/2 streams one connection may have open (etcd's default:
+    /// no limit); streams past it are refused and counted in /metrics.
+    public var maxConcurrentStreams: UInt32 = .max
     /// `--quota-backend-bytes` (0 = etcd's default of 2 GiB)
     public var quotaBackendBytes: Int64 = 0
     /// `--unsafe-no-fsync`

@@ -40,6 +40,10 @@ struct ServerMetrics {
     var started: [MethodKey: Int] = [:]
     var handled: [MethodKey: [GRPCCode: Int]] = [:]
     var latency: [MethodKey: Histogram] = [:]
+    /// Requests refused for a limit, by reason (`vigil_requests_refused_total`).
+    var refused: [String: Int] = Dictionary(uniqueKeysWithValues: refusalReasons.map { ($0, 0) })
+    static let refusalReasons = ["request_too_large", "too_many_txn_ops", "too_many_streams", "no_space",
+                                 "too_many_requests", "http_read_timeout"]
     var loopTurns = Histogram()
     var longestTurnSeconds = 0.0
 
@@ -61,6 +65,21 @@ struct ServerMetrics {
         let k = Self.key(path)
         handled[k, default: [:]][code, default: 0] += 1
         latency[k, default: Histogram()].observe(seconds)
+    }
+
+    /// Counts `status` if it refuses a request for a limit.
+    mutating func observe(_ status: GRPCStatus?) {
+        guard let s = status, s.code != .ok else { return }
+        let reason: String
+        switch s.message {
+        case "etcdserver: request is too large": reason = "request_too_large"
+        case "etcdserver: too many operations in txn request": reason = "too_many_txn_ops"
+        case "etcdserver: mvcc: database space exceeded": reason = "no_space"
+        case "etcdserver: too many requests": reason = "too_many_requests"
+        case let m where m.hasPrefix("grpc: received message larger than max"): reason = "request_too_large"
+        default: return
+        }
+        refused[reason, default: 0] += 1
     }
 
     mutating func turn(nanoseconds: UInt64) {
@@ -97,6 +116,9 @@ struct ServerMetrics {
         out += "# HELP grpc_server_handling_seconds Histogram of response latency (seconds) of gRPC that had been application-level handled by the server.\n"
         out += "# TYPE grpc_server_handling_seconds histogram\n"
         for k in keys { if let h = latency[k] { out += h.lines("grpc_server_handling_seconds", labels: labels(k)) } }
+        out += "# HELP vigil_requests_refused_total Requests refused for a limit (size, txn ops, streams, quota, rate, read timeout).\n"
+        out += "# TYPE vigil_requests_refused_total counter\n"
+        for (reason, n) in refused.sorted(by: { $0.key < $1.key }) { out += "vigil_requests_refused_total{reason=\"\(reason)\"} \(n)\n" }
         out += "# HELP vigil_loop_turn_seconds Time the event loop spent busy per turn (waiting for I/O excluded).\n"
         out += "# TYPE vigil_loop_turn_seconds histogram\n"
         out += loopTurns.lines("vigil_loop_turn_seconds", labels: "")

@@ -20,7 +20,7 @@ final class VigilServerCore {
     let commits: CommitCoordinator
     let services: EtcdServices
     var limits: Limits { config.limits }
-    let http2Settings = HTTP2Settings()
+    let http2Settings: HTTP2Settings
     private(set) var listeners: [TCPListener] = []
     private var connections: Set<ObjectIdentifier> = []
     private var connectionObjects: [ObjectIdentifier: ClientConnection] = [:]
@@ -30,6 +30,9 @@ final class VigilServerCore {
         self.loop = loop
         self.config = config
         self.logger = logger
+        var h2 = HTTP2Settings()
+        h2.maxConcurrentStreams = config.maxConcurrentStreams
+        http2Settings = h2
         let dir = config.dataDir
         try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
         if let snap = config.restoreSnapshot {
@@ -57,6 +60,7 @@ final class VigilServerCore {
         services = EtcdServices(context: ctx, watchConfig: watchConfig, meta: meta, blobs: blobs, authConfig: config.auth,
                                 now: { loop.nowMilliseconds })
         ctx.maintenance = self
+        services.onGatewayFailure = { [unowned self] s in metrics.observe(s) }
         let hub = services.watch.hub
         let lessor = services.lessor
         commits.onPublish.append { events, _ in lessor.observe(events) }
@@ -120,6 +124,7 @@ final class VigilServerCore {
                 timer?.cancel()
                 let seconds = Double(DispatchTime.now().uptimeNanoseconds - started) / 1e9
                 metrics.callEnded(path, code: call.finalStatus?.code ?? .cancelled, seconds: seconds)
+                metrics.observe(call.finalStatus)
             }
             handler(call)
         }

@@ -35,6 +35,9 @@ struct VigilCommand: ParsableCommand {
     var maxRequestBytes: Int?
     @Option(name: .customLong("max-txn-ops"), help: "Maximum number of operations per txn (default 128).")
     var maxTxnOps: Int?
+    @Option(name: .customLong("max-concurrent-streams"),
+            help: "Maximum concurrent HTTP/2 streams per client connection (default: no limit, as etcd).")
+    var maxConcurrentStreams: UInt32?
     @Option(name: .customLong("quota-backend-bytes"), help: "Backend size quota; 0 = default 2 GiB.")
     var quotaBackendBytes: Int64?
     @Option(name: .customLong("log-level"), help: "debug, info, warn, error, panic or fatal.")
@@ -104,6 +107,10 @@ struct VigilCommand: ParsableCommand {
         if let v = maxTxnOps ?? value(nil, "ETCD_MAX_TXN_OPS").flatMap(Int.init) {
             guard v > 0 else { throw ValidationError("--max-txn-ops must be positive") }
             c.limits.maxTxnOps = v
+        }
+        if let v = maxConcurrentStreams ?? value(nil, "ETCD_MAX_CONCURRENT_STREAMS").flatMap(UInt32.init) {
+            guard v > 0 else { throw ValidationError("--max-concurrent-streams must be positive") }
+            c.maxConcurrentStreams = v
         }
         if let v = quotaBackendBytes ?? value(nil, "ETCD_QUOTA_BACKEND_BYTES").flatMap(Int64.init) { c.quotaBackendBytes = v }
         if let v = value(watchProgressNotifyInterval, "ETCD_EXPERIMENTAL_WATCH_PROGRESS_NOTIFY_INTERVAL") {

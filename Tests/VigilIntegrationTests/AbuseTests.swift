@@ -160,4 +160,109 @@ import VigilTesting
         while Date() < deadline, try !watchers() { usleep(100_000) }
         #expect(try watchers())
     }
+
+    func metrics(_ port: Int) throws -> String {
+        try rawExchange(port: port, Array("GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".utf8))
+    }
+
+    /// An HTTP/2 frame: 9-byte header, then the payload.
+    static func frame(type: UInt8, flags: UInt8, stream: UInt32, _ payload: [UInt8]) -> [UInt8] {
+        let n = payload.count
+        var out: [UInt8] = [UInt8(n >> 16), UInt8((n >> 8) & 0xFF), UInt8(n & 0xFF), type, flags]
+        out += withUnsafeBytes(of: stream.bigEndian) { Array($0) }
+        return out + payload
+    }
+
+    /// HPACK literal header fields without indexing, new names (short strings only).
+    static func hpack(_ headers: [(String, String)]) -> [UInt8] {
+        var out: [UInt8] = []
+        for (name, value) in headers {
+            out += [0x00, UInt8(name.utf8.count)]
+            out += Array(name.utf8)
+            out.append(UInt8(value.utf8.count))
+            out += Array(value.utf8)
+        }
+        return out
+    }
+
+    /// A client that ignores the advertised stream limit and opens 50 watch streams at once: the
+    /// ones past `--max-concurrent-streams` are refused (RST_STREAM REFUSED_STREAM), counted in
+    /// /metrics, and other clients are served.
+    @Test func moreConcurrentStreamsThanTheLimit() throws {
+        let limited = try LiveServer(args: ["--unsafe-no-fsync", "--max-concurrent-streams", "10"])
+        var bytes = Array("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".utf8) + Self.frame(type: 4, flags: 0, stream: 0, [])
+        let block = Self.hpack([(":method", "POST"), (":scheme", "http"), (":path", "/etcdserverpb.Watch/Watch"),
+                                (":authority", "x"), ("content-type", "application/grpc"), ("te", "trailers")])
+        for i in 0..<50 { bytes += Self.frame(type: 1, flags: 0x4, stream: UInt32(2 * i + 1), block) }  // END_HEADERS, stream stays open
+        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        defer { close(fd) }
+        var addr = sockaddr_in()
+        addr.sin_family = sa_family_t(AF_INET)
+        addr.sin_port = UInt16(limited.port).bigEndian
+        addr.sin_addr.s_addr = inet_addr("127.0.0.1")
+        _ = withUnsafePointer(to: &addr) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Foundation.connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
+        }
+        #expect(bytes.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) } == bytes.count)
+        // Read frames until 40 refusals came (or a timeout).
+        var tv = timeval(tv_sec: 5, tv_usec: 0)
+        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+        var input: [UInt8] = []
+        var refused = 0
+        var buf = [UInt8](repeating: 0, count: 65536)
+        while refused < 40 {
+            let n = read(fd, &buf, buf.count)
+            if n <= 0 { break }
+            input += buf[0..<n]
+            refused = 0
+            var i = 0
+            while i + 9 <= input.count {
+                let len = Int(input[i]) << 16 | Int(input[i + 1]) << 8 | Int(input[i + 2])
+                guard i + 9 + len <= input.count else { break }
+                if input[i + 3] == 3, len == 4, input[i + 12] == 7 { refused += 1 }  // RST_STREAM, REFUSED_STREAM
+                i += 9 + len
+            }
+        }
+        #expect(refused == 40)
+        #expect(try metrics(limited.port).contains(#"vigil_requests_refused_total{reason="too_many_streams"} 40"#))
+        let other = try Etcdctl(endpoint: limited.endpoint)
+        #expect(try other.ok("put", "k", "v") == "OK\n")
+    }
+
+    /// Requests just over the size limit and txns with too many operations get etcd's errors and
+    /// are counted by reason in /metrics.
+    @Test func limitRefusalsAreCountedInMetrics() throws {
+        let server = try LiveServer(args: ["--unsafe-no-fsync"])
+        let c = try BlockingClient(port: server.port)
+        var put = Etcdserverpb_PutRequest()
+        put.key = Data("big".utf8)
+        put.value = Data(repeating: 0x61, count: 1_572_864)  // just over, with the key and framing
+        #expect(c.call("/etcdserverpb.KV/Put", put, as: Etcdserverpb_PutResponse.self).failureMessage == "etcdserver: request is too large")
+        var txn = Etcdserverpb_TxnRequest()
+        for i in 0..<129 {
+            var op = Etcdserverpb_RequestOp()
+            var r = Etcdserverpb_RangeRequest()
+            r.key = Data("k\(i)".utf8)
+            op.requestRange = r
+            txn.success.append(op)
+        }
+        #expect(c.call("/etcdserverpb.KV/Txn", txn, as: Etcdserverpb_TxnResponse.self).failureMessage
+            == "etcdserver: too many operations in txn request")
+        // The gateway counts the same way.
+        let body = #"{"key":"YmlnMg==","value":""# + String(repeating: "YWFh", count: 530_000) + #""}"#
+        let gw = try rawExchange(port: server.port, Array("POST /v3/kv/put HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: \(body.utf8.count)\r\n\r\n\(body)".utf8))
+        #expect(gw.contains("etcdserver: request is too large"))
+        let m = try metrics(server.port)
+        #expect(m.contains(#"vigil_requests_refused_total{reason="request_too_large"} 2"#), "\(m.split(separator: "\n").filter { $0.contains("refused") })")
+        #expect(m.contains(#"vigil_requests_refused_total{reason="too_many_txn_ops"} 1"#))
+        #expect(m.contains(#"vigil_requests_refused_total{reason="too_many_streams"} 0"#))
+        _ = try Etcdctl(endpoint: server.endpoint).ok("put", "still", "serving")
+    }
+}
+
+extension Result where Failure == GRPCStatus {
+    var failureMessage: String? {
+        if case .failure(let s) = self { return s.message }
+        return nil
+    }
 }
