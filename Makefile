@@ -1,7 +1,7 @@
 # The two commands of the README.
 #   make run   installs what is missing, builds release, serves http://127.0.0.1:2379 (data in ./default.vigil)
 #   make test  installs what is missing and runs every test
-.PHONY: run test build protos
+.PHONY: run test test-sanitized build protos fuzz
 
 run:
 	./scripts/install-deps.sh
@@ -16,6 +16,17 @@ test:
 	./scripts/install-deps.sh --test
 	swift build
 	swift test
+
+# The whole suite again under the address sanitizer (CI runs it after `make test`); thread:
+# scripts/sanitize.sh thread.
+test-sanitized:
+	./scripts/install-deps.sh --test
+	./scripts/sanitize.sh address
+
+# libFuzzer on every network parser for 60 s each (scripts/fuzz.sh).
+fuzz:
+	./scripts/install-deps.sh
+	./scripts/fuzz.sh 60
 
 protos:
 	./scripts/generate-protos.sh

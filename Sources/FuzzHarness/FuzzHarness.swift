@@ -57,8 +57,9 @@ public enum FuzzHarness {
 
     /// `input` as everything a client sends on one connection (HTTP/1.1 or HTTP/2 with gRPC), then
     /// the client's end of stream; reads what comes back until the server closes or goes quiet.
-    public static func connection(_ input: [UInt8]) {
-        _ = exchange(port: port(), input, quietMs: 100)
+    @discardableResult
+    public static func connection(_ input: [UInt8]) -> [UInt8] {
+        exchange(port: port(), input, quietMs: 100)
     }
 
     /// Sends `input`, half-closes, and collects the answer (until close, or `quietMs` of silence).

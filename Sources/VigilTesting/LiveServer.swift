@@ -276,3 +276,14 @@ extension Etcdctl {
                               environment: ["ETCDCTL_API": "3"])
     }
 }
+
+/// How much slower and larger a sanitized build runs: resource bounds in tests are multiplied by
+/// it. `scripts/sanitize.sh` sets `VIGIL_SANITIZER` (address: ×3, thread: ×6 — the shadow memory
+/// of each sanitizer, and its slowdown); 1 in ordinary runs.
+public let sanitizerFactor: Double = {
+    switch ProcessInfo.processInfo.environment["VIGIL_SANITIZER"] {
+    case "address": 3
+    case "thread": 6
+    default: 1
+    }
+}()

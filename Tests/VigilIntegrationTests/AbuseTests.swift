@@ -32,6 +32,9 @@ import VigilTesting
     }
 
     func stillServes() throws {
+        // A sanitized server may still be finishing the abuser's work (10× slower): give it time.
+        var attempts = Int(sanitizerFactor)
+        while attempts > 1, try ctl.run(["put", "alive", "yes"]).status != 0 { attempts -= 1 }
         _ = try ctl.ok("put", "alive", "yes")
         #expect(try ctl.ok("get", "alive") == "alive\nyes\n")
     }
@@ -138,7 +141,7 @@ import VigilTesting
         put.value = Data("ok".utf8)
         #expect((try? BlockingClient(port: server.port).call("/etcdserverpb.KV/Put", put, as: Etcdserverpb_PutResponse.self).get()) != nil)
         let growth = residentKiB(pid: server.pid!) - before
-        #expect(growth < 64 * 1024, "\(n) idle connections grew RSS by \(growth) KiB")
+        #expect(Double(growth) < 64 * 1024 * sanitizerFactor, "\(n) idle connections grew RSS by \(growth) KiB")
     }
 
     @Test func aFloodOfWatchCreatesOnOneStream() throws {
@@ -250,7 +253,8 @@ import VigilTesting
             == "etcdserver: too many operations in txn request")
         // The gateway counts the same way.
         let body = #"{"key":"YmlnMg==","value":""# + String(repeating: "YWFh", count: 530_000) + #""}"#
-        let gw = try rawExchange(port: server.port, Array("POST /v3/kv/put HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: \(body.utf8.count)\r\n\r\n\(body)".utf8))
+        let gw = try rawExchange(port: server.port, Array("POST /v3/kv/put HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: \(body.utf8.count)\r\n\r\n\(body)".utf8),
+                                 timeout: 5 * sanitizerFactor)
         #expect(gw.contains("etcdserver: request is too large"))
         let m = try metrics(server.port)
         #expect(m.contains(#"vigil_requests_refused_total{reason="request_too_large"} 2"#), "\(m.split(separator: "\n").filter { $0.contains("refused") })")

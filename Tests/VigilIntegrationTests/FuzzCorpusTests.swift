@@ -29,6 +29,18 @@ import VigilTesting
             .contains("200 OK"))
     }
 
+    /// The same inputs against a server inside the test process (so that a sanitized test build
+    /// checks the server's own code, not only the client's).
+    @Test func connectionCorpusInProcess() {
+        let files = inputs("connection") + inputs("crashes", prefix: "connection-")
+        for f in files {
+            #expect(FuzzHarness.run("connection", Array((try? Data(contentsOf: URL(fileURLWithPath: f))) ?? Data())))
+        }
+        // The in-process server still answers.
+        let health = FuzzHarness.connection(Array("GET /health HTTP/1.1\r\nHost: x\r\n\r\n".utf8))
+        #expect(String(decoding: health, as: UTF8.self).contains(#"{"health":"true"}"#))
+    }
+
     @Test func framingCorpusInProcess() {
         let files = inputs("framing") + inputs("crashes", prefix: "framing-")
         #expect(files.count >= 5)
