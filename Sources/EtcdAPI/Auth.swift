@@ -211,16 +211,19 @@ public final class AuthStore {
 
     /// Runs `work` on the pool with at most `concurrentHashes` at once; refuses with "too many
     /// requests" when the queue is full (a flood of Authenticate calls must not starve commits).
-    private func hashing<T>(_ work: @escaping () -> T, _ done: @escaping (T) -> Void) throws(EtcdError) {
-        guard hashQueue.count < config.maxQueuedHashes else { throw .tooManyRequests }
+    /// Admin changes (`priority`) go to the front and are never refused: a flood of anonymous
+    /// login attempts cannot lock the administrator out.
+    private func hashing<T>(priority: Bool = false, _ work: @escaping () -> T, _ done: @escaping (T) -> Void) throws(EtcdError) {
+        guard priority || hashQueue.count < config.maxQueuedHashes else { throw .tooManyRequests }
         let box = ResultBox<T>()
-        hashQueue.append { [unowned self] in
+        let job = { [unowned self] in
             offload({ box.value = work() }, { [unowned self] in
                 hashesRunning -= 1
                 done(box.value!)
                 startHashes()
             })
         }
+        if priority { hashQueue.insert(job, at: 0) } else { hashQueue.append(job) }
         startHashes()
     }
 
@@ -234,9 +237,10 @@ public final class AuthStore {
     private final class ResultBox<T>: @unchecked Sendable { var value: T? }
 
     /// A new hash of `password`, or etcd's request-level refusal of it.
-    private func newHash(_ password: String, _ done: @escaping (Result<String, EtcdError>) -> Void) throws(EtcdError) {
+    private func newHash(_ password: String, priority: Bool,
+                         _ done: @escaping (Result<String, EtcdError>) -> Void) throws(EtcdError) {
         let cost = config.bcryptCost
-        try hashing({ () -> Result<String, EtcdError> in
+        try hashing(priority: priority, { () -> Result<String, EtcdError> in
             do throws(Passwords.Failure) {
                 return .success(try Passwords.hash(password, cost: cost))
             } catch {
@@ -288,6 +292,16 @@ public final class AuthStore {
         })
     }
 
+    /// Computes the decoy hash off the loop ahead of the first login, so that an unknown user's
+    /// attempt costs one check like a known user's from the start.
+    func prepareDecoy() {
+        let cost = config.bcryptCost
+        let box = ResultBox<String>()
+        offload({ box.value = try? Passwords.hash("vigil-decoy", cost: cost) }, { [weak self] in
+            if let self, decoyHash == nil { decoyHash = box.value }
+        })
+    }
+
     private func issueToken(for name: String) -> String {
         let t = now()
         if tokens.count >= sweepAt {
@@ -324,18 +338,15 @@ public final class AuthStore {
             return nil
         }
         if r.options.noPassword { return done(add("")) }
-        try withHash(r.password, given: r.hashedPassword, add, done)
+        try withHash(r.password, add, done)
     }
 
-    /// Runs `apply` with the hash of `password` (computed off the loop), or with `given` when the
-    /// client sent a bcrypt hash itself (etcd 3.5 clients may); `done` gets `apply`'s outcome.
-    private func withHash(_ password: String, given: String, _ apply: @escaping (String) -> EtcdError?,
+    /// Runs `apply` with the hash of `password`, computed off the loop; `done` gets `apply`'s
+    /// outcome. A `hashed_password` sent by the client is ignored, as etcd's API layer ignores it:
+    /// a client must not choose the cost of a hash that others' login attempts will pay for.
+    private func withHash(_ password: String, _ apply: @escaping (String) -> EtcdError?,
                           _ done: @escaping (EtcdError?) -> Void) throws(EtcdError) {
-        if !given.isEmpty {
-            guard given.hasPrefix("$2") else { throw .passwordUnusable }
-            return done(apply(given))
-        }
-        try newHash(password) { result in
+        try newHash(password, priority: true) { result in
             switch result {
             case .success(let h): done(apply(h))
             case .failure(let e): done(e)
@@ -367,14 +378,14 @@ public final class AuthStore {
         _ = try user(r.name)
         let apply = { [unowned self] (hash: String) -> EtcdError? in
             guard var u = users[r.name] else { return .userNotFound }
+            // The options stay: a user created without a password still signs in without one.
             u.password = Data(hash.utf8)
-            u.options.noPassword = false
             save(user: u)
             dropTokens(of: r.name)
             changed()
             return nil
         }
-        try withHash(r.password, given: r.hashedPassword, apply, done)
+        try withHash(r.password, apply, done)
     }
 
     public func grantRole(user name: String, role: String) throws(EtcdError) {

@@ -214,6 +214,14 @@ public final class KVService {
         return (resp, rev)
     }
 
+    /// The checks etcd's API layer makes before anything else (auth included): op counts, empty
+    /// keys, unset ops, put flags, duplicate keys.
+    func validate(txn r: TxnRequest) throws(EtcdError) {
+        try validateTxn(r, budget: ctx.limits.maxTxnOps)
+        _ = try checkIntervals(r.success)
+        _ = try checkIntervals(r.failure)
+    }
+
     /// etcd's checkTxnRequest: op counts, empty keys, unset ops, put flags, recursively.
     private func validateTxn(_ r: TxnRequest, budget: Int) throws(EtcdError) {
         let opc = max(r.compare.count, r.success.count, r.failure.count)

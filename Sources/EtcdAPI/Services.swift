@@ -35,6 +35,7 @@ public final class EtcdServices {
         self.auth = auth
         auth.leaseKeys = { [unowned lessor] in lessor.keys($0) }
         auth.offload = { [unowned context] work, done in context.offload(work, done) }
+        auth.prepareDecoy()
         self.watch = WatchService(context: context, config: watchConfig, auth: auth)
         context.leaseExists = { [unowned lessor] in lessor.exists($0) }
         context.alarms.restore(meta)
@@ -59,21 +60,29 @@ public final class EtcdServices {
     /// disabled).
     func authorize<Req>(_ access: Access<Req>, _ req: Req, token: @autoclosure () -> String?) throws(EtcdError) {
         if case .open = access { return }
+        if case .when(let needed, _) = access, !needed(req) { return }
         guard auth.enabled, let caller = try auth.caller(token: token()) else { return }
         switch access {
         case .open, .authenticated: return
         case .admin: try auth.requireAdmin(caller)
         case .keys(let check): if !caller.isRoot { try check(caller, req) }
+        case .when(_, let check): if !caller.isRoot { try check(caller, req) }
         }
     }
 
     /// Registers a unary method: decode one request, check who may make it, run `body`, which
     /// replies through `Reply`.
+    /// `validate` runs first: etcd checks a request's shape and size before who sent it.
     public func unary<Req: SwiftProtobuf.Message, Resp: SwiftProtobuf.Message>(
-        _ path: String, access: Access<Req>, _ body: @escaping (Req, Int, Reply<Resp>) throws(EtcdError) -> Void
+        _ path: String, access: Access<Req>, validate: ((Req, Int) throws(EtcdError) -> Void)? = nil,
+        _ body: @escaping (Req, Int, Reply<Resp>) throws(EtcdError) -> Void
     ) {
         routes[path] = { [unowned self] call in
+            var seen = false
             call.onMessage = { [unowned self] bytes in
+                // A unary call carries one request; more on the same stream are ignored.
+                guard !seen else { return }
+                seen = true
                 let req: Req
                 do { req = try Req(serializedBytes: bytes) } catch {
                     call.finish(GRPCStatus(.internal, "grpc: error unmarshalling request: \(error)"))
@@ -81,6 +90,7 @@ public final class EtcdServices {
                 }
                 let reply = Reply<Resp>(call)
                 do throws(EtcdError) {
+                    try validate?(req, bytes.count)
                     try authorize(access, req, token: Self.token(call))
                     try body(req, bytes.count, reply)
                 } catch { reply.fail(error) }
@@ -98,6 +108,7 @@ public final class EtcdServices {
             // The request limit applies to the request as the gRPC API would see it.
             let size = (try? req.serializedBytes() as [UInt8])?.count ?? json.count
             do throws(EtcdError) {
+                try validate?(req, size)
                 try authorize(access, req, token: token)
                 try body(req, size, reply)
             } catch { reply.fail(error) }
@@ -112,27 +123,27 @@ public final class EtcdServices {
         let kv = self.kv
         let gate = context.gate
         let auth = self.auth
-        unary("/etcdserverpb.KV/Range", access: .keys { c, r throws(EtcdError) in try auth.check(c, .read, key: r.key.bytes, rangeEnd: r.rangeEnd.bytes) }) { (r: Etcdserverpb_RangeRequest, _, reply: Reply<Etcdserverpb_RangeResponse>) throws(EtcdError) in
+        unary("/etcdserverpb.KV/Range", access: .keys { c, r throws(EtcdError) in try auth.check(c, .read, key: r.key.bytes, rangeEnd: r.rangeEnd.bytes) },
+              validate: { r, _ throws(EtcdError) in if r.key.isEmpty { throw .emptyKey } }) { (r: Etcdserverpb_RangeRequest, _, reply: Reply<Etcdserverpb_RangeResponse>) throws(EtcdError) in
             reply.ok(try kv.range(r))
         }
-        unary("/etcdserverpb.KV/Put", access: .keys { c, r throws(EtcdError) in try auth.check(c, put: r) }) { [unowned self] (r: Etcdserverpb_PutRequest, n, reply: Reply<Etcdserverpb_PutResponse>) throws(EtcdError) in
-            try checkSize(n)
+        unary("/etcdserverpb.KV/Put", access: .keys { c, r throws(EtcdError) in try auth.check(c, put: r) },
+              validate: { [unowned self] r, n throws(EtcdError) in try checkSize(n); try kv.validatePut(r) }) { [unowned self] (r: Etcdserverpb_PutRequest, n, reply: Reply<Etcdserverpb_PutResponse>) throws(EtcdError) in
             let (resp, rev) = try kv.put(r)
             gate.whenDurable(rev) { reply.ok(resp) }
         }
-        unary("/etcdserverpb.KV/DeleteRange", access: .keys { c, r throws(EtcdError) in try auth.check(c, deleteRange: r) }) { [unowned self] (r: Etcdserverpb_DeleteRangeRequest, n, reply: Reply<Etcdserverpb_DeleteRangeResponse>) throws(EtcdError) in
-            try checkSize(n)
+        unary("/etcdserverpb.KV/DeleteRange", access: .keys { c, r throws(EtcdError) in try auth.check(c, deleteRange: r) },
+              validate: { [unowned self] r, n throws(EtcdError) in try checkSize(n); try kv.validateDelete(r) }) { [unowned self] (r: Etcdserverpb_DeleteRangeRequest, n, reply: Reply<Etcdserverpb_DeleteRangeResponse>) throws(EtcdError) in
             let (resp, rev) = try kv.deleteRange(r)
             gate.whenDurable(rev) { reply.ok(resp) }
         }
-        unary("/etcdserverpb.KV/Txn", access: .keys { c, r throws(EtcdError) in try auth.check(c, txn: r) }) { [unowned self] (r: Etcdserverpb_TxnRequest, n, reply: Reply<Etcdserverpb_TxnResponse>) throws(EtcdError) in
-            try checkSize(n)
+        unary("/etcdserverpb.KV/Txn", access: .keys { c, r throws(EtcdError) in try auth.check(c, txn: r) },
+              validate: { [unowned self] r, n throws(EtcdError) in try checkSize(n); try kv.validate(txn: r) }) { [unowned self] (r: Etcdserverpb_TxnRequest, n, reply: Reply<Etcdserverpb_TxnResponse>) throws(EtcdError) in
             let (resp, _) = try kv.txn(r)
             // A txn may have read state that is not durable yet: answer once all of it is.
             gate.whenDurable(context.store.currentRevision) { reply.ok(resp) }
         }
-        unary("/etcdserverpb.KV/Compact", access: .admin) { [unowned self] (r: Etcdserverpb_CompactionRequest, n, reply: Reply<Etcdserverpb_CompactionResponse>) throws(EtcdError) in
-            try checkSize(n)
+        unary("/etcdserverpb.KV/Compact", access: .admin, validate: { [unowned self] _, n throws(EtcdError) in try checkSize(n) }) { [unowned self] (r: Etcdserverpb_CompactionRequest, n, reply: Reply<Etcdserverpb_CompactionResponse>) throws(EtcdError) in
             let rev = try kv.compact(r)
             var resp = Etcdserverpb_CompactionResponse()
             resp.header = context.header(rev)
@@ -163,8 +174,9 @@ public final class EtcdServices {
             ctx.gate.whenFlushed { reply.ok(resp) }
         }
         unary("/etcdserverpb.Lease/LeaseRevoke", access: .keys { c, r throws(EtcdError) in try auth.checkLeaseKeys(c, r.id, .write) }, revoke)
-        unary("/etcdserverpb.Lease/LeaseTimeToLive", access: .keys { c, r throws(EtcdError) in
-            if r.keys { try auth.checkLeaseKeys(c, r.id, .read) }
+        // Without keys, no check at all (etcd 3.4).
+        unary("/etcdserverpb.Lease/LeaseTimeToLive", access: .when({ $0.keys }) { c, r throws(EtcdError) in
+            try auth.checkLeaseKeys(c, r.id, .read)
         }) { (r: Etcdserverpb_LeaseTimeToLiveRequest, _, reply: Reply<Etcdserverpb_LeaseTimeToLiveResponse>) in
             var resp = Etcdserverpb_LeaseTimeToLiveResponse()
             resp.header = ctx.header(ctx.store.committedRevision)
@@ -303,7 +315,10 @@ public final class EtcdServices {
             reply.ok(resp)
         }
         routes["/etcdserverpb.Maintenance/Snapshot"] = { [unowned self] call in
+            var seen = false
             call.onMessage = { [unowned self] _ in
+                guard !seen else { return }
+                seen = true
                 do throws(EtcdError) {
                     try authorize(Access<Etcdserverpb_SnapshotRequest>.admin, Etcdserverpb_SnapshotRequest(), token: Self.token(call))
                 } catch { return call.finish(error.status) }
@@ -351,6 +366,8 @@ public enum Access<Req> {
     case admin
     /// Users whose roles grant the keys the request touches (root skips the check).
     case keys((Caller, Req) throws(EtcdError) -> Void)
+    /// Like `keys`, for requests that need it (for the others: `open`).
+    case when((Req) -> Bool, (Caller, Req) throws(EtcdError) -> Void)
 }
 
 /// Streams a snapshot file as etcd does: 32 KiB blobs with the bytes remaining after each, then a

@@ -200,6 +200,19 @@ import VigilTesting
         #expect(try post(server, "/v3/auth/user/get", #"{"name":"nobody"}"#, token: root).1.contains("etcdserver: user name not found"))
         #expect(try post(server, "/v3/auth/role/get", #"{"role":"nobody"}"#, token: root).1.contains("etcdserver: role name not found"))
         #expect(try post(server, "/v3/auth/status", "{}", token: root).1.contains(#""enabled":true"#))
+        // etcd checks a request's shape before its sender.
+        #expect(try post(server, "/v3/kv/put", #"{"key":"","value":"dg=="}"#).1.contains("etcdserver: key is not provided"))
+        // A lease's time-to-live without its keys needs no token.
+        #expect(try post(server, "/v3/lease/timetolive", #"{"ID":"12345"}"#).1.contains(#""TTL":"-1""#))
+        #expect(try post(server, "/v3/lease/timetolive", #"{"ID":"12345","keys":true}"#).1.contains("etcdserver: user name is empty"))
+        // A hash sent by the client is ignored (its cost would be paid by every login attempt).
+        let slow = "$2b$31$" + String(repeating: "a", count: 53)
+        #expect(try post(server, "/v3/auth/user/add", #"{"name":"erin","password":"epw","hashedPassword":"\#(slow)"}"#, token: root).0 == 200)
+        #expect(try post(server, "/v3/auth/authenticate", #"{"name":"erin","password":"epw"}"#).0 == 200)
+        // A user created without a password keeps signing in without one after a password change.
+        #expect(try post(server, "/v3/auth/user/add", #"{"name":"frank","options":{"no_password":true}}"#, token: root).0 == 200)
+        #expect(try post(server, "/v3/auth/user/changepw", #"{"name":"frank","password":"fpw"}"#, token: root).0 == 200)
+        #expect(try post(server, "/v3/auth/authenticate", #"{"name":"frank","password":"fpw"}"#).1.contains("authentication failed"))
         // The long names survive a restart (they are stored under a digest of the name).
         try server.restart()
         #expect(try post(server, "/v3/auth/user/list", "{}", token: try token(server, "root", "rootpw")).1.contains(long))
