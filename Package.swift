@@ -64,7 +64,7 @@ let package = Package(
                           path: "Benchmarks/micro"),
 
         // Fuzzing (scripts/fuzz.sh): the harness, and its libFuzzer entry point / corpus replayer.
-        .target(name: "FuzzHarness", dependencies: ["VigilServer", "GRPC", .product(name: "Logging", package: "swift-log")]),
+        .target(name: "FuzzHarness", dependencies: ["VigilServer", "VigilTesting", "GRPC", .product(name: "Logging", package: "swift-log")]),
         .executableTarget(name: "vigil-fuzz", dependencies: ["FuzzHarness"], path: "Fuzz"),
 
         // Examples (each runnable, with a README).

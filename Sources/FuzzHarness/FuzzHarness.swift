@@ -2,6 +2,7 @@ import Foundation
 import GRPC
 import Logging
 import VigilServer
+import VigilTesting
 
 /// What the fuzz targets run on one input (`Fuzz/main.swift` calls these from libFuzzer; the
 /// corpus tests call them too). Each must survive any bytes: a trap here is a bug found.
@@ -64,17 +65,9 @@ public enum FuzzHarness {
 
     /// Sends `input`, half-closes, and collects the answer (until close, or `quietMs` of silence).
     public static func exchange(port: Int, _ input: [UInt8], quietMs: Int32) -> [UInt8] {
-        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        let fd = loopbackSocket(port: port)
         guard fd >= 0 else { return [] }
         defer { close(fd) }
-        var addr = sockaddr_in()
-        addr.sin_family = sa_family_t(AF_INET)
-        addr.sin_port = UInt16(port).bigEndian
-        addr.sin_addr.s_addr = inet_addr("127.0.0.1")
-        let rc = withUnsafePointer(to: &addr) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
-        }
-        guard rc == 0 else { return [] }
         var out: [UInt8] = []
         var buf = [UInt8](repeating: 0, count: 65536)
         var sent = 0

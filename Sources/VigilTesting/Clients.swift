@@ -68,12 +68,10 @@ public final class BlockingClient {
     }
 }
 
-/// Sends raw bytes to 127.0.0.1:`port` and returns what comes back until the peer closes or
-/// `timeout` passes (for HTTP/1.1 tests and hostile-input tests).
-public func rawExchange(port: Int, _ bytes: [UInt8], timeout: Double = 5) throws -> String {
+/// A blocking TCP socket connected to 127.0.0.1:`port`, or -1.
+public func loopbackSocket(port: Int) -> Int32 {
     let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
-    guard fd >= 0 else { throw ProcessFailure(description: "socket failed") }
-    defer { close(fd) }
+    guard fd >= 0 else { return -1 }
     var addr = sockaddr_in()
     addr.sin_family = sa_family_t(AF_INET)
     addr.sin_port = UInt16(port).bigEndian
@@ -81,7 +79,19 @@ public func rawExchange(port: Int, _ bytes: [UInt8], timeout: Double = 5) throws
     let rc = withUnsafePointer(to: &addr) {
         $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
     }
-    guard rc == 0 else { throw ProcessFailure(description: "connect failed") }
+    if rc != 0 {
+        close(fd)
+        return -1
+    }
+    return fd
+}
+
+/// Sends raw bytes to 127.0.0.1:`port` and returns what comes back until the peer closes or
+/// `timeout` passes (for HTTP/1.1 tests and hostile-input tests).
+public func rawExchange(port: Int, _ bytes: [UInt8], timeout: Double = 5) throws -> String {
+    let fd = loopbackSocket(port: port)
+    guard fd >= 0 else { throw ProcessFailure(description: "connect to 127.0.0.1:\(port) failed") }
+    defer { close(fd) }
     var tv = timeval(tv_sec: Int(timeout), tv_usec: 0)
     setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
     _ = bytes.withUnsafeBytes { send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }

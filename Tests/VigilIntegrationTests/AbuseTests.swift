@@ -18,18 +18,7 @@ import VigilTesting
     }
 
     /// A TCP connection to the server, or -1.
-    func connect() -> Int32 {
-        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
-        var addr = sockaddr_in()
-        addr.sin_family = sa_family_t(AF_INET)
-        addr.sin_port = UInt16(server.port).bigEndian
-        addr.sin_addr.s_addr = inet_addr("127.0.0.1")
-        let rc = withUnsafePointer(to: &addr) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Foundation.connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
-        }
-        if rc != 0 { close(fd); return -1 }
-        return fd
-    }
+    func connect() -> Int32 { loopbackSocket(port: server.port) }
 
     func stillServes() throws {
         // A sanitized server may still be finishing the abuser's work (10× slower): give it time.
@@ -197,15 +186,9 @@ import VigilTesting
         let block = Self.hpack([(":method", "POST"), (":scheme", "http"), (":path", "/etcdserverpb.Watch/Watch"),
                                 (":authority", "x"), ("content-type", "application/grpc"), ("te", "trailers")])
         for i in 0..<50 { bytes += Self.frame(type: 1, flags: 0x4, stream: UInt32(2 * i + 1), block) }  // END_HEADERS, stream stays open
-        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        let fd = loopbackSocket(port: limited.port)
+        #expect(fd >= 0)
         defer { close(fd) }
-        var addr = sockaddr_in()
-        addr.sin_family = sa_family_t(AF_INET)
-        addr.sin_port = UInt16(limited.port).bigEndian
-        addr.sin_addr.s_addr = inet_addr("127.0.0.1")
-        _ = withUnsafePointer(to: &addr) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Foundation.connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
-        }
         #expect(bytes.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) } == bytes.count)
         // Read frames until 40 refusals came (or a timeout).
         var tv = timeval(tv_sec: 5, tv_usec: 0)
