@@ -198,11 +198,11 @@ public final class KVService {
         return cost
     }
 
-    public func txn(_ r: TxnRequest) throws(EtcdError) -> (TxnResponse, Int64) {
-        try validateTxn(r, budget: ctx.limits.maxTxnOps)
+    /// - Parameter validated: the caller already ran `validate(txn:)` (the gRPC route does, before
+    ///   the permission check, as etcd orders them): its walk over the ops is not repeated.
+    public func txn(_ r: TxnRequest, validated: Bool = false) throws(EtcdError) -> (TxnResponse, Int64) {
+        if !validated { try validate(txn: r) }
         try ctx.checkQuota(Self.txnCost(r))
-        _ = try checkIntervals(r.success)
-        _ = try checkIntervals(r.failure)
         let txn = store.beginWrite()
         // All compares, nested ones included, are decided against the state before any op runs.
         let path = decidePath(r, txn)

@@ -139,7 +139,7 @@ public final class EtcdServices {
         }
         unary("/etcdserverpb.KV/Txn", access: .keys { c, r throws(EtcdError) in try auth.check(c, txn: r) },
               validate: { [unowned self] r, n throws(EtcdError) in try checkSize(n); try kv.validate(txn: r) }) { [unowned self] (r: Etcdserverpb_TxnRequest, n, reply: Reply<Etcdserverpb_TxnResponse>) throws(EtcdError) in
-            let (resp, _) = try kv.txn(r)
+            let (resp, _) = try kv.txn(r, validated: true)
             // A txn may have read state that is not durable yet: answer once all of it is.
             gate.whenDurable(context.store.currentRevision) { reply.ok(resp) }
         }
