@@ -22,6 +22,7 @@ let package = Package(
         .systemLibrary(name: "CLMDB", pkgConfig: "lmdb", providers: [.apt(["liblmdb-dev"])]),
         .systemLibrary(name: "CHTTPParser", providers: [.apt(["libhttp-parser-dev"])]),
         .systemLibrary(name: "CCrypt", providers: [.apt(["libcrypt-dev"])]),
+        .systemLibrary(name: "CMalloc"),
 
         // Thin Swift over C.
         .target(name: "EventLoop", dependencies: ["CLibUV"]),
@@ -44,7 +45,7 @@ let package = Package(
         // Wiring and the executable.
         .target(name: "VigilServer", dependencies: ["EtcdAPI", "WatchHub", "EventLoop", "HTTP1", "HTTP2", "GRPC", "LMDBBackend",
                                                     "MVCC", .product(name: "Logging", package: "swift-log")]),
-        .executableTarget(name: "vigil", dependencies: ["VigilServer", "EventLoop",
+        .executableTarget(name: "vigil", dependencies: ["VigilServer", "EventLoop", "CMalloc",
                                                         .product(name: "ArgumentParser", package: "swift-argument-parser"),
                                                         .product(name: "Logging", package: "swift-log")]),
         .target(name: "VigilClient", dependencies: ["EventLoop", "HTTP2", "GRPC", "EtcdProto",

@@ -99,3 +99,10 @@ void free(void *p) {
     if (real_free) real_free(p);
 }
 #endif
+
+#include <malloc.h>
+
+uint64_t heap_in_use(void) {
+    struct mallinfo2 m = mallinfo2();
+    return (uint64_t)(m.uordblks + m.hblkhd);
+}

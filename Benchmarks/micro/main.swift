@@ -3,6 +3,8 @@
 //
 //   swift run -c release vigil-micro            # every case
 //   swift run -c release vigil-micro --quick    # fewer iterations (the smoke test uses this)
+//   swift run -c release vigil-micro dispatch   # only the cases named (ring, tree, encode,
+//                                               # index, dispatch, memory, commit)
 import CAllocCount
 import EtcdAPI
 import Foundation
@@ -16,6 +18,8 @@ if alloc_count_enabled() == 0 {
     FileHandle.standardError.write(Data("allocation counts are off in sanitizer builds\n".utf8))
 }
 let scale = quick ? 20 : 1
+let only = Set(CommandLine.arguments.dropFirst().filter { !$0.hasPrefix("--") })
+func wants(_ name: String) -> Bool { only.isEmpty || only.contains(name) }
 
 struct Result {
     var name: String
@@ -40,7 +44,7 @@ func key(_ i: Int) -> Bytes { Array("key/\(String(format: "%08d", i))".utf8) }
 let value = Bytes(repeating: 0x76, count: 256)
 
 // Event ring: append one revision (one put) to a full ring, trimming the oldest.
-do {
+if wants("ring") {
     var ring = EventRing(maxEvents: 10_000, maxBytes: 64 << 20)
     var events: [RevisionEvents] = []
     for i in 0..<1000 {
@@ -55,7 +59,7 @@ do {
 }
 
 // Interval tree: which of 10,000 ranges contain a key.
-do {
+if wants("tree") {
     var tree = IntervalTree<Int>()
     for i in 0..<10_000 { _ = tree.insert(low: key(i * 10), high: key(i * 10 + 15), i) }
     var hits = 0
@@ -66,7 +70,7 @@ do {
 }
 
 // Event encoding: one put event and the framed WatchResponse around it.
-do {
+if wants("encode") {
     let encoder = ProtoWatchEncoder(identity: MemberIdentity(clusterID: 1, memberID: 2, name: "m", peerURLs: [], clientURLs: []))
     let event = Event(kind: .put, kv: KeyValue(key: key(1), createRevision: 2, modRevision: 9, version: 3, value: value),
                       prevKV: KeyValue(key: key(1), createRevision: 2, modRevision: 8, version: 2, value: value))
@@ -77,7 +81,7 @@ do {
 }
 
 // Key index: single-key reads from a store of 100,000 keys.
-do {
+if wants("index") {
     let store = KVStore()
     for i in 0..<100_000 {
         let t = store.beginWrite()
@@ -96,7 +100,7 @@ do {
 }
 
 // Watch dispatch: one put delivered to 1,000 watchers on one prefix (a sink that drops bytes).
-do {
+if wants("dispatch") {
     final class NullSink: WatchSink {
         var sent = 0
         func send(_ message: [UInt8]) { sent += 1 }
@@ -118,8 +122,31 @@ do {
     precondition(sinks[0].sent > 0)
 }
 
+// Watcher memory: heap bytes per watcher for 1,000,000 watchers on distinct keys over 10,000
+// streams (the hub's own structures, without the transport), as malloc counts them.
+var memoryLines: [String] = []
+if wants("memory") {
+    final class NullSink: WatchSink {
+        func send(_ message: [UInt8]) {}
+        var queuedBytes: Int { 0 }
+    }
+    func heapInUse() -> Int { Int(heap_in_use()) }
+    let hub = WatchHub(store: KVStore(), encoder: ProtoWatchEncoder(identity: MemberIdentity(clusterID: 1, memberID: 2, name: "m", peerURLs: [], clientURLs: [])))
+    let streamCount = quick ? 100 : 10_000
+    let streams = (0..<streamCount).map { _ in hub.openStream(NullSink()) }
+    for (i, s) in streams.enumerated() { hub.create(s, WatchCreate(key: Array("k/\(i)/0".utf8))) }
+    let before = heapInUse()
+    for w in 1..<100 {
+        for (i, s) in streams.enumerated() { hub.create(s, WatchCreate(key: Array("k/\(i)/\(w)".utf8))) }
+    }
+    let added = streamCount * 99
+    precondition(hub.watcherCount == streamCount * 100)
+    memoryLines.append(String(format: "hub heap bytes per watcher (%d watchers, distinct keys): %.1f",
+                              hub.watcherCount, Double(heapInUse() - before) / Double(added)))
+}
+
 // Group commit: one LMDB transaction of 64 puts (fsync off: the CPU side of the commit path).
-do {
+if wants("commit") {
     let dir = NSTemporaryDirectory() + "vigil-micro-\(getpid())"
     defer { try? FileManager.default.removeItem(atPath: dir) }
     let backend = try LMDBBackend(path: dir, mapSize: 1 << 30, noSync: true)
@@ -140,3 +167,4 @@ for r in results {
     print(r.name.padding(toLength: width, withPad: " ", startingAt: 0)
           + String(format: " %9.1f %10.2f", r.nsPerOp, r.allocsPerOp))
 }
+for line in memoryLines { print(line) }

@@ -35,7 +35,9 @@ public struct MessageFramer {
 
     private mutating func compactIfDrained() -> [UInt8]? {
         if start == buffer.count {
-            buffer.removeAll(keepingCapacity: buffer.count < 1 << 16)
+            // Keep a small buffer for the next message; give back what a burst grew (a
+            // long-lived stream must not hold its largest burst for ever).
+            buffer.removeAll(keepingCapacity: buffer.capacity <= 1024)
             start = 0
         } else if start > 1 << 16 {
             buffer.removeFirst(start)

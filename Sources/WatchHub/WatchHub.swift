@@ -72,125 +72,21 @@ public struct WatchHubConfig: Sendable {
     public init() {}
 }
 
-/// All watchers on one [key, end): a single entry in the index however many watchers share it
-/// (thousands of subscribers on one configuration prefix cost one tree node).
-final class WatcherGroup {
-    let key: Bytes
-    let end: Bytes
-    var members: [Watcher] = []
-    var handle: IntervalTree<WatcherGroup>.Handle = -1
-    init(key: Bytes, end: Bytes) {
-        self.key = key
-        self.end = end
-    }
-}
-
-/// One watcher, kept small (56 bytes with its header) because a million of them must fit: options
-/// and state are bits, the range lives in the group.
-final class Watcher {
-    let id: Int64
-    /// The stream outlives its watchers: the hub holds every open stream, and closing one removes
-    /// its watchers from the hub first.
-    unowned(unsafe) let stream: WatchStream
-    let group: WatcherGroup
-    /// The next revision this watcher must receive.
-    var nextRev: Int64
-    /// Index in `group.members`.
-    var slot: Int32 = -1
-    private var bits: UInt16
-
-    private static let noPutBit: UInt16 = 1, noDeleteBit: UInt16 = 2, prevKVBit: UInt16 = 4
-    private static let progressBit: UInt16 = 8, fragmentBit: UInt16 = 16, syncedBit: UInt16 = 32
-    private static let removedBit: UInt16 = 64, sentBit: UInt16 = 128
-
-    init(id: Int64, stream: WatchStream, group: WatcherGroup, c: WatchCreate, nextRev: Int64) {
-        self.id = id
-        self.stream = stream
-        self.group = group
-        self.nextRev = nextRev
-        var b: UInt16 = 0
-        if c.noPut { b |= Self.noPutBit }
-        if c.noDelete { b |= Self.noDeleteBit }
-        if c.prevKV { b |= Self.prevKVBit }
-        if c.progressNotify { b |= Self.progressBit }
-        if c.fragment { b |= Self.fragmentBit }
-        bits = b
-    }
-
-    private func flag(_ bit: UInt16) -> Bool { bits & bit != 0 }
-    private func set(_ bit: UInt16, _ on: Bool) { if on { bits |= bit } else { bits &= ~bit } }
-
-    var prevKV: Bool { flag(Self.prevKVBit) }
-    var progressNotify: Bool { flag(Self.progressBit) }
-    var fragment: Bool { flag(Self.fragmentBit) }
-    /// Has everything up to the delivered revision and gets each new one as it is delivered.
-    var synced: Bool { get { flag(Self.syncedBit) } set { set(Self.syncedBit, newValue) } }
-    /// Left the hub (canceled, compacted or its stream closed).
-    var removed: Bool { get { flag(Self.removedBit) } set { set(Self.removedBit, newValue) } }
-    var sentSinceProgress: Bool { get { flag(Self.sentBit) } set { set(Self.sentBit, newValue) } }
-
-    func wants(_ e: Event) -> Bool { e.kind == .put ? !flag(Self.noPutBit) : !flag(Self.noDeleteBit) }
-}
-
-/// A stream's watchers by id: ids the hub assigns are small and dense (0, 1, 2, …) and live in an
-/// array; ids a client picks far from that go to a dictionary.
-struct WatcherTable {
-    private var dense: [Watcher?] = []
-    private var sparse: [Int64: Watcher] = [:]
-    private(set) var count = 0
-
-    subscript(id: Int64) -> Watcher? {
-        if id >= 0 && id < Int64(dense.count) { return dense[Int(id)] }
-        return sparse[id]
-    }
-
-    mutating func insert(_ w: Watcher) {
-        count += 1
-        if w.id >= 0 && w.id <= Int64(dense.count) && w.id < 1 << 24 {
-            if w.id == Int64(dense.count) { dense.append(w) } else { dense[Int(w.id)] = w }
-        } else {
-            sparse[w.id] = w
-        }
-    }
-
-    @discardableResult mutating func remove(_ id: Int64) -> Watcher? {
-        let w: Watcher?
-        if id >= 0 && id < Int64(dense.count) {
-            w = dense[Int(id)]
-            dense[Int(id)] = nil
-        } else {
-            w = sparse.removeValue(forKey: id)
-        }
-        if w != nil { count -= 1 }
-        return w
-    }
-
-    var isEmpty: Bool { count == 0 }
-
-    var all: [Watcher] { dense.compactMap { $0 } + sparse.values }
-
-    /// Whether every watcher satisfies `p` (without building `all`).
-    func allSatisfy(_ p: (Watcher) -> Bool) -> Bool {
-        for w in dense { if let w, !p(w) { return false } }
-        return sparse.values.allSatisfy(p)
-    }
-
-    mutating func removeAll() {
-        dense = []
-        sparse = [:]
-        count = 0
-    }
-}
-
 /// One watch stream: many watchers sharing one sink.
 public final class WatchStream {
     let sink: any WatchSink
+    /// Place in the hub's stream table (watchers refer to their stream by it).
+    let index: Int32
+    /// Watch id → watcher number.
     var watchers = WatcherTable()
     var nextID: Int64 = 0
     var closed = false
     /// How many of this stream's watchers are unsynced.
     var unsyncedCount = 0
-    init(sink: any WatchSink) { self.sink = sink }
+    init(sink: any WatchSink, index: Int32) {
+        self.sink = sink
+        self.index = index
+    }
     public var watcherCount: Int { watchers.count }
     /// Bytes sent to this stream's peer and not yet taken by it.
     public var queuedBytes: Int { sink.queuedBytes }
@@ -221,14 +117,22 @@ public final class WatchHub {
     private var ring: EventRing
     /// Every revision up to this one has been delivered to synced watchers.
     public private(set) var delivered: Int64
-    private var singles: [Bytes: WatcherGroup] = [:]
-    private var rangeGroups: [RangeKey: WatcherGroup] = [:]
-    private var ranges = IntervalTree<WatcherGroup>()
-    private var unsynced: [ObjectIdentifier: Watcher] = [:]
+    // The per-watcher tables are touched for every delivered event. Their accesses are not
+    // checked for exclusivity at run time (a check costs more than the access): they are only
+    // reached from the hub's own methods, on the loop, and never across a call that could
+    // re-enter the hub.
+    @exclusivity(unchecked) private var watchers = Watchers()
+    @exclusivity(unchecked) private var groups = WatchGroups()
+    /// Open streams by index (each retained until closed); closed ones leave a hole that the next
+    /// stream takes.
+    @exclusivity(unchecked) private var streams: [Unmanaged<WatchStream>?] = []
+    private var freeStreams: [Int32] = []
+    /// Unsynced watchers and the next revision each must receive.
+    private var unsynced: [Int32: Int64] = [:]
+    /// Synced watchers created with a start revision past the delivered one, and that revision.
+    private var futureStart: [Int32: Int64] = [:]
     public private(set) var stats = WatchHubStats()
-    public private(set) var watcherCount = 0
     public private(set) var streamCount = 0
-    private var openStreams: [ObjectIdentifier: WatchStream] = [:]
 
     public init(store: KVStore, encoder: any WatchEncoder, config: WatchHubConfig = WatchHubConfig()) {
         self.store = store
@@ -237,6 +141,16 @@ public final class WatchHub {
         ring = EventRing(maxEvents: config.ringMaxEvents, maxBytes: config.ringMaxBytes)
         delivered = store.committedRevision
     }
+
+    deinit {
+        for ref in streams { ref?.release() }
+    }
+
+    /// Watchers in the hub.
+    public var watcherCount: Int { watchers.count }
+
+    /// Distinct watched keys and ranges.
+    public var groupCount: Int { groups.count }
 
     /// Watchers currently unsynced (catching up or parked).
     public var unsyncedCount: Int { unsynced.count }
@@ -253,13 +167,18 @@ public final class WatchHub {
         if s.unsyncedCount > 0 { catchUpPending = true }
     }
 
+    @inline(__always)
+    private func stream(of w: Int32) -> WatchStream { streams[Int(watchers.stream[Int(w)])].unsafelyUnwrapped.takeUnretainedValue() }
+
     // MARK: Streams
 
     /// Opens a stream; the hub keeps it until `closeStream` (its watchers point at it).
     public func openStream(_ sink: any WatchSink) -> WatchStream {
         streamCount += 1
-        let s = WatchStream(sink: sink)
-        openStreams[ObjectIdentifier(s)] = s
+        let index = freeStreams.popLast() ?? Int32(streams.count)
+        let s = WatchStream(sink: sink, index: index)
+        let ref = Unmanaged.passRetained(s)
+        if Int(index) == streams.count { streams.append(ref) } else { streams[Int(index)] = ref }
         return s
     }
 
@@ -268,9 +187,11 @@ public final class WatchHub {
         guard !s.closed else { return }
         s.closed = true
         streamCount -= 1
-        openStreams[ObjectIdentifier(s)] = nil
-        for w in s.watchers.all { unindex(w) }
+        for w in s.watchers.all { remove(w, s) }
         s.watchers.removeAll()
+        streams[Int(s.index)]?.release()
+        streams[Int(s.index)] = nil
+        freeStreams.append(s.index)
     }
 
     private func send(_ s: WatchStream, _ f: ResponseFields, _ events: [[UInt8]] = []) {
@@ -301,6 +222,9 @@ public final class WatchHub {
         if !c.rangeEnd.isEmpty && c.rangeEnd != [0] && compareBytes(c.key, c.rangeEnd) >= 0 {
             return fail(s, "mvcc: watcher range is empty")
         }
+        guard groups.hasRoom(c.key.count) else {
+            return fail(s, "etcdserver: too many requests (the watched keys fill 4 GiB)")
+        }
         let id: Int64
         if c.watchID != 0 {
             if s.watchers[c.watchID] != nil { return fail(s, "mvcc: duplicate watch ID provided on the WatchStream") }
@@ -319,55 +243,83 @@ public final class WatchHub {
             sendCompacted(s, id)
             return
         }
-        let w = Watcher(id: id, stream: s, group: group(c.key, c.rangeEnd), c: c, nextRev: start)
-        s.watchers.insert(w)
-        watcherCount += 1
-        w.slot = Int32(w.group.members.count)
-        w.group.members.append(w)
+        var flags = WatcherFlags(c)
+        if start > delivered {
+            flags.insert(.synced)
+            if start > delivered + 1 { flags.insert(.future) }
+        }
+        let g = groups.group(c.key, c.rangeEnd)
+        let w = watchers.add(id: id, stream: s.index, group: g, flags: flags)
+        link(w, g)
+        s.watchers.insert(id: id, w)
         if start <= delivered {
-            unsynced[ObjectIdentifier(w)] = w
+            unsynced[w] = start
             s.unsyncedCount += 1
             catchUpPending = true
+        } else if start > delivered + 1 {
+            futureStart[w] = start  // revisions below it are skipped
+        }
+    }
+
+    /// Appends `w` to the member list of `g` (the head's `prev` is the tail).
+    private func link(_ w: Int32, _ g: Int32) {
+        let h = groups.head[Int(g)]
+        if h < 0 {
+            groups.head[Int(g)] = w
+            watchers.prev[Int(w)] = w
+            return
+        }
+        let tail = watchers.prev[Int(h)]
+        watchers.next[Int(tail)] = w
+        watchers.prev[Int(w)] = tail
+        watchers.prev[Int(h)] = w
+    }
+
+    private func unlink(_ w: Int32, _ g: Int32) {
+        let h = groups.head[Int(g)], n = watchers.next[Int(w)], p = watchers.prev[Int(w)]
+        if w == h {
+            groups.head[Int(g)] = n
+            if n >= 0 { watchers.prev[Int(n)] = p }
         } else {
-            w.synced = true  // possibly in the future: revisions below nextRev are skipped
+            watchers.next[Int(p)] = n
+            if n >= 0 { watchers.prev[Int(n)] = p } else { watchers.prev[Int(h)] = p }
         }
     }
 
-    private struct RangeKey: Hashable {
-        var key: Bytes
-        var end: Bytes
-    }
-
-    /// The group of [key, end), made and indexed on first use.
-    private func group(_ key: Bytes, _ end: Bytes) -> WatcherGroup {
-        if end.isEmpty {
-            if let g = singles[key] { return g }
-            let g = WatcherGroup(key: key, end: end)
-            singles[key] = g
-            return g
+    /// Calls `body` with each member of `g`; the walk survives the removal of the member it is at.
+    @inline(__always)
+    private func forEachMember(_ g: Int32, _ body: (Int32) -> Void) {
+        var w = groups.head[Int(g)]
+        while w >= 0 {
+            let n = watchers.next[Int(w)]
+            body(w)
+            w = n
         }
-        let rk = RangeKey(key: key, end: end)
-        if let g = rangeGroups[rk] { return g }
-        let g = WatcherGroup(key: key, end: end)
-        g.handle = ranges.insert(low: key, high: end == [0] ? nil : end, g)
-        rangeGroups[rk] = g
-        return g
     }
 
     /// Cancels a watcher; unknown ids get no answer.
     public func cancel(_ s: WatchStream, watchID: Int64) {
         guard let w = s.watchers.remove(watchID) else { return }
-        unindex(w)
+        remove(w, s)
         var f = ResponseFields(headerRevision: delivered, watchID: watchID)
         f.canceled = true
         send(s, f)
+    }
+
+    /// Whether `w` waits for a start revision past the delivered one (clearing the mark once not).
+    private func isFuture(_ w: Int32) -> Bool {
+        guard watchers.flags[Int(w)].contains(.future) else { return false }
+        if let start = futureStart[w], start > delivered + 1 { return true }
+        futureStart[w] = nil
+        watchers.flags[Int(w)].remove(.future)
+        return false
     }
 
     /// Answers a progress request with `watch_id -1` at the delivered revision, ordered after the
     /// events already queued, if every watcher of the stream is synced.
     public func requestProgress(_ s: WatchStream) {
         guard !s.watchers.isEmpty, s.unsyncedCount == 0,
-              s.watchers.allSatisfy({ $0.nextRev <= delivered + 1 }) else { return }
+              futureStart.isEmpty || s.watchers.allSatisfy({ !isFuture($0) }) else { return }
         send(s, ResponseFields(headerRevision: delivered, watchID: -1))
     }
 
@@ -375,40 +327,29 @@ public final class WatchHub {
     /// nothing since the last tick gets an empty response at the delivered revision.
     public func progressTick(streams: [WatchStream]) {
         for s in streams where !s.closed {
-            for w in s.watchers.all where w.progressNotify {
-                if w.synced && w.nextRev <= delivered + 1 && !w.sentSinceProgress {
-                    send(s, ResponseFields(headerRevision: delivered, watchID: w.id))
+            for w in s.watchers.all where watchers.flags[Int(w)].contains(.progressNotify) {
+                let f = watchers.flags[Int(w)]
+                if f.contains(.synced) && !f.contains(.sent) && !isFuture(w) {
+                    send(s, ResponseFields(headerRevision: delivered, watchID: watchers.id(w)))
                 }
-                w.sentSinceProgress = false
+                watchers.flags[Int(w)].remove(.sent)
             }
         }
     }
 
-    private func unindex(_ w: Watcher) {
-        guard !w.removed else { return }
-        w.removed = true
-        watcherCount -= 1
-        if unsynced.removeValue(forKey: ObjectIdentifier(w)) != nil { w.stream.unsyncedCount -= 1 }
-        let g = w.group
-        let slot = Int(w.slot)
-        let last = g.members.removeLast()
-        if last !== w {
-            g.members[slot] = last
-            last.slot = Int32(slot)
-        }
-        if g.members.isEmpty {
-            if g.end.isEmpty {
-                singles[g.key] = nil
-            } else {
-                ranges.remove(g.handle)
-                rangeGroups[RangeKey(key: g.key, end: g.end)] = nil
-            }
-        }
+    /// Takes `w` (already out of its stream's table) out of the hub.
+    private func remove(_ w: Int32, _ s: WatchStream) {
+        if unsynced.removeValue(forKey: w) != nil { s.unsyncedCount -= 1 }
+        if watchers.flags[Int(w)].contains(.future) { futureStart[w] = nil }
+        let g = watchers.group[Int(w)]
+        unlink(w, g)
+        if groups.head[Int(g)] < 0 { groups.release(g) }
+        watchers.free(w)
     }
 
-    private func markSynced(_ w: Watcher) {
-        w.synced = true
-        if unsynced.removeValue(forKey: ObjectIdentifier(w)) != nil { w.stream.unsyncedCount -= 1 }
+    private func markSynced(_ w: Int32, _ s: WatchStream) {
+        watchers.flags[Int(w)].insert(.synced)
+        if unsynced.removeValue(forKey: w) != nil { s.unsyncedCount -= 1 }
     }
 
     // MARK: Events
@@ -431,83 +372,103 @@ public final class WatchHub {
     private struct ResponseKey: Hashable {
         var watchID: Int64
         var prevKV: Bool
-        var fragment: Bool
         var matched: [Int32]
     }
 
-    /// Remembers the last response built during one dispatch, so that watchers with the same id,
-    /// options and matches (typical of many subscribers to one prefix) share the very same bytes.
+    /// Remembers the responses built during one dispatch, so that watchers with the same id,
+    /// options and matches (typical of many subscribers to one prefix) share the very same bytes;
+    /// the last one is checked first, without hashing. Also counts what the dispatch sent.
     private struct ResponseMemo {
         var cache: [ResponseKey: [UInt8]] = [:]
-        var lastKey: ResponseKey?
+        var hasLast = false
+        var lastID: Int64 = 0
+        var lastPrevKV = false
+        var lastMatched: [Int32] = []
         var lastBytes: [UInt8] = []
+        var responses = 0
+        var events = 0
     }
 
     private static let firstEvent: [Int32] = [0]
 
     private func dispatch(_ entry: RevisionEvents) {
         var memo = ResponseMemo()
+        defer {
+            stats.responsesSent += memo.responses
+            stats.eventsSent += memo.events
+        }
         if entry.events.count == 1 {
             // One event (a put or a delete): each matching group once, each member once.
             let key = entry.events[0].kv.key
-            if let g = singles[key] { for w in g.members { deliver(w, entry, Self.firstEvent, &memo) } }
-            ranges.stab(key) { g in for w in g.members { deliver(w, entry, Self.firstEvent, &memo) } }
+            if let g = groups.single(key) { forEachMember(g) { deliver($0, entry, Self.firstEvent, &memo) } }
+            groups.stab(key) { g in forEachMember(g) { deliver($0, entry, Self.firstEvent, &memo) } }
             return
         }
         // Several events (a txn, a lease revoke, a range delete): gather each watcher's matches.
-        var order: [Watcher] = []
-        var matches: [ObjectIdentifier: [Int32]] = [:]
+        var order: [Int32] = []
+        var matches: [Int32: [Int32]] = [:]
         for (i, e) in entry.events.enumerated() {
-            func match(_ g: WatcherGroup) {
-                for w in g.members {
-                    let id = ObjectIdentifier(w)
-                    if matches[id] == nil { order.append(w) }
-                    matches[id, default: []].append(Int32(i))
+            func match(_ g: Int32) {
+                forEachMember(g) { w in
+                    if matches[w] == nil { order.append(w) }
+                    matches[w, default: []].append(Int32(i))
                 }
             }
-            if let g = singles[e.kv.key] { match(g) }
-            ranges.stab(e.kv.key, match)
+            if let g = groups.single(e.kv.key) { match(g) }
+            groups.stab(e.kv.key, match)
         }
-        for w in order { deliver(w, entry, matches[ObjectIdentifier(w)]!, &memo) }
+        for w in order { deliver(w, entry, matches[w]!, &memo) }
     }
 
     /// Sends `w` the events of `entry` at `matched` that it wants, or parks it if its stream is full.
-    private func deliver(_ w: Watcher, _ entry: RevisionEvents, _ matched: [Int32], _ memo: inout ResponseMemo) {
-        guard w.synced, !w.removed, entry.revision >= w.nextRev else { return }
+    private func deliver(_ w: Int32, _ entry: RevisionEvents, _ matched: [Int32], _ memo: inout ResponseMemo) {
+        let flags = watchers.flags[Int(w)]
+        guard flags.contains(.synced) else { return }
+        if flags.contains(.future) {
+            if let start = futureStart[w], entry.revision < start { return }
+            futureStart[w] = nil
+            watchers.flags[Int(w)].remove(.future)
+        }
         let wanted: [Int32]
         if matched.count == 1 {
-            guard w.wants(entry.events[Int(matched[0])]) else { return }
+            guard flags.wants(entry.events[Int(matched[0])]) else { return }
             wanted = matched
         } else {
-            wanted = matched.filter { w.wants(entry.events[Int($0)]) }
+            wanted = matched.filter { flags.wants(entry.events[Int($0)]) }
             if wanted.isEmpty { return }
         }
-        if w.stream.sink.queuedBytes > config.streamQueueLimit {
-            park(w, at: entry.revision)
-            return
-        }
-        if w.fragment {
-            let events = wanted.map { entry.encoding(Int($0), prevKV: w.prevKV, encoder) }
-            sendFragmented(w.stream, ResponseFields(headerRevision: entry.revision, watchID: w.id), events)
-        } else {
-            let key = ResponseKey(watchID: w.id, prevKV: w.prevKV, fragment: false, matched: wanted)
-            if key != memo.lastKey {
-                if let bytes = memo.cache[key] {
-                    memo.lastBytes = bytes
-                } else {
-                    let events = wanted.map { entry.encoding(Int($0), prevKV: w.prevKV, encoder) }
-                    memo.lastBytes = encoder.response(ResponseFields(headerRevision: entry.revision, watchID: w.id),
-                                                      events: events)
-                    memo.cache[key] = memo.lastBytes
-                }
-                memo.lastKey = key
+        streams[Int(watchers.stream[Int(w)])].unsafelyUnwrapped._withUnsafeGuaranteedRef { s in
+            if s.sink.queuedBytes > config.streamQueueLimit {
+                park(w, s, at: entry.revision)
+                return
             }
-            w.stream.sink.send(memo.lastBytes)
-            stats.responsesSent += 1
-            stats.eventsSent += wanted.count
+            let prevKV = flags.contains(.prevKV)
+            let id = watchers.id(w)
+            if flags.contains(.fragment) {
+                let events = wanted.map { entry.encoding(Int($0), prevKV: prevKV, encoder) }
+                sendFragmented(s, ResponseFields(headerRevision: entry.revision, watchID: id), events)
+            } else {
+                if !(memo.hasLast && memo.lastID == id && memo.lastPrevKV == prevKV && memo.lastMatched == wanted) {
+                    let key = ResponseKey(watchID: id, prevKV: prevKV, matched: wanted)
+                    if let bytes = memo.cache[key] {
+                        memo.lastBytes = bytes
+                    } else {
+                        let events = wanted.map { entry.encoding(Int($0), prevKV: prevKV, encoder) }
+                        memo.lastBytes = encoder.response(ResponseFields(headerRevision: entry.revision, watchID: id),
+                                                          events: events)
+                        memo.cache[key] = memo.lastBytes
+                    }
+                    memo.hasLast = true
+                    memo.lastID = id
+                    memo.lastPrevKV = prevKV
+                    memo.lastMatched = wanted
+                }
+                s.sink.send(memo.lastBytes)
+                memo.responses += 1
+                memo.events += wanted.count
+            }
+            if flags.contains(.progressNotify) { watchers.flags[Int(w)].insert(.sent) }
         }
-        w.sentSinceProgress = true
-        w.nextRev = entry.revision + 1
     }
 
     /// `{watch_id, compact_revision, canceled}` with header revision 0, as etcd sends it.
@@ -518,12 +479,11 @@ public final class WatchHub {
         send(s, f)
     }
 
-    private func park(_ w: Watcher, at revision: Int64) {
-        w.synced = false
-        w.nextRev = revision
-        unsynced[ObjectIdentifier(w)] = w
-        w.stream.unsyncedCount += 1
-        w.stream.sink.notifyWhenDrained()
+    private func park(_ w: Int32, _ s: WatchStream, at revision: Int64) {
+        watchers.flags[Int(w)].remove(.synced)
+        unsynced[w] = revision
+        s.unsyncedCount += 1
+        s.sink.notifyWhenDrained()
         stats.parked += 1
     }
 
@@ -561,64 +521,71 @@ public final class WatchHub {
     /// else from the store in bounded steps. Slow streams are skipped until they drain.
     public func catchUp() {
         catchUpPending = false
-        for w in Array(unsynced.values) {
-            guard !w.stream.closed else { continue }
+        for w in Array(unsynced.keys) {
+            guard unsynced[w] != nil else { continue }  // removed by an earlier step
+            let s = stream(of: w)
             var budget = 4
-            while !w.synced, !w.removed, budget > 0, w.stream.sink.queuedBytes <= config.streamQueueLimit {
+            while unsynced[w] != nil, budget > 0, s.sink.queuedBytes <= config.streamQueueLimit {
                 budget -= 1
-                step(w)
+                step(w, s)
             }
             // More to do and room to send: come back next turn. A full stream waits for its drain.
-            if !w.synced, !w.removed {
-                if w.stream.sink.queuedBytes <= config.streamQueueLimit {
+            if unsynced[w] != nil {
+                if s.sink.queuedBytes <= config.streamQueueLimit {
                     catchUpPending = true
                 } else {
-                    w.stream.sink.notifyWhenDrained()
+                    s.sink.notifyWhenDrained()
                 }
             }
         }
     }
 
-    private func step(_ w: Watcher) {
-        if w.nextRev > delivered {
-            markSynced(w)
+    private func step(_ w: Int32, _ s: WatchStream) {
+        let nextRev = unsynced[w]!
+        if nextRev > delivered {
+            markSynced(w, s)
             return
         }
+        let flags = watchers.flags[Int(w)]
+        let prevKV = flags.contains(.prevKV)
+        let g = watchers.group[Int(w)]
+        let key = groups.key(g), end = groups.end(g)
         var events: [[UInt8]] = []
         var bytes = 0
-        var last = w.nextRev - 1
-        if let oldest = ring.oldestRevision, w.nextRev >= oldest {
-            ring.forEach(from: w.nextRev) { entry in
+        var last = nextRev - 1
+        if let oldest = ring.oldestRevision, nextRev >= oldest {
+            ring.forEach(from: nextRev) { entry in
                 guard entry.revision <= delivered else { return false }
-                for (i, e) in entry.events.enumerated() where KeyRange.contains(e.kv.key, key: w.group.key, end: w.group.end) && w.wants(e) {
-                    let enc = entry.encoding(i, prevKV: w.prevKV, encoder)
+                for (i, e) in entry.events.enumerated() where KeyRange.contains(e.kv.key, key: key, end: end) && flags.wants(e) {
+                    let enc = entry.encoding(i, prevKV: prevKV, encoder)
                     events.append(enc)
                     bytes += enc.count
                 }
                 last = entry.revision
                 return bytes < config.streamQueueLimit / 2
             }
-            if last < w.nextRev { last = delivered }  // nothing of this range left in the ring window
+            if last < nextRev { last = delivered }  // nothing of this range left in the ring window
         } else {
-            if store.compactRevision > 0 && w.nextRev < store.compactRevision {
-                sendCompacted(w.stream, w.id)
-                w.stream.watchers.remove(w.id)
-                unindex(w)
+            let id = watchers.id(w)
+            if store.compactRevision > 0 && nextRev < store.compactRevision {
+                sendCompacted(s, id)
+                s.watchers.remove(id)
+                remove(w, s)
                 return
             }
             stats.storeCatchUps += 1
-            let to = min(delivered, w.nextRev + Int64(config.catchUpRevisions) - 1, (ring.oldestRevision ?? Int64.max) - 1)
-            for (_, e) in store.events(w.group.key, w.group.end, from: w.nextRev, to: to) where w.wants(e) {
-                events.append(encoder.encode(e, prevKV: w.prevKV))
+            let to = min(delivered, nextRev + Int64(config.catchUpRevisions) - 1, (ring.oldestRevision ?? Int64.max) - 1)
+            for (_, e) in store.events(key, end, from: nextRev, to: to) where flags.wants(e) {
+                events.append(encoder.encode(e, prevKV: prevKV))
             }
             last = to
         }
         if !events.isEmpty {
-            let f = ResponseFields(headerRevision: delivered, watchID: w.id)
-            if w.fragment { sendFragmented(w.stream, f, events) } else { send(w.stream, f, events) }
-            w.sentSinceProgress = true
+            let f = ResponseFields(headerRevision: delivered, watchID: watchers.id(w))
+            if flags.contains(.fragment) { sendFragmented(s, f, events) } else { send(s, f, events) }
+            if flags.contains(.progressNotify) { watchers.flags[Int(w)].insert(.sent) }
         }
-        w.nextRev = last + 1
-        if w.nextRev > delivered { markSynced(w) }
+        unsynced[w] = last + 1
+        if last + 1 > delivered { markSynced(w, s) }
     }
 }

@@ -1,4 +1,5 @@
 import ArgumentParser
+import CMalloc
 import EtcdAPI
 import EventLoop
 import Foundation
@@ -176,6 +177,11 @@ struct VigilCommand: ParsableCommand {
             h.logLevel = level
             return h
         }
+        // Buffers of 128 KiB and more (the watch hub's tables, large responses) get their own
+        // mappings and go back to the system when freed. glibc's default raises this threshold
+        // each time such a buffer is freed, after which big buffers come from the heap and leave
+        // holes there that the process keeps.
+        mallopt(M_MMAP_THRESHOLD, 128 << 10)
         let logger = Logger(label: "vigil")
         logger.info("starting vigil", metadata: ["name": "\(config.name)", "data-dir": "\(config.dataDir)"])
         try VigilServer(configuration: config, logger: logger).run()

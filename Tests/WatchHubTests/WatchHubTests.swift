@@ -271,3 +271,127 @@ func texts(_ s: TestSink) -> [String] { s.messages.map { String(decoding: $0, as
         h.put("k1", "x")  // nothing to deliver, nothing crashes
     }
 }
+
+/// The watcher store (struct of arrays, key arena, hash table) against a plain model: watchers
+/// come and go on shared and distinct keys and ranges while writes run; each watcher must get
+/// exactly the events it matches, and everything must be freed at the end.
+@Suite struct WatcherStoreTests {
+    private struct Model {
+        var key: Bytes
+        var end: Bytes
+        var noPut = false
+        var expected: [String] = []
+    }
+
+    @Test func randomWatchersAgainstAModel() {
+        var seed: UInt64 = 0x5EED
+        func rand(_ n: Int) -> Int {
+            seed = seed &* 6364136223846793005 &+ 1442695040888963407
+            return Int((seed >> 33) % UInt64(n))
+        }
+        // Long keys so the arena passes its compaction threshold as watchers leave.
+        func key(_ i: Int) -> Bytes { b("key/\(i)/" + String(repeating: "x", count: 300)) }
+        let h = Harness()
+        var sinks: [TestSink] = []
+        var streams: [WatchStream] = []
+        var models: [[Int64: Model]] = []
+        for _ in 0..<8 {
+            let sink = TestSink()
+            sinks.append(sink)
+            streams.append(h.hub.openStream(sink))
+            models.append([:])
+        }
+        var nextBig: Int64 = 1 << 40
+        func received(_ si: Int) -> [Int64: [String]] {
+            var out: [Int64: [String]] = [:]
+            for m in texts(sinks[si]) {
+                let parts = m.split(separator: "|", omittingEmptySubsequences: false)
+                guard parts[2].isEmpty, let id = Int64(parts[1]) else { continue }  // events only
+                out[id, default: []].append(String(parts[3]))
+            }
+            return out
+        }
+        for step in 0..<6000 {
+            let si = rand(streams.count)
+            switch rand(10) {
+            case 0..<4:
+                var c = WatchCreate(key: key(rand(400)))
+                if rand(5) == 0 { c.rangeEnd = key(rand(400)) + [0xFF] }
+                if compareBytes(c.key, c.rangeEnd) >= 0 && !c.rangeEnd.isEmpty { swap(&c.key, &c.rangeEnd) }
+                c.noPut = rand(6) == 0
+                if rand(4) == 0 {
+                    c.watchID = nextBig
+                    nextBig += 1
+                }
+                let before = sinks[si].messages.count
+                h.hub.create(streams[si], c)
+                let created = String(decoding: sinks[si].messages[before], as: UTF8.self).split(separator: "|")
+                let id = Int64(created[1])!
+                #expect(id >= 0 && models[si][id] == nil)
+                models[si][id] = Model(key: c.key, end: c.rangeEnd, noPut: c.noPut)
+            case 4..<6:
+                guard let id = models[si].keys.randomElement() else { continue }
+                h.hub.cancel(streams[si], watchID: id)
+                models[si][id] = nil
+            case 6:
+                if rand(20) == 0 {
+                    h.hub.closeStream(streams[si])
+                    let got = received(si)
+                    for (id, m) in models[si] { #expect(got[id] ?? [] == m.expected) }
+                    sinks[si] = TestSink()
+                    streams[si] = h.hub.openStream(sinks[si])
+                    models[si] = [:]
+                }
+            default:
+                let k = key(rand(400))
+                let rev = h.store.committedRevision + 1
+                let isDelete = rand(4) == 0
+                if isDelete { h.del(String(decoding: k, as: UTF8.self)) } else { h.put(String(decoding: k, as: UTF8.self), "v\(step)") }
+                guard h.store.committedRevision == rev else { continue }  // deleting a missing key writes nothing
+                let text = String(decoding: k, as: UTF8.self)
+                let event = isDelete ? "D:\(text)@\(rev)" : "P:\(text)=v\(step)@\(rev)"
+                for si in models.indices {
+                    for (id, m) in models[si] where KeyRange.contains(k, key: m.key, end: m.end) && !(m.noPut && !isDelete) {
+                        models[si][id]!.expected.append(event)
+                    }
+                }
+            }
+            if step % 500 == 0 {
+                #expect(h.hub.watcherCount == models.reduce(0) { $0 + $1.count })
+            }
+        }
+        for si in streams.indices {
+            let got = received(si)
+            for (id, m) in models[si] { #expect(got[id] ?? [] == m.expected, "stream \(si) watcher \(id)") }
+            h.hub.closeStream(streams[si])
+        }
+        #expect(h.hub.watcherCount == 0)
+        #expect(h.hub.groupCount == 0)
+    }
+
+    @Test func hashTableKeepsEveryKeyThroughGrowthAndRemoval() {
+        var groups = WatchGroups()
+        var live: [Bytes: Int32] = [:]
+        // Keys long enough that the removals pass the arena's compaction threshold.
+        func key(_ i: Int) -> Bytes { b("k\(i)/" + String(repeating: "y", count: 40)) }
+        for i in 0..<5000 {
+            let k = key(i)
+            let g = groups.group(k, [])
+            groups.head[Int(g)] = 0  // a member, so the group counts as live
+            live[k] = g
+        }
+        // Remove most of them (the table shrinks and entries shift back), then check the rest.
+        for i in 0..<5000 where i % 7 != 0 {
+            let k = key(i)
+            groups.head[Int(live[k]!)] = -1
+            groups.release(live.removeValue(forKey: k)!)
+        }
+        for (k, g) in live {
+            #expect(groups.single(k) == g)
+            #expect(groups.key(g) == k)
+        }
+        #expect(groups.single(key(1)) == nil)
+        #expect(groups.count == live.count)
+        #expect(groups.arenaCompactions > 0)
+    }
+}

@@ -8,3 +8,7 @@ uint64_t alloc_count(void);
 
 /* 0 in sanitizer builds, where the allocator is not interposed (counts stay 0). */
 int alloc_count_enabled(void);
+
+/* Bytes the C library's allocator has handed out and not taken back (mallinfo2: arena chunks in
+   use plus mmapped chunks). */
+uint64_t heap_in_use(void);
