@@ -176,6 +176,24 @@ public final class TCPConnection {
     }
 
     /// Queues `bytes` for writing. The array is kept alive until libuv is done with it.
+    /// Writes what the socket takes at once straight from `bytes` (which need not outlive the
+    /// call), and queues a copy of the rest. Keeps order: with writes already queued, it queues.
+    public func write(copying bytes: UnsafeRawBufferPointer) {
+        guard !isClosed, let base = bytes.baseAddress, bytes.count > 0 else { return }
+        var written = 0
+        if queuedWriteBytes == 0 {
+            var buf = uv_buf_init(UnsafeMutablePointer(mutating: base.assumingMemoryBound(to: CChar.self)), UInt32(bytes.count))
+            let rc = uv_try_write(asStream(box.pointer), &buf, 1)
+            if rc >= 0 {
+                written = Int(rc)
+            } else if rc != UV_EAGAIN.rawValue {
+                close()
+                return
+            }
+        }
+        if written < bytes.count { write(Array(bytes[written...])) }
+    }
+
     public func write(_ bytes: [UInt8]) {
         guard !isClosed, !bytes.isEmpty else { return }
         let req = UnsafeMutablePointer<uv_write_t>.allocate(capacity: 1)

@@ -74,6 +74,8 @@ public final class ServerCall {
     public let timeoutMs: UInt64?
     let stream: Int32
     weak var connection: GRPCConnection?
+    /// The response body's queue, once the headers went out.
+    private var queue: HTTP2Session.StreamQueue?
     var framer: MessageFramer
     var headersSent = false
     public private(set) var isFinished = false
@@ -106,12 +108,9 @@ public final class ServerCall {
     /// Sends one response message.
     public func send(_ message: [UInt8]) {
         guard !isFinished, let c = connection else { return }
-        if !headersSent {
-            headersSent = true
-            c.session.respond(stream, headers: GRPCConnection.responseHeaders, endStream: false)
-        }
+        guard let q = responseQueue(c) else { return }
         // The prefix and the payload go as two chunks, so a payload shared by many calls is not copied here.
-        c.session.send(MessageFramer.prefix(message.count), message, on: stream)
+        c.session.send(MessageFramer.prefix(message.count), message, to: q)
         c.needsFlush()
     }
 
@@ -119,12 +118,19 @@ public final class ServerCall {
     /// for a message shared by many calls.
     public func sendFramed(_ framed: [UInt8]) {
         guard !isFinished, let c = connection else { return }
+        guard let q = responseQueue(c) else { return }
+        c.session.send(framed, to: q)
+        c.needsFlush()
+    }
+
+    /// The body queue, sending the response headers first if they have not gone yet.
+    @inline(__always)
+    private func responseQueue(_ c: GRPCConnection) -> HTTP2Session.StreamQueue? {
         if !headersSent {
             headersSent = true
-            c.session.respond(stream, headers: GRPCConnection.responseHeaders, endStream: false)
+            queue = c.session.respond(stream, headers: GRPCConnection.responseHeaders, endStream: false)
         }
-        c.session.send(framed, on: stream)
-        c.needsFlush()
+        return queue
     }
 
     /// Ends the call with a status (trailers-only if nothing was sent).
@@ -154,7 +160,7 @@ public final class ServerCall {
     }
 
     /// Bytes of responses waiting for the peer's flow-control window.
-    public var queuedBytes: Int { connection?.session.queuedBytes(stream) ?? 0 }
+    public var queuedBytes: Int { queue?.bytes ?? 0 }
 
     /// Asks for one `onDrained` call once the queued responses have gone out.
     public func notifyWhenDrained() { connection?.session.notifyWhenDrained(stream) }

@@ -52,21 +52,41 @@ public final class HTTP2Session {
         var block: HeaderBlock
     }
     /// A stream's queued body: a class, so that queuing and reading mutate it in place (a struct
-    /// in a dictionary would be copied, chunks and all, on every change).
-    private final class Outbound {
-        var chunks: [[UInt8]] = []
+    /// in a dictionary would be copied, chunks and all, on every change). `respond` hands it out
+    /// so that a caller sending many messages on one stream (a watch) reaches it without a lookup;
+    /// nghttp2's read callback finds it through the data source pointer. Its fields are touched
+    /// for every frame and only from the loop, so they skip run-time exclusivity checks.
+    public final class StreamQueue {
+        let stream: Int32
+        /// A client stream's id, set after the request is submitted.
+        var clientStream: Int32 = 0
+        var id: Int32 { stream != 0 ? stream : clientStream }
+        @exclusivity(unchecked) var chunks: [[UInt8]] = []
         /// Index of the first chunk not fully sent (chunks before it are dropped in batches).
-        var head = 0
-        var offset = 0
-        var bytes = 0
-        var trailers: [HeaderField]? = nil
-        var deferred = false
+        @exclusivity(unchecked) var head = 0
+        @exclusivity(unchecked) var offset = 0
+        /// Bytes queued that the peer's window has not let out yet (0 once the stream closed).
+        @exclusivity(unchecked) public internal(set) var bytes = 0
+        @exclusivity(unchecked) var trailers: [HeaderField]? = nil
+        @exclusivity(unchecked) var deferred = false
         /// Someone wants `streamDrained` when the queue empties.
-        var notifyDrained = false
+        @exclusivity(unchecked) var notifyDrained = false
+        /// The stream closed (or the session went away): nothing more is queued.
+        @exclusivity(unchecked) public internal(set) var closed = false
         var isEmpty: Bool { head == chunks.count }
+        init(stream: Int32) { self.stream = stream }
+
+        func close() {
+            closed = true
+            chunks = []
+            head = 0
+            offset = 0
+            bytes = 0
+        }
     }
+    private typealias Outbound = StreamQueue
     private var inbound: [Int32: Inbound] = [:]
-    private var outbound: [Int32: Outbound] = [:]
+    @exclusivity(unchecked) private var outbound: [Int32: Outbound] = [:]
     /// Set when a protocol error made the session unusable.
     public private(set) var failed = false
 
@@ -125,7 +145,7 @@ public final class HTTP2Session {
         nghttp2_session_callbacks_set_on_stream_close_callback(cbs) { _, sid, _, ud in
             let me = HTTP2Session.from(ud)
             me.inbound[sid] = nil
-            me.outbound[sid] = nil
+            me.outbound.removeValue(forKey: sid)?.close()
             me.delegate?.streamClosed(sid)
             return 0
         }
@@ -151,7 +171,10 @@ public final class HTTP2Session {
         nghttp2_session_set_local_window_size(session, UInt8(NGHTTP2_FLAG_NONE.rawValue), 0, settings.connectionWindowSize)
     }
 
-    deinit { nghttp2_session_del(session) }
+    deinit {
+        for q in outbound.values { q.close() }
+        nghttp2_session_del(session)
+    }
 
     private static func from(_ ud: UnsafeMutableRawPointer?) -> HTTP2Session {
         Unmanaged<HTTP2Session>.fromOpaque(ud!).takeUnretainedValue()
@@ -174,13 +197,19 @@ public final class HTTP2Session {
     /// Serialises all frames that may be sent now. Empty when there is nothing to send.
     public func takeOutput() -> [UInt8] {
         var out: [UInt8] = []
+        takeOutput(appendingTo: &out)
+        return out
+    }
+
+    /// Serialises all frames that may be sent now onto the end of `out` (a buffer the caller
+    /// reuses, so that a busy connection does not allocate its output on every flush).
+    public func takeOutput(appendingTo out: inout [UInt8]) {
         while true {
             var p: UnsafePointer<UInt8>?
             let n = nghttp2_session_mem_send(session, &p)
             if n <= 0 { break }
             out.append(contentsOf: UnsafeBufferPointer(start: p, count: n))
         }
-        return out
     }
 
     /// True while the session wants to keep the connection (not after GOAWAY was exchanged).
@@ -189,53 +218,76 @@ public final class HTTP2Session {
     }
 
     /// Sends response headers. With `endStream` the stream ends with them (e.g. gRPC
-    /// "trailers-only"); otherwise a body follows through `send(_:on:)` and `finish(_:trailers:)`.
-    public func respond(_ stream: Int32, headers: [HeaderField], endStream: Bool) {
+    /// "trailers-only"); otherwise a body follows through `send(_:on:)` (or `send(_:to:)` with the
+    /// queue returned here) and `finish(_:trailers:)`.
+    @discardableResult
+    public func respond(_ stream: Int32, headers: [HeaderField], endStream: Bool) -> StreamQueue? {
         Self.withNV(headers) { nva, n in
             if endStream {
                 nghttp2_submit_response(session, stream, nva, n, nil)
-            } else {
-                outbound[stream] = Outbound()
-                var provider = nghttp2_data_provider()
-                provider.read_callback = { _, sid, buf, length, flags, _, ud in
-                    HTTP2Session.from(ud).read(sid, into: buf!, length: length, flags: flags!)
-                }
-                nghttp2_submit_response(session, stream, nva, n, &provider)
+                return nil
             }
+            let q = Outbound(stream: stream)
+            outbound[stream] = q
+            var provider = Self.provider(q)
+            nghttp2_submit_response(session, stream, nva, n, &provider)
+            return q
         }
+    }
+
+    /// A data provider reading from `q` (kept alive by `outbound` while nghttp2 may call it).
+    private static func provider(_ q: Outbound) -> nghttp2_data_provider {
+        var provider = nghttp2_data_provider()
+        provider.source.ptr = Unmanaged.passUnretained(q).toOpaque()
+        provider.read_callback = { _, _, buf, length, flags, source, ud in
+            let q = Unmanaged<Outbound>.fromOpaque(source!.pointee.ptr).takeUnretainedValue()
+            return HTTP2Session.from(ud).read(q, into: buf!, length: length, flags: flags!)
+        }
+        return provider
     }
 
     /// Opens a client stream with request headers; the body follows through `send(_:on:)` and
     /// `finish(_:trailers: [])`. Returns the stream id (negative on failure).
     public func request(headers: [HeaderField]) -> Int32 {
-        var provider = nghttp2_data_provider()
-        provider.read_callback = { _, sid, buf, length, flags, _, ud in
-            HTTP2Session.from(ud).read(sid, into: buf!, length: length, flags: flags!)
-        }
+        // The stream id is known only after the submit; the queue learns it then.
+        let q = Outbound(stream: 0)
+        var provider = Self.provider(q)
         let sid = Self.withNV(headers) { nva, n in nghttp2_submit_request(session, nil, nva, n, &provider, nil) }
-        if sid > 0 { outbound[sid] = Outbound() }
+        if sid > 0 {
+            q.clientStream = sid
+            outbound[sid] = q
+        }
         return sid
     }
 
     /// Queues body bytes on a stream opened by `request` or answered with `respond(endStream: false)`.
     public func send(_ bytes: [UInt8], on stream: Int32) {
-        guard !bytes.isEmpty, let o = outbound[stream] else { return }
-        o.bytes += bytes.count
-        o.chunks.append(bytes)
-        let wasDeferred = o.deferred
-        o.deferred = false
-        if wasDeferred { nghttp2_session_resume_data(session, stream) }
+        guard let o = outbound[stream] else { return }
+        send(bytes, to: o)
     }
 
-    /// Queues two pieces of body bytes (e.g. a prefix and a shared payload) with one lookup.
-    public func send(_ first: [UInt8], _ second: [UInt8], on stream: Int32) {
-        guard let o = outbound[stream] else { return }
+    /// Queues body bytes on the stream whose queue `respond` returned (no lookup).
+    public func send(_ bytes: [UInt8], to o: StreamQueue) {
+        guard !bytes.isEmpty, !o.closed else { return }
+        o.bytes += bytes.count
+        o.chunks.append(bytes)
+        resume(o)
+    }
+
+    /// Queues two pieces of body bytes (e.g. a prefix and a shared payload).
+    public func send(_ first: [UInt8], _ second: [UInt8], to o: StreamQueue) {
+        guard !o.closed else { return }
         o.bytes += first.count + second.count
         o.chunks.append(first)
         o.chunks.append(second)
+        resume(o)
+    }
+
+    @inline(__always)
+    private func resume(_ o: Outbound) {
         if o.deferred {
             o.deferred = false
-            nghttp2_session_resume_data(session, stream)
+            nghttp2_session_resume_data(session, o.id)
         }
     }
 
@@ -243,9 +295,7 @@ public final class HTTP2Session {
     public func finish(_ stream: Int32, trailers: [HeaderField]) {
         guard let o = outbound[stream] else { return }
         o.trailers = trailers
-        let wasDeferred = o.deferred
-        o.deferred = false
-        if wasDeferred { nghttp2_session_resume_data(session, stream) }
+        resume(o)
     }
 
     /// Resets a stream (RST_STREAM) with an HTTP/2 error code.
@@ -271,9 +321,10 @@ public final class HTTP2Session {
         nghttp2_session_terminate_session(session, UInt32(NGHTTP2_NO_ERROR.rawValue))
     }
 
-    private func read(_ sid: Int32, into buf: UnsafeMutablePointer<UInt8>, length: Int,
+    private func read(_ o: Outbound, into buf: UnsafeMutablePointer<UInt8>, length: Int,
                       flags: UnsafeMutablePointer<UInt32>) -> Int {
-        guard let o = outbound[sid] else { return Int(NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE.rawValue) }
+        guard !o.closed else { return Int(NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE.rawValue) }
+        let sid = o.id
         var written = 0
         while written < length, !o.isEmpty {
             let n = o.chunks[o.head].withUnsafeBufferPointer { src in

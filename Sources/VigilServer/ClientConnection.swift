@@ -15,6 +15,8 @@ final class ClientConnection: TCPConnectionDelegate {
     private static let preface = Array("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".utf8)
     /// Stop pulling frames from nghttp2 while this many bytes wait in the socket.
     private static let writeHighWater = 4 << 20
+    /// The shared output buffer keeps up to this much capacity between flushes.
+    private static let outputKeep = 8 << 20
 
     private let tcp: TCPConnection
     private unowned let server: VigilServerCore
@@ -117,8 +119,11 @@ final class ClientConnection: TCPConnectionDelegate {
     private func flush() {
         guard case .http2(let session, _) = mode, !tcp.isClosed else { return }
         if tcp.queuedWriteBytes < Self.writeHighWater {
-            let out = session.takeOutput()
-            if !out.isEmpty { tcp.write(out) }
+            // One output buffer for every connection (all on the loop): what the socket takes at
+            // once leaves from it, and only what it does not is copied for a queued write.
+            server.output.removeAll(keepingCapacity: server.output.capacity <= Self.outputKeep)
+            session.takeOutput(appendingTo: &server.output)
+            server.output.withUnsafeBytes { tcp.write(copying: $0) }
         }
         if !session.isAlive || session.failed { tcp.close() }
     }

@@ -133,6 +133,8 @@ final class VigilServerCore {
     private var catchUpTimer: LoopTimer?
     private var progressTimer: LoopTimer?
     var metrics = ServerMetrics()
+    /// The HTTP/2 connections' shared output buffer (see `ClientConnection.flush`).
+    var output: [UInt8] = []
     private var compactionTimer: LoopTimer?
     private var autoCompactor: AutoCompactor?
 

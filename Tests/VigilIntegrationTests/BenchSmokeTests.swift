@@ -51,8 +51,13 @@ import VigilTesting
         let r = try runCommand(dir.appendingPathComponent("vigil-micro").path, ["--quick"], timeout: 300)
         #expect(r.status == 0, "\(r.stderr)")
         let lines = r.stdout.split(separator: "\n")
-        #expect(lines.count == 8, "\(r.stdout)")  // a header and seven cases
+        #expect(lines.count == 9, "\(r.stdout)")  // a header, seven cases and the watcher memory line
         #expect(lines.contains { $0.hasPrefix("watch dispatch, 1 put → 1,000 watchers") })
+        // The hub's own heap per watcher on distinct keys (10,000 of them here; the full run's
+        // million costs about 60 B). Sanitizer allocators do not report their heap.
+        let perWatcher = lines.first { $0.hasPrefix("hub heap bytes per watcher") }?.split(separator: " ").last.flatMap { Double($0) }
+        #expect(perWatcher != nil, "\(r.stdout)")
+        if sanitizerFactor == 1 { #expect((1..<100).contains(perWatcher ?? 0), "\(r.stdout)") }
         // Allocation counting works: a put into the index allocates something, a stab nothing much.
         let put = lines.first { $0.hasPrefix("put into the index") }?.split(separator: " ").last.flatMap { Double($0) } ?? 0
         #expect(put > 0 || r.stderr.contains("allocation counts are off"))
