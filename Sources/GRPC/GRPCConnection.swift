@@ -117,9 +117,15 @@ public final class ServerCall {
     /// Sends bytes that are already one framed message (length prefix included), as they are:
     /// for a message shared by many calls.
     public func sendFramed(_ framed: [UInt8]) {
-        guard !isFinished, let c = connection else { return }
-        guard let q = responseQueue(c) else { return }
-        c.session.send(framed, to: q)
+        guard !isFinished else { return }
+        if let q = queue {
+            // The common case (a watch stream): no lookup, and the connection hears of it once
+            // per flush through the session.
+            q.send(framed)
+            return
+        }
+        guard let c = connection, let q = responseQueue(c) else { return }
+        q.send(framed)
         c.needsFlush()
     }
 
@@ -216,6 +222,7 @@ public final class GRPCConnection: HTTP2SessionDelegate {
         self.maxMessageBytes = maxMessageBytes
         self.needsFlush = needsFlush
         session.delegate = self
+        session.onOutputPending = needsFlush
     }
 
     public func streamHeaders(_ stream: Int32, _ headers: [HeaderField], _ block: HeaderBlock) {

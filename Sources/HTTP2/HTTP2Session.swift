@@ -57,6 +57,8 @@ public final class HTTP2Session {
     /// nghttp2's read callback finds it through the data source pointer. Its fields are touched
     /// for every frame and only from the loop, so they skip run-time exclusivity checks.
     public final class StreamQueue {
+        /// Valid while the queue is open: the session closes its queues before it goes.
+        unowned(unsafe) let session: HTTP2Session
         let stream: Int32
         /// A client stream's id, set after the request is submitted.
         var clientStream: Int32 = 0
@@ -74,7 +76,18 @@ public final class HTTP2Session {
         /// The stream closed (or the session went away): nothing more is queued.
         @exclusivity(unchecked) public internal(set) var closed = false
         var isEmpty: Bool { head == chunks.count }
-        init(stream: Int32) { self.stream = stream }
+        init(session: HTTP2Session, stream: Int32) {
+            self.session = session
+            self.stream = stream
+        }
+
+        /// Queues body bytes (dropped once the stream closed) and tells the session's owner, once
+        /// per flush, that output is waiting.
+        public func send(_ bytes: [UInt8]) {
+            guard !closed else { return }
+            session.send(bytes, to: self)
+            session.outputPending()
+        }
 
         func close() {
             closed = true
@@ -167,6 +180,12 @@ public final class HTTP2Session {
             nghttp2_settings_entry(settings_id: Int32(NGHTTP2_SETTINGS_MAX_HEADER_LIST_SIZE.rawValue),
                                    value: settings.maxHeaderListSize),
         ]
+        if role == .server {
+            // RFC 9218 scheduling instead of RFC 7540's priority tree: nghttp2 then neither keeps
+            // closed streams for the tree nor walks it when a stream's data is resumed (a watch
+            // stream is resumed for every event). gRPC clients send no priorities.
+            iv.append(nghttp2_settings_entry(settings_id: Int32(NGHTTP2_SETTINGS_NO_RFC7540_PRIORITIES.rawValue), value: 1))
+        }
         nghttp2_submit_settings(session, UInt8(NGHTTP2_FLAG_NONE.rawValue), &iv, iv.count)
         nghttp2_session_set_local_window_size(session, UInt8(NGHTTP2_FLAG_NONE.rawValue), 0, settings.connectionWindowSize)
     }
@@ -201,9 +220,22 @@ public final class HTTP2Session {
         return out
     }
 
+    /// Called the first time output is queued through a `StreamQueue` after `takeOutput`: the
+    /// owner should flush soon.
+    public var onOutputPending: (() -> Void)?
+    private var outputSignalled = false
+
+    func outputPending() {
+        if !outputSignalled {
+            outputSignalled = true
+            onOutputPending?()
+        }
+    }
+
     /// Serialises all frames that may be sent now onto the end of `out` (a buffer the caller
     /// reuses, so that a busy connection does not allocate its output on every flush).
     public func takeOutput(appendingTo out: inout [UInt8]) {
+        outputSignalled = false
         while true {
             var p: UnsafePointer<UInt8>?
             let n = nghttp2_session_mem_send(session, &p)
@@ -227,7 +259,7 @@ public final class HTTP2Session {
                 nghttp2_submit_response(session, stream, nva, n, nil)
                 return nil
             }
-            let q = Outbound(stream: stream)
+            let q = Outbound(session: self, stream: stream)
             outbound[stream] = q
             var provider = Self.provider(q)
             nghttp2_submit_response(session, stream, nva, n, &provider)
@@ -240,8 +272,11 @@ public final class HTTP2Session {
         var provider = nghttp2_data_provider()
         provider.source.ptr = Unmanaged.passUnretained(q).toOpaque()
         provider.read_callback = { _, _, buf, length, flags, source, ud in
-            let q = Unmanaged<Outbound>.fromOpaque(source!.pointee.ptr).takeUnretainedValue()
-            return HTTP2Session.from(ud).read(q, into: buf!, length: length, flags: flags!)
+            Unmanaged<Outbound>.fromOpaque(source!.pointee.ptr)._withUnsafeGuaranteedRef { q in
+                Unmanaged<HTTP2Session>.fromOpaque(ud!)._withUnsafeGuaranteedRef { me in
+                    me.read(q, into: buf!, length: length, flags: flags!)
+                }
+            }
         }
         return provider
     }
@@ -250,7 +285,7 @@ public final class HTTP2Session {
     /// `finish(_:trailers: [])`. Returns the stream id (negative on failure).
     public func request(headers: [HeaderField]) -> Int32 {
         // The stream id is known only after the submit; the queue learns it then.
-        let q = Outbound(stream: 0)
+        let q = Outbound(session: self, stream: 0)
         var provider = Self.provider(q)
         let sid = Self.withNV(headers) { nva, n in nghttp2_submit_request(session, nil, nva, n, &provider, nil) }
         if sid > 0 {
