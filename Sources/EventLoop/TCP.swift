@@ -175,7 +175,6 @@ public final class TCPConnection {
         }
     }
 
-    /// Queues `bytes` for writing. The array is kept alive until libuv is done with it.
     /// Writes what the socket takes at once straight from `bytes` (which need not outlive the
     /// call), and queues a copy of the rest. Keeps order: with writes already queued, it queues.
     public func write(copying bytes: UnsafeRawBufferPointer) {
@@ -194,6 +193,7 @@ public final class TCPConnection {
         if written < bytes.count { write(Array(bytes[written...])) }
     }
 
+    /// Queues `bytes` for writing. The array is kept alive until libuv is done with it.
     public func write(_ bytes: [UInt8]) {
         guard !isClosed, !bytes.isEmpty else { return }
         let req = UnsafeMutablePointer<uv_write_t>.allocate(capacity: 1)

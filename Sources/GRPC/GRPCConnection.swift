@@ -214,7 +214,8 @@ public final class GRPCConnection: HTTP2SessionDelegate {
     /// - Parameters:
     ///   - route: the handler for a `:path`, or nil (answered UNIMPLEMENTED).
     ///   - maxMessageBytes: inbound messages longer than this fail with RESOURCE_EXHAUSTED.
-    ///   - needsFlush: called whenever output is waiting; the owner writes `session.takeOutput()`.
+    ///   - needsFlush: called when output is waiting (for messages on a call's stream queue, once
+    ///     per `takeOutput`); the owner then writes `session.takeOutput()`.
     public init(session: HTTP2Session, maxMessageBytes: Int, route: @escaping (String) -> ((ServerCall) -> Void)?,
                 needsFlush: @escaping () -> Void) {
         self.session = session

@@ -183,7 +183,8 @@ public final class HTTP2Session {
         if role == .server {
             // RFC 9218 scheduling instead of RFC 7540's priority tree: nghttp2 then neither keeps
             // closed streams for the tree nor walks it when a stream's data is resumed (a watch
-            // stream is resumed for every event). gRPC clients send no priorities.
+            // stream is resumed for every event). gRPC clients send no priorities; `respond`
+            // makes every response incremental so that streams share the connection fairly.
             iv.append(nghttp2_settings_entry(settings_id: Int32(NGHTTP2_SETTINGS_NO_RFC7540_PRIORITIES.rawValue), value: 1))
         }
         nghttp2_submit_settings(session, UInt8(NGHTTP2_FLAG_NONE.rawValue), &iv, iv.count)
@@ -261,6 +262,10 @@ public final class HTTP2Session {
             }
             let q = Outbound(session: self, stream: stream)
             outbound[stream] = q
+            // Response bodies take turns frame by frame (RFC 9218 "incremental"): without it a
+            // long body, a Snapshot say, would keep the connection to itself until it ended.
+            var turns = nghttp2_extpri(urgency: 3, inc: 1)
+            nghttp2_session_change_extpri_stream_priority(session, stream, &turns, 1)
             var provider = Self.provider(q)
             nghttp2_submit_response(session, stream, nva, n, &provider)
             return q

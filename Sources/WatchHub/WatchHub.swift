@@ -119,8 +119,9 @@ public final class WatchHub {
     public private(set) var delivered: Int64
     // The per-watcher tables are touched for every delivered event. Their accesses are not
     // checked for exclusivity at run time (a check costs more than the access): they are only
-    // reached from the hub's own methods, on the loop, and never across a call that could
-    // re-enter the hub.
+    // reached from the hub's own methods, on the loop. A sink may close its stream from inside a
+    // send (a failed write closes the connection); that close is held back until the dispatch or
+    // catch-up walking the tables has finished (`walking`).
     @exclusivity(unchecked) private var watchers = Watchers()
     @exclusivity(unchecked) private var groups = WatchGroups()
     /// Open streams by index (each retained until closed); closed ones leave a hole that the next
@@ -133,6 +134,9 @@ public final class WatchHub {
     private var futureStart: [Int32: Int64] = [:]
     public private(set) var stats = WatchHubStats()
     public private(set) var streamCount = 0
+    /// Set while a dispatch or catch-up walks the tables; streams closed meanwhile wait here.
+    private var walking = false
+    private var closeLater: [WatchStream] = []
 
     public init(store: KVStore, encoder: any WatchEncoder, config: WatchHubConfig = WatchHubConfig()) {
         self.store = store
@@ -182,10 +186,19 @@ public final class WatchHub {
         return s
     }
 
-    /// Frees everything the stream's watchers held.
+    /// Frees everything the stream's watchers held (at once, or when the walk in progress ends;
+    /// a closed stream is sent nothing more either way).
     public func closeStream(_ s: WatchStream) {
         guard !s.closed else { return }
         s.closed = true
+        if walking {
+            closeLater.append(s)
+            return
+        }
+        release(s)
+    }
+
+    private func release(_ s: WatchStream) {
         streamCount -= 1
         for w in s.watchers.all { remove(w, s) }
         s.watchers.removeAll()
@@ -361,12 +374,22 @@ public final class WatchHub {
 
     /// Delivers every revision up to `committed` (now durable) to the synced watchers.
     public func advance(to committed: Int64) {
-        while delivered < committed {
-            let r = delivered + 1
-            if let entry = ring.entry(r) { dispatch(entry) }
-            delivered = r
+        walk {
+            while delivered < committed {
+                let r = delivered + 1
+                if let entry = ring.entry(r) { dispatch(entry) }
+                delivered = r
+            }
         }
         ring.trim(upTo: delivered)
+    }
+
+    /// Runs `body` with closes held back, then carries them out.
+    private func walk(_ body: () -> Void) {
+        walking = true
+        body()
+        walking = false
+        while let s = closeLater.popLast() { release(s) }
     }
 
     private struct ResponseKey: Hashable {
@@ -438,6 +461,7 @@ public final class WatchHub {
             if wanted.isEmpty { return }
         }
         streams[Int(watchers.stream[Int(w)])].unsafelyUnwrapped._withUnsafeGuaranteedRef { s in
+            if s.closed { return }
             if s.sink.queuedBytes > config.streamQueueLimit {
                 park(w, s, at: entry.revision)
                 return
@@ -521,16 +545,21 @@ public final class WatchHub {
     /// else from the store in bounded steps. Slow streams are skipped until they drain.
     public func catchUp() {
         catchUpPending = false
+        walk { catchUpWalk() }
+    }
+
+    private func catchUpWalk() {
         for w in Array(unsynced.keys) {
             guard unsynced[w] != nil else { continue }  // removed by an earlier step
             let s = stream(of: w)
+            guard !s.closed else { continue }
             var budget = 4
-            while unsynced[w] != nil, budget > 0, s.sink.queuedBytes <= config.streamQueueLimit {
+            while unsynced[w] != nil, !s.closed, budget > 0, s.sink.queuedBytes <= config.streamQueueLimit {
                 budget -= 1
                 step(w, s)
             }
             // More to do and room to send: come back next turn. A full stream waits for its drain.
-            if unsynced[w] != nil {
+            if unsynced[w] != nil, !s.closed {
                 if s.sink.queuedBytes <= config.streamQueueLimit {
                     catchUpPending = true
                 } else {

@@ -156,13 +156,21 @@ struct WatchGroups {
         }
     }
 
-    private static func lengthPrefix(_ n: Int) -> Int { n < 0x80 ? 1 : n < 0x4000 ? 2 : n < 0x20_0000 ? 3 : 5 }
+    private static func lengthPrefix(_ n: Int) -> Int {
+        var bytes = 1, rest = n >> 7
+        while rest > 0 {
+            bytes += 1
+            rest >>= 7
+        }
+        return bytes
+    }
 
     /// Whether a key of `n` bytes still fits in the arena (dead keys are dropped first if need be).
     mutating func hasRoom(_ n: Int) -> Bool {
         let need = n + Self.lengthPrefix(n)
         if arena.count + need <= Self.maxArenaBytes { return true }
         compactArena()
+        arenaCompactions += 1
         return arena.count + need <= Self.maxArenaBytes
     }
 

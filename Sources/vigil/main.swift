@@ -1,5 +1,7 @@
 import ArgumentParser
+#if os(Linux)
 import CMalloc
+#endif
 import EtcdAPI
 import EventLoop
 import Foundation
@@ -181,7 +183,9 @@ struct VigilCommand: ParsableCommand {
         // mappings and go back to the system when freed. glibc's default raises this threshold
         // each time such a buffer is freed, after which big buffers come from the heap and leave
         // holes there that the process keeps.
+        #if os(Linux)
         mallopt(M_MMAP_THRESHOLD, 128 << 10)
+        #endif
         let logger = Logger(label: "vigil")
         logger.info("starting vigil", metadata: ["name": "\(config.name)", "data-dir": "\(config.dataDir)"])
         try VigilServer(configuration: config, logger: logger).run()

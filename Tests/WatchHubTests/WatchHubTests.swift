@@ -257,6 +257,52 @@ func texts(_ s: TestSink) -> [String] { s.messages.map { String(decoding: $0, as
         #expect(!out.last!.contains("F"))
     }
 
+    @Test func aStreamClosedFromInsideASendIsFreedAfterTheWalk() {
+        // A sink whose send closes its own stream (as a failed write closes the connection).
+        final class ClosingSink: WatchSink {
+            var messages = 0
+            var onSend: (() -> Void)?
+            var queuedBytes = 0
+            func send(_ message: [UInt8]) {
+                messages += 1
+                onSend?()
+            }
+        }
+        let h = Harness()
+        let closing = ClosingSink()
+        let s = h.hub.openStream(closing)
+        let other = TestSink()
+        let o = h.hub.openStream(other)
+        for i in 0..<50 {
+            h.hub.create(s, WatchCreate(key: b("k\(i)")))
+            h.hub.create(s, WatchCreate(key: b("k"), rangeEnd: b("l")))
+            h.hub.create(o, WatchCreate(key: b("k"), rangeEnd: b("l")))
+        }
+        closing.onSend = { [unowned hub = h.hub] in hub.closeStream(s) }
+        let before = closing.messages
+        h.put("k1", "x")  // dispatch: the first send closes the stream; nothing more goes to it
+        #expect(closing.messages == before + 1)
+        #expect(h.hub.watcherCount == 50 && h.hub.streamCount == 1)
+        #expect(texts(other).filter { $0.contains("P:k1=x") }.count == 50)
+        h.put("k2", "y")
+        #expect(closing.messages == before + 1)
+        #expect(texts(other).filter { $0.contains("P:k2=y") }.count == 50)
+
+        // The same during catch-up: watchers replaying history on a stream that closes.
+        let late = ClosingSink()
+        let l = h.hub.openStream(late)
+        for _ in 0..<20 {
+            var c = WatchCreate(key: b("k"), rangeEnd: b("l"))
+            c.startRevision = 1
+            h.hub.create(l, c)
+        }
+        late.onSend = { [unowned hub = h.hub] in hub.closeStream(l) }
+        h.hub.catchUp()
+        #expect(h.hub.watcherCount == 50 && h.hub.unsyncedCount == 0)
+        h.hub.closeStream(o)
+        #expect(h.hub.watcherCount == 0 && h.hub.groupCount == 0)
+    }
+
     @Test func closingAStreamFreesItsWatchers() {
         let h = Harness()
         let s = h.hub.openStream(TestSink())
