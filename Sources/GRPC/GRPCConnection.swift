@@ -107,32 +107,25 @@ public final class ServerCall {
 
     /// Sends one response message.
     public func send(_ message: [UInt8]) {
-        guard !isFinished, let c = connection else { return }
-        guard let q = responseQueue(c) else { return }
+        guard let q = responseQueue() else { return }
         // The prefix and the payload go as two chunks, so a payload shared by many calls is not copied here.
-        c.session.send(MessageFramer.prefix(message.count), message, to: q)
-        c.needsFlush()
+        q.send(MessageFramer.prefix(message.count))
+        q.send(message)
     }
 
     /// Sends bytes that are already one framed message (length prefix included), as they are:
     /// for a message shared by many calls.
     public func sendFramed(_ framed: [UInt8]) {
-        guard !isFinished else { return }
-        if let q = queue {
-            // The common case (a watch stream): no lookup, and the connection hears of it once
-            // per flush through the session.
-            q.send(framed)
-            return
-        }
-        guard let c = connection, let q = responseQueue(c) else { return }
-        q.send(framed)
-        c.needsFlush()
+        responseQueue()?.send(framed)
     }
 
-    /// The body queue, sending the response headers first if they have not gone yet.
+    /// The body queue, sending the response headers first if they have not gone yet. Sends on it
+    /// need no lookup, and the connection hears once per flush that output is waiting.
     @inline(__always)
-    private func responseQueue(_ c: GRPCConnection) -> HTTP2Session.StreamQueue? {
+    private func responseQueue() -> HTTP2Session.StreamQueue? {
+        guard !isFinished else { return nil }
         if !headersSent {
+            guard let c = connection else { return nil }
             headersSent = true
             queue = c.session.respond(stream, headers: GRPCConnection.responseHeaders, endStream: false)
         }

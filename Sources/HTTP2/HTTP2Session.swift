@@ -59,10 +59,8 @@ public final class HTTP2Session {
     public final class StreamQueue {
         /// Valid while the queue is open: the session closes its queues before it goes.
         unowned(unsafe) let session: HTTP2Session
-        let stream: Int32
-        /// A client stream's id, set after the request is submitted.
-        var clientStream: Int32 = 0
-        var id: Int32 { stream != 0 ? stream : clientStream }
+        /// The stream's id (a client stream's is set once its request is submitted).
+        var id: Int32
         @exclusivity(unchecked) var chunks: [[UInt8]] = []
         /// Index of the first chunk not fully sent (chunks before it are dropped in batches).
         @exclusivity(unchecked) var head = 0
@@ -78,7 +76,7 @@ public final class HTTP2Session {
         var isEmpty: Bool { head == chunks.count }
         init(session: HTTP2Session, stream: Int32) {
             self.session = session
-            self.stream = stream
+            self.id = stream
         }
 
         /// Queues body bytes (dropped once the stream closed) and tells the session's owner, once
@@ -294,7 +292,7 @@ public final class HTTP2Session {
         var provider = Self.provider(q)
         let sid = Self.withNV(headers) { nva, n in nghttp2_submit_request(session, nil, nva, n, &provider, nil) }
         if sid > 0 {
-            q.clientStream = sid
+            q.id = sid
             outbound[sid] = q
         }
         return sid
@@ -311,15 +309,6 @@ public final class HTTP2Session {
         guard !bytes.isEmpty, !o.closed else { return }
         o.bytes += bytes.count
         o.chunks.append(bytes)
-        resume(o)
-    }
-
-    /// Queues two pieces of body bytes (e.g. a prefix and a shared payload).
-    public func send(_ first: [UInt8], _ second: [UInt8], to o: StreamQueue) {
-        guard !o.closed else { return }
-        o.bytes += first.count + second.count
-        o.chunks.append(first)
-        o.chunks.append(second)
         resume(o)
     }
 
