@@ -26,55 +26,92 @@ let package = Package(
 
         // Thin Swift over C.
         .target(name: "EventLoop", dependencies: ["CLibUV"]),
-        .target(name: "HTTP2", dependencies: ["CNghttp2"]),
-        .target(name: "HTTP1", dependencies: ["CHTTPParser"]),
+        .target(name: "HTTPCore"),
+        .target(name: "HTTP2", dependencies: ["CNghttp2", "HTTPCore"]),
+        .target(name: "HTTP1", dependencies: ["CHTTPParser", "HTTPCore"]),
         .target(name: "LMDBBackend", dependencies: ["CLMDB", "MVCC"]),
         .target(name: "Passwords", dependencies: ["CCrypt"]),
 
-        // Deterministic core: no C, no protobuf, no clock.
+        // Deterministic core: no C, no protobuf, no clock of its own.
+        .target(name: "VigilCore"),
         .target(name: "IntervalTree"),
         .target(name: "MVCC"),
-        .target(name: "WatchHub", dependencies: ["MVCC", "IntervalTree"]),
+        .target(name: "WatchHub", dependencies: ["MVCC", "IntervalTree", "VigilCore"]),
+        .target(name: "Lease", dependencies: ["VigilCore"]),
+        .target(name: "Auth", dependencies: ["VigilCore"]),
 
         // Protocol layers.
-        .target(name: "GRPC", dependencies: ["HTTP2"]),
+        .target(name: "GRPC", dependencies: ["HTTP2", "VigilCore"]),
         .target(name: "EtcdProto", dependencies: [.product(name: "SwiftProtobuf", package: "swift-protobuf")]),
-        .target(name: "EtcdAPI", dependencies: ["EtcdProto", "MVCC", "GRPC", "WatchHub", "Passwords",
-                                                .product(name: "SwiftProtobuf", package: "swift-protobuf")]),
+        .target(
+            name: "EtcdAPI",
+            dependencies: [
+                "EtcdProto", "MVCC", "GRPC", "WatchHub", "Lease", "Auth", "VigilCore",
+                .product(name: "SwiftProtobuf", package: "swift-protobuf"),
+            ]),
+        .target(
+            name: "Gateway",
+            dependencies: [
+                "EtcdAPI", "EtcdProto", "HTTPCore", "MVCC", "WatchHub", "VigilCore",
+                .product(name: "SwiftProtobuf", package: "swift-protobuf"),
+            ]),
 
         // Wiring and the executable.
-        .target(name: "VigilServer", dependencies: ["EtcdAPI", "WatchHub", "EventLoop", "HTTP1", "HTTP2", "GRPC", "LMDBBackend",
-                                                    "MVCC", .product(name: "Logging", package: "swift-log")]),
-        .executableTarget(name: "vigil", dependencies: ["VigilServer", "EventLoop", "CMalloc",
-                                                        .product(name: "ArgumentParser", package: "swift-argument-parser"),
-                                                        .product(name: "Logging", package: "swift-log")]),
-        .target(name: "VigilClient", dependencies: ["EventLoop", "HTTP2", "GRPC", "EtcdProto",
-                                                    .product(name: "SwiftProtobuf", package: "swift-protobuf")]),
-        .target(name: "VigilTesting", dependencies: ["VigilClient", "EventLoop", "GRPC", "HTTP2",
-                                                     .product(name: "SwiftProtobuf", package: "swift-protobuf")]),
+        .target(
+            name: "VigilServer",
+            dependencies: [
+                "EtcdAPI", "Gateway", "Auth", "Passwords", "WatchHub", "EventLoop", "HTTPCore", "HTTP1", "HTTP2",
+                "GRPC", "LMDBBackend", "MVCC", "VigilCore", .product(name: "Logging", package: "swift-log"),
+            ]),
+        .executableTarget(
+            name: "vigil",
+            dependencies: [
+                "VigilServer", "EventLoop", "CMalloc",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
+            ]),
+        .target(
+            name: "VigilClient",
+            dependencies: [
+                "EventLoop", "HTTP2", "GRPC", "EtcdProto", .product(name: "SwiftProtobuf", package: "swift-protobuf"),
+            ]),
+        .target(
+            name: "VigilTesting",
+            dependencies: [
+                "VigilClient", "EventLoop", "GRPC", "HTTP2", "VigilCore",
+                .product(name: "SwiftProtobuf", package: "swift-protobuf"),
+            ]),
 
         // The load generator (Benchmarks/, not part of the tests).
-        .executableTarget(name: "vigil-bench", dependencies: ["VigilClient", "EventLoop", "GRPC", "EtcdProto",
-                                                              .product(name: "ArgumentParser", package: "swift-argument-parser")],
-                          path: "Benchmarks/vigil-bench"),
+        .executableTarget(
+            name: "vigil-bench",
+            dependencies: [
+                "VigilClient", "EventLoop", "GRPC", "EtcdProto",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ], path: "Benchmarks/vigil-bench"),
 
         // Micro-benchmarks of the hot paths with allocation counts (the C target counts them).
         .target(name: "CAllocCount", path: "Benchmarks/CAllocCount"),
-        .executableTarget(name: "vigil-micro",
-                          dependencies: ["CAllocCount", "EtcdAPI", "WatchHub", "IntervalTree", "MVCC", "LMDBBackend"],
-                          path: "Benchmarks/micro"),
+        .executableTarget(
+            name: "vigil-micro",
+            dependencies: ["CAllocCount", "EtcdAPI", "WatchHub", "IntervalTree", "MVCC", "LMDBBackend"],
+            path: "Benchmarks/micro"),
 
         // Fuzzing (scripts/fuzz.sh): the harness, and its libFuzzer entry point / corpus replayer.
-        .target(name: "FuzzHarness", dependencies: ["VigilServer", "VigilTesting", "GRPC", .product(name: "Logging", package: "swift-log")]),
+        .target(
+            name: "FuzzHarness",
+            dependencies: ["VigilServer", "VigilTesting", "GRPC", .product(name: "Logging", package: "swift-log")]),
         .executableTarget(name: "vigil-fuzz", dependencies: ["FuzzHarness"], path: "Fuzz"),
 
         // Examples (each runnable, with a README).
-        .executableTarget(name: "EmbeddedExample", dependencies: ["VigilServer"], path: "Examples/embedded",
-                          exclude: ["README.md"]),
-        .executableTarget(name: "ConfigPushExample",
-                          dependencies: ["VigilServer", "VigilClient", "EventLoop", "GRPC", "EtcdProto",
-                                         .product(name: "ArgumentParser", package: "swift-argument-parser")],
-                          path: "Examples/config-push", exclude: ["README.md"]),
+        .executableTarget(
+            name: "EmbeddedExample", dependencies: ["VigilServer"], path: "Examples/embedded", exclude: ["README.md"]),
+        .executableTarget(
+            name: "ConfigPushExample",
+            dependencies: [
+                "VigilServer", "VigilClient", "EventLoop", "GRPC", "EtcdProto",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ], path: "Examples/config-push", exclude: ["README.md"]),
 
         .testTarget(name: "MVCCTests", dependencies: ["MVCC"]),
         .testTarget(name: "WatchHubTests", dependencies: ["WatchHub", "IntervalTree", "MVCC"]),

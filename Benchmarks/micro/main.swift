@@ -71,7 +71,7 @@ if wants("tree") {
 
 // Event encoding: one put event and the framed WatchResponse around it.
 if wants("encode") {
-    let encoder = ProtoWatchEncoder(identity: MemberIdentity(clusterID: 1, memberID: 2, name: "m", peerURLs: [], clientURLs: []))
+    let encoder = GRPCWatchEncoder(identity: MemberIdentity(clusterID: 1, memberID: 2, name: "m", peerURLs: [], clientURLs: []))
     let event = Event(kind: .put, kv: KeyValue(key: key(1), createRevision: 2, modRevision: 9, version: 3, value: value),
                       prevKV: KeyValue(key: key(1), createRevision: 2, modRevision: 8, version: 2, value: value))
     measure("event encode + response frame", iterations: 500_000) { _ in
@@ -102,22 +102,24 @@ if wants("index") {
 // Watch dispatch: one put delivered to 1,000 watchers on one prefix (a sink that drops bytes).
 if wants("dispatch") {
     final class NullSink: WatchSink {
+        let encoder: any WatchEncoder
         var sent = 0
+        init(_ encoder: any WatchEncoder) { self.encoder = encoder }
         func send(_ message: [UInt8]) { sent += 1 }
         var queuedBytes: Int { 0 }
     }
     let store = KVStore()
-    let encoder = ProtoWatchEncoder(identity: MemberIdentity(clusterID: 1, memberID: 2, name: "m", peerURLs: [], clientURLs: []))
-    let hub = WatchHub(store: store, encoder: encoder)
-    let sinks = (0..<1000).map { _ in NullSink() }
+    let encoder = GRPCWatchEncoder(identity: MemberIdentity(clusterID: 1, memberID: 2, name: "m", peerURLs: [], clientURLs: []))
+    let hub = WatchHub(store: store)
+    let sinks = (0..<1000).map { _ in NullSink(encoder) }
     for s in sinks { hub.create(hub.openStream(s), WatchCreate(key: Array("key/".utf8), rangeEnd: Array("key0".utf8))) }
+    // Through the store, as in the server: the write's end puts its events in the hub's ring,
+    // and marking it durable delivers them.
     measure("watch dispatch, 1 put → 1,000 watchers", iterations: 20_000) { i in
         let t = store.beginWrite()
         t.put(key(i % 1000), value: value, lease: 0)
-        let events = t.end()
-        hub.publish(events, revision: t.revision)
+        t.end()
         store.markCommitted(t.revision)
-        hub.advance(to: t.revision)
     }
     precondition(sinks[0].sent > 0)
 }
@@ -127,13 +129,17 @@ if wants("dispatch") {
 var memoryLines: [String] = []
 if wants("memory") {
     final class NullSink: WatchSink {
+        let encoder: any WatchEncoder
+        init(_ encoder: any WatchEncoder) { self.encoder = encoder }
         func send(_ message: [UInt8]) {}
         var queuedBytes: Int { 0 }
     }
     func heapInUse() -> Int { Int(heap_in_use()) }
-    let hub = WatchHub(store: KVStore(), encoder: ProtoWatchEncoder(identity: MemberIdentity(clusterID: 1, memberID: 2, name: "m", peerURLs: [], clientURLs: [])))
+    let store = KVStore()
+    let hub = WatchHub(store: store)
+    let encoder = GRPCWatchEncoder(identity: MemberIdentity(clusterID: 1, memberID: 2, name: "m", peerURLs: [], clientURLs: []))
     let streamCount = quick ? 100 : 10_000
-    let streams = (0..<streamCount).map { _ in hub.openStream(NullSink()) }
+    let streams = (0..<streamCount).map { _ in hub.openStream(NullSink(encoder)) }
     for (i, s) in streams.enumerated() { hub.create(s, WatchCreate(key: Array("k/\(i)/0".utf8))) }
     let before = heapInUse()
     for w in 1..<100 {

@@ -8,15 +8,10 @@ public final class Alarms {
     private let memberID: UInt64
     public private(set) var active: [Etcdserverpb_AlarmMember] = []
 
-    init(store: KVStore, memberID: UInt64) {
+    /// - Parameter restoring: the backend's meta entries: the alarms a previous run left active.
+    init(store: KVStore, memberID: UInt64, restoring meta: [String: Int64]) {
         self.store = store
         self.memberID = memberID
-    }
-
-    private static func name(_ t: Etcdserverpb_AlarmType) -> String { "alarm/\(t)" }
-
-    /// Restores the alarms a previous run left active.
-    func restore(_ meta: [String: Int64]) {
         for t in [Etcdserverpb_AlarmType.nospace, .corrupt] {
             if let m = meta[Self.name(t)] {
                 var a = Etcdserverpb_AlarmMember()
@@ -26,6 +21,8 @@ public final class Alarms {
             }
         }
     }
+
+    private static func name(_ t: Etcdserverpb_AlarmType) -> String { "alarm/\(t)" }
 
     public func isActive(_ t: Etcdserverpb_AlarmType) -> Bool { active.contains { $0.alarm == t } }
 

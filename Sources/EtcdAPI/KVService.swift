@@ -1,6 +1,7 @@
 import EtcdProto
 import Foundation
 import MVCC
+import VigilCore
 
 public typealias RangeRequest = Etcdserverpb_RangeRequest
 public typealias RangeResponse = Etcdserverpb_RangeResponse
@@ -15,11 +16,13 @@ public typealias ResponseOp = Etcdserverpb_ResponseOp
 public typealias Compare = Etcdserverpb_Compare
 
 extension Data {
-    @inline(__always) var bytes: Bytes { Bytes(self) }
+    /// The bytes, as the store's keys and values are.
+    @inline(__always) public var bytes: Bytes { Bytes(self) }
 }
 
 extension KeyValue {
-    var proto: Mvccpb_KeyValue {
+    /// As etcd's `mvccpb.KeyValue`.
+    public var proto: Mvccpb_KeyValue {
         var p = Mvccpb_KeyValue()
         p.key = Data(key)
         p.createRevision = createRevision
@@ -31,14 +34,31 @@ extension KeyValue {
     }
 }
 
+extension Event {
+    /// As etcd's `mvccpb.Event`, with the previous key-value if asked for and known.
+    public func proto(prevKV: Bool) -> Mvccpb_Event {
+        var e = Mvccpb_Event()
+        e.type = kind == .put ? .put : .delete
+        e.kv = kv.proto
+        if prevKV, let p = self.prevKV { e.prevKv = p.proto }
+        return e
+    }
+}
+
 /// The KV service's semantics (etcd's apply layer): validation, range post-processing,
 /// transactions with compares, and compaction. Handlers are synchronous; the caller sends
-/// responses once `ServerContext.gate` says the revision they observed is durable.
+/// responses once `ServerContext.commits` says the revision they observed is durable. Writes reach
+/// watchers through the store (`StoreObserver`), not from here.
 public final class KVService {
     let ctx: ServerContext
     var store: KVStore { ctx.store }
+    private let leaseExists: (Int64) -> Bool
 
-    public init(context: ServerContext) { self.ctx = context }
+    /// - Parameter leaseExists: whether a lease is alive (the lessor's answer).
+    init(context: ServerContext, leaseExists: @escaping (Int64) -> Bool) {
+        ctx = context
+        self.leaseExists = leaseExists
+    }
 
     // MARK: Range
 
@@ -127,7 +147,7 @@ public final class KVService {
         if r.ignoreValue || r.ignoreLease {
             if txn.get(r.key.bytes) == nil { throw .keyNotFound }
         }
-        if r.lease != 0 && !ctx.leaseExists(r.lease) { throw .leaseNotFound }
+        if r.lease != 0 && !leaseExists(r.lease) { throw .leaseNotFound }
     }
 
     private func applyPut(_ r: PutRequest, _ txn: WriteTxn) -> PutResponse {
@@ -170,14 +190,10 @@ public final class KVService {
         return (resp, rev)
     }
 
-    /// Ends a write transaction, publishes its events, and returns the revision the response reports.
+    /// Ends a write transaction (the store tells its observers) and returns the revision the
+    /// response reports.
     private func end(_ txn: WriteTxn) -> Int64 {
-        let events = txn.end()
-        if !events.isEmpty {
-            ctx.gate.published(events, revision: txn.revision)
-            return txn.revision
-        }
-        return store.currentRevision
+        txn.end().isEmpty ? store.currentRevision : txn.revision
     }
 
     // MARK: Txn

@@ -1,5 +1,9 @@
+import Auth
+import GRPC
 import EtcdProto
 import MVCC
+import VigilCore
+import WatchHub
 
 /// Identity of this single-member cluster, as it appears in every response header.
 public struct MemberIdentity: Sendable {
@@ -10,8 +14,10 @@ public struct MemberIdentity: Sendable {
     public var peerURLs: [String]
     public var clientURLs: [String]
 
-    public init(clusterID: UInt64, memberID: UInt64, raftTerm: UInt64 = 2, name: String, peerURLs: [String],
-                clientURLs: [String]) {
+    public init(
+        clusterID: UInt64, memberID: UInt64, raftTerm: UInt64 = 2, name: String, peerURLs: [String],
+        clientURLs: [String]
+    ) {
         self.clusterID = clusterID
         self.memberID = memberID
         self.raftTerm = raftTerm
@@ -32,20 +38,24 @@ public struct Limits: Sendable {
     public var maxReceiveMessageBytes: Int { maxRequestBytes + 512 * 1024 }
 }
 
-/// Where writes wait to become durable. The server runs one group commit per loop turn and calls
-/// back in revision order once the backend has fsynced.
+/// Where answers wait for durability. The server runs one group commit per loop turn and calls
+/// back in revision order once the backend has fsynced. (Watchers need no call here: the store
+/// tells them, see `StoreObserver`.)
 public protocol CommitGate: AnyObject {
     /// Runs `body` on the loop once every revision up to `revision` is durable (at once if it is).
     func whenDurable(_ revision: Int64, _ body: @escaping () -> Void)
     /// Runs `body` on the loop once everything written so far, revisions or not (e.g. lease
     /// records), is durable.
     func whenFlushed(_ body: @escaping () -> Void)
-    /// Called after each write transaction that changed something (event fan-out hooks here).
-    func published(_ events: [Event], revision: Int64)
 }
 
-/// The backend operations Maintenance needs; each runs off the loop and calls back on it.
+/// The backend as Maintenance sees it: its sizes, and copies that run off the loop and call back
+/// on it.
 public protocol MaintenanceBackend: AnyObject {
+    /// Size of the backend file in bytes (as of the last commit).
+    var dbSize: Int64 { get }
+    /// Bytes of the backend holding data (free pages excluded).
+    var dbSizeInUse: Int64 { get }
     func defragment(_ done: @escaping ((any Error)?) -> Void)
     func hash(_ done: @escaping (Result<UInt32, any Error>) -> Void)
     /// Writes a consistent copy of the store to a temporary file and gives its path (the caller
@@ -53,36 +63,86 @@ public protocol MaintenanceBackend: AnyObject {
     func snapshot(_ done: @escaping (Result<String, any Error>) -> Void)
 }
 
-/// Shared state of the services: store, identity, limits, commit gate.
+/// What a previous run left in the backend outside the key space: meta entries (leases, alarms,
+/// the auth flag and revision) and named blobs (auth users and roles).
+public struct RestoredState: Sendable {
+    public var meta: [String: Int64]
+    public var blobs: [String: [UInt8]]
+    public init(meta: [String: Int64] = [:], blobs: [String: [UInt8]] = [:]) {
+        self.meta = meta
+        self.blobs = blobs
+    }
+}
+
+/// Everything the services are built from, given at once (nothing is plugged in afterwards).
+public struct ServerDependencies {
+    public var store: KVStore
+    public var identity: MemberIdentity
+    public var limits: Limits
+    /// `--quota-backend-bytes`, already defaulted.
+    public var quotaBytes: Int64
+    public var commits: any CommitGate
+    public var backend: any MaintenanceBackend
+    /// Measures lease TTLs and token lifetimes.
+    public var clock: any MonotonicClock
+    /// Wall-clock milliseconds at start (etcd's lease ID generator seeds from it).
+    public var wallClockMilliseconds: Int64
+    /// Runs slow work (password hashing) off the loop.
+    public var offload: Offload
+    public var hasher: any PasswordHasher
+    public var restored: RestoredState
+    public var watch: WatchHubConfig
+    public var auth: AuthConfig
+
+    public init(
+        store: KVStore, identity: MemberIdentity, limits: Limits = Limits(), quotaBytes: Int64 = 2 << 30,
+        commits: any CommitGate, backend: any MaintenanceBackend, clock: any MonotonicClock,
+        wallClockMilliseconds: Int64, offload: @escaping Offload, hasher: any PasswordHasher,
+        restored: RestoredState = RestoredState(), watch: WatchHubConfig = WatchHubConfig(),
+        auth: AuthConfig = AuthConfig()
+    ) {
+        self.store = store
+        self.identity = identity
+        self.limits = limits
+        self.quotaBytes = quotaBytes
+        self.commits = commits
+        self.backend = backend
+        self.clock = clock
+        self.wallClockMilliseconds = wallClockMilliseconds
+        self.offload = offload
+        self.hasher = hasher
+        self.restored = restored
+        self.watch = watch
+        self.auth = auth
+    }
+}
+
+/// State the services share: store, identity, limits, durability, backend, alarms.
 public final class ServerContext {
     public let store: KVStore
     public let identity: MemberIdentity
     public let limits: Limits
-    public unowned let gate: any CommitGate
-    /// Tells whether a lease exists (a lessor plugs in here; without one, no lease exists).
-    public var leaseExists: (Int64) -> Bool = { _ in false }
-    /// Size of the backend file in bytes (as of the last commit).
-    public var dbSize: () -> Int64 = { 0 }
-    /// Bytes of the backend holding data (free pages excluded).
-    public var dbSizeInUse: () -> Int64 = { 0 }
-    /// `--quota-backend-bytes` (already defaulted).
-    public var quotaBytes: Int64 = 2 << 30
-    /// Defragment, hash and snapshot, which need the backend and the thread pool.
-    public weak var maintenance: (any MaintenanceBackend)?
-    /// Runs `work` off the loop, then `done` on the loop (the server plugs in its thread pool;
-    /// without one both run at once). Password hashing goes here.
-    public var offload: (_ work: @escaping () -> Void, _ done: @escaping () -> Void) -> Void = { work, done in
-        work()
-        done()
+    public let quotaBytes: Int64
+    public let commits: any CommitGate
+    public let backend: any MaintenanceBackend
+    public let alarms: Alarms
+
+    init(_ deps: ServerDependencies) {
+        store = deps.store
+        identity = deps.identity
+        limits = deps.limits
+        quotaBytes = deps.quotaBytes
+        commits = deps.commits
+        backend = deps.backend
+        alarms = Alarms(store: deps.store, memberID: deps.identity.memberID, restoring: deps.restored.meta)
     }
-    public private(set) lazy var alarms = Alarms(store: store, memberID: identity.memberID)
 
     private var compactionWaiters: [() -> Void] = []
 
     /// Runs `body` once the compaction in progress has removed its history and that is durable
     /// (at the next flush if none is in progress): a physical Compact answers then.
     public func whenCompacted(_ body: @escaping () -> Void) {
-        if store.compactionPending { compactionWaiters.append(body) } else { gate.whenFlushed(body) }
+        if store.compactionPending { compactionWaiters.append(body) } else { commits.whenFlushed(body) }
     }
 
     /// Removes a bounded slice of compacted history (the server calls this each loop turn while
@@ -92,7 +152,7 @@ public final class ServerContext {
         guard store.compactStep(maxRevisions: maxRevisions) else { return false }
         let waiters = compactionWaiters
         compactionWaiters = []
-        for w in waiters { gate.whenFlushed(w) }
+        for w in waiters { commits.whenFlushed(w) }
         return true
     }
 
@@ -102,17 +162,10 @@ public final class ServerContext {
         guard cost > 0 else { return }
         if alarms.isActive(.corrupt) { throw .corrupt }
         if alarms.isActive(.nospace) { throw .noSpace }
-        if dbSize() + Int64(cost) > quotaBytes {
+        if backend.dbSize + Int64(cost) > quotaBytes {
             alarms.activate(.nospace)
             throw .noSpace
         }
-    }
-
-    public init(store: KVStore, identity: MemberIdentity, limits: Limits, gate: any CommitGate) {
-        self.store = store
-        self.identity = identity
-        self.limits = limits
-        self.gate = gate
     }
 
     /// A full response header at `revision`.
@@ -123,5 +176,18 @@ public final class ServerContext {
         h.raftTerm = identity.raftTerm
         h.revision = revision
         return h
+    }
+}
+
+extension EtcdError {
+    /// The status a gRPC call ends with for this error.
+    public var status: GRPCStatus { GRPCStatus(code.grpcCode, message, cause: self) }
+
+    /// The etcd error for a store error.
+    public static func from(_ e: MVCCError) -> EtcdError {
+        switch e {
+        case .compacted: .compacted
+        case .futureRevision: .futureRevision
+        }
     }
 }

@@ -1,13 +1,16 @@
+import Auth
 import EtcdProto
 import Foundation
 import GRPC
 import MVCC
 import SwiftProtobuf
+import VigilCore
 import WatchHub
 
-/// Encodes watch responses. Events go through SwiftProtobuf once each; the response around them is
-/// written by hand (field numbers from rpc.proto) so that encoded events are reused as they are.
-public final class ProtoWatchEncoder: WatchEncoder {
+/// Encodes watch responses for gRPC streams: a `WatchResponse` in gRPC's message framing. Events
+/// go through SwiftProtobuf once each; the response around them is written by hand (field numbers
+/// from rpc.proto) so that encoded events are reused as they are.
+public final class GRPCWatchEncoder: WatchEncoder {
     private let headerPrefix: [UInt8]  // cluster_id, member_id (fields 1, 2)
     private let raftTerm: UInt64
 
@@ -20,11 +23,7 @@ public final class ProtoWatchEncoder: WatchEncoder {
     }
 
     public func encode(_ event: Event, prevKV: Bool) -> [UInt8] {
-        var e = Mvccpb_Event()
-        e.type = event.kind == .put ? .put : .delete
-        e.kv = event.kv.proto
-        if prevKV, let p = event.prevKV { e.prevKv = p.proto }
-        return (try? e.serializedBytes()) ?? []
+        (try? event.proto(prevKV: prevKV).serializedBytes()) ?? []
     }
 
     public func response(_ f: ResponseFields, events: [[UInt8]]) -> [UInt8] {
@@ -66,63 +65,69 @@ public final class ProtoWatchEncoder: WatchEncoder {
     }
 }
 
-/// A gRPC call as a watch sink.
+/// A gRPC call as a watch sink: responses go out as they were encoded (already framed).
 final class CallSink: WatchSink {
     let call: ServerCall
-    init(_ call: ServerCall) { self.call = call }
+    let encoder: any WatchEncoder
+    init(_ call: ServerCall, encoder: any WatchEncoder) {
+        self.call = call
+        self.encoder = encoder
+    }
     func send(_ message: [UInt8]) { call.sendFramed(message) }
     var queuedBytes: Int { call.queuedBytes }
     func notifyWhenDrained() { call.notifyWhenDrained() }
 }
 
-/// The Watch service: one bidirectional stream per call, carrying many watchers.
+/// The Watch service: one stream per call (or gateway request), carrying many watchers. The hub
+/// does the work; this checks permissions and turns requests into hub calls.
 public final class WatchService {
     public let hub: WatchHub
-    private var streams: [ObjectIdentifier: WatchStream] = [:]
     let auth: AuthStore
+    /// The gRPC calls' encoder, shared by all of them (so they share encoded responses).
+    let grpcEncoder: GRPCWatchEncoder
 
     init(context: ServerContext, config: WatchHubConfig, auth: AuthStore) {
         self.auth = auth
-        hub = WatchHub(store: context.store, encoder: ProtoWatchEncoder(identity: context.identity), config: config)
+        hub = WatchHub(store: context.store, config: config)
+        grpcEncoder = GRPCWatchEncoder(identity: context.identity)
     }
 
-    /// All open streams (for periodic progress notifications).
-    public var openStreams: [WatchStream] { Array(streams.values) }
-
-    /// Opens a watch stream answering through `sink` (a gRPC call, or the JSON gateway).
     /// Opens a watch stream answering through `sink` (a gRPC call, or the JSON gateway); `token`
-    /// is the stream's auth token, checked at each create.
-    func open(_ sink: any WatchSink, token: String?) -> WatchSession {
-        let stream = hub.openStream(sink)
-        streams[ObjectIdentifier(stream)] = stream
-        return WatchSession(service: self, stream: stream, token: token)
+    /// is the stream's auth token, checked at each create. The session lives until `close()`.
+    public func open(_ sink: any WatchSink, token: String?) -> WatchSession {
+        WatchSession(service: self, stream: hub.openStream(sink), token: token)
+    }
+}
+
+/// A Watch call over gRPC.
+final class WatchCall: CallHandler {
+    private let session: WatchSession
+
+    init(service: WatchService, call: ServerCall) {
+        session = service.open(CallSink(call, encoder: service.grpcEncoder), token: call.token)
     }
 
-    fileprivate func close(_ stream: WatchStream) {
-        hub.closeStream(stream)
-        streams[ObjectIdentifier(stream)] = nil
+    func call(_ call: ServerCall, received message: [UInt8]) {
+        guard let req = try? Etcdserverpb_WatchRequest(serializedBytes: message) else {
+            return call.finish(EtcdError.malformedRequest.status)
+        }
+        session.receive(req)
     }
 
-    func handle(_ call: ServerCall) {
-        let session = open(CallSink(call), token: EtcdServices.token(call))
-        call.onMessage = { bytes in
-            guard let req = try? Etcdserverpb_WatchRequest(serializedBytes: bytes) else {
-                call.finish(GRPCStatus(.internal, "grpc: error unmarshalling request"))
-                return
-            }
-            session.receive(req)
-        }
-        call.onDrained = { [unowned self] in hub.streamDrained(session.stream) }
-        let previous = call.onEnded
-        call.onEnded = {
-            previous?()
-            session.close()
-        }
+    func callDrained(_ call: ServerCall) { session.drained() }
+
+    func callEnded(_ call: ServerCall) { session.close() }
+}
+
+extension EtcdServices {
+    func registerWatch() {
+        let watch = self.watch
+        stream(.watch) { call in WatchCall(service: watch, call: call) }
     }
 }
 
 /// One open watch stream: requests in, responses out through its sink.
-final class WatchSession {
+public final class WatchSession {
     unowned let service: WatchService
     let stream: WatchStream
     private var closed = false
@@ -134,7 +139,8 @@ final class WatchSession {
         self.token = token
     }
 
-    func receive(_ req: Etcdserverpb_WatchRequest) {
+    /// Handles one request of the stream.
+    public func receive(_ req: Etcdserverpb_WatchRequest) {
         guard !closed else { return }
         let hub = service.hub
         switch req.requestUnion {
@@ -154,7 +160,7 @@ final class WatchSession {
                     let auth = service.auth
                     try auth.check(try auth.caller(token: token), .read, key: w.key, rangeEnd: w.rangeEnd)
                 } catch {
-                    return hub.reject(stream, reason: error.message)
+                    return hub.reject(stream, error)
                 }
             }
             hub.create(stream, w)
@@ -167,9 +173,16 @@ final class WatchSession {
         }
     }
 
-    func close() {
+    /// The stream's sink drained: parked watchers may resume.
+    public func drained() {
+        guard !closed else { return }
+        service.hub.streamDrained(stream)
+    }
+
+    /// Ends the stream: its watchers go.
+    public func close() {
         guard !closed else { return }
         closed = true
-        service.close(stream)
+        service.hub.closeStream(stream)
     }
 }

@@ -23,7 +23,9 @@ func check(_ status: Int32) throws -> Int32 {
 /// Each loop turn ends with the "before sleep" hooks (a `uv_prepare` handle): subsystems gather
 /// work during the turn and flush it there once, as redis's `beforeSleep` does.
 public final class EventLoop {
-    public let raw: UnsafeMutablePointer<uv_loop_t>
+    let raw: UnsafeMutablePointer<uv_loop_t>
+    /// The thread that runs the loop (the creating one until `run` is first called).
+    private var owner = pthread_self()
     private let prepare = UnsafeMutablePointer<uv_prepare_t>.allocate(capacity: 1)
     private var beforeSleepHooks: [() -> Void] = []
     private var pendingOnce: [() -> Void] = []
@@ -52,14 +54,26 @@ public final class EventLoop {
 
     /// Runs until `stop()` or until nothing keeps the loop alive.
     public func run() {
+        owner = pthread_self()
         startPrepare()
         uv_run(raw, UV_RUN_DEFAULT)
     }
 
     /// Runs one turn, waiting for I/O if nothing is ready (for blocking test clients).
     public func runOnce() {
+        owner = pthread_self()
         startPrepare()
         uv_run(raw, UV_RUN_ONCE)
+    }
+
+    /// Whether the caller is on the loop's thread.
+    public var inLoop: Bool { pthread_equal(pthread_self(), owner) != 0 }
+
+    /// Traps in debug builds when called off the loop's thread (loop-confined state is touched
+    /// only from the loop; see `LoopBound`). Free in release builds.
+    @inline(__always)
+    public func assertInLoop(file: StaticString = #fileID, line: UInt = #line) {
+        assert(inLoop, "touched off its event loop's thread", file: file, line: line)
     }
 
     /// Runs turns until `done()` or until `seconds` pass, for programs that drive the loop

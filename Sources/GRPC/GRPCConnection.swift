@@ -64,6 +64,49 @@ public struct MessageFramer {
     }
 }
 
+/// What happens to a call, told to the handler that owns it. A call has exactly one handler, set
+/// by the router when the call opens and kept until `callEnded`; cross-cutting concerns (metrics,
+/// deadlines) wrap the handler rather than replace its callbacks.
+///
+/// Events arrive on the loop, in order: messages, then at most one half-close, and `callEnded`
+/// last, exactly once (whether we finished the call or the peer cancelled it). Drains come only
+/// after `notifyWhenDrained()`.
+public protocol CallHandler: AnyObject {
+    /// A request message arrived.
+    func call(_ call: ServerCall, received message: [UInt8])
+    /// The client half-closed: no more messages will come.
+    func callHalfClosed(_ call: ServerCall)
+    /// The responses queued so far have gone to the framing layer (after `notifyWhenDrained()`).
+    func callDrained(_ call: ServerCall)
+    /// The call is over: `call.finalStatus` says how (a status we sent, or cancelled).
+    func callEnded(_ call: ServerCall)
+}
+
+extension CallHandler {
+    public func callHalfClosed(_ call: ServerCall) {}
+    public func callDrained(_ call: ServerCall) {}
+    public func callEnded(_ call: ServerCall) {}
+}
+
+/// Makes the handler of a call on a method path, or nil for an unknown path (UNIMPLEMENTED).
+public typealias CallRouter = (_ path: String) -> ((ServerCall) -> any CallHandler)?
+
+/// Why the gRPC layer itself failed a call (the `cause` of its status).
+public enum GRPCCallError: Error, Sendable, Equatable {
+    case unknownMethod(String)
+    case compressed
+    case messageTooLarge(Int, max: Int)
+
+    public var status: GRPCStatus {
+        switch self {
+        case .unknownMethod(let path): GRPCStatus(.unimplemented, "unknown method \(path)", cause: self)
+        case .compressed: GRPCStatus(.unimplemented, "grpc: compressed messages are not supported", cause: self)
+        case .messageTooLarge(let n, let max):
+            GRPCStatus(.resourceExhausted, "grpc: received message larger than max (\(n) vs. \(max))", cause: self)
+        }
+    }
+}
+
 /// One gRPC call on the server: its inbound messages and outbound responses.
 /// Everything here happens on the loop.
 public final class ServerCall {
@@ -79,21 +122,15 @@ public final class ServerCall {
     var framer: MessageFramer
     var headersSent = false
     public private(set) var isFinished = false
+    /// The status the call ended with (cancelled if the peer ended it).
+    public private(set) var finalStatus: GRPCStatus?
+    /// The call's handler, from open to end.
+    var handler: (any CallHandler)?
 
-    /// A request message arrived.
-    public var onMessage: (([UInt8]) -> Void)?
-    /// The client half-closed (no more messages).
-    public var onHalfClose: (() -> Void)?
-    /// The call ended without `finish` from us (client cancelled, reset or connection lost).
-    public var onCancel: (() -> Void)?
-    /// All queued responses went to the framing layer (the peer's window let them out); called
-    /// once after each `notifyWhenDrained()`.
-    public var onDrained: (() -> Void)?
-    /// The call ended, either way (kept by the server for deadline timers).
-    public var onEnded: (() -> Void)?
-
-    init(path: String, metadata: [HeaderField], timeoutMs: UInt64?, stream: Int32, connection: GRPCConnection,
-         maxMessageBytes: Int) {
+    init(
+        path: String, metadata: [HeaderField], timeoutMs: UInt64?, stream: Int32, connection: GRPCConnection,
+        maxMessageBytes: Int
+    ) {
         self.path = path
         self.metadata = metadata
         self.timeoutMs = timeoutMs
@@ -132,10 +169,8 @@ public final class ServerCall {
         return queue
     }
 
-    /// Ends the call with a status (trailers-only if nothing was sent).
-    /// The status the call ended with (cancelled if the peer ended it).
-    public private(set) var finalStatus: GRPCStatus?
-
+    /// Ends the call with a status (trailers-only if nothing was sent); the handler then hears
+    /// `callEnded`.
     public func finish(_ status: GRPCStatus) {
         guard !isFinished, let c = connection else { return }
         isFinished = true
@@ -148,57 +183,41 @@ public final class ServerCall {
             c.session.respond(stream, headers: GRPCConnection.responseHeaders + trailers, endStream: true)
         }
         c.needsFlush()
-        clearCallbacks()
         ended()
     }
 
     private func ended() {
-        let e = onEnded
-        onEnded = nil
-        e?()
+        let h = handler
+        handler = nil
+        h?.callEnded(self)
     }
 
     /// Bytes of responses waiting for the peer's flow-control window.
     public var queuedBytes: Int { queue?.bytes ?? 0 }
 
-    /// Asks for one `onDrained` call once the queued responses have gone out.
+    /// Asks for one `callDrained` once the queued responses have gone out.
     public func notifyWhenDrained() { connection?.session.notifyWhenDrained(stream) }
 
     /// The peer ended the call before we finished it.
     func markCancelled() {
-        let cancel = onCancel
+        guard !isFinished else { return }
         isFinished = true
-        clearCallbacks()
-        cancel?()
+        finalStatus = GRPCStatus(.cancelled, "context canceled")
         ended()
     }
-
-    func clearCallbacks() {
-        onMessage = nil
-        onHalfClose = nil
-        onCancel = nil
-        onDrained = nil
-    }
 }
 
-/// Serves non-gRPC HTTP/2 requests (e.g. the JSON gateway over h2c).
-public protocol PlainHTTP2Handler: AnyObject {
-    func handle(stream: Int32, headers: [HeaderField], body: [UInt8], session: HTTP2Session, flush: @escaping () -> Void)
-    /// A stream handed to `handle` closed (the client left, or the answer is done).
-    func streamClosed(_ stream: Int32)
-    /// A stream handed to `handle` sent everything queued (after `HTTP2Session.notifyWhenDrained`).
-    func streamDrained(_ stream: Int32)
-}
-
-/// Routes the streams of one HTTP/2 connection to gRPC handlers.
+/// Routes the streams of one HTTP/2 connection: gRPC calls (content type `application/grpc`) to
+/// handlers by `:path`; every other stream, whole, to `others` (the JSON gateway over h2c).
 public final class GRPCConnection: HTTP2SessionDelegate {
     public let session: HTTP2Session
     private var calls: [Int32: ServerCall] = [:]
-    private var plain: [Int32: (headers: [HeaderField], body: [UInt8])] = [:]
-    private let route: (String) -> ((ServerCall) -> Void)?
+    /// Streams that are not gRPC calls, forwarded to `others`.
+    private var otherStreams: Set<Int32> = []
+    private let route: CallRouter
     private let maxMessageBytes: Int
     let needsFlush: () -> Void
-    public weak var plainHandler: (any PlainHTTP2Handler)?
+    private let others: (any HTTP2SessionDelegate)?
     /// Number of calls currently open.
     public var openCalls: Int { calls.count }
 
@@ -207,19 +226,24 @@ public final class GRPCConnection: HTTP2SessionDelegate {
     /// - Parameters:
     ///   - route: the handler for a `:path`, or nil (answered UNIMPLEMENTED).
     ///   - maxMessageBytes: inbound messages longer than this fail with RESOURCE_EXHAUSTED.
+    ///   - others: where streams that are not gRPC calls go (nil: they are answered 415).
     ///   - needsFlush: called when output is waiting (for messages on a call's stream queue, once
     ///     per `takeOutput`); the owner then writes `session.takeOutput()`.
-    public init(session: HTTP2Session, maxMessageBytes: Int, route: @escaping (String) -> ((ServerCall) -> Void)?,
-                needsFlush: @escaping () -> Void) {
+    public init(
+        session: HTTP2Session, maxMessageBytes: Int, route: @escaping CallRouter,
+        others: (any HTTP2SessionDelegate)? = nil, needsFlush: @escaping () -> Void
+    ) {
         self.session = session
         self.route = route
         self.maxMessageBytes = maxMessageBytes
+        self.others = others
         self.needsFlush = needsFlush
         session.delegate = self
         session.onOutputPending = needsFlush
     }
 
     public func streamHeaders(_ stream: Int32, _ headers: [HeaderField], _ block: HeaderBlock) {
+        if otherStreams.contains(stream) { return others?.streamHeaders(stream, headers, block) ?? () }
         guard block == .request else { return }  // client trailers carry nothing we use
         var path = ""
         var contentType = ""
@@ -234,83 +258,64 @@ public final class GRPCConnection: HTTP2SessionDelegate {
             }
         }
         guard contentType.hasPrefix("application/grpc") else {
-            plain[stream] = (headers, [])
-            return
-        }
-        let call = ServerCall(path: path, metadata: metadata, timeoutMs: timeout, stream: stream, connection: self,
-                              maxMessageBytes: maxMessageBytes)
-        calls[stream] = call
-        guard let handler = route(path) else {
-            call.finish(GRPCStatus(.unimplemented, "unknown method \(path)"))
-            return
-        }
-        handler(call)
-    }
-
-    public func streamData(_ stream: Int32, _ data: UnsafeRawBufferPointer) {
-        if plain[stream] != nil {
-            if plain[stream]!.body.count + data.count > maxMessageBytes {
-                plain[stream] = nil
-                session.respond(stream, headers: [(":status", "413"), ("content-type", "application/json")], endStream: true)
+            guard let others else {
+                session.respond(stream, headers: [(":status", "415")], endStream: true)
                 needsFlush()
                 return
             }
-            plain[stream]!.body.append(contentsOf: data)
+            otherStreams.insert(stream)
+            others.streamHeaders(stream, headers, block)
             return
         }
+        let call = ServerCall(
+            path: path, metadata: metadata, timeoutMs: timeout, stream: stream, connection: self,
+            maxMessageBytes: maxMessageBytes)
+        calls[stream] = call
+        guard let makeHandler = route(path) else {
+            call.finish(GRPCCallError.unknownMethod(path).status)
+            return
+        }
+        call.handler = makeHandler(call)
+    }
+
+    public func streamData(_ stream: Int32, _ data: UnsafeRawBufferPointer) {
+        if otherStreams.contains(stream) { return others?.streamData(stream, data) ?? () }
         guard let call = calls[stream], !call.isFinished else { return }
         call.framer.append(data)
         do {
             while let msg = try call.framer.next() {
-                call.onMessage?(msg)
+                call.handler?.call(call, received: msg)
                 if call.isFinished { return }
             }
         } catch .compressed {
-            call.finish(GRPCStatus(.unimplemented, "grpc: compressed messages are not supported"))
+            call.finish(GRPCCallError.compressed.status)
         } catch .tooLarge(let n, let max) {
-            call.finish(GRPCStatus(.resourceExhausted, "grpc: received message larger than max (\(n) vs. \(max))"))
+            call.finish(GRPCCallError.messageTooLarge(n, max: max).status)
         } catch {}
     }
 
     public func streamEnded(_ stream: Int32) {
-        if let p = plain.removeValue(forKey: stream) {
-            if let h = plainHandler {
-                h.handle(stream: stream, headers: p.headers, body: p.body, session: session, flush: needsFlush)
-            } else {
-                let body = Array(#"{"error":"not found","code":5,"message":"not found"}"#.utf8)
-                session.respond(stream, headers: [(":status", "404"), ("content-type", "application/json")], endStream: false)
-                session.send(body, on: stream)
-                session.finish(stream, trailers: [])
-                needsFlush()
-            }
-            return
-        }
+        if otherStreams.contains(stream) { return others?.streamEnded(stream) ?? () }
         guard let call = calls[stream], !call.isFinished else { return }
-        call.onHalfClose?()
+        call.handler?.callHalfClosed(call)
     }
 
     public func streamClosed(_ stream: Int32) {
-        plain[stream] = nil
-        guard let call = calls.removeValue(forKey: stream) else {
-            plainHandler?.streamClosed(stream)
-            return
-        }
-        if !call.isFinished { call.markCancelled() }
-        call.clearCallbacks()
+        if otherStreams.remove(stream) != nil { return others?.streamClosed(stream) ?? () }
+        guard let call = calls.removeValue(forKey: stream) else { return }
+        call.markCancelled()
     }
 
     public func streamDrained(_ stream: Int32) {
-        if let call = calls[stream] { call.onDrained?() } else { plainHandler?.streamDrained(stream) }
+        if otherStreams.contains(stream) { return others?.streamDrained(stream) ?? () }
+        if let call = calls[stream], !call.isFinished { call.handler?.callDrained(call) }
     }
 
-    /// Called when the connection is gone: every open call hears `onCancel`.
+    /// Called when the connection is gone: every open call ends (cancelled).
     public func connectionClosed() {
         let open = calls
         calls.removeAll()
-        plain.removeAll()
-        for (_, call) in open where !call.isFinished {
-            call.markCancelled()
-        }
+        otherStreams.removeAll()
+        for (_, call) in open { call.markCancelled() }
     }
 }
-

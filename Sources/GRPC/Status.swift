@@ -1,19 +1,23 @@
-/// gRPC status codes (grpc/doc/statuscodes.md).
-public enum GRPCCode: Int, Sendable {
-    case ok = 0, cancelled, unknown, invalidArgument, deadlineExceeded, notFound, alreadyExists,
-         permissionDenied, resourceExhausted, failedPrecondition, aborted, outOfRange, unimplemented,
-         `internal`, unavailable, dataLoss, unauthenticated
-}
+import VigilCore
 
-/// A call's final status: a code and a human-readable message.
+/// gRPC's status codes (defined with etcd's error table in VigilCore, which is written in them).
+public typealias GRPCCode = VigilCore.GRPCCode
+
+/// A call's final status: a code, a human-readable message and, for our own records, what caused
+/// it (an `EtcdError`, a `GRPCCallError`; never sent).
 public struct GRPCStatus: Error, Equatable, Sendable, CustomStringConvertible {
     public var code: GRPCCode
     public var message: String
+    /// The typed error behind the status, for metrics and logs (not part of equality).
+    public var cause: (any Error & Sendable)?
 
-    public init(_ code: GRPCCode, _ message: String = "") {
+    public init(_ code: GRPCCode, _ message: String = "", cause: (any Error & Sendable)? = nil) {
         self.code = code
         self.message = message
+        self.cause = cause
     }
+
+    public static func == (a: GRPCStatus, b: GRPCStatus) -> Bool { a.code == b.code && a.message == b.message }
 
     public static let ok = GRPCStatus(.ok)
     public var description: String { "\(code) \(message)" }
@@ -38,7 +42,8 @@ public struct GRPCStatus: Error, Equatable, Sendable, CustomStringConvertible {
         var it = Array(s.utf8)[...]
         while let b = it.popFirst() {
             if b == UInt8(ascii: "%"), it.count >= 2,
-               let v = UInt8(String(decoding: it.prefix(2), as: UTF8.self), radix: 16) {
+                let v = UInt8(String(decoding: it.prefix(2), as: UTF8.self), radix: 16)
+            {
                 bytes.append(v)
                 it = it.dropFirst(2)
             } else {

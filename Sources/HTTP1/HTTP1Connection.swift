@@ -1,53 +1,10 @@
 import CHTTPParser
 
-/// A parsed HTTP/1.1 request.
-public struct HTTP1Request: Sendable {
-    public var method: String
-    public var url: String
-    public var headers: [(name: String, value: String)]
-    public var body: [UInt8]
+import HTTPCore
 
-    public init(method: String, url: String, headers: [(name: String, value: String)], body: [UInt8]) {
-        self.method = method
-        self.url = url
-        self.headers = headers
-        self.body = body
-    }
-
-    /// The path without the query string.
-    public var path: String { String(url.split(separator: "?", maxSplits: 1).first ?? "") }
-
-    public func header(_ name: String) -> String? {
-        headers.first { $0.name.lowercased() == name }?.value
-    }
-}
-
-/// A response to write back.
-public struct HTTP1Response: Sendable {
-    public var status: Int
-    public var headers: [(name: String, value: String)]
-    public var body: [UInt8]
-
-    public init(status: Int, contentType: String = "application/json", body: [UInt8]) {
-        self.status = status
-        self.headers = [("Content-Type", contentType)]
-        self.body = body
-    }
-
-    /// etcd's gateway error body: `{"error":…,"code":…,"message":…}`.
-    public static func error(status: Int, grpcCode: Int, message: String) -> HTTP1Response {
-        let m = jsonEscape(message)
-        return HTTP1Response(status: status, body: Array(#"{"error":"\#(m)","code":\#(grpcCode),"message":"\#(m)"}"#.utf8))
-    }
-
-    static let reasons: [Int: String] = [200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
-                                         405: "Method Not Allowed", 409: "Conflict", 429: "Too Many Requests",
-                                         504: "Gateway Timeout",
-                                         408: "Request Timeout", 413: "Payload Too Large", 500: "Internal Server Error",
-                                         501: "Not Implemented", 503: "Service Unavailable"]
-
+extension HTTPResponse {
     func serialize(keepAlive: Bool) -> [UInt8] {
-        var head = "HTTP/1.1 \(status) \(Self.reasons[status] ?? "Status")\r\n"
+        var head = "HTTP/1.1 \(status) \(Self.reason(status))\r\n"
         for h in headers { head += "\(h.name): \(h.value)\r\n" }
         head += "Content-Length: \(body.count)\r\n"
         if !keepAlive { head += "Connection: close\r\n" }
@@ -56,103 +13,70 @@ public struct HTTP1Response: Sendable {
     }
 }
 
-/// Escapes a string for a JSON string literal.
-public func jsonEscape(_ s: String) -> String {
-    var out = ""
-    for c in s.unicodeScalars {
-        switch c {
-        case "\"": out += "\\\""
-        case "\\": out += "\\\\"
-        case "\n": out += "\\n"
-        case "\r": out += "\\r"
-        case "\t": out += "\\t"
-        default:
-            if c.value < 0x20 { out += "\\u" + hex4(c.value) } else { out.unicodeScalars.append(c) }
-        }
-    }
-    return out
-}
-
-private func hex4(_ v: UInt32) -> String {
-    let s = String(v, radix: 16)
-    return String(repeating: "0", count: max(0, 4 - s.count)) + s
-}
-
-/// Serves requests (on the loop); answers through the responder, at once or later, whole or as a
-/// chunked stream.
-public protocol HTTP1Handler: AnyObject {
-    func handle(_ request: HTTP1Request, _ responder: HTTP1Responder)
-}
-
-/// The answer to one request. Requests on a connection are answered in order: the next one is
-/// handled once this one is done.
-public final class HTTP1Responder {
+/// The answer to one request on an HTTP/1.1 connection. Requests on a connection are answered in
+/// order: the next one is handled once this one is done.
+public final class HTTP1Responder: HTTPResponder {
     weak var connection: HTTP1Connection?
     let keepAlive: Bool
     public private(set) var isDone = false
     private var streaming = false
-    /// Called if the connection goes away before the response is done (a watch stream's end).
-    public var onClose: (() -> Void)?
-    /// Called once when the socket's write queue next drains (see `notifyWhenDrained`).
-    private var onDrained: (() -> Void)?
-
-    /// Calls `body` once everything written so far has gone to the kernel (at once if it has).
-    public func notifyWhenDrained(_ body: @escaping () -> Void) {
-        if queuedBytes == 0 { body() } else { onDrained = body }
-    }
-
-    func drained() {
-        let cb = onDrained
-        onDrained = nil
-        cb?()
-    }
+    /// Kept until the answer is done or the client left (it usually holds this responder too).
+    private var observer: (any HTTPStreamObserver)?
+    private var drainWanted = false
 
     init(connection: HTTP1Connection, keepAlive: Bool) {
         self.connection = connection
         self.keepAlive = keepAlive
     }
 
-    /// Sends a whole response.
-    public func respond(_ r: HTTP1Response) {
+    public func respond(_ r: HTTPResponse) {
         guard !isDone, !streaming, let c = connection else { return }
         isDone = true
-        onClose = nil
         c.send(r.serialize(keepAlive: keepAlive), close: !keepAlive)
         c.responseDone()
     }
 
-    /// Starts a chunked response that stays open until `finish()` or the client leaves.
-    public func startStream(status: Int = 200, contentType: String = "application/json") {
+    public func startStream(status: Int, contentType: String, observer: (any HTTPStreamObserver)?) {
         guard !isDone, !streaming, let c = connection else { return }
         streaming = true
-        var head = "HTTP/1.1 \(status) \(HTTP1Response.reasons[status] ?? "Status")\r\n"
+        self.observer = observer
+        var head = "HTTP/1.1 \(status) \(HTTPResponse.reason(status))\r\n"
         head += "Content-Type: \(contentType)\r\nTransfer-Encoding: chunked\r\n\r\n"
         c.send(Array(head.utf8), close: false)
     }
 
-    /// Sends one chunk of a streamed response.
     public func send(_ bytes: [UInt8]) {
         guard streaming, !isDone, !bytes.isEmpty, let c = connection else { return }
         c.send(Array((String(bytes.count, radix: 16) + "\r\n").utf8) + bytes + Array("\r\n".utf8), close: false)
     }
 
-    /// Ends a streamed response.
     public func finish() {
         guard streaming, !isDone, let c = connection else { return }
         isDone = true
-        onClose = nil
+        observer = nil
         c.send(Array("0\r\n\r\n".utf8), close: !keepAlive)
         c.responseDone()
     }
 
-    /// Bytes written to the socket and not yet taken by the peer.
     public var queuedBytes: Int { connection?.queuedBytes() ?? 0 }
 
+    public func notifyWhenDrained() {
+        if queuedBytes == 0 { observer?.responseDrained() } else { drainWanted = true }
+    }
+
+    /// The socket's write queue drained.
+    func drained() {
+        guard drainWanted else { return }
+        drainWanted = false
+        observer?.responseDrained()
+    }
+
     func connectionClosed() {
-        let cb = onClose
-        onClose = nil
+        let o = observer
+        observer = nil
+        let wasOpen = !isDone
         isDone = true
-        cb?()
+        if wasOpen { o?.responseClosed() }
     }
 }
 
@@ -161,13 +85,13 @@ public final class HTTP1Responder {
 public final class HTTP1Connection {
     private var parser = UnsafeMutablePointer<http_parser>.allocate(capacity: 1)
     private var settings = http_parser_settings()
-    private weak var handler: (any HTTP1Handler)?
+    private weak var handler: (any HTTPHandler)?
     private let write: ([UInt8], Bool) -> Void
     private let maxBodyBytes: Int
     /// Bytes waiting in the socket's write queue.
     public var queuedBytes: () -> Int = { 0 }
     /// Complete requests not yet handled (pipelining), and the one being answered.
-    private var queue: [(HTTP1Request, Bool)] = []
+    private var queue: [(HTTPRequest, Bool)] = []
     private var current: HTTP1Responder?
 
     private var url: [UInt8] = []
@@ -179,7 +103,7 @@ public final class HTTP1Connection {
     private var tooLarge = false
     private var closed = false
 
-    public init(handler: (any HTTP1Handler)?, maxBodyBytes: Int = 2 << 20, write: @escaping ([UInt8], Bool) -> Void) {
+    public init(handler: (any HTTPHandler)?, maxBodyBytes: Int = 2 << 20, write: @escaping ([UInt8], Bool) -> Void) {
         self.handler = handler
         self.write = write
         self.maxBodyBytes = maxBodyBytes
@@ -256,24 +180,25 @@ public final class HTTP1Connection {
         return 0
     }
 
-    /// A request was refused for a limit: 413 (too large) or 408 (too slow).
-    public var onRefused: ((Int) -> Void)?
-
     /// Some of a request has arrived, not all of it.
     public private(set) var midRequest = false
 
     /// The request being received took too long: 408 and close.
     public func timeOut() {
         guard midRequest, !closed else { return }
-        onRefused?(408)
-        send(HTTP1Response.error(status: 408, grpcCode: 4, message: "request timed out").serialize(keepAlive: false),
-             close: true)
+        refuse(.readTimeout)
+    }
+
+    /// Answers a refusal in the handler's words and closes.
+    private func refuse(_ r: HTTPRefusal) {
+        let response = handler?.response(for: r) ?? HTTPResponse(status: r == .bodyTooLarge ? 413 : 400, body: [])
+        send(response.serialize(keepAlive: false), close: true)
     }
 
     private func complete() {
         midRequest = false
         let method = String(cString: http_method_str(http_method(rawValue: parser.pointee.method)))
-        let req = HTTP1Request(method: method, url: String(decoding: url, as: UTF8.self), headers: headers, body: body)
+        let req = HTTPRequest(method: method, target: String(decoding: url, as: UTF8.self), headers: headers, body: body)
         queue.append((req, http_should_keep_alive(parser) != 0))
     }
 
@@ -286,7 +211,7 @@ public final class HTTP1Connection {
             if let handler {
                 handler.handle(req, r)
             } else {
-                r.respond(.error(status: 404, grpcCode: 5, message: "Not Found"))
+                r.respond(HTTPResponse(status: 404, body: []))
             }
         }
     }
@@ -343,12 +268,9 @@ public final class HTTP1Connection {
         if !tooLarge { pump() }
         if closed { return }
         if tooLarge {
-            onRefused?(413)
-            send(HTTP1Response.error(status: 413, grpcCode: 3, message: "etcdserver: request is too large")
-                .serialize(keepAlive: false), close: true)
+            refuse(.bodyTooLarge)
         } else if n != bytes.count || parser.pointee.http_errno != 0 {
-            send(HTTP1Response.error(status: 400, grpcCode: 3, message: "malformed HTTP request")
-                .serialize(keepAlive: false), close: true)
+            refuse(.malformed)
         }
     }
 }

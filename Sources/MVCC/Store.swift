@@ -106,6 +106,12 @@ public final class KVStore {
     private var pending = WriteBatch()
     /// Live keys at the current revision.
     public private(set) var liveKeyCount = 0
+    private var observers = Observers()
+
+    /// Adds an observer of every change (held weakly; see `StoreObserver`).
+    public func addObserver(_ o: any StoreObserver) { observers.add(o) }
+
+    public func removeObserver(_ o: any StoreObserver) { observers.remove(o) }
 
     public init() {}
 
@@ -217,9 +223,10 @@ public final class KVStore {
 
     fileprivate func latest(_ key: Bytes) -> KeyValue? { index[key]?.latest }
 
-    fileprivate func finishWrite(revision: Int64) {
+    fileprivate func finishWrite(revision: Int64, events: [Event]) {
         currentRevision = revision
         pending.meta[MetaKey.currentRevision] = revision
+        observers.forEach { $0.store(self, wrote: events, at: revision) }
     }
 
     /// Keys still to prune for the compaction in progress, and the revision to prune to.
@@ -244,6 +251,7 @@ public final class KVStore {
         compactionPrune = min(revision, committedRevision)
         compactionKeys = Array(index.keys)
         compactionNext = 0
+        observers.forEach { $0.store(self, compactedAt: revision) }
     }
 
     /// Removes up to `maxRevisions` revisions of compacted history (a key visited counts as one;
@@ -315,7 +323,9 @@ public final class KVStore {
 
     /// Marks revisions up to `revision` durable (after the backend committed their batch).
     public func markCommitted(_ revision: Int64) {
-        committedRevision = max(committedRevision, revision)
+        guard revision > committedRevision else { return }
+        committedRevision = revision
+        observers.forEach { $0.store(self, committedThrough: revision) }
     }
 
     /// CRC-32C over the history kept up to `revision` (0 = current), in revision order: equal
@@ -411,8 +421,10 @@ public final class WriteTxn {
     }
 
     /// Closes the transaction; returns its events (empty if nothing changed: no new revision).
+    /// The store's observers hear of the changes here.
+    @discardableResult
     public func end() -> [Event] {
-        if changed { store.finishWrite(revision: revision) }
+        if changed { store.finishWrite(revision: revision, events: events) }
         return events
     }
 }

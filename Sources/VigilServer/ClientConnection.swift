@@ -4,11 +4,12 @@ import HTTP1
 import HTTP2
 
 /// One client connection. The first bytes decide its protocol: the HTTP/2 client preface goes to
-/// an nghttp2 session serving gRPC; anything else is HTTP/1.1.
+/// an nghttp2 session serving gRPC (and plain h2c requests); anything else is HTTP/1.1. Both hand
+/// plain requests to the server's `PlainEndpoints`.
 final class ClientConnection: TCPConnectionDelegate {
     private enum Mode {
         case sniffing([UInt8])
-        case http2(HTTP2Session, GRPCConnection)
+        case http2(HTTP2Session, GRPCConnection, HTTP2PlainRequests)
         case http1(HTTP1Connection)
     }
 
@@ -44,16 +45,11 @@ final class ClientConnection: TCPConnectionDelegate {
                 }
                 startHTTP2(with: seen)
             } else {
-                // JSON carries bytes in base64: allow a request at the gRPC limit once encoded.
-                let maxBody = server.limits.maxReceiveMessageBytes / 3 * 4 + 64 * 1024
-                let h1 = HTTP1Connection(handler: server.http1Handler, maxBodyBytes: maxBody) { [unowned self] out, close in
+                let h1 = HTTP1Connection(handler: server.plain, maxBodyBytes: server.plainBodyLimit) { [unowned self] out, close in
                     tcp.write(out)
                     if close { tcp.close() }
                 }
                 h1.queuedBytes = { [unowned self] in tcp.queuedWriteBytes }
-                h1.onRefused = { [unowned server] status in
-                    server.metrics.refused[status == 413 ? "request_too_large" : "http_read_timeout", default: 0] += 1
-                }
                 h1.nextTurn = { [weak self] work in
                     guard let self else { return }
                     pipelineTimer = LoopTimer(loop: server.loop, timeoutMs: 0) { [weak self] in
@@ -65,7 +61,7 @@ final class ClientConnection: TCPConnectionDelegate {
                 seen.withUnsafeBytes { h1.receive($0) }
                 armReadTimer(h1)
             }
-        case .http2(let session, _):
+        case .http2(let session, _, _):
             session.receive(bytes)
             flush()
         case .http1(let h1):
@@ -75,7 +71,6 @@ final class ClientConnection: TCPConnectionDelegate {
     }
 
     private var readTimer: LoopTimer?
-    private var plainRequests: PlainHTTP2Requests?
     private var pipelineTimer: LoopTimer?
 
     /// A request that has begun must arrive in full within the read timeout (from its first bytes).
@@ -93,14 +88,14 @@ final class ClientConnection: TCPConnectionDelegate {
 
     private func startHTTP2(with bytes: [UInt8]) {
         let session = HTTP2Session(settings: server.http2Settings)
-        session.onStreamRefused = { [unowned server] in server.metrics.refused["too_many_streams", default: 0] += 1 }
-        let grpc = GRPCConnection(session: session, maxMessageBytes: server.limits.maxReceiveMessageBytes,
-                                  route: { [unowned server] path in server.route(path) },
-                                  needsFlush: { [unowned self] in scheduleFlush() })
-        let plainRequests = PlainHTTP2Requests(core: server)
-        self.plainRequests = plainRequests
-        grpc.plainHandler = plainRequests
-        mode = .http2(session, grpc)
+        session.onStreamRefused = { [unowned server] in server.metrics.count(.tooManyStreams) }
+        let flush = { [unowned self] in scheduleFlush() }
+        let plain = HTTP2PlainRequests(
+            session: session, handler: server.plain, maxBodyBytes: server.plainBodyLimit, needsFlush: flush)
+        let grpc = GRPCConnection(
+            session: session, maxMessageBytes: server.limits.maxReceiveMessageBytes,
+            route: { [unowned server] path in server.route(path) }, others: plain, needsFlush: flush)
+        mode = .http2(session, grpc, plain)
         bytes.withUnsafeBytes { session.receive($0) }
         flush()
     }
@@ -117,7 +112,7 @@ final class ClientConnection: TCPConnectionDelegate {
 
     /// Writes what nghttp2 has ready, unless the socket is already backed up.
     private func flush() {
-        guard case .http2(let session, _) = mode, !tcp.isClosed else { return }
+        guard case .http2(let session, _, _) = mode, !tcp.isClosed else { return }
         if tcp.queuedWriteBytes < Self.writeHighWater {
             // One output buffer for every connection (all on the loop): what the socket takes at
             // once leaves from it, and only what it does not is copied for a queued write.
@@ -133,10 +128,13 @@ final class ClientConnection: TCPConnectionDelegate {
     }
 
     func connectionClosed(_ c: TCPConnection) {
-        if case .http2(_, let grpc) = mode { grpc.connectionClosed() }
-        if case .http1(let h1) = mode { h1.connectionClosed() }
-        plainRequests?.connectionClosed()
-        plainRequests = nil
+        switch mode {
+        case .http2(_, let grpc, let plain):
+            grpc.connectionClosed()
+            plain.connectionClosed()
+        case .http1(let h1): h1.connectionClosed()
+        case .sniffing: break
+        }
         readTimer?.cancel()
         readTimer = nil
         pipelineTimer?.cancel()

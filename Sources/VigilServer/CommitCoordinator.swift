@@ -4,8 +4,11 @@ import Logging
 import MVCC
 
 /// Group commit: writes made during a loop turn are handed to the backend as one batch at the end
-/// of the turn, on libuv's thread pool; their responses go out only after the batch is fsynced.
+/// of the turn, on libuv's thread pool; their responses go out only after the batch is fsynced,
+/// and the store hears which revisions are durable (its observers — the watch hub — deliver them).
 /// One commit is in flight at a time; batches formed meanwhile wait and go next, together.
+///
+/// Durability is all it does: nothing here knows about watchers.
 final class CommitCoordinator: CommitGate {
     private let loop: EventLoop
     private let store: KVStore
@@ -15,10 +18,6 @@ final class CommitCoordinator: CommitGate {
     /// Callbacks waiting for a revision, in non-decreasing revision order.
     private var waiters: [(rev: Int64, body: () -> Void)] = []
     private var waiterHead = 0
-    /// Hooks that see every published write (watch fan-out plugs in here).
-    var onPublish: [([Event], Int64) -> Void] = []
-    /// Hooks told the newest durable revision after each group commit.
-    var onCommitted: [(Int64) -> Void] = []
     /// Number of group commits done (for metrics and tests).
     private(set) var commits = 0
 
@@ -31,6 +30,7 @@ final class CommitCoordinator: CommitGate {
     }
 
     func whenDurable(_ revision: Int64, _ body: @escaping () -> Void) {
+        loop.assertInLoop()
         // Earlier waiters go first, so replies leave in the order their writes were made.
         if revision <= store.committedRevision && waiterHead == waiters.count {
             body()
@@ -53,15 +53,11 @@ final class CommitCoordinator: CommitGate {
         }
     }
 
-    func published(_ events: [Event], revision: Int64) {
-        for hook in onPublish { hook(events, revision) }
-    }
-
-    private var exclusiveWork: [(work: () -> Void, done: () -> Void)] = []
+    private var exclusiveWork: [(work: @Sendable () -> Void, done: () -> Void)] = []
 
     /// Runs `work` on the thread pool when no group commit is in flight (and none starts until it
     /// is done), then `done` on the loop: defragment and snapshot copies see a quiet backend.
-    func exclusive(_ work: @escaping () -> Void, done: @escaping () -> Void) {
+    func exclusive(_ work: @escaping @Sendable () -> Void, done: @escaping () -> Void) {
         exclusiveWork.append((work, done))
         startCommitIfNeeded()
     }
@@ -82,13 +78,13 @@ final class CommitCoordinator: CommitGate {
         inFlight = true
         batchesTaken += 1
         let backend = self.backend
-        var failure: (any Error)?
+        let failure = Handoff<(any Error)?>(nil)
         let started = loop.nowMilliseconds
         ThreadPool.submit(on: loop, work: {
-            do { try backend.commit(batch) } catch { failure = error }
+            do { try backend.commit(batch) } catch { failure.value = error }
         }, done: { [unowned self] in
             inFlight = false
-            if let failure {
+            if let failure = failure.value {
                 // Acknowledged data must never be lost: stop rather than answer from memory.
                 logger.critical("backend commit failed, stopping: \(failure)")
                 fatalError("backend commit failed: \(failure)")
@@ -97,8 +93,7 @@ final class CommitCoordinator: CommitGate {
             let took = loop.nowMilliseconds - started
             if took > 1000 { logger.warning("slow fsync", metadata: ["took_ms": "\(took)"]) }
             batchesDone += 1
-            store.markCommitted(batch.revision)
-            for hook in onCommitted { hook(store.committedRevision) }
+            store.markCommitted(batch.revision)  // the store's observers deliver these revisions
             releaseWaiters()
             let ready = flushWaiters.prefix { $0.batch <= batchesDone }
             if !ready.isEmpty {
@@ -124,4 +119,11 @@ final class CommitCoordinator: CommitGate {
             waiterHead = 0
         }
     }
+}
+
+/// A value handed from a worker thread back to the loop: written by the work, read by its
+/// completion, which the thread pool runs after the work has returned (libuv orders the two).
+final class Handoff<T>: @unchecked Sendable {
+    var value: T
+    init(_ value: T) { self.value = value }
 }

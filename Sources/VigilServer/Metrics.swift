@@ -1,4 +1,6 @@
+import EtcdAPI
 import GRPC
+import VigilCore
 
 /// A Prometheus histogram with fixed buckets (seconds).
 struct Histogram {
@@ -30,72 +32,58 @@ struct Histogram {
 }
 
 /// Request counts and latencies by gRPC method (go-grpc-prometheus's names, as etcd exports them),
-/// and the loop's turn times.
+/// refusals by reason, and the loop's turn times.
 struct ServerMetrics {
+    /// A method's labels: an etcd method from the table, or an unknown path as it came.
     struct MethodKey: Hashable {
         var service: String
         var method: String
         var type: String
+
+        init(_ path: String) {
+            if let m = EtcdMethod.byPath[path] {
+                service = m.service
+                method = m.name
+                type = m.kind.rawValue
+            } else {
+                let parts = path.split(separator: "/")
+                service = parts.first.map(String.init) ?? ""
+                method = parts.count > 1 ? String(parts[1]) : ""
+                type = EtcdMethod.Kind.unary.rawValue
+            }
+        }
     }
     var started: [MethodKey: Int] = [:]
     var handled: [MethodKey: [GRPCCode: Int]] = [:]
     var latency: [MethodKey: Histogram] = [:]
     /// Requests refused for a limit, by reason (`vigil_requests_refused_total`).
-    var refused: [String: Int] = Dictionary(uniqueKeysWithValues: refusalReasons.map { ($0, 0) })
-    static let refusalReasons = ["request_too_large", "too_many_txn_ops", "too_many_streams", "no_space",
-                                 "too_many_requests", "http_read_timeout"]
+    var refused: [EtcdError.Refusal: Int] = Dictionary(uniqueKeysWithValues: EtcdError.Refusal.allCases.map { ($0, 0) })
     var loopTurns = Histogram()
     var longestTurnSeconds = 0.0
 
-    static let streaming: Set<String> = ["/etcdserverpb.Watch/Watch", "/etcdserverpb.Lease/LeaseKeepAlive",
-                                         "/etcdserverpb.Maintenance/Snapshot"]
+    mutating func callStarted(_ path: String) { started[MethodKey(path), default: 0] += 1 }
 
-    static func key(_ path: String) -> MethodKey {
-        let parts = path.split(separator: "/")
-        let service = parts.first.map(String.init) ?? ""
-        let method = parts.count > 1 ? String(parts[1]) : ""
-        let type = path == "/etcdserverpb.Maintenance/Snapshot" ? "server_stream"
-            : streaming.contains(path) ? "bidi_stream" : "unary"
-        return MethodKey(service: service, method: method, type: type)
-    }
-
-    mutating func callStarted(_ path: String) { started[Self.key(path), default: 0] += 1 }
-
-    mutating func callEnded(_ path: String, code: GRPCCode, seconds: Double) {
-        let k = Self.key(path)
-        handled[k, default: [:]][code, default: 0] += 1
+    mutating func callEnded(_ path: String, status: GRPCStatus, seconds: Double) {
+        let k = MethodKey(path)
+        handled[k, default: [:]][status.code, default: 0] += 1
         latency[k, default: Histogram()].observe(seconds)
+        if let reason = Self.refusal(status) { refused[reason, default: 0] += 1 }
     }
 
-    /// Counts `status` if it refuses a request for a limit.
-    mutating func observe(_ status: GRPCStatus?) {
-        guard let s = status, s.code != .ok else { return }
-        let reason: String
-        switch s.message {
-        case "etcdserver: request is too large": reason = "request_too_large"
-        case "etcdserver: too many operations in txn request": reason = "too_many_txn_ops"
-        case "etcdserver: mvcc: database space exceeded": reason = "no_space"
-        case "etcdserver: too many requests": reason = "too_many_requests"
-        case let m where m.hasPrefix("grpc: received message larger than max"): reason = "request_too_large"
-        default: return
-        }
-        refused[reason, default: 0] += 1
+    /// The limit a status refused a request for, from its typed cause (never from its text).
+    static func refusal(_ status: GRPCStatus) -> EtcdError.Refusal? {
+        if let e = status.cause as? EtcdError { return e.code.refusal }
+        if case .messageTooLarge? = status.cause as? GRPCCallError { return .requestTooLarge }
+        return nil
     }
+
+    mutating func count(_ reason: EtcdError.Refusal) { refused[reason, default: 0] += 1 }
 
     mutating func turn(nanoseconds: UInt64) {
         let s = Double(nanoseconds) / 1e9
         loopTurns.observe(s)
         longestTurnSeconds = max(longestTurnSeconds, s)
     }
-
-    static let codeNames: [GRPCCode: String] = [
-        .ok: "OK", .cancelled: "Canceled", .unknown: "Unknown", .invalidArgument: "InvalidArgument",
-        .deadlineExceeded: "DeadlineExceeded", .notFound: "NotFound", .alreadyExists: "AlreadyExists",
-        .permissionDenied: "PermissionDenied", .resourceExhausted: "ResourceExhausted",
-        .failedPrecondition: "FailedPrecondition", .aborted: "Aborted", .outOfRange: "OutOfRange",
-        .unimplemented: "Unimplemented", .internal: "Internal", .unavailable: "Unavailable",
-        .dataLoss: "DataLoss", .unauthenticated: "Unauthenticated",
-    ]
 
     func text() -> String {
         var out = ""
@@ -110,7 +98,7 @@ struct ServerMetrics {
         out += "# TYPE grpc_server_handled_total counter\n"
         for k in keys {
             for (code, n) in (handled[k] ?? [:]).sorted(by: { $0.key.rawValue < $1.key.rawValue }) {
-                out += "grpc_server_handled_total{grpc_code=\"\(Self.codeNames[code] ?? "Unknown")\",\(labels(k))} \(n)\n"
+                out += "grpc_server_handled_total{grpc_code=\"\(code.name)\",\(labels(k))} \(n)\n"
             }
         }
         out += "# HELP grpc_server_handling_seconds Histogram of response latency (seconds) of gRPC that had been application-level handled by the server.\n"
@@ -118,12 +106,48 @@ struct ServerMetrics {
         for k in keys { if let h = latency[k] { out += h.lines("grpc_server_handling_seconds", labels: labels(k)) } }
         out += "# HELP vigil_requests_refused_total Requests refused for a limit (size, txn ops, streams, quota, rate, read timeout).\n"
         out += "# TYPE vigil_requests_refused_total counter\n"
-        for (reason, n) in refused.sorted(by: { $0.key < $1.key }) { out += "vigil_requests_refused_total{reason=\"\(reason)\"} \(n)\n" }
+        for (reason, n) in refused.sorted(by: { $0.key.rawValue < $1.key.rawValue }) {
+            out += "vigil_requests_refused_total{reason=\"\(reason.rawValue)\"} \(n)\n"
+        }
         out += "# HELP vigil_loop_turn_seconds Time the event loop spent busy per turn (waiting for I/O excluded).\n"
         out += "# TYPE vigil_loop_turn_seconds histogram\n"
         out += loopTurns.lines("vigil_loop_turn_seconds", labels: "")
         out += "# HELP vigil_loop_turn_seconds_max Longest loop turn since start.\n# TYPE vigil_loop_turn_seconds_max gauge\n"
         out += "vigil_loop_turn_seconds_max \(longestTurnSeconds)\n"
+        return out
+    }
+}
+
+extension VigilServerCore {
+    /// Prometheus text exposition of the server's gauges and counters (etcd's names where one exists).
+    func metricsText() -> String {
+        let hub = services.watch.hub
+        var out = ""
+        func metric(_ name: String, _ type: String, _ help: String, _ value: some Numeric) {
+            out += "# HELP \(name) \(help)\n# TYPE \(name) \(type)\n\(name) \(value)\n"
+        }
+        metric("etcd_debugging_mvcc_current_revision", "gauge", "The current revision of the store.", store.currentRevision)
+        metric("etcd_debugging_mvcc_compact_revision", "gauge", "The last compaction revision of the store.", store.compactRevision)
+        metric("etcd_debugging_mvcc_keys_total", "gauge", "Total number of keys.", store.liveKeyCount)
+        metric("etcd_mvcc_db_total_size_in_bytes", "gauge", "Total size of the underlying database in bytes.", backend.sizeInUse)
+        metric("etcd_server_quota_backend_bytes", "gauge", "Current backend storage quota size in bytes.", config.effectiveQuota)
+        metric("etcd_debugging_mvcc_watch_stream_total", "gauge", "Total number of watch streams.", hub.streamCount)
+        metric("etcd_debugging_mvcc_watcher_total", "gauge", "Total number of watchers.", hub.watcherCount)
+        metric("etcd_debugging_mvcc_slow_watcher_total", "gauge", "Watchers catching up or parked.", hub.unsyncedCount)
+        metric("etcd_debugging_mvcc_events_total", "counter", "Events sent to watchers.", hub.stats.eventsSent)
+        metric("vigil_watch_responses_total", "counter", "Watch responses sent.", hub.stats.responsesSent)
+        metric("vigil_watch_parked_total", "counter", "Times a watcher was parked because its stream was slow.", hub.stats.parked)
+        metric("vigil_watch_ring_events", "gauge", "Events held by the watch event ring.", hub.ringEvents)
+        metric("vigil_watch_ring_bytes", "gauge", "Approximate bytes held by the watch event ring.", hub.ringBytes)
+        metric("vigil_watch_stream_queued_bytes_max", "gauge", "Largest number of unsent bytes queued on one watch stream.",
+               hub.maxQueuedBytes)
+        metric("vigil_backend_commits_total", "counter", "Group commits made durable.", commits.commits)
+        let lessor = services.lessor
+        metric("vigil_lease_total", "gauge", "Leases alive.", lessor.count)
+        metric("etcd_debugging_lease_granted_total", "counter", "The total number of granted leases.", lessor.stats.granted)
+        metric("etcd_debugging_lease_revoked_total", "counter", "The total number of revoked leases.", lessor.stats.revoked)
+        metric("etcd_debugging_lease_renewed_total", "counter", "The number of renewed leases seen by the leader.", lessor.stats.renewed)
+        out += metrics.text()
         return out
     }
 }

@@ -1,13 +1,16 @@
 import MVCC
 
 /// The events of one revision, with their wire encodings made once, on first use, and shared by
-/// every watcher and stream that receives them.
+/// every watcher and stream that receives them. Encodings are kept per encoder slot (the hub
+/// numbers the distinct encoders of its streams: slot 0 is the first, gRPC's in the server).
 public final class RevisionEvents {
     public let revision: Int64
     public let events: [Event]
-    /// Encoded events without and with their previous key-values.
+    /// Slot 0's encoded events without and with their previous key-values.
     var encoded: [[UInt8]?]
     var encodedWithPrev: [[UInt8]?]
+    /// Other slots' encodings, by `slot * 2 + (prevKV ? 1 : 0)` (the gateway's JSON, rarely used).
+    var otherEncodings: [Int: [[UInt8]?]] = [:]
     let approximateBytes: Int
 
     public init(revision: Int64, events: [Event]) {
@@ -22,7 +25,9 @@ public final class RevisionEvents {
         approximateBytes = bytes
     }
 
-    func encoding(_ i: Int, prevKV: Bool, _ encoder: any WatchEncoder) -> [UInt8] {
+    @inline(__always)
+    func encoding(_ i: Int, prevKV: Bool, _ encoder: any WatchEncoder, slot: Int) -> [UInt8] {
+        guard slot == 0 else { return otherEncoding(i, prevKV: prevKV, encoder, slot: slot) }
         if prevKV {
             if let e = encodedWithPrev[i] { return e }
             let e = encoder.encode(events[i], prevKV: true)
@@ -32,6 +37,14 @@ public final class RevisionEvents {
         if let e = encoded[i] { return e }
         let e = encoder.encode(events[i], prevKV: false)
         encoded[i] = e
+        return e
+    }
+
+    private func otherEncoding(_ i: Int, prevKV: Bool, _ encoder: any WatchEncoder, slot: Int) -> [UInt8] {
+        let k = slot * 2 + (prevKV ? 1 : 0)
+        if let e = otherEncodings[k]?[i] { return e }
+        let e = encoder.encode(events[i], prevKV: prevKV)
+        otherEncodings[k, default: Array(repeating: nil, count: events.count)][i] = e
         return e
     }
 }

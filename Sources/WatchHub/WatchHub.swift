@@ -1,13 +1,17 @@
 import IntervalTree
 import MVCC
+import VigilCore
 
-/// Turns events and responses into wire bytes (the API layer implements it with protobuf).
+/// Turns events and responses into the bytes a kind of stream sends. Each sink brings its own
+/// (protobuf in gRPC framing for gRPC calls, JSON lines for the gateway), so the framing belongs
+/// to the sink's side; the hub encodes each event once per encoder and shares the bytes among all
+/// the streams with that encoder.
 public protocol WatchEncoder: AnyObject {
-    /// One `mvccpb.Event`.
+    /// One event (for gRPC, an `mvccpb.Event`).
     func encode(_ event: Event, prevKV: Bool) -> [UInt8]
-    /// One `WatchResponse` whose `events` are the given encoded events, as the bytes to write on the
-    /// stream unchanged (with the transport's framing, e.g. the gRPC length prefix), so that one
-    /// encoding is shared by every stream that receives it.
+    /// One `WatchResponse` whose `events` are the given encoded events, as the bytes to write on
+    /// the stream unchanged (framing included), so that one encoding is shared by every stream
+    /// that receives it.
     func response(_ fields: ResponseFields, events: [[UInt8]]) -> [UInt8]
 }
 
@@ -29,6 +33,9 @@ public struct ResponseFields: Hashable, Sendable {
 
 /// Where a stream's responses go: the gRPC stream (or gateway response) behind it.
 public protocol WatchSink: AnyObject {
+    /// How this sink's responses are encoded (shared by the sinks of one kind).
+    var encoder: any WatchEncoder { get }
+    /// One response, as `encoder` made it.
     func send(_ message: [UInt8])
     /// Bytes sent but not yet taken by the peer (its flow-control window).
     var queuedBytes: Int { get }
@@ -77,15 +84,20 @@ public final class WatchStream {
     let sink: any WatchSink
     /// Place in the hub's stream table (watchers refer to their stream by it).
     let index: Int32
+    /// The sink's encoder and its slot in the hub (see `RevisionEvents`).
+    let encoder: any WatchEncoder
+    let encoderSlot: Int
     /// Watch id → watcher number.
     var watchers = WatcherTable()
     var nextID: Int64 = 0
     var closed = false
     /// How many of this stream's watchers are unsynced.
     var unsyncedCount = 0
-    init(sink: any WatchSink, index: Int32) {
+    init(sink: any WatchSink, index: Int32, encoderSlot: Int) {
         self.sink = sink
         self.index = index
+        encoder = sink.encoder
+        self.encoderSlot = encoderSlot
     }
     public var watcherCount: Int { watchers.count }
     /// Bytes sent to this stream's peer and not yet taken by it.
@@ -104,6 +116,10 @@ public struct WatchHubStats: Sendable {
 /// (single-key watchers through a hash map), so that dispatching an event costs in proportion to
 /// the watchers it matches.
 ///
+/// The hub observes its store (`StoreObserver`): every write transaction's events enter the ring
+/// as the transaction ends, and revisions are delivered once the store says they are durable.
+/// Nobody calls the hub to publish.
+///
 /// Watchers are *synced* (they have everything up to the delivered revision and get each new
 /// revision as it becomes durable) or *unsynced* (catching up from the ring or the store, or
 /// parked because their stream is slow). A stream whose queue passes `streamQueueLimit` has its
@@ -113,7 +129,8 @@ public struct WatchHubStats: Sendable {
 public final class WatchHub {
     public let config: WatchHubConfig
     private let store: KVStore
-    private let encoder: any WatchEncoder
+    /// The distinct encoders of the streams opened so far, by slot.
+    private var encoders: [any WatchEncoder] = []
     private var ring: EventRing
     /// Every revision up to this one has been delivered to synced watchers.
     public private(set) var delivered: Int64
@@ -138,12 +155,13 @@ public final class WatchHub {
     private var walking = false
     private var closeLater: [WatchStream] = []
 
-    public init(store: KVStore, encoder: any WatchEncoder, config: WatchHubConfig = WatchHubConfig()) {
+    /// A hub over `store`, which it observes from now on.
+    public init(store: KVStore, config: WatchHubConfig = WatchHubConfig()) {
         self.store = store
-        self.encoder = encoder
         self.config = config
         ring = EventRing(maxEvents: config.ringMaxEvents, maxBytes: config.ringMaxBytes)
         delivered = store.committedRevision
+        store.addObserver(self)
     }
 
     deinit {
@@ -158,6 +176,13 @@ public final class WatchHub {
 
     /// Watchers currently unsynced (catching up or parked).
     public var unsyncedCount: Int { unsynced.count }
+
+    /// The most unsent bytes queued on one open stream (a gauge for slow readers).
+    public var maxQueuedBytes: Int {
+        var m = 0
+        for ref in streams { if let s = ref?.takeUnretainedValue(), !s.closed { m = max(m, s.sink.queuedBytes) } }
+        return m
+    }
 
     /// Events and bytes held by the ring.
     public var ringEvents: Int { ring.eventCount }
@@ -180,7 +205,15 @@ public final class WatchHub {
     public func openStream(_ sink: any WatchSink) -> WatchStream {
         streamCount += 1
         let index = freeStreams.popLast() ?? Int32(streams.count)
-        let s = WatchStream(sink: sink, index: index)
+        let encoder = sink.encoder
+        let slot: Int
+        if let i = encoders.firstIndex(where: { $0 === encoder }) {
+            slot = i
+        } else {
+            slot = encoders.count
+            encoders.append(encoder)
+        }
+        let s = WatchStream(sink: sink, index: index, encoderSlot: slot)
         let ref = Unmanaged.passRetained(s)
         if Int(index) == streams.count { streams.append(ref) } else { streams[Int(index)] = ref }
         return s
@@ -208,20 +241,20 @@ public final class WatchHub {
     }
 
     private func send(_ s: WatchStream, _ f: ResponseFields, _ events: [[UInt8]] = []) {
-        s.sink.send(encoder.response(f, events: events))
+        s.sink.send(s.encoder.response(f, events: events))
         stats.responsesSent += 1
         stats.eventsSent += events.count
     }
 
     /// Answers a create request with a failure (`watch_id -1`, created and canceled) without
     /// creating a watcher; the API layer uses it for permission refusals.
-    public func reject(_ s: WatchStream, reason: String) { fail(s, reason) }
+    public func reject(_ s: WatchStream, _ error: EtcdError) { fail(s, error) }
 
-    private func fail(_ s: WatchStream, _ reason: String) {
+    private func fail(_ s: WatchStream, _ error: EtcdError) {
         var f = ResponseFields(headerRevision: delivered, watchID: -1)
         f.created = true
         f.canceled = true
-        f.cancelReason = reason
+        f.cancelReason = error.message
         send(s, f)
     }
 
@@ -231,16 +264,14 @@ public final class WatchHub {
     public func create(_ s: WatchStream, _ c: WatchCreate) {
         var c = c
         if c.key.isEmpty { c.key = [0] }
-        if c.startRevision < 0 { return fail(s, "etcdserver: mvcc: required revision has been compacted") }
+        if c.startRevision < 0 { return fail(s, .compacted) }
         if !c.rangeEnd.isEmpty && c.rangeEnd != [0] && compareBytes(c.key, c.rangeEnd) >= 0 {
-            return fail(s, "mvcc: watcher range is empty")
+            return fail(s, .watcherRangeEmpty)
         }
-        guard groups.hasRoom(c.key.count) else {
-            return fail(s, "etcdserver: too many requests (the watched keys fill 4 GiB)")
-        }
+        guard groups.hasRoom(c.key.count) else { return fail(s, .watchedKeysFull) }
         let id: Int64
         if c.watchID != 0 {
-            if s.watchers[c.watchID] != nil { return fail(s, "mvcc: duplicate watch ID provided on the WatchStream") }
+            if s.watchers[c.watchID] != nil { return fail(s, .duplicateWatchID) }
             id = c.watchID
         } else {
             while s.watchers[s.nextID] != nil { s.nextID += 1 }
@@ -338,14 +369,17 @@ public final class WatchHub {
 
     /// The periodic progress notification: each synced watcher that asked for it and received
     /// nothing since the last tick gets an empty response at the delivered revision.
-    public func progressTick(streams: [WatchStream]) {
-        for s in streams where !s.closed {
-            for w in s.watchers.all where watchers.flags[Int(w)].contains(.progressNotify) {
-                let f = watchers.flags[Int(w)]
-                if f.contains(.synced) && !f.contains(.sent) && !isFuture(w) {
-                    send(s, ResponseFields(headerRevision: delivered, watchID: watchers.id(w)))
+    public func progressTick() {
+        walk {
+            for ref in streams {
+                guard let s = ref?.takeUnretainedValue(), !s.closed else { continue }
+                for w in s.watchers.all where watchers.flags[Int(w)].contains(.progressNotify) {
+                    let f = watchers.flags[Int(w)]
+                    if f.contains(.synced) && !f.contains(.sent) && !isFuture(w) {
+                        send(s, ResponseFields(headerRevision: delivered, watchID: watchers.id(w)))
+                    }
+                    watchers.flags[Int(w)].remove(.sent)
                 }
-                watchers.flags[Int(w)].remove(.sent)
             }
         }
     }
@@ -368,12 +402,12 @@ public final class WatchHub {
     // MARK: Events
 
     /// Takes the events of a new revision (not yet durable: delivered by `advance`).
-    public func publish(_ events: [Event], revision: Int64) {
+    func publish(_ events: [Event], revision: Int64) {
         ring.append(RevisionEvents(revision: revision, events: events), trimmableUpTo: delivered)
     }
 
     /// Delivers every revision up to `committed` (now durable) to the synced watchers.
-    public func advance(to committed: Int64) {
+    func advance(to committed: Int64) {
         walk {
             while delivered < committed {
                 let r = delivered + 1
@@ -395,6 +429,7 @@ public final class WatchHub {
     private struct ResponseKey: Hashable {
         var watchID: Int64
         var prevKV: Bool
+        var slot: Int
         var matched: [Int32]
     }
 
@@ -406,6 +441,7 @@ public final class WatchHub {
         var hasLast = false
         var lastID: Int64 = 0
         var lastPrevKV = false
+        var lastSlot = 0
         var lastMatched: [Int32] = []
         var lastBytes: [UInt8] = []
         var responses = 0
@@ -468,23 +504,27 @@ public final class WatchHub {
             }
             let prevKV = flags.contains(.prevKV)
             let id = watchers.id(w)
+            let slot = s.encoderSlot
             if flags.contains(.fragment) {
-                let events = wanted.map { entry.encoding(Int($0), prevKV: prevKV, encoder) }
+                let events = wanted.map { entry.encoding(Int($0), prevKV: prevKV, s.encoder, slot: slot) }
                 sendFragmented(s, ResponseFields(headerRevision: entry.revision, watchID: id), events)
             } else {
-                if !(memo.hasLast && memo.lastID == id && memo.lastPrevKV == prevKV && memo.lastMatched == wanted) {
-                    let key = ResponseKey(watchID: id, prevKV: prevKV, matched: wanted)
+                if !(memo.hasLast && memo.lastID == id && memo.lastPrevKV == prevKV && memo.lastSlot == slot
+                    && memo.lastMatched == wanted)
+                {
+                    let key = ResponseKey(watchID: id, prevKV: prevKV, slot: slot, matched: wanted)
                     if let bytes = memo.cache[key] {
                         memo.lastBytes = bytes
                     } else {
-                        let events = wanted.map { entry.encoding(Int($0), prevKV: prevKV, encoder) }
-                        memo.lastBytes = encoder.response(ResponseFields(headerRevision: entry.revision, watchID: id),
-                                                          events: events)
+                        let events = wanted.map { entry.encoding(Int($0), prevKV: prevKV, s.encoder, slot: slot) }
+                        memo.lastBytes = s.encoder.response(
+                            ResponseFields(headerRevision: entry.revision, watchID: id), events: events)
                         memo.cache[key] = memo.lastBytes
                     }
                     memo.hasLast = true
                     memo.lastID = id
                     memo.lastPrevKV = prevKV
+                    memo.lastSlot = slot
                     memo.lastMatched = wanted
                 }
                 s.sink.send(memo.lastBytes)
@@ -586,7 +626,7 @@ public final class WatchHub {
             ring.forEach(from: nextRev) { entry in
                 guard entry.revision <= delivered else { return false }
                 for (i, e) in entry.events.enumerated() where KeyRange.contains(e.kv.key, key: key, end: end) && flags.wants(e) {
-                    let enc = entry.encoding(i, prevKV: prevKV, encoder)
+                    let enc = entry.encoding(i, prevKV: prevKV, s.encoder, slot: s.encoderSlot)
                     events.append(enc)
                     bytes += enc.count
                 }
@@ -605,7 +645,7 @@ public final class WatchHub {
             stats.storeCatchUps += 1
             let to = min(delivered, nextRev + Int64(config.catchUpRevisions) - 1, (ring.oldestRevision ?? Int64.max) - 1)
             for (_, e) in store.events(key, end, from: nextRev, to: to) where flags.wants(e) {
-                events.append(encoder.encode(e, prevKV: prevKV))
+                events.append(s.encoder.encode(e, prevKV: prevKV))
             }
             last = to
         }
@@ -616,5 +656,22 @@ public final class WatchHub {
         }
         unsynced[w] = last + 1
         if last + 1 > delivered { markSynced(w, s) }
+    }
+}
+
+// MARK: - The store's observer
+
+extension WatchHub: StoreObserver {
+    public func store(_ store: KVStore, wrote events: [Event], at revision: Int64) {
+        publish(events, revision: revision)
+    }
+
+    public func store(_ store: KVStore, committedThrough revision: Int64) {
+        advance(to: revision)
+    }
+
+    /// Watchers catching up from below the new compact revision are canceled at their next step.
+    public func store(_ store: KVStore, compactedAt revision: Int64) {
+        if !unsynced.isEmpty { catchUpPending = true }
     }
 }

@@ -37,6 +37,7 @@ private func b(_ s: String) -> Bytes { Array(s.utf8) }
 
 /// Collects what the hub sends, decoded by the test encoder.
 final class TestSink: WatchSink {
+    let encoder: any WatchEncoder = TestEncoder.shared
     var messages: [[UInt8]] = []
     var queuedBytes = 0
     func send(_ message: [UInt8]) { messages.append(message) }
@@ -44,6 +45,8 @@ final class TestSink: WatchSink {
 
 /// A readable encoding: "rev|id|flags|events" with events as "P:key=value@mod" / "D:key@mod".
 final class TestEncoder: WatchEncoder {
+    nonisolated(unsafe) static let shared = TestEncoder()
+
     func encode(_ e: Event, prevKV: Bool) -> [UInt8] {
         var s = e.kind == .put ? "P:" : "D:"
         s += String(decoding: e.kv.key, as: UTF8.self)
@@ -70,19 +73,16 @@ struct Harness {
     let hub: WatchHub
 
     init(config: WatchHubConfig = WatchHubConfig()) {
-        hub = WatchHub(store: store, encoder: TestEncoder(), config: config)
+        hub = WatchHub(store: store, config: config)
     }
 
-    /// One write, published and made durable.
+    /// One write, made durable: the hub hears both from the store it observes.
     func write(_ body: (WriteTxn) -> Void) {
         let t = store.beginWrite()
         body(t)
-        let events = t.end()
-        if !events.isEmpty {
-            hub.publish(events, revision: t.revision)
+        if !t.end().isEmpty {
             _ = store.takeBatch()
             store.markCommitted(t.revision)
-            hub.advance(to: t.revision)
         }
     }
 
@@ -179,7 +179,7 @@ func texts(_ s: TestSink) -> [String] { s.messages.map { String(decoding: $0, as
         var config = WatchCreate(key: b("k"))
         config.startRevision = 2
         // Force the store path: the ring holds revision 2, so drop it by using a fresh hub.
-        let fresh = WatchHub(store: h.store, encoder: TestEncoder())
+        let fresh = WatchHub(store: h.store)
         let s2 = fresh.openStream(sink)
         fresh.create(s2, config)
         fresh.catchUp()
@@ -228,9 +228,9 @@ func texts(_ s: TestSink) -> [String] { s.messages.map { String(decoding: $0, as
         h.put("a", "1")
         h.hub.requestProgress(s)
         #expect(texts(sink).last == "2|-1||")
-        h.hub.progressTick(streams: [s])
+        h.hub.progressTick()
         #expect(texts(sink).last == "2|-1||", "watcher 0 got an event since the last tick")
-        h.hub.progressTick(streams: [s])
+        h.hub.progressTick()
         #expect(texts(sink).last == "2|0||")
         // A watcher on a future revision is not synced yet: no progress answer.
         var future = WatchCreate(key: b("c"))
@@ -260,6 +260,7 @@ func texts(_ s: TestSink) -> [String] { s.messages.map { String(decoding: $0, as
     @Test func aStreamClosedFromInsideASendIsFreedAfterTheWalk() {
         // A sink whose send closes its own stream (as a failed write closes the connection).
         final class ClosingSink: WatchSink {
+            let encoder: any WatchEncoder = TestEncoder.shared
             var messages = 0
             var onSend: (() -> Void)?
             var queuedBytes = 0

@@ -1,0 +1,114 @@
+import Auth
+import Foundation
+import GRPC
+import SwiftProtobuf
+import VigilCore
+
+/// Who may call a method while auth is enabled.
+public enum Access<Req> {
+    /// Anyone, with or without a token (Authenticate, MemberList).
+    case open
+    /// Any user with a valid token.
+    case authenticated
+    /// Users holding the root role.
+    case admin
+    /// Users whose roles grant the keys the request touches (root skips the check).
+    case keys((Caller, Req) throws(EtcdError) -> Void)
+    /// Like `keys`, for requests that need it (for the others: `open`).
+    case when((Req) -> Bool, (Caller, Req) throws(EtcdError) -> Void)
+}
+
+/// What a request carries besides its message.
+public struct RequestInfo: Sendable {
+    /// The auth token (gRPC `token` metadata, or the gateway's `Authorization` header).
+    public var token: String?
+    /// The request's size as gRPC would carry it (for `--max-request-bytes`).
+    public var size: Int
+    public init(token: String?, size: Int) {
+        self.token = token
+        self.size = size
+    }
+}
+
+/// Where a unary method's one answer goes: a gRPC call, or the gateway's JSON response.
+public protocol ReplySink: AnyObject {
+    func ok(_ response: any SwiftProtobuf.Message)
+    func fail(_ error: EtcdError)
+}
+
+/// Answers a unary request once, with a response or an error, whatever carried the request.
+public struct Reply<Resp: SwiftProtobuf.Message> {
+    let sink: any ReplySink
+    public init(_ sink: any ReplySink) { self.sink = sink }
+    public func ok(_ resp: Resp) { sink.ok(resp) }
+    public func fail(_ e: EtcdError) { sink.fail(e) }
+}
+
+/// A unary method's handler, independent of how the request arrived (binary protobuf over gRPC,
+/// JSON over the gateway): the transports decode `requestType`, then call `serve`.
+public final class UnaryMethod {
+    public let method: EtcdMethod
+    public let requestType: any SwiftProtobuf.Message.Type
+    let body: (_ request: any SwiftProtobuf.Message, _ info: RequestInfo, _ reply: any ReplySink) -> Void
+
+    init(
+        method: EtcdMethod, requestType: any SwiftProtobuf.Message.Type,
+        body: @escaping (any SwiftProtobuf.Message, RequestInfo, any ReplySink) -> Void
+    ) {
+        self.method = method
+        self.requestType = requestType
+        self.body = body
+    }
+
+    /// Runs the method on a decoded request (of `requestType`); answers through `reply` once.
+    public func serve(_ request: any SwiftProtobuf.Message, _ info: RequestInfo, _ reply: any ReplySink) {
+        body(request, info, reply)
+    }
+}
+
+/// A unary method over gRPC: the first message is the request (more are ignored, as one request
+/// is all a unary call carries); a half-close before it is an error.
+final class UnaryCall: CallHandler, ReplySink {
+    private let method: UnaryMethod
+    private var seen = false
+
+    init(_ method: UnaryMethod) { self.method = method }
+
+    func call(_ call: ServerCall, received message: [UInt8]) {
+        guard !seen else { return }
+        seen = true
+        let req: any SwiftProtobuf.Message
+        do { req = try method.requestType.init(serializedBytes: message) } catch {
+            call.finish(EtcdError.malformedRequest.with(message: "grpc: error unmarshalling request: \(error)").status)
+            return
+        }
+        self.call = call
+        method.serve(req, RequestInfo(token: call.token, size: message.count), self)
+    }
+
+    func callHalfClosed(_ call: ServerCall) {
+        if !seen { call.finish(GRPCStatus(.internal, "grpc: error while receiving the request: unexpected EOF")) }
+    }
+
+    func callEnded(_ call: ServerCall) { self.call = nil }
+
+    /// Set while the method runs (an answer may come after a commit).
+    private var call: ServerCall?
+
+    func ok(_ response: any SwiftProtobuf.Message) {
+        guard let call else { return }
+        do {
+            call.send(try response.serializedBytes())
+            call.finish(.ok)
+        } catch {
+            call.finish(EtcdError.internal("grpc: error while marshaling: \(error)").status)
+        }
+    }
+
+    func fail(_ error: EtcdError) { call?.finish(error.status) }
+}
+
+extension ServerCall {
+    /// The auth token of a gRPC call (`token` metadata, or `authorization` as the gateway sends it).
+    var token: String? { metadata("token") ?? metadata("authorization") }
+}

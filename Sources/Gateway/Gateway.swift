@@ -1,0 +1,276 @@
+import EtcdAPI
+import EtcdProto
+import Foundation
+import HTTPCore
+import MVCC
+import SwiftProtobuf
+import VigilCore
+import WatchHub
+
+/// etcd's HTTP/JSON gateway (grpc-gateway v1 as etcd 3.4 serves it): `POST /v3/...` with a JSON
+/// request, answered in the protobuf JSON mapping with proto field names, 64-bit integers as
+/// strings, bytes in base64 and defaults omitted. Streaming methods answer with one
+/// `{"result":{...}}` line per message on a streamed response.
+///
+/// It is a mapping only: the method comes from `EtcdMethod`'s table, the work from the same
+/// handlers gRPC uses, and the answer goes out through the transport's `HTTPResponder`
+/// (HTTP/1.1 or h2c alike).
+public final class Gateway {
+    static let jsonOptions: JSONEncodingOptions = {
+        var o = JSONEncodingOptions()
+        o.preserveProtoFieldNames = true
+        return o
+    }()
+
+    private let services: EtcdServices
+    private let watchEncoder: JSONWatchEncoder
+    private let refused: (EtcdError.Refusal) -> Void
+
+    /// - Parameter refused: hears every request refused for a limit (the server counts them).
+    public init(services: EtcdServices, refused: @escaping (EtcdError.Refusal) -> Void = { _ in }) {
+        self.services = services
+        self.refused = refused
+        watchEncoder = JSONWatchEncoder(identity: services.context.identity)
+    }
+
+    /// Whether the gateway serves `path` (`/v3/...` or `/v3beta/...`).
+    public static func handles(_ path: String) -> Bool {
+        EtcdMethod.gatewayPrefixes.contains { path.hasPrefix($0) }
+    }
+
+    /// `{"error":…,"code":…,"message":…}`, grpc-gateway's error body.
+    public static func errorBody(code: GRPCCode, message: String) -> [UInt8] {
+        let m = jsonString(message)
+        return Array(#"{"error":\#(m),"code":\#(code.rawValue),"message":\#(m)}"#.utf8)
+    }
+
+    /// An error answer: the error's HTTP status and grpc-gateway's body.
+    public static func errorResponse(_ e: EtcdError) -> HTTPResponse {
+        HTTPResponse(status: e.code.httpStatus, body: errorBody(code: e.grpcCode, message: e.message))
+    }
+
+    static func errorResponse(status: Int, code: GRPCCode, _ message: String) -> HTTPResponse {
+        HTTPResponse(status: status, body: errorBody(code: code, message: message))
+    }
+
+    /// A JSON string literal for `s`.
+    static func jsonString(_ s: String) -> String {
+        let data =
+            (try? JSONSerialization.data(withJSONObject: [s], options: [.withoutEscapingSlashes])) ?? Data("[\"\"]".utf8)
+        return String(decoding: data.dropFirst().dropLast(), as: UTF8.self)
+    }
+
+    /// Serves one gateway request.
+    public func handle(_ request: HTTPRequest, _ out: any HTTPResponder) {
+        guard let method = EtcdMethod.forGatewayPath(request.path) else {
+            return out.respond(Self.errorResponse(status: 404, code: .notFound, "Not Found"))
+        }
+        guard request.method == "POST" else {
+            return out.respond(Self.errorResponse(status: 405, code: .unimplemented, "Method Not Allowed"))
+        }
+        // grpc-gateway passes the Authorization header on as the token.
+        let token = request.header("authorization")
+        switch method {
+        case .watch: watch(request.body, token, out)
+        case .leaseKeepAlive: keepAlive(request.body, token, out)
+        default:
+            guard let unary = services.unary(method) else {
+                return out.respond(Self.errorResponse(status: 501, code: .unimplemented, "unknown method \(method.name)"))
+            }
+            serve(unary, request.body, token, out)
+        }
+    }
+
+    private func serve(_ unary: UnaryMethod, _ body: [UInt8], _ token: String?, _ out: any HTTPResponder) {
+        let reply = JSONReply(out, refused: refused)
+        let req: any SwiftProtobuf.Message
+        do {
+            req = try unary.requestType.init(jsonUTF8Bytes: body.isEmpty ? Array("{}".utf8) : body, options: .init())
+        } catch {
+            return out.respond(Self.errorResponse(status: 400, code: .invalidArgument, "\(error)"))
+        }
+        // The request limit applies to the request as the gRPC API would see it.
+        let size = (try? req.serializedBytes() as [UInt8])?.count ?? body.count
+        unary.serve(req, RequestInfo(token: token, size: size), reply)
+    }
+
+    /// Splits a body holding a sequence of JSON objects (grpc-gateway's decoder loop for streams).
+    static func objects(_ body: [UInt8]) -> [[UInt8]]? {
+        var out: [[UInt8]] = []
+        var depth = 0, start = -1, inString = false, escaped = false
+        for (i, b) in body.enumerated() {
+            if inString {
+                if escaped {
+                    escaped = false
+                } else if b == UInt8(ascii: "\\") {
+                    escaped = true
+                } else if b == UInt8(ascii: "\"") {
+                    inString = false
+                }
+                continue
+            }
+            switch b {
+            case UInt8(ascii: "\""): inString = true
+            case UInt8(ascii: "{"):
+                if depth == 0 { start = i }
+                depth += 1
+            case UInt8(ascii: "}"):
+                depth -= 1
+                if depth < 0 { return nil }
+                if depth == 0 { out.append(Array(body[start...i])) }
+            case UInt8(ascii: " "), UInt8(ascii: "\n"), UInt8(ascii: "\r"), UInt8(ascii: "\t"): break
+            default: if depth == 0 { return nil }
+            }
+        }
+        return depth == 0 && !inString ? out : nil
+    }
+
+    /// A request the gateway answers itself, with `response`.
+    private struct Refused: Error {
+        let response: HTTPResponse
+    }
+
+    private func decodeAll<M: SwiftProtobuf.Message>(_ body: [UInt8], as: M.Type) -> Result<[M], Refused> {
+        guard let parts = Self.objects(body) else {
+            return .failure(Refused(response: Self.errorResponse(status: 400, code: .invalidArgument, "malformed JSON body")))
+        }
+        var out: [M] = []
+        for p in parts {
+            do { out.append(try M(jsonUTF8Bytes: p, options: .init())) } catch {
+                return .failure(Refused(response: Self.errorResponse(status: 400, code: .invalidArgument, "\(error)")))
+            }
+        }
+        return .success(out)
+    }
+
+    /// `{"result":…}` and a newline: one message of a streamed answer.
+    static func resultLine(_ m: some SwiftProtobuf.Message) -> [UInt8] {
+        let json = (try? m.jsonString(options: jsonOptions)) ?? "{}"
+        return Array("{\"result\":\(json)}\n".utf8)
+    }
+
+    /// `/v3/watch`: the body's WatchRequests, then a stream of responses until the client leaves.
+    private func watch(_ body: [UInt8], _ token: String?, _ out: any HTTPResponder) {
+        let requests: [Etcdserverpb_WatchRequest]
+        switch decodeAll(body, as: Etcdserverpb_WatchRequest.self) {
+        case .success(let r): requests = r
+        case .failure(let refused): return out.respond(refused.response)
+        }
+        let sink = JSONWatchSink(out, encoder: watchEncoder)
+        let session = services.watch.open(sink, token: token)
+        sink.session = session
+        out.startStream(status: 200, contentType: "application/json", observer: sink)
+        for r in requests { session.receive(r) }
+    }
+
+    /// `/v3/lease/keepalive`: one answer per request in the body, then the stream ends.
+    private func keepAlive(_ body: [UInt8], _ token: String?, _ out: any HTTPResponder) {
+        let requests: [Etcdserverpb_LeaseKeepAliveRequest]
+        switch decodeAll(body, as: Etcdserverpb_LeaseKeepAliveRequest.self) {
+        case .success(let r): requests = r
+        case .failure(let refused): return out.respond(refused.response)
+        }
+        var answers: [[UInt8]] = []
+        for r in requests {
+            do throws(EtcdError) {
+                answers.append(Self.resultLine(try services.keepAlive(r, token: token)))
+            } catch {
+                if let reason = error.code.refusal { refused(reason) }
+                return out.respond(Self.errorResponse(error))
+            }
+        }
+        out.startStream(status: 200, contentType: "application/json", observer: nil)
+        for a in answers { out.send(a) }
+        out.finish()
+    }
+}
+
+/// A unary answer as gateway JSON.
+final class JSONReply: ReplySink {
+    private let out: any HTTPResponder
+    private let refused: (EtcdError.Refusal) -> Void
+
+    init(_ out: any HTTPResponder, refused: @escaping (EtcdError.Refusal) -> Void) {
+        self.out = out
+        self.refused = refused
+    }
+
+    func ok(_ response: any SwiftProtobuf.Message) {
+        do {
+            out.respond(HTTPResponse(status: 200, body: Array(try response.jsonString(options: Gateway.jsonOptions).utf8)))
+        } catch {
+            fail(.internal("grpc: error while marshaling: \(error)"))
+        }
+    }
+
+    func fail(_ error: EtcdError) {
+        if let reason = error.code.refusal { refused(reason) }
+        out.respond(Gateway.errorResponse(error))
+    }
+}
+
+/// Watch responses as gateway JSON lines, made by the hub with this encoder (no protobuf frames
+/// decoded on the way): each event is encoded once per revision and shared by every gateway
+/// stream that receives it, like gRPC's.
+public final class JSONWatchEncoder: WatchEncoder {
+    private let identity: MemberIdentity
+
+    public init(identity: MemberIdentity) { self.identity = identity }
+
+    public func encode(_ event: Event, prevKV: Bool) -> [UInt8] {
+        Array(((try? event.proto(prevKV: prevKV).jsonString(options: Gateway.jsonOptions)) ?? "{}").utf8)
+    }
+
+    /// `{"result":{…}}\n`: the response's fields through SwiftProtobuf's JSON, with the encoded
+    /// events put in as `events`, the last field, where SwiftProtobuf would put them.
+    public func response(_ f: ResponseFields, events: [[UInt8]]) -> [UInt8] {
+        var r = Etcdserverpb_WatchResponse()
+        r.header.clusterID = identity.clusterID
+        r.header.memberID = identity.memberID
+        r.header.raftTerm = identity.raftTerm
+        r.header.revision = f.headerRevision
+        r.watchID = f.watchID
+        r.created = f.created
+        r.canceled = f.canceled
+        r.compactRevision = f.compactRevision
+        r.cancelReason = f.cancelReason
+        r.fragment = f.fragment
+        var json = Array(((try? r.jsonString(options: Gateway.jsonOptions)) ?? "{}").utf8)
+        if !events.isEmpty {
+            json.removeLast()  // "}"
+            if json.count > 1 { json.append(UInt8(ascii: ",")) }
+            json += Array(#""events":["#.utf8)
+            for (i, e) in events.enumerated() {
+                if i > 0 { json.append(UInt8(ascii: ",")) }
+                json += e
+            }
+            json += Array("]}".utf8)
+        }
+        return Array(#"{"result":"#.utf8) + json + Array("}\n".utf8)
+    }
+}
+
+/// A gateway watch stream: the hub's JSON lines go out as chunks; drains and the client leaving
+/// come back from the transport.
+final class JSONWatchSink: WatchSink, HTTPStreamObserver {
+    let out: any HTTPResponder
+    let encoder: any WatchEncoder
+    var session: WatchSession?
+
+    init(_ out: any HTTPResponder, encoder: any WatchEncoder) {
+        self.out = out
+        self.encoder = encoder
+    }
+
+    func send(_ message: [UInt8]) { out.send(message) }
+    var queuedBytes: Int { out.queuedBytes }
+    func notifyWhenDrained() { out.notifyWhenDrained() }
+
+    func responseDrained() { session?.drained() }
+
+    func responseClosed() {
+        let s = session
+        session = nil
+        s?.close()
+    }
+}

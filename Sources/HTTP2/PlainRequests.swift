@@ -1,0 +1,147 @@
+import HTTPCore
+
+/// Serves the streams of a server session that carry plain HTTP (the JSON gateway over h2c): a
+/// request's head and body are collected, then handed to an `HTTPHandler` with a responder that
+/// answers on the stream. The session's owner forwards these streams' events here (for gRPC,
+/// `GRPCConnection` does, for every stream that is not a gRPC call).
+public final class HTTP2PlainRequests: HTTP2SessionDelegate {
+    private let session: HTTP2Session
+    private weak var handler: (any HTTPHandler)?
+    private let maxBodyBytes: Int
+    private let needsFlush: () -> Void
+    private var arriving: [Int32: (headers: [HeaderField], body: [UInt8])] = [:]
+    private var answering: [Int32: HTTP2Responder] = [:]
+
+    /// - Parameters:
+    ///   - maxBodyBytes: longer bodies are refused (the handler words the 413).
+    ///   - needsFlush: output is waiting on the session (the owner writes `takeOutput()` soon).
+    public init(
+        session: HTTP2Session, handler: any HTTPHandler, maxBodyBytes: Int, needsFlush: @escaping () -> Void
+    ) {
+        self.session = session
+        self.handler = handler
+        self.maxBodyBytes = maxBodyBytes
+        self.needsFlush = needsFlush
+    }
+
+    public func streamHeaders(_ stream: Int32, _ headers: [HeaderField], _ block: HeaderBlock) {
+        guard block == .request else { return }
+        arriving[stream] = (headers, [])
+    }
+
+    public func streamData(_ stream: Int32, _ data: UnsafeRawBufferPointer) {
+        guard arriving[stream] != nil else { return }
+        if arriving[stream]!.body.count + data.count > maxBodyBytes {
+            arriving[stream] = nil
+            let r = responder(stream)
+            r.respond(handler?.response(for: .bodyTooLarge) ?? HTTPResponse(status: 413, body: []))
+            return
+        }
+        arriving[stream]!.body.append(contentsOf: data)
+    }
+
+    public func streamEnded(_ stream: Int32) {
+        guard let (headers, body) = arriving.removeValue(forKey: stream) else { return }
+        var method = "GET", target = "/"
+        var fields: [(name: String, value: String)] = []
+        for h in headers {
+            switch h.name {
+            case ":method": method = h.value
+            case ":path": target = h.value
+            default: if !h.name.hasPrefix(":") { fields.append((h.name, h.value)) }
+            }
+        }
+        let r = responder(stream)
+        guard let handler else { return r.respond(HTTPResponse(status: 404, body: [])) }
+        handler.handle(HTTPRequest(method: method, target: target, headers: fields, body: body), r)
+    }
+
+    private func responder(_ stream: Int32) -> HTTP2Responder {
+        let r = HTTP2Responder(session: session, stream: stream, needsFlush: needsFlush)
+        answering[stream] = r
+        return r
+    }
+
+    public func streamClosed(_ stream: Int32) {
+        arriving[stream] = nil
+        answering.removeValue(forKey: stream)?.closed()
+    }
+
+    public func streamDrained(_ stream: Int32) { answering[stream]?.drained() }
+
+    /// The connection went away: every answer still open hears it.
+    public func connectionClosed() {
+        arriving.removeAll()
+        let open = answering.values
+        answering.removeAll()
+        for r in open { r.closed() }
+    }
+}
+
+/// An answer written on one HTTP/2 stream: headers, then DATA, then END_STREAM.
+public final class HTTP2Responder: HTTPResponder {
+    private let session: HTTP2Session
+    private let stream: Int32
+    private let needsFlush: () -> Void
+    private var queue: HTTP2Session.StreamQueue?
+    private var done = false
+    /// Kept until the answer is done or the client left.
+    private var observer: (any HTTPStreamObserver)?
+
+    init(session: HTTP2Session, stream: Int32, needsFlush: @escaping () -> Void) {
+        self.session = session
+        self.stream = stream
+        self.needsFlush = needsFlush
+    }
+
+    private static func head(_ status: Int, _ headers: [(name: String, value: String)]) -> [HeaderField] {
+        [(":status", String(status))] + headers.map { (name: $0.name.lowercased(), value: $0.value) }
+    }
+
+    public func respond(_ r: HTTPResponse) {
+        guard !done, queue == nil else { return }
+        done = true
+        if r.body.isEmpty {
+            session.respond(stream, headers: Self.head(r.status, r.headers), endStream: true)
+        } else {
+            let q = session.respond(stream, headers: Self.head(r.status, r.headers), endStream: false)
+            if let q { session.send(r.body, to: q) }
+            session.finish(stream, trailers: [])
+        }
+        needsFlush()
+    }
+
+    public func startStream(status: Int, contentType: String, observer: (any HTTPStreamObserver)?) {
+        guard !done, queue == nil else { return }
+        self.observer = observer
+        queue = session.respond(stream, headers: Self.head(status, [("content-type", contentType)]), endStream: false)
+        needsFlush()
+    }
+
+    public func send(_ chunk: [UInt8]) {
+        guard !done, let q = queue else { return }
+        q.send(chunk)
+    }
+
+    public func finish() {
+        guard !done, queue != nil else { return }
+        done = true
+        observer = nil
+        session.finish(stream, trailers: [])
+        needsFlush()
+    }
+
+    public var queuedBytes: Int { queue?.bytes ?? 0 }
+
+    public func notifyWhenDrained() { session.notifyWhenDrained(stream) }
+
+    func drained() { observer?.responseDrained() }
+
+    func closed() {
+        let o = observer
+        observer = nil
+        let wasOpen = !done
+        done = true
+        if wasOpen { o?.responseClosed() }
+    }
+}

@@ -1,0 +1,111 @@
+/// Plain HTTP requests and answers, the same over HTTP/1.1 (http-parser) and over h2c streams
+/// (nghttp2): both transports turn bytes into an `HTTPRequest` and hand it to an `HTTPHandler`
+/// with an `HTTPResponder` of their own, so the gateway and the plain endpoints are written once.
+
+/// A request whose head and body have arrived whole.
+public struct HTTPRequest: Sendable {
+    public var method: String
+    /// The request target: path and query (`/v3/kv/range`, `/health?exclude=NOSPACE`).
+    public var target: String
+    /// Names as sent (HTTP/2 sends them in lowercase; HTTP/1.1 in any case).
+    public var headers: [(name: String, value: String)]
+    public var body: [UInt8]
+
+    public init(method: String, target: String, headers: [(name: String, value: String)], body: [UInt8]) {
+        self.method = method
+        self.target = target
+        self.headers = headers
+        self.body = body
+    }
+
+    /// The path without the query string.
+    public var path: String { String(target.split(separator: "?", maxSplits: 1, omittingEmptySubsequences: false)[0]) }
+
+    /// The query string (after `?`), empty if there is none.
+    public var query: String {
+        guard let q = target.firstIndex(of: "?") else { return "" }
+        return String(target[target.index(after: q)...])
+    }
+
+    /// The first value of a header, by name in any case.
+    public func header(_ name: String) -> String? {
+        let name = name.lowercased()
+        return headers.first { $0.name.lowercased() == name }?.value
+    }
+}
+
+/// A whole answer.
+public struct HTTPResponse: Sendable {
+    public var status: Int
+    public var headers: [(name: String, value: String)]
+    public var body: [UInt8]
+
+    public init(status: Int, contentType: String = "application/json", body: [UInt8]) {
+        self.status = status
+        self.headers = [("Content-Type", contentType)]
+        self.body = body
+    }
+
+    /// The reason phrase HTTP/1.1 writes after the status.
+    public static func reason(_ status: Int) -> String {
+        switch status {
+        case 200: "OK"
+        case 204: "No Content"
+        case 400: "Bad Request"
+        case 401: "Unauthorized"
+        case 403: "Forbidden"
+        case 404: "Not Found"
+        case 405: "Method Not Allowed"
+        case 408: "Request Timeout"
+        case 409: "Conflict"
+        case 413: "Payload Too Large"
+        case 415: "Unsupported Media Type"
+        case 429: "Too Many Requests"
+        case 500: "Internal Server Error"
+        case 501: "Not Implemented"
+        case 503: "Service Unavailable"
+        case 504: "Gateway Timeout"
+        default: "Status"
+        }
+    }
+}
+
+/// Hears what happens to a streamed answer (one per responder; set by `startStream`).
+public protocol HTTPStreamObserver: AnyObject {
+    /// Everything sent so far has left (once after each `notifyWhenDrained`).
+    func responseDrained()
+    /// The client went away (or the connection closed) before `finish`.
+    func responseClosed()
+}
+
+/// How a request is answered: once whole (`respond`), or as a stream (`startStream`, `send`…,
+/// `finish`). Calls after the answer is done, or after the client left, do nothing.
+public protocol HTTPResponder: AnyObject {
+    func respond(_ response: HTTPResponse)
+    /// Starts a streamed answer (chunked on HTTP/1.1, DATA frames on HTTP/2); `observer` hears
+    /// drains and the client leaving.
+    func startStream(status: Int, contentType: String, observer: (any HTTPStreamObserver)?)
+    func send(_ chunk: [UInt8])
+    func finish()
+    /// Bytes sent that the client has not taken yet.
+    var queuedBytes: Int { get }
+    /// Asks for one `responseDrained` once everything sent so far has left (at once if it has).
+    func notifyWhenDrained()
+}
+
+/// Why a transport refused a request before it reached the handler.
+public enum HTTPRefusal: Sendable, Equatable {
+    /// The body is over the transport's limit (413).
+    case bodyTooLarge
+    /// The request did not arrive in full in time (408; HTTP/1.1 only).
+    case readTimeout
+    /// The bytes are not HTTP (400).
+    case malformed
+}
+
+/// Serves plain HTTP requests, on the loop.
+public protocol HTTPHandler: AnyObject {
+    func handle(_ request: HTTPRequest, _ responder: any HTTPResponder)
+    /// The answer to a request refused by the transport (the handler words it, and counts it).
+    func response(for refusal: HTTPRefusal) -> HTTPResponse
+}

@@ -1,0 +1,150 @@
+/// An error as etcd's clients see it: a message, a gRPC code and, over the JSON gateway, an HTTP
+/// status. Clients match etcd's errors by their text (Go's `rpctypes.Error` looks the message up
+/// in a map), so every message in the table below is byte-identical to etcd's `rpctypes`, or to
+/// the `cancel_reason` strings of etcd's watch.
+///
+/// This file is the one place that holds them: the services throw these values, the gRPC layer
+/// sends `code.grpcCode` and `message`, the gateway answers `code.httpStatus`, and the metrics count
+/// the ones whose `code.refusal` is set.
+public struct EtcdError: Error, Hashable, Sendable, CustomStringConvertible {
+    /// What kind of error it is: one row of the table.
+    public struct Code: Hashable, Sendable {
+        /// etcd's text for it.
+        public let message: String
+        public let grpcCode: GRPCCode
+        /// The HTTP status over the gateway: grpc-gateway's mapping of the gRPC code, except for
+        /// the HTTP layer's own refusals (413, 408).
+        public let httpStatus: Int
+        /// Set for the refusals of a limit, counted in `vigil_requests_refused_total`.
+        public let refusal: Refusal?
+    }
+
+    /// Why a request was refused for a limit (the `reason` label of `vigil_requests_refused_total`).
+    public enum Refusal: String, Sendable, CaseIterable {
+        case requestTooLarge = "request_too_large"
+        case tooManyTxnOps = "too_many_txn_ops"
+        case tooManyStreams = "too_many_streams"
+        case noSpace = "no_space"
+        case tooManyRequests = "too_many_requests"
+        case httpReadTimeout = "http_read_timeout"
+    }
+
+    public let code: Code
+    /// The text sent: the code's message, or for the few errors etcd words case by case, that.
+    public let message: String
+
+    public var description: String { message }
+    public var grpcCode: GRPCCode { code.grpcCode }
+
+    init(_ grpcCode: GRPCCode, _ message: String, http: Int? = nil, refusal: Refusal? = nil) {
+        code = Code(message: message, grpcCode: grpcCode, httpStatus: http ?? grpcCode.httpStatus, refusal: refusal)
+        self.message = message
+    }
+
+    /// The same kind of error worded for this case (e.g. `etcdserver: defragment failed: …`).
+    public func with(message: String) -> EtcdError { EtcdError(code: code, message: message) }
+
+    private init(code: Code, message: String) {
+        self.code = code
+        self.message = message
+    }
+
+    /// An internal failure with its own words (gRPC INTERNAL, HTTP 500).
+    public static func `internal`(_ message: String) -> EtcdError { EtcdError(.internal, message) }
+}
+
+// MARK: - The table (etcd's api/v3rpc/rpctypes, same text in 3.4 and 3.5)
+
+extension EtcdError {
+    // Request validation.
+    public static let emptyKey = EtcdError(.invalidArgument, "etcdserver: key is not provided")
+    public static let keyNotFound = EtcdError(.invalidArgument, "etcdserver: key not found")
+    public static let valueProvided = EtcdError(.invalidArgument, "etcdserver: value is provided")
+    public static let leaseProvided = EtcdError(.invalidArgument, "etcdserver: lease is provided")
+    public static let tooManyOps = EtcdError(
+        .invalidArgument, "etcdserver: too many operations in txn request", refusal: .tooManyTxnOps)
+    public static let duplicateKey = EtcdError(.invalidArgument, "etcdserver: duplicate key given in txn request")
+    public static let requestTooLarge = EtcdError(
+        .invalidArgument, "etcdserver: request is too large", refusal: .requestTooLarge)
+    public static let tooManyRequests = EtcdError(
+        .resourceExhausted, "etcdserver: too many requests", refusal: .tooManyRequests)
+
+    // History.
+    public static let compacted = EtcdError(.outOfRange, "etcdserver: mvcc: required revision has been compacted")
+    public static let futureRevision = EtcdError(.outOfRange, "etcdserver: mvcc: required revision is a future revision")
+    public static let noSpace = EtcdError(
+        .resourceExhausted, "etcdserver: mvcc: database space exceeded", refusal: .noSpace)
+
+    // Leases.
+    public static let leaseNotFound = EtcdError(.notFound, "etcdserver: requested lease not found")
+    public static let leaseExist = EtcdError(.failedPrecondition, "etcdserver: lease already exists")
+    public static let leaseTTLTooLarge = EtcdError(.outOfRange, "etcdserver: too large lease TTL")
+
+    // Watch (the last four are etcd's mvcc `cancel_reason` texts, sent in a response, not a status).
+    public static let watchCanceled = EtcdError(.cancelled, "etcdserver: watch canceled")
+    public static let watcherRangeEmpty = EtcdError(.invalidArgument, "mvcc: watcher range is empty")
+    public static let duplicateWatchID = EtcdError(
+        .invalidArgument, "mvcc: duplicate watch ID provided on the WatchStream")
+    /// Not an etcd error: the hub keeps watched keys in a byte arena of at most 4 GiB.
+    public static let watchedKeysFull = EtcdError(
+        .resourceExhausted, "etcdserver: too many requests (the watched keys fill 4 GiB)", refusal: .tooManyRequests)
+
+    // Cluster.
+    public static let memberExist = EtcdError(.failedPrecondition, "etcdserver: member ID already exist")
+    public static let peerURLExist = EtcdError(.failedPrecondition, "etcdserver: Peer URLs already exists")
+    public static let memberNotEnoughStarted = EtcdError(
+        .failedPrecondition, "etcdserver: re-configuration failed due to not enough started members")
+    public static let memberBadURLs = EtcdError(.invalidArgument, "etcdserver: given member URLs are invalid")
+    public static let memberNotFound = EtcdError(.notFound, "etcdserver: member not found")
+    public static let memberNotLearner = EtcdError(.failedPrecondition, "etcdserver: can only promote a learner member")
+    /// Not an etcd error: a one-member Vigil has no peers to change.
+    public static let membershipFixed = EtcdError(
+        .failedPrecondition, "etcdserver: membership of a single-member vigil cluster cannot change")
+    public static let badLeaderTransferee = EtcdError(.failedPrecondition, "etcdserver: bad leader transferee")
+
+    // Auth.
+    public static let rootUserNotExist = EtcdError(.failedPrecondition, "etcdserver: root user does not exist")
+    public static let rootRoleNotExist = EtcdError(.failedPrecondition, "etcdserver: root user does not have root role")
+    public static let userAlreadyExist = EtcdError(.failedPrecondition, "etcdserver: user name already exists")
+    public static let userEmpty = EtcdError(.invalidArgument, "etcdserver: user name is empty")
+    public static let userNotFound = EtcdError(.failedPrecondition, "etcdserver: user name not found")
+    public static let roleAlreadyExist = EtcdError(.failedPrecondition, "etcdserver: role name already exists")
+    public static let roleNotFound = EtcdError(.failedPrecondition, "etcdserver: role name not found")
+    public static let roleEmpty = EtcdError(.invalidArgument, "etcdserver: role name is empty")
+    public static let authFailed = EtcdError(
+        .invalidArgument, "etcdserver: authentication failed, invalid user ID or password")
+    public static let permissionDenied = EtcdError(.permissionDenied, "etcdserver: permission denied")
+    public static let authNotEnabled = EtcdError(.failedPrecondition, "etcdserver: authentication is not enabled")
+    public static let invalidAuthToken = EtcdError(.unauthenticated, "etcdserver: invalid auth token")
+    public static let permissionNotGiven = EtcdError(.invalidArgument, "etcdserver: permission not given")
+    public static let roleNotGranted = EtcdError(.failedPrecondition, "etcdserver: role is not granted to the user")
+    public static let permissionNotGranted = EtcdError(
+        .failedPrecondition, "etcdserver: permission is not granted to the role")
+    public static let invalidAuthMgmt = EtcdError(.invalidArgument, "etcdserver: invalid auth management")
+    public static let authOldRevision = EtcdError(.invalidArgument, "etcdserver: revision of auth store is old")
+    /// Not an etcd error: bcrypt reads 72 bytes at most and no NUL, so longer passwords are refused
+    /// rather than silently cut.
+    public static let passwordUnusable = EtcdError(
+        .invalidArgument, "etcdserver: password must be at most 72 bytes and hold no NUL byte")
+
+    // Server state.
+    public static let notCapable = EtcdError(.unavailable, "etcdserver: not capable")
+    public static let stopped = EtcdError(.unavailable, "etcdserver: server stopped")
+    public static let timeout = EtcdError(.unavailable, "etcdserver: request timed out")
+    public static let corrupt = EtcdError(.dataLoss, "etcdserver: corrupt cluster")
+
+    // The gRPC layer's own words (grpc-go's), for requests that never reach a service.
+    public static let malformedRequest = EtcdError(.internal, "grpc: error unmarshalling request")
+    public static let deadlineExceeded = EtcdError(.deadlineExceeded, "context deadline exceeded")
+    /// A request body over the gateway's limit, refused before it is read whole (HTTP 413).
+    public static let bodyTooLarge = EtcdError(
+        .invalidArgument, "etcdserver: request is too large", http: 413, refusal: .requestTooLarge)
+    /// An HTTP/1.1 request that did not arrive in full within `--http-read-timeout` (HTTP 408).
+    public static let readTimeout = EtcdError(
+        .deadlineExceeded, "request timed out", http: 408, refusal: .httpReadTimeout)
+    /// An HTTP/1.1 request http-parser could not read (HTTP 400).
+    public static let malformedHTTP = EtcdError(.invalidArgument, "malformed HTTP request")
+    /// HTTP/2 streams past `--max-concurrent-streams` (refused with REFUSED_STREAM).
+    public static let tooManyStreams = EtcdError(
+        .resourceExhausted, "too many concurrent streams", refusal: .tooManyStreams)
+}
