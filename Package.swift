@@ -86,7 +86,7 @@ let package = Package(
         .executableTarget(
             name: "vigil-bench",
             dependencies: [
-                "VigilClient", "EventLoop", "GRPC", "EtcdProto",
+                "VigilClient", "EventLoop", "GRPC", "EtcdProto", "VigilCore",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ], path: "Benchmarks/vigil-bench"),
 
@@ -109,14 +109,14 @@ let package = Package(
         .executableTarget(
             name: "ConfigPushExample",
             dependencies: [
-                "VigilServer", "VigilClient", "EventLoop", "GRPC", "EtcdProto",
+                "VigilServer", "VigilClient", "EventLoop", "GRPC", "EtcdProto", "VigilCore",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ], path: "Examples/config-push", exclude: ["README.md"]),
 
         .testTarget(name: "MVCCTests", dependencies: ["MVCC"]),
         .testTarget(name: "WatchHubTests", dependencies: ["WatchHub", "IntervalTree", "MVCC"]),
         .testTarget(name: "GRPCTests", dependencies: ["GRPC"]),
-        .testTarget(name: "VigilIntegrationTests", dependencies: ["VigilTesting", "EtcdProto", "GRPC", "MVCC", "FuzzHarness",
+        .testTarget(name: "VigilIntegrationTests", dependencies: ["VigilTesting", "EtcdProto", "GRPC", "MVCC", "FuzzHarness", "VigilCore",
                                                                   .product(name: "SwiftProtobuf", package: "swift-protobuf")]),
     ],
     swiftLanguageModes: [.v5]

@@ -12,7 +12,7 @@ kind="${1:?address or thread}"
 shift
 case "$kind" in
     address) scratch=.build-asan
-             export ASAN_OPTIONS="detect_leaks=0:suppressions=$PWD/scripts/asan.supp${ASAN_OPTIONS:+:$ASAN_OPTIONS}" ;;
+             export ASAN_OPTIONS="detect_leaks=0${ASAN_OPTIONS:+:$ASAN_OPTIONS}" ;;
     thread)  scratch=.build-tsan
              export TSAN_OPTIONS="halt_on_error=1${TSAN_OPTIONS:+:$TSAN_OPTIONS}" ;;
     *) echo "unknown sanitizer $kind" >&2; exit 2 ;;

@@ -8,6 +8,7 @@ import Foundation
 import GRPC
 import SwiftProtobuf
 import VigilClient
+import VigilCore
 
 struct CompactionBench: Workload {
     let bench: Bench
@@ -23,7 +24,7 @@ struct CompactionBench: Workload {
     }
 
     func status(_ c: GRPCClientConnection) -> Etcdserverpb_StatusResponse? {
-        try? call(c, "/etcdserverpb.Maintenance/Status", Etcdserverpb_StatusRequest(), as: Etcdserverpb_StatusResponse.self)?.get()
+        try? call(c, EtcdMethod.status.path, Etcdserverpb_StatusRequest(), as: Etcdserverpb_StatusResponse.self)?.get()
     }
 
     func run() throws -> [String: Any] {
@@ -36,7 +37,7 @@ struct CompactionBench: Workload {
             p.key = bench.key(next)
             p.value = value
             next += 1
-            c.unary("/etcdserverpb.KV/Put", p) { (_: Result<Etcdserverpb_PutResponse, GRPCStatus>) in
+            c.unary(EtcdMethod.put.path, p) { (_: Result<Etcdserverpb_PutResponse, GRPCStatus>) in
                 done += 1
                 issue(c)
             }
@@ -59,7 +60,7 @@ struct CompactionBench: Workload {
             let p0 = now()
             var r = Etcdserverpb_RangeRequest()
             r.key = bench.key(Int.random(in: 0..<bench.keySpace))
-            prober.unary("/etcdserverpb.KV/Range", r) { (_: Result<Etcdserverpb_RangeResponse, GRPCStatus>) in
+            prober.unary(EtcdMethod.range.path, r) { (_: Result<Etcdserverpb_RangeResponse, GRPCStatus>) in
                 probes.append(Double(DispatchTime.now().uptimeNanoseconds - p0) / 1e6)
                 probing = false
             }
@@ -70,7 +71,7 @@ struct CompactionBench: Workload {
         c.physical = true
         let c0 = now()
         var compactError = ""
-        control.unary("/etcdserverpb.KV/Compact", c) { (r: Result<Etcdserverpb_CompactionResponse, GRPCStatus>) in
+        control.unary(EtcdMethod.compact.path, c) { (r: Result<Etcdserverpb_CompactionResponse, GRPCStatus>) in
             if case .failure(let e) = r { compactError = e.description }
             compacted = true
         }
@@ -80,7 +81,7 @@ struct CompactionBench: Workload {
         let afterCompact = status(control)
 
         let d0 = now()
-        _ = call(control, "/etcdserverpb.Maintenance/Defragment", Etcdserverpb_DefragmentRequest(),
+        _ = call(control, EtcdMethod.defragment.path, Etcdserverpb_DefragmentRequest(),
                  as: Etcdserverpb_DefragmentResponse.self)
         let defragSeconds = Double(now() - d0) / 1e9
         let afterDefrag = status(control)

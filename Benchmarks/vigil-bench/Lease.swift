@@ -10,6 +10,7 @@ import EventLoop
 import Foundation
 import GRPC
 import VigilClient
+import VigilCore
 
 struct LeaseBench: Workload {
     let bench: Bench
@@ -28,7 +29,7 @@ struct LeaseBench: Workload {
             next += 1
             var g = Etcdserverpb_LeaseGrantRequest()
             g.ttl = ttl
-            c.unary("/etcdserverpb.Lease/LeaseGrant", g) { (r: Result<Etcdserverpb_LeaseGrantResponse, GRPCStatus>) in
+            c.unary(EtcdMethod.leaseGrant.path, g) { (r: Result<Etcdserverpb_LeaseGrantResponse, GRPCStatus>) in
                 ids[i] = (try? r.get().id) ?? 0
                 let finish = {
                     done += 1
@@ -60,7 +61,7 @@ struct LeaseBench: Workload {
         }
         for (s, _) in ids.enumerated() {
             let conn = connections[s % connections.count]
-            calls.append(conn.open("/etcdserverpb.Lease/LeaseKeepAlive", onMessage: { bytes in
+            calls.append(conn.open(EtcdMethod.leaseKeepAlive.path, onMessage: { bytes in
                 renewed += 1
                 latencies.append(Double(DispatchTime.now().uptimeNanoseconds - sentAt[s]) / 1e6)
                 if let r = try? Etcdserverpb_LeaseKeepAliveResponse(serializedBytes: bytes), r.ttl <= 0 { zero += 1 }
@@ -105,7 +106,7 @@ struct LeaseBench: Workload {
             var p = Etcdserverpb_PutRequest()
             p.key = Data("exp/\(i)".utf8)
             p.lease = id
-            writer.unary("/etcdserverpb.KV/Put", p) { (_: Result<Etcdserverpb_PutResponse, GRPCStatus>) in done() }
+            writer.unary(EtcdMethod.put.path, p) { (_: Result<Etcdserverpb_PutResponse, GRPCStatus>) in done() }
         }
         let granted = now()
         var longest = 0.0
@@ -119,7 +120,7 @@ struct LeaseBench: Workload {
         while remaining > 0 && now() < granted + UInt64(bench.maxSeconds * 1e9) {
             var done = false
             let t0 = now()
-            writer.unary("/etcdserverpb.KV/Range", r) { (res: Result<Etcdserverpb_RangeResponse, GRPCStatus>) in
+            writer.unary(EtcdMethod.range.path, r) { (res: Result<Etcdserverpb_RangeResponse, GRPCStatus>) in
                 if case .success(let resp) = res { remaining = resp.count }
                 done = true
             }

@@ -14,6 +14,7 @@ import EventLoop
 import Foundation
 import GRPC
 import VigilClient
+import VigilCore
 
 struct ServerProbe {
     let pid: Int32?
@@ -50,7 +51,7 @@ final class BenchStream {
 
     init(_ conn: GRPCClientConnection) {
         var me: BenchStream?
-        call = conn.open("/etcdserverpb.Watch/Watch", onMessage: { bytes in
+        call = conn.open(EtcdMethod.watch.path, onMessage: { bytes in
             guard let me, let r = try? Etcdserverpb_WatchResponse(serializedBytes: bytes) else { return }
             if r.created { me.created += 1 }
             for e in r.events {
@@ -132,7 +133,7 @@ struct WatchBench: Workload {
             sentAt(next, now())
             next += 1
             inFlight = true
-            writer.unary("/etcdserverpb.KV/Put", p) { (r: Result<Etcdserverpb_PutResponse, GRPCStatus>) in
+            writer.unary(EtcdMethod.put.path, p) { (r: Result<Etcdserverpb_PutResponse, GRPCStatus>) in
                 if case .failure = r { errors += 1 }
                 inFlight = false
                 issue()
@@ -253,7 +254,7 @@ struct WatchBench: Workload {
                 sendTimes[next] = now()
                 next += 1
                 inFlight = true
-                writer.unary("/etcdserverpb.KV/Put", p) { (_: Result<Etcdserverpb_PutResponse, GRPCStatus>) in
+                writer.unary(EtcdMethod.put.path, p) { (_: Result<Etcdserverpb_PutResponse, GRPCStatus>) in
                     inFlight = false
                     issue()
                 }

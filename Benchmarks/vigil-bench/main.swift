@@ -14,6 +14,7 @@ import EventLoop
 import Foundation
 import GRPC
 import VigilClient
+import VigilCore
 
 struct Bench: ParsableCommand {
     static let configuration = CommandConfiguration(commandName: "vigil-bench",
@@ -118,7 +119,7 @@ struct Bench: ParsableCommand {
                 r.key = key(next)
                 r.value = value
                 next += 1
-                c.unary("/etcdserverpb.KV/Put", r) { (_: Result<Etcdserverpb_PutResponse, GRPCStatus>) in
+                c.unary(EtcdMethod.put.path, r) { (_: Result<Etcdserverpb_PutResponse, GRPCStatus>) in
                     done += 1
                     if done == min(keySpace, total) { loop.stop() } else { fill(c) }
                 }
@@ -158,14 +159,14 @@ struct Bench: ParsableCommand {
                 var r = Etcdserverpb_PutRequest()
                 r.key = key(i)
                 r.value = value
-                c.unary("/etcdserverpb.KV/Put", r) { (res: Result<Etcdserverpb_PutResponse, GRPCStatus>) in
+                c.unary(EtcdMethod.put.path, r) { (res: Result<Etcdserverpb_PutResponse, GRPCStatus>) in
                     if case .failure(let e) = res { complete(e) } else { complete(nil) }
                 }
             case "range":
                 var r = Etcdserverpb_RangeRequest()
                 r.key = key(i)
                 r.serializable = consistency == "s"
-                c.unary("/etcdserverpb.KV/Range", r) { (res: Result<Etcdserverpb_RangeResponse, GRPCStatus>) in
+                c.unary(EtcdMethod.range.path, r) { (res: Result<Etcdserverpb_RangeResponse, GRPCStatus>) in
                     if case .failure(let e) = res { complete(e) } else { complete(nil) }
                 }
             default:  // txn: compare-and-swap style, one put on success, one get on failure
@@ -182,7 +183,7 @@ struct Bench: ParsableCommand {
                 var r = Etcdserverpb_TxnRequest()
                 r.compare = [cmp]
                 r.success = [put]
-                c.unary("/etcdserverpb.KV/Txn", r) { (res: Result<Etcdserverpb_TxnResponse, GRPCStatus>) in
+                c.unary(EtcdMethod.txn.path, r) { (res: Result<Etcdserverpb_TxnResponse, GRPCStatus>) in
                     if case .failure(let e) = res { complete(e) } else { complete(nil) }
                 }
             }

@@ -13,6 +13,7 @@ import Foundation
 import GRPC
 import VigilClient
 import VigilServer
+import VigilCore
 
 let prefix = Data("config/".utf8)
 let prefixEnd = Data("config0".utf8)  // "/" + 1: the end of the prefix range
@@ -54,7 +55,7 @@ final class Subscriber {
         var r = Etcdserverpb_RangeRequest()
         r.key = prefix
         r.rangeEnd = prefixEnd
-        c.unary("/etcdserverpb.KV/Range", r) { [self] (result: Result<Etcdserverpb_RangeResponse, GRPCStatus>) in
+        c.unary(EtcdMethod.range.path, r) { [self] (result: Result<Etcdserverpb_RangeResponse, GRPCStatus>) in
             guard case .success(let resp) = result else { return }
             config = [:]
             for kv in resp.kvs {
@@ -66,7 +67,7 @@ final class Subscriber {
     }
 
     private func startWatch(_ c: GRPCClientConnection) {
-        watch = c.open("/etcdserverpb.Watch/Watch", onMessage: { [self] bytes in
+        watch = c.open(EtcdMethod.watch.path, onMessage: { [self] bytes in
             guard let r = try? Etcdserverpb_WatchResponse(serializedBytes: bytes) else { return }
             if r.compactRevision > 0 {
                 // History we needed is gone: start over from a fresh copy.
@@ -166,14 +167,14 @@ struct ConfigPush: ParsableCommand {
             if published % 7 == 6 {
                 var d = Etcdserverpb_DeleteRangeRequest()
                 d.key = key
-                publisher.unary("/etcdserverpb.KV/DeleteRange", d) { (r: Result<Etcdserverpb_DeleteRangeResponse, GRPCStatus>) in
+                publisher.unary(EtcdMethod.deleteRange.path, d) { (r: Result<Etcdserverpb_DeleteRangeResponse, GRPCStatus>) in
                     done((try? r.get().header.revision) ?? lastRevision)
                 }
             } else {
                 var p = Etcdserverpb_PutRequest()
                 p.key = key
                 p.value = Data("{\"version\": \(published), \"replicas\": \(published % 9 + 1)}".utf8)
-                publisher.unary("/etcdserverpb.KV/Put", p) { (r: Result<Etcdserverpb_PutResponse, GRPCStatus>) in
+                publisher.unary(EtcdMethod.put.path, p) { (r: Result<Etcdserverpb_PutResponse, GRPCStatus>) in
                     done((try? r.get().header.revision) ?? lastRevision)
                 }
             }
@@ -207,7 +208,7 @@ struct ConfigPush: ParsableCommand {
         var r = Etcdserverpb_RangeRequest()
         r.key = prefix
         r.rangeEnd = prefixEnd
-        publisher.unary("/etcdserverpb.KV/Range", r) { (res: Result<Etcdserverpb_RangeResponse, GRPCStatus>) in
+        publisher.unary(EtcdMethod.range.path, r) { (res: Result<Etcdserverpb_RangeResponse, GRPCStatus>) in
             guard case .success(let resp) = res else { return }
             var m: [String: String] = [:]
             for kv in resp.kvs { m[String(decoding: kv.key, as: UTF8.self)] = String(decoding: kv.value, as: UTF8.self) }

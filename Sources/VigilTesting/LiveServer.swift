@@ -15,39 +15,45 @@ public struct CommandResult: Sendable {
 }
 
 /// Runs a program to completion with optional standard input, with a time limit.
-public func runCommand(_ executable: String, _ args: [String], stdin: String? = nil, environment: [String: String] = [:],
-                       timeout: TimeInterval = 30) throws -> CommandResult {
-    let p = Process()
-    p.executableURL = URL(fileURLWithPath: executable)
-    p.arguments = args
-    var env = ProcessInfo.processInfo.environment
-    for (k, v) in environment { env[k] = v }
-    p.environment = env
-    let outPipe = Pipe(), errPipe = Pipe(), inPipe = Pipe()
-    p.standardOutput = outPipe
-    p.standardError = errPipe
-    p.standardInput = inPipe
-    try p.run()
-    if let stdin { inPipe.fileHandleForWriting.write(Data(stdin.utf8)) }
-    try inPipe.fileHandleForWriting.close()
+public func runCommand(
+    _ executable: String, _ args: [String], stdin: String? = nil, environment changes: [String: String] = [:],
+    timeout: TimeInterval = 30
+) throws -> CommandResult {
+    let input = try Pipe2(), out = try Pipe2(), err = try Pipe2()
+    let child: ChildProcess
+    do {
+        child = try ChildProcess(
+            executable, args, environment: environment(with: changes), stdin: input.read, stdout: out.write,
+            stderr: err.write)
+    } catch {
+        for fd in [input.read, input.write, out.read, out.write, err.read, err.write] { close(fd) }
+        throw error
+    }
+    close(input.read)
+    close(out.write)
+    close(err.write)
+    // Small inputs only (the pipe's buffer takes them whole); then end of file.
+    if let stdin {
+        let bytes = Array(stdin.utf8)
+        var sent = 0
+        while sent < bytes.count {
+            let n = bytes.withUnsafeBytes { write(input.write, $0.baseAddress! + sent, $0.count - sent) }
+            if n <= 0 { break }
+            sent += n
+        }
+    }
+    close(input.write)
     // Read both pipes while the process runs so that neither fills up.
-    final class Box: @unchecked Sendable { var data = Data() }
-    let out = Box(), err = Box()
-    let group = DispatchGroup()
-    group.enter()
-    DispatchQueue.global().async { out.data = outPipe.fileHandleForReading.readDataToEndOfFile(); group.leave() }
-    group.enter()
-    DispatchQueue.global().async { err.data = errPipe.fileHandleForReading.readDataToEndOfFile(); group.leave() }
-    let deadline = Date().addingTimeInterval(timeout)
-    while p.isRunning && Date() < deadline { usleep(5000) }
-    if p.isRunning {
-        p.terminate()
-        while p.isRunning { usleep(10_000) }
+    let (data, complete) = readAll([out.read, err.read], until: Date().addingTimeInterval(timeout))
+    close(out.read)
+    close(err.read)
+    if !complete || !child.wait(timeout: max(1, timeout / 10)) {
+        child.terminate()
         throw ProcessFailure(description: "\(executable) \(args.joined(separator: " ")) timed out after \(timeout)s")
     }
-    group.wait()
-    return CommandResult(status: p.terminationStatus, stdout: String(decoding: out.data, as: UTF8.self),
-                         stderr: String(decoding: err.data, as: UTF8.self))
+    return CommandResult(
+        status: child.exitCode ?? -1, stdout: String(decoding: data[0], as: UTF8.self),
+        stderr: String(decoding: data[1], as: UTF8.self))
 }
 
 /// Finds an executable on PATH.
@@ -99,7 +105,7 @@ public final class LiveServer: @unchecked Sendable {
     public let dataDir: String
     public var endpoint: String { "127.0.0.1:\(port)" }
     public var url: String { "http://127.0.0.1:\(port)" }
-    private var process: Process?
+    private var process: ChildProcess?
     private let extraArgs: [String]
     private let logPath: String
 
@@ -114,15 +120,16 @@ public final class LiveServer: @unchecked Sendable {
 
     /// (Re)starts the process on the same port and data directory.
     public func start() throws {
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: try vigilBinary())
-        p.arguments = ["--data-dir", dataDir, "--listen-client-urls", url, "--log-level", "info"] + extraArgs
-        FileManager.default.createFile(atPath: logPath, contents: nil)
-        let log = try FileHandle(forWritingTo: URL(fileURLWithPath: logPath))
-        log.seekToEndOfFile()
-        p.standardOutput = log
-        p.standardError = log
-        try p.run()
+        let log = open(logPath, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
+        let null = devNull()
+        defer {
+            close(log)
+            close(null)
+        }
+        guard log >= 0 else { throw ProcessFailure(description: "cannot open \(logPath)") }
+        let p = try ChildProcess(
+            try vigilBinary(), ["--data-dir", dataDir, "--listen-client-urls", url, "--log-level", "info"] + extraArgs,
+            environment: environment(with: [:]), stdin: null, stdout: log, stderr: log)
         process = p
         let deadline = Date().addingTimeInterval(30)
         while Date() < deadline {
@@ -137,20 +144,17 @@ public final class LiveServer: @unchecked Sendable {
     public var log: String { (try? String(contentsOfFile: logPath, encoding: .utf8)) ?? "" }
 
     /// The process id while running.
-    public var pid: Int32? { process?.processIdentifier }
+    public var pid: Int32? { process?.pid }
 
     /// Stops with SIGTERM (clean) or SIGKILL, and waits.
     public func stop(kill: Bool = false) {
         guard let p = process else { return }
         process = nil
-        guard p.isRunning else { return }
-        Foundation.kill(p.processIdentifier, kill ? SIGKILL : SIGTERM)
-        // Poll rather than `waitUntilExit()`, which needs a run loop on this thread.
-        let deadline = Date().addingTimeInterval(15)
-        while p.isRunning && Date() < deadline { usleep(10_000) }
-        if p.isRunning {
-            Foundation.kill(p.processIdentifier, SIGKILL)
-            while p.isRunning { usleep(10_000) }
+        if kill {
+            p.signal(SIGKILL)
+            p.wait(timeout: 30)
+        } else {
+            p.terminate(grace: 15)
         }
     }
 
@@ -208,37 +212,62 @@ public struct Etcdctl: Sendable {
 /// A command running in the background whose output is collected as it comes
 /// (e.g. `etcdctl watch`, which runs until stopped).
 public final class BackgroundCommand: @unchecked Sendable {
-    private let process = Process()
+    private let child: ChildProcess
     private let lock = NSLock()
-    private var buffer = Data()
-    private let inPipe = Pipe()
+    private var input: Int32
+    private let reader: Thread
 
-    public init(_ executable: String, _ args: [String], environment: [String: String] = [:]) throws {
-        process.executableURL = URL(fileURLWithPath: executable)
-        process.arguments = args
-        var env = ProcessInfo.processInfo.environment
-        for (k, v) in environment { env[k] = v }
-        process.environment = env
-        let out = Pipe()
-        process.standardOutput = out
-        process.standardError = out
-        process.standardInput = inPipe
-        let handle = out.fileHandleForReading
-        try process.run()
-        Thread.detachNewThread { [self] in
+    public init(_ executable: String, _ args: [String], environment changes: [String: String] = [:]) throws {
+        let inPipe = try Pipe2(), out = try Pipe2()
+        do {
+            child = try ChildProcess(
+                executable, args, environment: environment(with: changes), stdin: inPipe.read, stdout: out.write,
+                stderr: out.write)
+        } catch {
+            for fd in [inPipe.read, inPipe.write, out.read, out.write] { close(fd) }
+            throw error
+        }
+        close(inPipe.read)
+        close(out.write)
+        input = inPipe.write
+        let fd = out.read
+        let collected = Collected()
+        reader = Thread {
+            var buf = [UInt8](repeating: 0, count: 65536)
             while true {
-                let d = handle.availableData
-                if d.isEmpty { break }
-                lock.withLock { buffer.append(d) }
+                let n = read(fd, &buf, buf.count)
+                if n > 0 {
+                    collected.append(buf[0..<n])
+                } else if n == 0 || errno != EINTR {
+                    break
+                }
             }
+            close(fd)
+        }
+        self.collected = collected
+        reader.start()
+    }
+
+    /// Output gathered by the reader thread.
+    private final class Collected: @unchecked Sendable {
+        private let lock = NSLock()
+        private var bytes: [UInt8] = []
+        func append(_ b: ArraySlice<UInt8>) { lock.withLock { bytes += b } }
+        var text: String { lock.withLock { String(decoding: bytes, as: UTF8.self) } }
+    }
+    private let collected: Collected
+
+    /// Writes to the command's standard input.
+    public func write(_ s: String) {
+        lock.withLock {
+            guard input >= 0 else { return }
+            let bytes = Array(s.utf8)
+            _ = bytes.withUnsafeBytes { Glibc.write(input, $0.baseAddress, $0.count) }
         }
     }
 
-    /// Writes to the command's standard input.
-    public func write(_ s: String) { inPipe.fileHandleForWriting.write(Data(s.utf8)) }
-
     /// Everything printed so far.
-    public var output: String { lock.withLock { String(decoding: buffer, as: UTF8.self) } }
+    public var output: String { collected.text }
 
     /// Waits until the output satisfies `condition`; returns whether it did in time.
     @discardableResult
@@ -251,18 +280,19 @@ public final class BackgroundCommand: @unchecked Sendable {
         return condition(output)
     }
 
-    public var isRunning: Bool { process.isRunning }
+    public var isRunning: Bool { child.isRunning }
 
     /// Stops the command and returns its output.
     @discardableResult
     public func stop() -> String {
-        if process.isRunning {
-            process.terminate()
-            let deadline = Date().addingTimeInterval(2)
-            while process.isRunning && Date() < deadline { usleep(10_000) }
-            if process.isRunning { kill(process.processIdentifier, SIGKILL) }
+        child.terminate()
+        lock.withLock {
+            if input >= 0 { close(input) }
+            input = -1
         }
-        usleep(50_000)
+        // The reader ends at end of file, once the child (and any child of its own) is gone.
+        let deadline = Date().addingTimeInterval(2)
+        while !reader.isFinished && Date() < deadline { usleep(10_000) }
         return output
     }
 

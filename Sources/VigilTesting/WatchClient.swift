@@ -3,6 +3,7 @@ import Foundation
 import GRPC
 import SwiftProtobuf
 import VigilClient
+import VigilCore
 
 /// One Watch stream through our own client, recording every response (for tests and benchmarks).
 public final class WatchStreamClient {
@@ -16,7 +17,7 @@ public final class WatchStreamClient {
 
     public init(_ connection: GRPCClientConnection) {
         var me: WatchStreamClient?
-        call = connection.open("/etcdserverpb.Watch/Watch", onMessage: { bytes in
+        call = connection.open(EtcdMethod.watch.path, onMessage: { bytes in
             guard let me, let r = try? Etcdserverpb_WatchResponse(serializedBytes: bytes) else { return }
             me.responses.append(r)
             me.eventCount += r.events.count

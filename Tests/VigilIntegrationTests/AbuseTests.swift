@@ -4,6 +4,7 @@ import GRPC
 import Testing
 import VigilClient
 import VigilTesting
+import VigilCore
 
 /// Abusive clients against the real binary: each time the server keeps serving others and its
 /// memory stays bounded.
@@ -33,7 +34,7 @@ import VigilTesting
         var put = Etcdserverpb_PutRequest()
         put.key = Data("large".utf8)
         put.value = Data(repeating: 0x78, count: 300_000)
-        _ = try BlockingClient(port: server.port).call("/etcdserverpb.KV/Put", put, as: Etcdserverpb_PutResponse.self).get()
+        _ = try BlockingClient(port: server.port).call(EtcdMethod.put.path, put, as: Etcdserverpb_PutResponse.self).get()
         for _ in 0..<5 {
             let fd = connect()
             var req = ""
@@ -128,7 +129,7 @@ import VigilTesting
         var put = Etcdserverpb_PutRequest()
         put.key = Data("idle".utf8)
         put.value = Data("ok".utf8)
-        #expect((try? BlockingClient(port: server.port).call("/etcdserverpb.KV/Put", put, as: Etcdserverpb_PutResponse.self).get()) != nil)
+        #expect((try? BlockingClient(port: server.port).call(EtcdMethod.put.path, put, as: Etcdserverpb_PutResponse.self).get()) != nil)
         let growth = residentKiB(pid: server.pid!) - before
         #expect(Double(growth) < 64 * 1024 * sanitizerFactor, "\(n) idle connections grew RSS by \(growth) KiB")
     }
@@ -183,7 +184,7 @@ import VigilTesting
     @Test func moreConcurrentStreamsThanTheLimit() throws {
         let limited = try LiveServer(args: ["--unsafe-no-fsync", "--max-concurrent-streams", "10"])
         var bytes = Array("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".utf8) + Self.frame(type: 4, flags: 0, stream: 0, [])
-        let block = Self.hpack([(":method", "POST"), (":scheme", "http"), (":path", "/etcdserverpb.Watch/Watch"),
+        let block = Self.hpack([(":method", "POST"), (":scheme", "http"), (":path", EtcdMethod.watch.path),
                                 (":authority", "x"), ("content-type", "application/grpc"), ("te", "trailers")])
         for i in 0..<50 { bytes += Self.frame(type: 1, flags: 0x4, stream: UInt32(2 * i + 1), block) }  // END_HEADERS, stream stays open
         let fd = loopbackSocket(port: limited.port)
@@ -223,7 +224,7 @@ import VigilTesting
         var put = Etcdserverpb_PutRequest()
         put.key = Data("big".utf8)
         put.value = Data(repeating: 0x61, count: 1_572_864)  // just over, with the key and framing
-        #expect(c.call("/etcdserverpb.KV/Put", put, as: Etcdserverpb_PutResponse.self).failureMessage == "etcdserver: request is too large")
+        #expect(c.call(EtcdMethod.put.path, put, as: Etcdserverpb_PutResponse.self).failureMessage == "etcdserver: request is too large")
         var txn = Etcdserverpb_TxnRequest()
         for i in 0..<129 {
             var op = Etcdserverpb_RequestOp()
@@ -232,7 +233,7 @@ import VigilTesting
             op.requestRange = r
             txn.success.append(op)
         }
-        #expect(c.call("/etcdserverpb.KV/Txn", txn, as: Etcdserverpb_TxnResponse.self).failureMessage
+        #expect(c.call(EtcdMethod.txn.path, txn, as: Etcdserverpb_TxnResponse.self).failureMessage
             == "etcdserver: too many operations in txn request")
         // The gateway counts the same way.
         let body = #"{"key":"YmlnMg==","value":""# + String(repeating: "YWFh", count: 530_000) + #""}"#

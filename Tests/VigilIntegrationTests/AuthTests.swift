@@ -4,6 +4,7 @@ import GRPC
 import SwiftProtobuf
 import Testing
 import VigilTesting
+import VigilCore
 
 /// Authentication and role-based access through the real etcdctl, and the gateway with curl.
 @Suite(.serialized) struct AuthTests {
@@ -230,7 +231,7 @@ import VigilTesting
         var auth = Etcdserverpb_AuthenticateRequest()
         auth.name = "root"
         auth.password = "rootpw"
-        let token = try client.call("/etcdserverpb.Auth/Authenticate", auth, as: Etcdserverpb_AuthenticateResponse.self).get().token
+        let token = try client.call(EtcdMethod.authenticate.path, auth, as: Etcdserverpb_AuthenticateResponse.self).get().token
 
         let attacker = try client.newConnection()
         var codes: [GRPCCode: Int] = [:]
@@ -239,7 +240,7 @@ import VigilTesting
             var bad = Etcdserverpb_AuthenticateRequest()
             bad.name = i % 2 == 0 ? "root" : "nobody\(i)"
             bad.password = "guess\(i)"
-            attacker.unary("/etcdserverpb.Auth/Authenticate", bad) { (r: Result<Etcdserverpb_AuthenticateResponse, GRPCStatus>) in
+            attacker.unary(EtcdMethod.authenticate.path, bad) { (r: Result<Etcdserverpb_AuthenticateResponse, GRPCStatus>) in
                 answered += 1
                 if case .failure(let s) = r { codes[s.code, default: 0] += 1 }
             }
@@ -251,7 +252,7 @@ import VigilTesting
         var worst = 0.0
         for _ in 0..<10 {
             let t0 = Date()
-            let r = client.unary("/etcdserverpb.KV/Put", try put.serializedBytes(), metadata: [("token", token)])
+            let r = client.unary(EtcdMethod.put.path, try put.serializedBytes(), metadata: [("token", token)])
             worst = max(worst, Date().timeIntervalSince(t0))
             #expect((try? r.get()) != nil)
         }

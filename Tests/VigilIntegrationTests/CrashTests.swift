@@ -5,6 +5,7 @@ import MVCC
 import Testing
 import VigilClient
 import VigilTesting
+import VigilCore
 
 /// Crash consistency: writers keep many puts and two-key txns in flight while the server is killed
 /// with SIGKILL at a random moment, again and again (fsync on, as in production). After each
@@ -61,14 +62,14 @@ import VigilTesting
                         r.requestPut = p
                         return r
                     }
-                    conn.unary("/etcdserverpb.KV/Txn", t) { (r: Result<Etcdserverpb_TxnResponse, GRPCStatus>) in
+                    conn.unary(EtcdMethod.txn.path, t) { (r: Result<Etcdserverpb_TxnResponse, GRPCStatus>) in
                         done(try? r.get().header.revision)
                     }
                 } else {
                     var p = Etcdserverpb_PutRequest()
                     p.key = Data(op.keys[0].utf8)
                     p.value = Data(op.value.utf8)
-                    conn.unary("/etcdserverpb.KV/Put", p) { (r: Result<Etcdserverpb_PutResponse, GRPCStatus>) in
+                    conn.unary(EtcdMethod.put.path, p) { (r: Result<Etcdserverpb_PutResponse, GRPCStatus>) in
                         done(try? r.get().header.revision)
                     }
                 }
@@ -83,7 +84,7 @@ import VigilTesting
             var all = Etcdserverpb_RangeRequest()
             all.key = Data([0])
             all.rangeEnd = Data([0])
-            let state = try check.call("/etcdserverpb.KV/Range", all, as: Etcdserverpb_RangeResponse.self).get()
+            let state = try check.call(EtcdMethod.range.path, all, as: Etcdserverpb_RangeResponse.self).get()
             var present: [String: Mvccpb_KeyValue] = [:]
             for kv in state.kvs { present[String(decoding: kv.key, as: UTF8.self)] = kv }
 
@@ -118,7 +119,7 @@ import VigilTesting
                 for k in op.keys { txn.put(Array(k.utf8), value: Array(op.value.utf8), lease: 0) }
                 _ = txn.end()
             }
-            let hash = try check.call("/etcdserverpb.Maintenance/HashKV", Etcdserverpb_HashKVRequest(),
+            let hash = try check.call(EtcdMethod.hashKV.path, Etcdserverpb_HashKVRequest(),
                                       as: Etcdserverpb_HashKVResponse.self).get()
             #expect(hash.hash == (try replay.hashKV(revision: 0)), "cycle \(cycle)")
         }

@@ -4,6 +4,7 @@ import GRPC
 import Testing
 import VigilClient
 import VigilTesting
+import VigilCore
 
 /// Leases through etcdctl and our own client against the real binary.
 @Suite(.serialized) struct EtcdctlLeaseTests {
@@ -63,24 +64,24 @@ import VigilTesting
         var g = Etcdserverpb_LeaseGrantRequest()
         g.id = 42
         g.ttl = 30
-        let first: Result<Etcdserverpb_LeaseGrantResponse, GRPCStatus> = c.call("/etcdserverpb.Lease/LeaseGrant", g)
+        let first: Result<Etcdserverpb_LeaseGrantResponse, GRPCStatus> = c.call(EtcdMethod.leaseGrant.path, g)
         #expect((try? first.get().id) == 42)
         #expect((try? first.get().ttl) == 30)
-        let again: Result<Etcdserverpb_LeaseGrantResponse, GRPCStatus> = c.call("/etcdserverpb.Lease/LeaseGrant", g)
+        let again: Result<Etcdserverpb_LeaseGrantResponse, GRPCStatus> = c.call(EtcdMethod.leaseGrant.path, g)
         guard case .failure(let exists) = again else { Issue.record("duplicate grant succeeded"); return }
         #expect(exists.code == .failedPrecondition && exists.message == "etcdserver: lease already exists")
         g.id = 43
         g.ttl = 9_000_000_001
-        let big: Result<Etcdserverpb_LeaseGrantResponse, GRPCStatus> = c.call("/etcdserverpb.Lease/LeaseGrant", g)
+        let big: Result<Etcdserverpb_LeaseGrantResponse, GRPCStatus> = c.call(EtcdMethod.leaseGrant.path, g)
         guard case .failure(let tooLarge) = big else { Issue.record("huge TTL granted"); return }
         #expect(tooLarge.code == .outOfRange && tooLarge.message == "etcdserver: too large lease TTL")
         // Unknown lease: TimeToLive answers TTL -1, KeepAlive answers TTL 0 — neither is an error.
         var t = Etcdserverpb_LeaseTimeToLiveRequest()
         t.id = 999
-        let ttl: Result<Etcdserverpb_LeaseTimeToLiveResponse, GRPCStatus> = c.call("/etcdserverpb.Lease/LeaseTimeToLive", t)
+        let ttl: Result<Etcdserverpb_LeaseTimeToLiveResponse, GRPCStatus> = c.call(EtcdMethod.leaseTimeToLive.path, t)
         #expect((try? ttl.get().ttl) == -1)
         var got: [Etcdserverpb_LeaseKeepAliveResponse] = []
-        let call = c.connection.open("/etcdserverpb.Lease/LeaseKeepAlive", onMessage: { bytes in
+        let call = c.connection.open(EtcdMethod.leaseKeepAlive.path, onMessage: { bytes in
             if let r = try? Etcdserverpb_LeaseKeepAliveResponse(serializedBytes: bytes) { got.append(r) }
         }, onClose: { _ in })
         for id: Int64 in [42, 999] {
@@ -170,13 +171,13 @@ import VigilTesting
             next += 1
             var g = Etcdserverpb_LeaseGrantRequest()
             g.ttl = 2
-            c.connection.unary("/etcdserverpb.Lease/LeaseGrant", g) { (r: Result<Etcdserverpb_LeaseGrantResponse, GRPCStatus>) in
+            c.connection.unary(EtcdMethod.leaseGrant.path, g) { (r: Result<Etcdserverpb_LeaseGrantResponse, GRPCStatus>) in
                 guard case .success(let resp) = r else { return }
                 granted += 1
                 var p = Etcdserverpb_PutRequest()
                 p.key = Data("mass/\(i)".utf8)
                 p.lease = resp.id
-                c.connection.unary("/etcdserverpb.KV/Put", p) { (_: Result<Etcdserverpb_PutResponse, GRPCStatus>) in
+                c.connection.unary(EtcdMethod.put.path, p) { (_: Result<Etcdserverpb_PutResponse, GRPCStatus>) in
                     attached += 1
                     issue()
                 }
@@ -195,7 +196,7 @@ import VigilTesting
             r.rangeEnd = Data("mass0".utf8)
             r.countOnly = true
             let t0 = Date()
-            let resp: Result<Etcdserverpb_RangeResponse, GRPCStatus> = c.call("/etcdserverpb.KV/Range", r)
+            let resp: Result<Etcdserverpb_RangeResponse, GRPCStatus> = c.call(EtcdMethod.range.path, r)
             longest = max(longest, Date().timeIntervalSince(t0))
             remaining = (try? resp.get().count) ?? remaining
             usleep(2_000)

@@ -5,6 +5,7 @@ import SwiftProtobuf
 import Testing
 import VigilClient
 import VigilTesting
+import VigilCore
 
 /// The HTTP/JSON gateway with real HTTP requests (curl, as etcd's gateway docs use it), checked
 /// against the same request's gRPC answer.
@@ -47,7 +48,7 @@ import VigilTesting
         let (rs, got) = try post("/v3/kv/range", #"{"key":"Zm9v"}"#)
         #expect(rs == 200)
         #expect(got.contains(#""kvs":[{"key":"Zm9v","create_revision":"2","mod_revision":"2","version":"1","value":"YmFy"}],"count":"1""#))
-        #expect(json(got) == (try grpcJSON("/etcdserverpb.KV/Range", range, Etcdserverpb_RangeResponse.self)))
+        #expect(json(got) == (try grpcJSON(EtcdMethod.range.path, range, Etcdserverpb_RangeResponse.self)))
         // camelCase names and numbers as numbers are accepted too; /v3beta is an alias.
         let (_, camel) = try post("/v3beta/kv/range", #"{"key":"Zm9v","rangeEnd":"Zm9w","revision":2}"#)
         #expect(json(camel)?["count"] as? String == "1")
@@ -67,9 +68,9 @@ import VigilTesting
         #expect(json(ttlJSON)?["keys"] as? [String] == ["bGVhc2Vk"])
         #expect(json(ttlJSON)?["grantedTTL"] as? String == "60")
         let (_, leases) = try post("/v3/lease/leases", "{}")
-        #expect(json(leases) == (try grpcJSON("/etcdserverpb.Lease/LeaseLeases", Etcdserverpb_LeaseLeasesRequest(), Etcdserverpb_LeaseLeasesResponse.self)))
+        #expect(json(leases) == (try grpcJSON(EtcdMethod.leaseLeases.path, Etcdserverpb_LeaseLeasesRequest(), Etcdserverpb_LeaseLeasesResponse.self)))
         let (_, members) = try post("/v3/cluster/member/list", "{}")
-        #expect(json(members) == (try grpcJSON("/etcdserverpb.Cluster/MemberList", Etcdserverpb_MemberListRequest(), Etcdserverpb_MemberListResponse.self)))
+        #expect(json(members) == (try grpcJSON(EtcdMethod.memberList.path, Etcdserverpb_MemberListRequest(), Etcdserverpb_MemberListResponse.self)))
         let (ss, status) = try post("/v3/maintenance/status", "{}")
         #expect(ss == 200 && json(status)?["version"] as? String == "3.4.23")
         #expect(try post("/v3/lease/revoke", #"{"ID":"77"}"#).0 == 200)
@@ -95,7 +96,7 @@ import VigilTesting
             var p = Etcdserverpb_PutRequest()
             p.key = Data("watched".utf8)
             p.value = Data(v.utf8)
-            _ = c.call("/etcdserverpb.KV/Put", p, as: Etcdserverpb_PutResponse.self)
+            _ = c.call(EtcdMethod.put.path, p, as: Etcdserverpb_PutResponse.self)
         }
         #expect(w.wait { $0.contains(#""prev_kv":{"key":"d2F0Y2hlZA==""#) })
         let out = w.stop()
@@ -155,7 +156,7 @@ import VigilTesting
             p.key = Data("g/\(next)".utf8)
             p.value = Data(repeating: 0x61, count: 16 * 1024)
             next += 1
-            c.connection.unary("/etcdserverpb.KV/Put", p) { (r: Result<Etcdserverpb_PutResponse, GRPCStatus>) in
+            c.connection.unary(EtcdMethod.put.path, p) { (r: Result<Etcdserverpb_PutResponse, GRPCStatus>) in
                 last = max(last, (try? r.get().header.revision) ?? 0)
                 done += 1
                 issue()
@@ -238,9 +239,9 @@ import VigilTesting
         let c = try BlockingClient(port: server.port)
         var r = Etcdserverpb_RangeRequest()
         r.key = Data("m".utf8)
-        _ = c.call("/etcdserverpb.KV/Range", r, as: Etcdserverpb_RangeResponse.self)
+        _ = c.call(EtcdMethod.range.path, r, as: Etcdserverpb_RangeResponse.self)
         r.key = Data()
-        _ = c.call("/etcdserverpb.KV/Range", r, as: Etcdserverpb_RangeResponse.self)
+        _ = c.call(EtcdMethod.range.path, r, as: Etcdserverpb_RangeResponse.self)
         let metrics = try runCommand(curlPath, ["-s", "\(server.url)/metrics"])
         #expect(metrics.stdout.contains(#"grpc_server_handled_total{grpc_code="OK",grpc_method="Range",grpc_service="etcdserverpb.KV",grpc_type="unary"} 1"#))
         #expect(metrics.stdout.contains(#"grpc_server_handled_total{grpc_code="InvalidArgument",grpc_method="Range",grpc_service="etcdserverpb.KV",grpc_type="unary"} 1"#))

@@ -4,6 +4,7 @@ import GRPC
 import SwiftProtobuf
 import Testing
 import VigilTesting
+import VigilCore
 
 /// The transport as clients see it: gRPC statuses for bad calls, HTTP/1.1 on the same port.
 @Suite(.serialized) struct ProtocolTests {
@@ -23,13 +24,13 @@ import VigilTesting
         // The connection keeps serving after the error.
         var put = Etcdserverpb_PutRequest()
         put.key = Data("k".utf8)
-        let r = c.call("/etcdserverpb.KV/Put", put, as: Etcdserverpb_PutResponse.self)
+        let r = c.call(EtcdMethod.put.path, put, as: Etcdserverpb_PutResponse.self)
         #expect((try? r.get())?.header.revision == 2)
     }
 
     @Test func malformedMessageIsInternalError() throws {
         let c = try BlockingClient(port: server.port)
-        guard case .failure(let s) = c.unary("/etcdserverpb.KV/Range", [0xFF, 0xFF, 0xFF]) else {
+        guard case .failure(let s) = c.unary(EtcdMethod.range.path, [0xFF, 0xFF, 0xFF]) else {
             Issue.record("expected a failure")
             return
         }
@@ -42,14 +43,14 @@ import VigilTesting
         var put = Etcdserverpb_PutRequest()
         put.key = Data("big".utf8)
         put.value = Data(repeating: 1, count: 2000)
-        guard case .failure(let s) = c.call("/etcdserverpb.KV/Put", put, as: Etcdserverpb_PutResponse.self) else {
+        guard case .failure(let s) = c.call(EtcdMethod.put.path, put, as: Etcdserverpb_PutResponse.self) else {
             Issue.record("expected a failure")
             return
         }
         #expect(s == GRPCStatus(.invalidArgument, "etcdserver: request is too large"))
         // Over the gRPC receive limit (max-request-bytes + 512 KiB): refused from the frame header.
         put.value = Data(repeating: 1, count: 1000 + 512 * 1024 + 10)
-        guard case .failure(let s2) = c.call("/etcdserverpb.KV/Put", put, as: Etcdserverpb_PutResponse.self) else {
+        guard case .failure(let s2) = c.call(EtcdMethod.put.path, put, as: Etcdserverpb_PutResponse.self) else {
             Issue.record("expected a failure")
             return
         }
@@ -60,21 +61,21 @@ import VigilTesting
     @Test func errorsCarryEtcdCodesAndText() throws {
         let c = try BlockingClient(port: server.port)
         var range = Etcdserverpb_RangeRequest()
-        guard case .failure(let empty) = c.call("/etcdserverpb.KV/Range", range, as: Etcdserverpb_RangeResponse.self) else {
+        guard case .failure(let empty) = c.call(EtcdMethod.range.path, range, as: Etcdserverpb_RangeResponse.self) else {
             Issue.record("expected a failure")
             return
         }
         #expect(empty == GRPCStatus(.invalidArgument, "etcdserver: key is not provided"))
         range.key = Data("a".utf8)
         range.revision = 100
-        guard case .failure(let future) = c.call("/etcdserverpb.KV/Range", range, as: Etcdserverpb_RangeResponse.self) else {
+        guard case .failure(let future) = c.call(EtcdMethod.range.path, range, as: Etcdserverpb_RangeResponse.self) else {
             Issue.record("expected a failure")
             return
         }
         #expect(future == GRPCStatus(.outOfRange, "etcdserver: mvcc: required revision is a future revision"))
         var txn = Etcdserverpb_TxnRequest()
         txn.success = [Etcdserverpb_RequestOp()]
-        guard case .failure(let unset) = c.call("/etcdserverpb.KV/Txn", txn, as: Etcdserverpb_TxnResponse.self) else {
+        guard case .failure(let unset) = c.call(EtcdMethod.txn.path, txn, as: Etcdserverpb_TxnResponse.self) else {
             Issue.record("expected a failure")
             return
         }
@@ -111,7 +112,7 @@ import VigilTesting
         var txn = Etcdserverpb_TxnRequest()
         txn.compare = [absent]
         txn.success = [put("lock", "me"), get("lock"), innerOp]
-        let r = try c.call("/etcdserverpb.KV/Txn", txn, as: Etcdserverpb_TxnResponse.self).get()
+        let r = try c.call(EtcdMethod.txn.path, txn, as: Etcdserverpb_TxnResponse.self).get()
         #expect(r.succeeded)
         #expect(r.header.revision == 2, "one revision for the whole txn")
         #expect(r.responses.count == 3)
@@ -122,7 +123,7 @@ import VigilTesting
         inner.success = [put("k", "2")]
         innerOp.requestTxn = inner
         txn.success = [put("k", "1"), innerOp]
-        guard case .failure(let dup) = c.call("/etcdserverpb.KV/Txn", txn, as: Etcdserverpb_TxnResponse.self) else {
+        guard case .failure(let dup) = c.call(EtcdMethod.txn.path, txn, as: Etcdserverpb_TxnResponse.self) else {
             Issue.record("expected a failure")
             return
         }

@@ -4,6 +4,7 @@ import GRPC
 import Testing
 import VigilClient
 import VigilTesting
+import VigilCore
 
 /// Watches through our own client against the real binary: fan-out, slow consumers, cancel and
 /// resume, progress under load.
@@ -19,7 +20,7 @@ import VigilTesting
             p.key = Data("\(prefix)\(next % 50)".utf8)
             p.value = Data(repeating: UInt8(ascii: "v"), count: valueSize)
             next += 1
-            conn.unary("/etcdserverpb.KV/Put", p) { (r: Result<Etcdserverpb_PutResponse, GRPCStatus>) in
+            conn.unary(EtcdMethod.put.path, p) { (r: Result<Etcdserverpb_PutResponse, GRPCStatus>) in
                 if case .success(let resp) = r { revisions.append(resp.header.revision) }
                 done += 1
                 whileRunning?()
