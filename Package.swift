@@ -119,5 +119,10 @@ let package = Package(
         .testTarget(name: "VigilIntegrationTests", dependencies: ["VigilTesting", "EtcdProto", "GRPC", "MVCC", "FuzzHarness", "VigilCore",
                                                                   .product(name: "SwiftProtobuf", package: "swift-protobuf")]),
     ],
-    swiftLanguageModes: [.v5]
+    swiftLanguageModes: [.v6]
 )
+
+// Every Swift target: `any` spelled out for existentials (ExistentialAny).
+for target in package.targets where target.type != .system {
+    target.swiftSettings = (target.swiftSettings ?? []) + [.enableUpcomingFeature("ExistentialAny")]
+}

@@ -29,6 +29,7 @@ struct Result {
 var results: [Result] = []
 
 /// Times `iterations` runs of `body` (after one warm-up) and counts allocations.
+@MainActor
 func measure(_ name: String, iterations: Int, _ body: (Int) -> Void) {
     let n = max(1, iterations / scale)
     body(0)

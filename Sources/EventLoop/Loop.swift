@@ -264,9 +264,9 @@ public final class Wakeup: @unchecked Sendable {
 /// Runs blocking work on libuv's thread pool and its completion back on the loop.
 public enum ThreadPool {
     private final class Job {
-        let work: () -> Void
+        let work: @Sendable () -> Void
         let done: () -> Void
-        init(work: @escaping () -> Void, done: @escaping () -> Void) {
+        init(work: @escaping @Sendable () -> Void, done: @escaping () -> Void) {
             self.work = work
             self.done = done
         }
@@ -274,7 +274,7 @@ public enum ThreadPool {
 
     /// Queues `work` on the pool; `done` runs on the loop thread after `work` returned.
     /// `work` must not touch loop-confined state.
-    public static func submit(on loop: EventLoop, work: @escaping () -> Void, done: @escaping () -> Void) {
+    public static func submit(on loop: EventLoop, work: @escaping @Sendable () -> Void, done: @escaping () -> Void) {
         let req = UnsafeMutablePointer<uv_work_t>.allocate(capacity: 1)
         req.initialize(to: uv_work_t())
         req.pointee.data = Unmanaged.passRetained(Job(work: work, done: done)).toOpaque()

@@ -25,7 +25,7 @@ public final class TCPListener {
             if ok6 != 0 { box.close(); throw UVError(code: ok6) }
         }
         do {
-            try withUnsafePointer(to: &storage) { p in
+            _ = try withUnsafePointer(to: &storage) { p in
                 try p.withMemoryRebound(to: sockaddr.self, capacity: 1) { try check(uv_tcp_bind(box.pointer, $0, 0)) }
             }
             try check(uv_listen(asStream(box.pointer), backlog) { server, status in

@@ -287,11 +287,12 @@ public final class GRPCConnection: HTTP2SessionDelegate {
                 call.handler?.call(call, received: msg)
                 if call.isFinished { return }
             }
-        } catch .compressed {
-            call.finish(GRPCCallError.compressed.status)
-        } catch .tooLarge(let n, let max) {
-            call.finish(GRPCCallError.messageTooLarge(n, max: max).status)
-        } catch {}
+        } catch {
+            switch error {
+            case .compressed: call.finish(GRPCCallError.compressed.status)
+            case .tooLarge(let n, let max): call.finish(GRPCCallError.messageTooLarge(n, max: max).status)
+            }
+        }
     }
 
     public func streamEnded(_ stream: Int32) {

@@ -30,9 +30,9 @@ final class AutoCompactor {
     /// Parses etcd's flags; nil when auto-compaction is off.
     static func mode(_ config: Configuration) throws -> Mode? {
         let retention = config.autoCompactionRetention
-        switch config.autoCompactionMode {
-        case "", "periodic" where retention == "0", "revision" where retention == "0":
-            return nil
+        let mode = config.autoCompactionMode
+        if mode.isEmpty || (retention == "0" && (mode == "periodic" || mode == "revision")) { return nil }
+        switch mode {
         case "periodic":
             // A bare number is hours, as in etcd.
             if let hours = Double(retention) { return .periodic(retentionMs: UInt64(hours * 3_600_000)) }

@@ -96,7 +96,7 @@ final class ClientConnection: TCPConnectionDelegate {
             session: session, maxMessageBytes: server.limits.maxReceiveMessageBytes,
             route: { [unowned server] path in server.route(path) }, others: plain, needsFlush: flush)
         mode = .http2(session, grpc, plain)
-        bytes.withUnsafeBytes { session.receive($0) }
+        _ = bytes.withUnsafeBytes { session.receive($0) }
         flush()
     }
 
