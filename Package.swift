@@ -78,7 +78,7 @@ let package = Package(
         .target(
             name: "VigilTesting",
             dependencies: [
-                "VigilClient", "EventLoop", "GRPC", "HTTP2", "VigilCore",
+                "VigilClient", "EventLoop", "GRPC", "HTTP2", "VigilCore", "EtcdAPI", "Auth", "MVCC", "WatchHub",
                 .product(name: "SwiftProtobuf", package: "swift-protobuf"),
             ]),
 
@@ -116,6 +116,18 @@ let package = Package(
         .testTarget(name: "MVCCTests", dependencies: ["MVCC"]),
         .testTarget(name: "WatchHubTests", dependencies: ["WatchHub", "IntervalTree", "MVCC"]),
         .testTarget(name: "GRPCTests", dependencies: ["GRPC"]),
+        .testTarget(name: "EventLoopTests", dependencies: ["EventLoop"]),
+        .testTarget(name: "HTTP1Tests", dependencies: ["HTTP1", "HTTPCore"]),
+        .testTarget(name: "HTTP2Tests", dependencies: ["HTTP2", "HTTPCore", "GRPC"]),
+        .testTarget(name: "LMDBBackendTests", dependencies: ["LMDBBackend", "MVCC"]),
+        .testTarget(
+            name: "GatewayMappingTests",
+            dependencies: [
+                "Gateway", "EtcdAPI", "EtcdProto", "HTTPCore", "MVCC", "VigilCore", "VigilTesting", "WatchHub",
+                .product(name: "SwiftProtobuf", package: "swift-protobuf"),
+            ]),
+        .testTarget(name: "LeaseTests", dependencies: ["Lease", "VigilCore", "VigilTesting"]),
+        .testTarget(name: "AuthStoreTests", dependencies: ["Auth", "VigilCore", "VigilTesting"]),
         .testTarget(name: "VigilIntegrationTests", dependencies: ["VigilTesting", "EtcdProto", "GRPC", "MVCC", "FuzzHarness", "VigilCore",
                                                                   .product(name: "SwiftProtobuf", package: "swift-protobuf")]),
     ],

@@ -195,3 +195,56 @@ private func del(_ s: KVStore, _ k: String, _ end: String = "") -> Int {
         #expect(seen == model.sorted { compareBytes($0, $1) < 0 })
     }
 }
+
+/// Records what a store tells its observers.
+private final class Recorder: StoreObserver {
+    var log: [String] = []
+    func store(_ store: KVStore, wrote events: [Event], at revision: Int64) {
+        log.append("wrote \(revision): " + events.map { "\($0.kind == .put ? "P" : "D") \(String(decoding: $0.kv.key, as: UTF8.self))" }.joined(separator: ","))
+    }
+    func store(_ store: KVStore, committedThrough revision: Int64) { log.append("committed \(revision)") }
+    func store(_ store: KVStore, compactedAt revision: Int64) { log.append("compacted \(revision)") }
+}
+
+@Suite struct WatchableStore {
+    @Test func everyWriteReachesTheObserversWhenItsTransactionEnds() throws {
+        let s = KVStore()
+        let r = Recorder(), r2 = Recorder()
+        s.addObserver(r)
+        s.addObserver(r2)
+        let t = s.beginWrite()
+        t.put(b("a"), value: b("1"), lease: 0)
+        t.put(b("b"), value: b("2"), lease: 0)
+        #expect(r.log.isEmpty, "nothing is told before the transaction ends")
+        t.end()
+        // A transaction that changes nothing makes no revision and tells nobody.
+        let empty = s.beginWrite()
+        empty.deleteRange(b("zz"), [])
+        empty.end()
+        // A range delete is one revision of several deletions.
+        let d = s.beginWrite()
+        d.deleteRange(b("a"), b("c"))
+        d.end()
+        #expect(r.log == ["wrote 2: P a,P b", "wrote 3: D a,D b"])
+        s.markCommitted(3)
+        s.markCommitted(3)  // no news: not told again
+        try s.compact(3)
+        #expect(r.log == ["wrote 2: P a,P b", "wrote 3: D a,D b", "committed 3", "compacted 3"])
+        #expect(r2.log == r.log)
+    }
+
+    @Test func observersAreHeldWeaklyAndCanLeave() {
+        let s = KVStore()
+        var r: Recorder? = Recorder()
+        weak let gone = r
+        s.addObserver(r!)
+        r = nil
+        #expect(gone == nil, "the store does not keep its observers alive")
+        let kept = Recorder()
+        s.addObserver(kept)
+        put(s, "k", "v")
+        s.removeObserver(kept)
+        put(s, "k", "w")
+        #expect(kept.log == ["wrote 2: P k", "committed 2"])
+    }
+}

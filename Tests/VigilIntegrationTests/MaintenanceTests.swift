@@ -72,6 +72,16 @@ import VigilTesting
         #expect(try ctl.ok("snapshot", "save", file).contains("Snapshot saved at \(file)"))
         let size = (try FileManager.default.attributesOfItem(atPath: file)[.size] as? NSNumber)?.intValue ?? 0
         #expect(size > 32)
+        // A finished Snapshot call is counted as handled like any other (it once was not: the
+        // snapshot sender replaced the callback the metrics were hooked on).
+        let metrics = try rawExchange(port: server.port, Array("GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".utf8))
+        let labels = #"grpc_method="Snapshot",grpc_service="etcdserverpb.Maintenance",grpc_type="server_stream""#
+        #expect(metrics.contains("grpc_server_started_total{\(labels)} 1"))
+        #expect(metrics.contains(#"grpc_server_handled_total{grpc_code="OK","# + labels + "} 1"))
+        #expect(metrics.contains("grpc_server_handling_seconds_count{\(labels)} 1"))
+        // No snapshot copy is left behind in the data directory.
+        let left = try FileManager.default.contentsOfDirectory(atPath: server.dataDir + "/member")
+        #expect(!left.contains { $0.hasPrefix("snapshot-") })
         let restored = try LiveServer(args: ["--unsafe-no-fsync", "--restore-snapshot", file])
         let rctl = try Etcdctl(endpoint: restored.endpoint)
         #expect(try rctl.ok("get", "s49") == "s49\nvalue-49\n")

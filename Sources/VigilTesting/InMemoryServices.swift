@@ -1,0 +1,74 @@
+import Auth
+import EtcdAPI
+import MVCC
+import VigilCore
+import WatchHub
+
+/// etcd's services over an in-memory store, without a loop, a backend or a socket: every write is
+/// "durable" at once, time is a `ManualClock`, password hashes are cheap. For testing what sits
+/// above the store (handlers, the gateway's mapping) on its own.
+public final class InMemoryServices {
+    public let store = KVStore()
+    public let clock = ManualClock()
+    public let services: EtcdServices
+    private let commits: ImmediateCommits
+    private let backend = NoBackend()
+
+    public init(watch: WatchHubConfig = WatchHubConfig(), auth: AuthConfig = AuthConfig()) {
+        commits = ImmediateCommits(store: store)
+        services = EtcdServices(
+            ServerDependencies(
+                store: store,
+                identity: MemberIdentity(
+                    clusterID: 0xcdf8_1819_4e3a_8c32, memberID: 0x8e9e_05c5_2164_694d, name: "default",
+                    peerURLs: ["http://localhost:2380"], clientURLs: ["http://localhost:2379"]),
+                commits: commits, backend: backend, clock: clock, wallClockMilliseconds: 1_700_000_000_000,
+                offload: { work, done in
+                    work()
+                    done()
+                }, hasher: CheapHasher(), watch: watch, auth: auth))
+    }
+
+    /// Makes everything written so far durable (the store's observers then deliver it).
+    public func commit() { commits.flush() }
+}
+
+/// A commit gate that makes writes durable when asked, or at once when an answer waits for them.
+final class ImmediateCommits: CommitGate {
+    private let store: KVStore
+    init(store: KVStore) { self.store = store }
+
+    func flush() {
+        _ = store.takeBatch()
+        store.markCommitted(store.currentRevision)
+    }
+
+    func whenDurable(_ revision: Int64, _ body: @escaping () -> Void) {
+        flush()
+        body()
+    }
+
+    func whenFlushed(_ body: @escaping () -> Void) {
+        flush()
+        body()
+    }
+}
+
+/// No backend: sizes are zero and the copies are not capable.
+final class NoBackend: MaintenanceBackend {
+    var dbSize: Int64 { 0 }
+    var dbSizeInUse: Int64 { 0 }
+    func defragment(_ done: @escaping ((any Error)?) -> Void) { done(EtcdError.notCapable) }
+    func hash(_ done: @escaping (Result<UInt32, any Error>) -> Void) { done(.failure(EtcdError.notCapable)) }
+    func snapshot(_ done: @escaping (Result<String, any Error>) -> Void) { done(.failure(EtcdError.notCapable)) }
+}
+
+/// A cheap, deterministic stand-in for bcrypt (tests only).
+public struct CheapHasher: PasswordHasher {
+    public init() {}
+    public func hash(_ password: String, cost: Int) throws -> String {
+        if password.utf8.count > 72 { throw EtcdError.passwordUnusable }
+        return "cheap:" + password
+    }
+    public func verify(_ password: String, hash: String) -> Bool { hash == "cheap:" + password }
+}
