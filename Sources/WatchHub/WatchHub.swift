@@ -504,28 +504,14 @@ public final class WatchHub {
             }
             let prevKV = flags.contains(.prevKV)
             let id = watchers.id(w)
-            let slot = s.encoderSlot
             if flags.contains(.fragment) {
-                let events = wanted.map { entry.encoding(Int($0), prevKV: prevKV, s.encoder, slot: slot) }
-                sendFragmented(s, ResponseFields(headerRevision: entry.revision, watchID: id), events)
+                sendFragments(s, entry, wanted, prevKV: prevKV, id: id)
             } else {
+                let slot = s.encoderSlot
                 if !(memo.hasLast && memo.lastID == id && memo.lastPrevKV == prevKV && memo.lastSlot == slot
                     && memo.lastMatched == wanted)
                 {
-                    let key = ResponseKey(watchID: id, prevKV: prevKV, slot: slot, matched: wanted)
-                    if let bytes = memo.cache[key] {
-                        memo.lastBytes = bytes
-                    } else {
-                        let events = wanted.map { entry.encoding(Int($0), prevKV: prevKV, s.encoder, slot: slot) }
-                        memo.lastBytes = s.encoder.response(
-                            ResponseFields(headerRevision: entry.revision, watchID: id), events: events)
-                        memo.cache[key] = memo.lastBytes
-                    }
-                    memo.hasLast = true
-                    memo.lastID = id
-                    memo.lastPrevKV = prevKV
-                    memo.lastSlot = slot
-                    memo.lastMatched = wanted
+                    remember(s, entry, wanted, prevKV: prevKV, id: id, &memo)
                 }
                 s.sink.send(memo.lastBytes)
                 memo.responses += 1
@@ -533,6 +519,36 @@ public final class WatchHub {
             }
             if flags.contains(.progressNotify) { watchers.flags[Int(w)].insert(.sent) }
         }
+    }
+
+    /// Makes `memo.lastBytes` the response for these matches of `entry` in `s`'s encoding: from
+    /// the dispatch's cache, or encoded now. (Kept out of `deliver`, whose per-watcher closure
+    /// must stay small enough to be inlined.)
+    @inline(never)
+    private func remember(
+        _ s: WatchStream, _ entry: RevisionEvents, _ wanted: [Int32], prevKV: Bool, id: Int64,
+        _ memo: inout ResponseMemo
+    ) {
+        let slot = s.encoderSlot
+        let key = ResponseKey(watchID: id, prevKV: prevKV, slot: slot, matched: wanted)
+        if let bytes = memo.cache[key] {
+            memo.lastBytes = bytes
+        } else {
+            let events = wanted.map { entry.encoding(Int($0), prevKV: prevKV, s.encoder, slot: slot) }
+            memo.lastBytes = s.encoder.response(ResponseFields(headerRevision: entry.revision, watchID: id), events: events)
+            memo.cache[key] = memo.lastBytes
+        }
+        memo.hasLast = true
+        memo.lastID = id
+        memo.lastPrevKV = prevKV
+        memo.lastSlot = slot
+        memo.lastMatched = wanted
+    }
+
+    @inline(never)
+    private func sendFragments(_ s: WatchStream, _ entry: RevisionEvents, _ wanted: [Int32], prevKV: Bool, id: Int64) {
+        let events = wanted.map { entry.encoding(Int($0), prevKV: prevKV, s.encoder, slot: s.encoderSlot) }
+        sendFragmented(s, ResponseFields(headerRevision: entry.revision, watchID: id), events)
     }
 
     /// `{watch_id, compact_revision, canceled}` with header revision 0, as etcd sends it.
