@@ -217,6 +217,8 @@ def main():
     ap.add_argument("--val-size", type=int, default=256)
     ap.add_argument("--markdown", action="store_true", help="print a Markdown table")
     ap.add_argument("--no-build", action="store_true")
+    ap.add_argument("--vigil-binary", help="a vigil binary to measure instead of this tree's release build "
+                    "(e.g. an earlier commit's, to compare two builds against the same etcd)")
     ap.add_argument("--watch-rounds", type=int, default=1)
     ap.add_argument("--watch-puts", type=int, default=200)
     a = ap.parse_args()
@@ -226,7 +228,7 @@ def main():
     if not a.no_build:
         subprocess.run(["swift", "build", "-c", "release", "--product", "vigil"], cwd=ROOT, check=True)
         subprocess.run(["swift", "build", "-c", "release", "--product", "vigil-bench"], cwd=ROOT, check=True)
-    vigil_bin = os.path.join(ROOT, ".build/release/vigil")
+    vigil_bin = a.vigil_binary or os.path.join(ROOT, ".build/release/vigil")
     bench_bin = os.path.join(ROOT, ".build/release/vigil-bench")
     extra = ["--total", str(a.total), "--conns", str(a.conns), "--clients", str(a.clients),
              "--val-size", str(a.val_size)]

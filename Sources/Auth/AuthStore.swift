@@ -45,8 +45,8 @@ public final class AuthStore {
     private let records: any AuthRecords
     private let hasher: any PasswordHasher
     private let offload: Offload
-    /// The keys attached to a lease (set by the wiring, which knows the lessor).
-    public var leaseKeys: (Int64) -> Set<[UInt8]> = { _ in [] }
+    /// The keys attached to a lease (the lessor's answer).
+    private let leaseKeys: (Int64) -> Set<[UInt8]>
     private var hashesRunning = 0
     private var hashQueue: [() -> Void] = []
     /// A hash of nothing in particular: unknown users cost as much as known ones to try.
@@ -54,12 +54,16 @@ public final class AuthStore {
 
     public static let rootName = "root"
 
-    /// - Parameter tokenIndexStart: the first simple token's index (etcd starts from the store
-    ///   revision, so tokens of a restarted server do not repeat earlier ones).
+    /// - Parameters:
+    ///   - leaseKeys: the keys attached to a lease (lease calls need write permission on them).
+    ///   - tokenIndexStart: the first simple token's index (etcd starts from the store revision,
+    ///     so tokens of a restarted server do not repeat earlier ones).
     public init(
         state: AuthState, config: AuthConfig, clock: any MonotonicClock, records: any AuthRecords,
-        hasher: any PasswordHasher, offload: @escaping Offload, tokenIndexStart: UInt64 = 0
+        hasher: any PasswordHasher, offload: @escaping Offload,
+        leaseKeys: @escaping (Int64) -> Set<[UInt8]> = { _ in [] }, tokenIndexStart: UInt64 = 0
     ) {
+        self.leaseKeys = leaseKeys
         self.config = config
         self.clock = clock
         self.records = records

@@ -49,8 +49,8 @@ public final class EtcdServices {
         auth = AuthStore(
             state: AuthRecordsInStore.restore(meta: deps.restored.meta, blobs: deps.restored.blobs),
             config: deps.auth, clock: deps.clock, records: AuthRecordsInStore(store: store), hasher: deps.hasher,
-            offload: deps.offload, tokenIndexStart: UInt64(max(store.currentRevision, 0)))
-        auth.leaseKeys = { [lessor] in lessor.keys($0) }
+            offload: deps.offload, leaseKeys: { [lessor] in lessor.keys($0) },
+            tokenIndexStart: UInt64(max(store.currentRevision, 0)))
         auth.prepareDecoy()
         watch = WatchService(context: context, config: deps.watch, auth: auth)
         registerKV()

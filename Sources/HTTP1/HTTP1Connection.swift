@@ -58,7 +58,7 @@ public final class HTTP1Responder: HTTPResponder {
         c.responseDone()
     }
 
-    public var queuedBytes: Int { connection?.queuedBytes() ?? 0 }
+    public var queuedBytes: Int { connection?.transport?.queuedBytes ?? 0 }
 
     public func notifyWhenDrained() {
         if queuedBytes == 0 { observer?.responseDrained() } else { drainWanted = true }
@@ -80,16 +80,24 @@ public final class HTTP1Responder: HTTPResponder {
     }
 }
 
+/// What an HTTP/1.1 connection needs from the owner of its socket.
+public protocol HTTP1Transport: AnyObject {
+    /// Writes bytes, then closes the connection if `close`.
+    func write(_ bytes: [UInt8], close: Bool)
+    /// Bytes written that the socket has not taken yet.
+    var queuedBytes: Int { get }
+    /// Runs `work` on a later loop turn.
+    func nextTurn(_ work: @escaping () -> Void)
+}
+
 /// HTTP/1.1 over http-parser: bytes in, requests to the handler, response bytes out.
 /// Keep-alive is honoured; bodies over `maxBodyBytes` get 413 and the connection closes.
 public final class HTTP1Connection {
     private var parser = UnsafeMutablePointer<http_parser>.allocate(capacity: 1)
     private var settings = http_parser_settings()
     private weak var handler: (any HTTPHandler)?
-    private let write: ([UInt8], Bool) -> Void
+    private(set) weak var transport: (any HTTP1Transport)?
     private let maxBodyBytes: Int
-    /// Bytes waiting in the socket's write queue.
-    public var queuedBytes: () -> Int = { 0 }
     /// Complete requests not yet handled (pipelining), and the one being answered.
     private var queue: [(HTTPRequest, Bool)] = []
     private var current: HTTP1Responder?
@@ -103,9 +111,9 @@ public final class HTTP1Connection {
     private var tooLarge = false
     private var closed = false
 
-    public init(handler: (any HTTPHandler)?, maxBodyBytes: Int = 2 << 20, write: @escaping ([UInt8], Bool) -> Void) {
+    public init(handler: (any HTTPHandler)?, transport: any HTTP1Transport, maxBodyBytes: Int = 2 << 20) {
         self.handler = handler
-        self.write = write
+        self.transport = transport
         self.maxBodyBytes = maxBodyBytes
         http_parser_init(parser, HTTP_REQUEST)
         parser.pointee.data = Unmanaged.passUnretained(self).toOpaque()
@@ -175,7 +183,7 @@ public final class HTTP1Connection {
             return 0
         }
         if headers.contains(where: { $0.name.lowercased() == "expect" && $0.value.lowercased() == "100-continue" }) {
-            write(Array("HTTP/1.1 100 Continue\r\n\r\n".utf8), false)
+            transport?.write(Array("HTTP/1.1 100 Continue\r\n\r\n".utf8), close: false)
         }
         return 0
     }
@@ -218,7 +226,7 @@ public final class HTTP1Connection {
 
     func send(_ bytes: [UInt8], close: Bool) {
         guard !closed else { return }
-        write(bytes, close)
+        transport?.write(bytes, close: close)
         if close { closed = true }
     }
 
@@ -227,18 +235,17 @@ public final class HTTP1Connection {
     public static let pipelineHighWater = 256 * 1024
     private var waitingForDrain = false
 
-    /// Runs work on a later loop turn (set by the owner): pipelined requests are answered one
-    /// per turn, so a client that queues many heavy requests and leaves is noticed after one.
-    public var nextTurn: ((@escaping () -> Void) -> Void)?
 
     func responseDone() {
         current = nil
-        if !queue.isEmpty && queuedBytes() > Self.pipelineHighWater {
+        if !queue.isEmpty && (transport?.queuedBytes ?? 0) > Self.pipelineHighWater {
             waitingForDrain = true
             return
         }
         guard !queue.isEmpty else { return }
-        if let nextTurn { nextTurn { [weak self] in self?.pump() } } else { pump() }
+        // Pipelined requests are answered one per loop turn, so a client that queues many heavy
+        // requests and leaves is noticed after one.
+        transport?.nextTurn { [weak self] in self?.pump() }
     }
 
     /// The socket's write queue drained: answer the next pipelined request, if one waits.

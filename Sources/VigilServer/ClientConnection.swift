@@ -45,18 +45,7 @@ final class ClientConnection: TCPConnectionDelegate {
                 }
                 startHTTP2(with: seen)
             } else {
-                let h1 = HTTP1Connection(handler: server.plain, maxBodyBytes: server.plainBodyLimit) { [unowned self] out, close in
-                    tcp.write(out)
-                    if close { tcp.close() }
-                }
-                h1.queuedBytes = { [unowned self] in tcp.queuedWriteBytes }
-                h1.nextTurn = { [weak self] work in
-                    guard let self else { return }
-                    pipelineTimer = LoopTimer(loop: server.loop, timeoutMs: 0) { [weak self] in
-                        self?.pipelineTimer = nil
-                        work()
-                    }
-                }
+                let h1 = HTTP1Connection(handler: server.plain, transport: self, maxBodyBytes: server.plainBodyLimit)
                 mode = .http1(h1)
                 seen.withUnsafeBytes { h1.receive($0) }
                 armReadTimer(h1)
@@ -141,5 +130,21 @@ final class ClientConnection: TCPConnectionDelegate {
         pipelineTimer = nil
         mode = .sniffing([])
         server.connectionClosed(self)
+    }
+}
+
+extension ClientConnection: HTTP1Transport {
+    func write(_ bytes: [UInt8], close: Bool) {
+        tcp.write(bytes)
+        if close { tcp.close() }
+    }
+
+    var queuedBytes: Int { tcp.queuedWriteBytes }
+
+    func nextTurn(_ work: @escaping () -> Void) {
+        pipelineTimer = LoopTimer(loop: server.loop, timeoutMs: 0) { [weak self] in
+            self?.pipelineTimer = nil
+            work()
+        }
     }
 }

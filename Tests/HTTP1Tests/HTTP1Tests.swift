@@ -31,7 +31,7 @@ final class Handler: HTTPHandler, HTTPStreamObserver {
 }
 
 /// An HTTP/1.1 connection with its output collected.
-final class Wire {
+final class Wire: HTTP1Transport {
     let handler = Handler()
     var out: [UInt8] = []
     var closed = false
@@ -39,12 +39,16 @@ final class Wire {
     var connection: HTTP1Connection!
 
     init(maxBody: Int = 1024) {
-        connection = HTTP1Connection(handler: handler, maxBodyBytes: maxBody) { [unowned self] bytes, close in
-            out += bytes
-            if close { closed = true }
-        }
-        connection.queuedBytes = { [unowned self] in queued }
+        connection = HTTP1Connection(handler: handler, transport: self, maxBodyBytes: maxBody)
     }
+
+    func write(_ bytes: [UInt8], close: Bool) {
+        out += bytes
+        if close { closed = true }
+    }
+    var queuedBytes: Int { queued }
+    /// The next turn comes at once here.
+    func nextTurn(_ work: @escaping () -> Void) { work() }
 
     func send(_ s: String) { Array(s.utf8).withUnsafeBytes { connection.receive($0) } }
     var text: String { String(decoding: out, as: UTF8.self) }
@@ -67,7 +71,7 @@ final class Wire {
         w.send("GET /a HTTP/1.1\r\n\r\nGET /b HTTP/1.1\r\n\r\n")
         #expect(w.handler.requests.map(\.path) == ["/a"], "the second waits for the first answer")
         w.handler.responders[0].respond(HTTPResponse(status: 200, body: Array("A".utf8)))
-        // Without a next-turn hook, the next request is handled at once.
+        // The next request is handled on the next turn (at once here).
         #expect(w.handler.requests.map(\.path) == ["/a", "/b"])
         w.handler.responders[1].respond(HTTPResponse(status: 404, body: []))
         #expect(w.text.hasSuffix("\r\n\r\nAHTTP/1.1 404 Not Found\r\nContent-Type: application/json\r\nContent-Length: 0\r\n\r\n"))
