@@ -123,6 +123,23 @@ if wants("dispatch") {
         store.markCommitted(t.revision)
     }
     precondition(sinks[0].sent > 0)
+
+    // The fan-out shape: 100 streams × 10 watchers each on the prefix (ids 0…9 in every stream, so
+    // consecutive watchers never share the last response; the dispatch's cache serves them).
+    let fanSinks = (0..<100).map { _ in NullSink(encoder) }
+    let fanStore = KVStore()
+    let fanHub = WatchHub(store: fanStore)
+    for s in fanSinks {
+        let stream = fanHub.openStream(s)
+        for _ in 0..<10 { fanHub.create(stream, WatchCreate(key: Array("key/".utf8), rangeEnd: Array("key0".utf8))) }
+    }
+    measure("watch dispatch, 1 put → 100 streams × 10 watchers", iterations: 20_000) { i in
+        let t = fanStore.beginWrite()
+        t.put(key(i % 1000), value: value, lease: 0)
+        t.end()
+        fanStore.markCommitted(t.revision)
+    }
+    precondition(fanSinks[0].sent > 0)
 }
 
 // Watcher memory: heap bytes per watcher for 1,000,000 watchers on distinct keys over 10,000

@@ -511,7 +511,18 @@ public final class WatchHub {
                 if !(memo.hasLast && memo.lastID == id && memo.lastPrevKV == prevKV && memo.lastSlot == slot
                     && memo.lastMatched == wanted)
                 {
-                    remember(s, entry, wanted, prevKV: prevKV, id: id, &memo)
+                    let key = ResponseKey(watchID: id, prevKV: prevKV, slot: slot, matched: wanted)
+                    if let bytes = memo.cache[key] {
+                        memo.lastBytes = bytes
+                    } else {
+                        memo.lastBytes = response(s, entry, wanted, prevKV: prevKV, id: id)
+                        memo.cache[key] = memo.lastBytes
+                    }
+                    memo.hasLast = true
+                    memo.lastID = id
+                    memo.lastPrevKV = prevKV
+                    memo.lastSlot = slot
+                    memo.lastMatched = wanted
                 }
                 s.sink.send(memo.lastBytes)
                 memo.responses += 1
@@ -521,28 +532,13 @@ public final class WatchHub {
         }
     }
 
-    /// Makes `memo.lastBytes` the response for these matches of `entry` in `s`'s encoding: from
-    /// the dispatch's cache, or encoded now. (Kept out of `deliver`, whose per-watcher closure
-    /// must stay small enough to be inlined.)
+    /// The response for these matches of `entry`, in `s`'s encoding. (Kept out of `deliver`,
+    /// whose per-watcher closure must stay small enough to be inlined.)
     @inline(never)
-    private func remember(
-        _ s: WatchStream, _ entry: RevisionEvents, _ wanted: [Int32], prevKV: Bool, id: Int64,
-        _ memo: inout ResponseMemo
-    ) {
+    private func response(_ s: WatchStream, _ entry: RevisionEvents, _ wanted: [Int32], prevKV: Bool, id: Int64) -> [UInt8] {
         let slot = s.encoderSlot
-        let key = ResponseKey(watchID: id, prevKV: prevKV, slot: slot, matched: wanted)
-        if let bytes = memo.cache[key] {
-            memo.lastBytes = bytes
-        } else {
-            let events = wanted.map { entry.encoding(Int($0), prevKV: prevKV, s.encoder, slot: slot) }
-            memo.lastBytes = s.encoder.response(ResponseFields(headerRevision: entry.revision, watchID: id), events: events)
-            memo.cache[key] = memo.lastBytes
-        }
-        memo.hasLast = true
-        memo.lastID = id
-        memo.lastPrevKV = prevKV
-        memo.lastSlot = slot
-        memo.lastMatched = wanted
+        let events = wanted.map { entry.encoding(Int($0), prevKV: prevKV, s.encoder, slot: slot) }
+        return s.encoder.response(ResponseFields(headerRevision: entry.revision, watchID: id), events: events)
     }
 
     @inline(never)
