@@ -1,7 +1,7 @@
 # The two commands of the README.
 #   make run   installs what is missing, builds release, serves http://127.0.0.1:2379 (data in ./default.vigil)
 #   make test  installs what is missing and runs every test
-.PHONY: run test test-sanitized build protos fuzz
+.PHONY: run test test-again test-sanitized build protos fuzz format format-check
 
 run:
 	./scripts/install-deps.sh
@@ -16,6 +16,18 @@ test:
 	./scripts/install-deps.sh --test
 	swift build
 	swift test
+	$(MAKE) format-check
+
+# The suite once more on the same build (CI runs it twice: a flaky test shows).
+test-again:
+	swift test --skip-build
+
+# The code follows .swift-format (swift-format ships with the toolchain).
+format:
+	swift format -i -r --parallel Sources Tests Benchmarks Examples Fuzz Package.swift
+
+format-check:
+	swift format lint -r --strict --parallel Sources Tests Benchmarks Examples Fuzz Package.swift
 
 # The whole suite again under the address sanitizer (CI runs it after `make test`); thread:
 # scripts/sanitize.sh thread.

@@ -128,8 +128,12 @@ let package = Package(
             ]),
         .testTarget(name: "LeaseTests", dependencies: ["Lease", "VigilCore", "VigilTesting"]),
         .testTarget(name: "AuthStoreTests", dependencies: ["Auth", "VigilCore", "VigilTesting"]),
-        .testTarget(name: "VigilIntegrationTests", dependencies: ["VigilTesting", "EtcdProto", "GRPC", "MVCC", "FuzzHarness", "VigilCore",
-                                                                  .product(name: "SwiftProtobuf", package: "swift-protobuf")]),
+        .testTarget(
+            name: "VigilIntegrationTests",
+            dependencies: [
+                "VigilTesting", "EtcdProto", "GRPC", "MVCC", "FuzzHarness", "VigilCore",
+                .product(name: "SwiftProtobuf", package: "swift-protobuf"),
+            ]),
     ],
     swiftLanguageModes: [.v6]
 )

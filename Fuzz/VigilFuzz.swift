@@ -13,8 +13,11 @@ public func fuzzOne(_ data: UnsafePointer<UInt8>?, _ size: Int) -> CInt {
 }
 
 @_silgen_name("LLVMFuzzerRunDriver")
-func runDriver(_ argc: UnsafeMutablePointer<CInt>, _ argv: UnsafeMutablePointer<UnsafeMutablePointer<UnsafeMutablePointer<CChar>?>?>,
-               _ callback: @convention(c) (UnsafePointer<UInt8>?, Int) -> CInt) -> CInt
+func runDriver(
+    _ argc: UnsafeMutablePointer<CInt>,
+    _ argv: UnsafeMutablePointer<UnsafeMutablePointer<UnsafeMutablePointer<CChar>?>?>,
+    _ callback: @convention(c) (UnsafePointer<UInt8>?, Int) -> CInt
+) -> CInt
 
 /// SwiftPM links executables with `main` aliased to `<module>_main`; hand over to libFuzzer's
 /// driver from there.
@@ -30,7 +33,8 @@ enum Replay {
     static func main() {
         let args = CommandLine.arguments.dropFirst()
         guard let target = args.first, FuzzHarness.targets.contains(target) else {
-            FileHandle.standardError.write(Data("usage: vigil-fuzz <\(FuzzHarness.targets.joined(separator: "|"))> <file or dir>...\n".utf8))
+            FileHandle.standardError.write(
+                Data("usage: vigil-fuzz <\(FuzzHarness.targets.joined(separator: "|"))> <file or dir>...\n".utf8))
             exit(2)
         }
         let files = FuzzHarness.files(Array(args.dropFirst()))

@@ -49,7 +49,12 @@ if wants("ring") {
     var ring = EventRing(maxEvents: 10_000, maxBytes: 64 << 20)
     var events: [RevisionEvents] = []
     for i in 0..<1000 {
-        events.append(RevisionEvents(revision: Int64(i + 2), events: [Event(kind: .put, kv: KeyValue(key: key(i), modRevision: Int64(i + 2), value: value), prevKV: nil)]))
+        events.append(
+            RevisionEvents(
+                revision: Int64(i + 2),
+                events: [
+                    Event(kind: .put, kv: KeyValue(key: key(i), modRevision: Int64(i + 2), value: value), prevKV: nil)
+                ]))
     }
     var rev: Int64 = 1
     measure("event ring append (full ring)", iterations: 1_000_000) { i in
@@ -72,9 +77,11 @@ if wants("tree") {
 
 // Event encoding: one put event and the framed WatchResponse around it.
 if wants("encode") {
-    let encoder = GRPCWatchEncoder(identity: MemberIdentity(clusterID: 1, memberID: 2, name: "m", peerURLs: [], clientURLs: []))
-    let event = Event(kind: .put, kv: KeyValue(key: key(1), createRevision: 2, modRevision: 9, version: 3, value: value),
-                      prevKV: KeyValue(key: key(1), createRevision: 2, modRevision: 8, version: 2, value: value))
+    let encoder = GRPCWatchEncoder(
+        identity: MemberIdentity(clusterID: 1, memberID: 2, name: "m", peerURLs: [], clientURLs: []))
+    let event = Event(
+        kind: .put, kv: KeyValue(key: key(1), createRevision: 2, modRevision: 9, version: 3, value: value),
+        prevKV: KeyValue(key: key(1), createRevision: 2, modRevision: 8, version: 2, value: value))
     measure("event encode + response frame", iterations: 500_000) { _ in
         let e = encoder.encode(event, prevKV: true)
         _ = encoder.response(ResponseFields(headerRevision: 9, watchID: 0), events: [e])
@@ -110,7 +117,8 @@ if wants("dispatch") {
         var queuedBytes: Int { 0 }
     }
     let store = KVStore()
-    let encoder = GRPCWatchEncoder(identity: MemberIdentity(clusterID: 1, memberID: 2, name: "m", peerURLs: [], clientURLs: []))
+    let encoder = GRPCWatchEncoder(
+        identity: MemberIdentity(clusterID: 1, memberID: 2, name: "m", peerURLs: [], clientURLs: []))
     let hub = WatchHub(store: store)
     let sinks = (0..<1000).map { _ in NullSink(encoder) }
     for s in sinks { hub.create(hub.openStream(s), WatchCreate(key: Array("key/".utf8), rangeEnd: Array("key0".utf8))) }
@@ -155,7 +163,8 @@ if wants("memory") {
     func heapInUse() -> Int { Int(heap_in_use()) }
     let store = KVStore()
     let hub = WatchHub(store: store)
-    let encoder = GRPCWatchEncoder(identity: MemberIdentity(clusterID: 1, memberID: 2, name: "m", peerURLs: [], clientURLs: []))
+    let encoder = GRPCWatchEncoder(
+        identity: MemberIdentity(clusterID: 1, memberID: 2, name: "m", peerURLs: [], clientURLs: []))
     let streamCount = quick ? 100 : 10_000
     let streams = (0..<streamCount).map { _ in hub.openStream(NullSink(encoder)) }
     for (i, s) in streams.enumerated() { hub.create(s, WatchCreate(key: Array("k/\(i)/0".utf8))) }
@@ -165,8 +174,10 @@ if wants("memory") {
     }
     let added = streamCount * 99
     precondition(hub.watcherCount == streamCount * 100)
-    memoryLines.append(String(format: "hub heap bytes per watcher (%d watchers, distinct keys): %.1f",
-                              hub.watcherCount, Double(heapInUse() - before) / Double(added)))
+    memoryLines.append(
+        String(
+            format: "hub heap bytes per watcher (%d watchers, distinct keys): %.1f",
+            hub.watcherCount, Double(heapInUse() - before) / Double(added)))
 }
 
 // Group commit: one LMDB transaction of 64 puts (fsync off: the CPU side of the commit path).
@@ -188,7 +199,8 @@ if wants("commit") {
 let width = results.map(\.name.count).max() ?? 10
 print("case".padding(toLength: width, withPad: " ", startingAt: 0) + "   ns/op   allocs/op")
 for r in results {
-    print(r.name.padding(toLength: width, withPad: " ", startingAt: 0)
-          + String(format: " %9.1f %10.2f", r.nsPerOp, r.allocsPerOp))
+    print(
+        r.name.padding(toLength: width, withPad: " ", startingAt: 0)
+            + String(format: " %9.1f %10.2f", r.nsPerOp, r.allocsPerOp))
 }
 for line in memoryLines { print(line) }

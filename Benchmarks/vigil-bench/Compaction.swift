@@ -15,8 +15,10 @@ struct CompactionBench: Workload {
     let loop: EventLoop
     let connections: [GRPCClientConnection]
 
-    func call<Req: SwiftProtobuf.Message, Resp: SwiftProtobuf.Message>(_ c: GRPCClientConnection, _ path: String, _ r: Req,
-                                                                       as: Resp.Type) -> Result<Resp, GRPCStatus>? {
+    func call<Req: SwiftProtobuf.Message, Resp: SwiftProtobuf.Message>(
+        _ c: GRPCClientConnection, _ path: String, _ r: Req,
+        as: Resp.Type
+    ) -> Result<Resp, GRPCStatus>? {
         var result: Result<Resp, GRPCStatus>?
         c.unary(path, r) { result = $0 }
         runUntil(seconds: 3600) { result != nil }
@@ -81,8 +83,9 @@ struct CompactionBench: Workload {
         let afterCompact = status(control)
 
         let d0 = now()
-        _ = call(control, EtcdMethod.defragment.path, Etcdserverpb_DefragmentRequest(),
-                 as: Etcdserverpb_DefragmentResponse.self)
+        _ = call(
+            control, EtcdMethod.defragment.path, Etcdserverpb_DefragmentRequest(),
+            as: Etcdserverpb_DefragmentResponse.self)
         let defragSeconds = Double(now() - d0) / 1e9
         let afterDefrag = status(control)
         probes.sort()
@@ -91,7 +94,8 @@ struct CompactionBench: Workload {
             "compact_seconds": compactSeconds, "compact_error": compactError, "probes": probes.count,
             "probe_p50_ms": WatchBench.percentile(probes, 0.5), "probe_p99_ms": WatchBench.percentile(probes, 0.99),
             "probe_max_ms": probes.last ?? 0, "defrag_seconds": defragSeconds,
-            "db_mb_before": Double(before?.dbSize ?? 0) / 1e6, "db_mb_after_compact": Double(afterCompact?.dbSize ?? 0) / 1e6,
+            "db_mb_before": Double(before?.dbSize ?? 0) / 1e6,
+            "db_mb_after_compact": Double(afterCompact?.dbSize ?? 0) / 1e6,
             "db_mb_after_defrag": Double(afterDefrag?.dbSize ?? 0) / 1e6,
         ]
     }

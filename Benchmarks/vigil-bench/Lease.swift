@@ -61,12 +61,17 @@ struct LeaseBench: Workload {
         }
         for (s, _) in ids.enumerated() {
             let conn = connections[s % connections.count]
-            calls.append(conn.open(EtcdMethod.leaseKeepAlive.path, onMessage: { bytes in
-                renewed += 1
-                latencies.append(Double(DispatchTime.now().uptimeNanoseconds - sentAt[s]) / 1e6)
-                if let r = try? Etcdserverpb_LeaseKeepAliveResponse(serializedBytes: bytes), r.ttl <= 0 { zero += 1 }
-                send(s)
-            }, onClose: { _ in }))
+            calls.append(
+                conn.open(
+                    EtcdMethod.leaseKeepAlive.path,
+                    onMessage: { bytes in
+                        renewed += 1
+                        latencies.append(Double(DispatchTime.now().uptimeNanoseconds - sentAt[s]) / 1e6)
+                        if let r = try? Etcdserverpb_LeaseKeepAliveResponse(serializedBytes: bytes), r.ttl <= 0 {
+                            zero += 1
+                        }
+                        send(s)
+                    }, onClose: { _ in }))
         }
         let cpu0 = probe.cpuSeconds()
         let t0 = now()

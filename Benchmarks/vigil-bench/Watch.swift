@@ -31,7 +31,8 @@ struct ServerProbe {
     /// User + system CPU seconds, or 0 without a pid.
     func cpuSeconds() -> Double {
         guard let pid, let s = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8),
-              let close = s.lastIndex(of: ")") else { return 0 }
+            let close = s.lastIndex(of: ")")
+        else { return 0 }
         let fields = s[s.index(after: close)...].split(separator: " ")
         let ticks = (Double(fields[11]) ?? 0) + (Double(fields[12]) ?? 0)
         return ticks / Double(sysconf(Int32(_SC_CLK_TCK)))
@@ -51,16 +52,18 @@ final class BenchStream {
 
     init(_ conn: GRPCClientConnection) {
         var me: BenchStream?
-        call = conn.open(EtcdMethod.watch.path, onMessage: { bytes in
-            guard let me, let r = try? Etcdserverpb_WatchResponse(serializedBytes: bytes) else { return }
-            if r.created { me.created += 1 }
-            for e in r.events {
-                if e.kv.modRevision <= me.lastRev[r.watchID, default: 0] { me.outOfOrder += 1 }
-                me.lastRev[r.watchID] = e.kv.modRevision
-                me.events += 1
-                me.onEvent?(e)
-            }
-        }, onClose: { _ in me?.closed = true })
+        call = conn.open(
+            EtcdMethod.watch.path,
+            onMessage: { bytes in
+                guard let me, let r = try? Etcdserverpb_WatchResponse(serializedBytes: bytes) else { return }
+                if r.created { me.created += 1 }
+                for e in r.events {
+                    if e.kv.modRevision <= me.lastRev[r.watchID, default: 0] { me.outOfOrder += 1 }
+                    me.lastRev[r.watchID] = e.kv.modRevision
+                    me.events += 1
+                    me.onEvent?(e)
+                }
+            }, onClose: { _ in me?.closed = true })
         me = self
     }
 
@@ -117,8 +120,10 @@ struct WatchBench: Workload {
 
     /// Puts keys `keys(i)` for i in 0..<count with one put in flight (or at `rate` per second);
     /// records each put's send time by index.
-    func write(count: Int, key: @escaping (Int) -> Data, sentAt: @escaping (Int, UInt64) -> Void,
-               until: () -> Bool) -> (seconds: Double, errors: Int) {
+    func write(
+        count: Int, key: @escaping (Int) -> Data, sentAt: @escaping (Int, UInt64) -> Void,
+        until: () -> Bool
+    ) -> (seconds: Double, errors: Int) {
         let writer = connections[0]
         let value = Data(repeating: UInt8(ascii: "v"), count: bench.valSize)
         var next = 0, errors = 0, inFlight = false
@@ -192,8 +197,9 @@ struct WatchBench: Workload {
         let expected = total * streams.count * perStream
         let cpu0 = probe.cpuSeconds()
         let t0 = now()
-        let w = write(count: total, key: { Data("w/\($0)".utf8) }, sentAt: { sendTimes[$0] = $1 },
-                      until: { delivered >= expected })
+        let w = write(
+            count: total, key: { Data("w/\($0)".utf8) }, sentAt: { sendTimes[$0] = $1 },
+            until: { delivered >= expected })
         let seconds = Double(now() - t0) / 1e9
         let cpu = probe.cpuSeconds() - cpu0
         let rssEnd = probe.rssKiB()
@@ -202,7 +208,8 @@ struct WatchBench: Workload {
         let dup = streams.reduce(0) { $0 + max(0, $1.events - total * perStream) }
         let reordered = streams.reduce(0) { $0 + $1.outOfOrder }
         return [
-            "workload": "watch", "streams": streams.count, "watchers_per_stream": perStream, "puts": total, "put_errors": w.errors,
+            "workload": "watch", "streams": streams.count, "watchers_per_stream": perStream, "puts": total,
+            "put_errors": w.errors,
             "delivered": delivered, "lost": lost, "duplicated": dup, "reordered": reordered,
             "seconds": seconds, "events_per_s": Double(delivered) / seconds,
             "p50_ms": Self.percentile(latencies, 0.5), "p90_ms": Self.percentile(latencies, 0.9),

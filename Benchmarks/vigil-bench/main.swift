@@ -17,14 +17,16 @@ import VigilClient
 import VigilCore
 
 struct Bench: ParsableCommand {
-    static let configuration = CommandConfiguration(commandName: "vigil-bench",
-                                                    abstract: "Load generator for etcd v3 servers.")
+    static let configuration = CommandConfiguration(
+        commandName: "vigil-bench",
+        abstract: "Load generator for etcd v3 servers.")
 
     @Option(help: "host:port of the server.") var endpoint = "127.0.0.1:2379"
-    @Option(help: """
-        put | range | txn | watch (= watch-fanout) | watch-latency | watchers | keepalive (= lease-keepalive) \
-        | leases | lease-expiry | compaction
-        """) var workload = "put"
+    @Option(
+        help: """
+            put | range | txn | watch (= watch-fanout) | watch-latency | watchers | keepalive (= lease-keepalive) \
+            | leases | lease-expiry | compaction
+            """) var workload = "put"
     @Option(help: "TCP connections.") var conns = 4
     @Option(help: "Requests in flight in total, spread over the connections.") var clients = 64
     @Option(help: "Requests to send.") var total = 20000
@@ -36,16 +38,19 @@ struct Bench: ParsableCommand {
     @Option(help: "watch workloads: Watch streams.") var streams = 1000
     @Option(help: "watch workloads: connections the streams are spread over.") var watchConns = 100
     @Option(help: "watchers: watchers per stream, each on its own key.") var watchersPerStream = 100
-    @Option(name: .customLong("prefix-watchers-per-stream"),
-            help: "watch: watchers per stream on the prefix (each gets every event).") var prefixWatchersPerStream = 1
+    @Option(
+        name: .customLong("prefix-watchers-per-stream"),
+        help: "watch: watchers per stream on the prefix (each gets every event).") var prefixWatchersPerStream = 1
     @Option(help: "watch: puts per second (0 = one put in flight, as fast as it goes).") var rate = 0.0
     @Option(help: "watch: extra streams on their own connection that stop reading.") var slowStreams = 0
     @Option(help: "The server's pid, to read its memory and CPU from /proc.") var serverPid: Int32?
 
     var port: Int { Int(endpoint.split(separator: ":").last ?? "") ?? 2379 }
 
-    static let workloads: Set<String> = ["put", "range", "txn", "watch", "watch-fanout", "watch-latency", "watchers",
-                                         "keepalive", "lease-keepalive", "leases", "lease-expiry", "compaction"]
+    static let workloads: Set<String> = [
+        "put", "range", "txn", "watch", "watch-fanout", "watch-latency", "watchers",
+        "keepalive", "lease-keepalive", "leases", "lease-expiry", "compaction",
+    ]
 
     func validate() throws {
         guard Self.workloads.contains(workload) else { throw ValidationError("unknown workload \(workload)") }
@@ -99,11 +104,12 @@ struct Bench: ParsableCommand {
         }
         if ["keepalive", "lease-keepalive", "leases", "lease-expiry"].contains(workload) {
             let l = LeaseBench(bench: self, loop: loop, connections: connections, probe: ServerProbe(pid: serverPid))
-            let result = switch workload {
-            case "keepalive", "lease-keepalive": try l.runKeepAlive()
-            case "leases": try l.runLeases()
-            default: try l.runExpiry()
-            }
+            let result =
+                switch workload {
+                case "keepalive", "lease-keepalive": try l.runKeepAlive()
+                case "leases": try l.runLeases()
+                default: try l.runExpiry()
+                }
             let data = try JSONSerialization.data(withJSONObject: result, options: [.sortedKeys])
             print(String(decoding: data, as: UTF8.self))
             return

@@ -12,8 +12,8 @@ import EventLoop
 import Foundation
 import GRPC
 import VigilClient
-import VigilServer
 import VigilCore
+import VigilServer
 
 let prefix = Data("config/".utf8)
 let prefixEnd = Data("config0".utf8)  // "/" + 1: the end of the prefix range
@@ -67,16 +67,18 @@ final class Subscriber {
     }
 
     private func startWatch(_ c: GRPCClientConnection) {
-        watch = c.open(EtcdMethod.watch.path, onMessage: { [self] bytes in
-            guard let r = try? Etcdserverpb_WatchResponse(serializedBytes: bytes) else { return }
-            if r.compactRevision > 0 {
-                // History we needed is gone: start over from a fresh copy.
-                disconnect()
-                connect(reload: true)
-                return
-            }
-            for e in r.events { apply(e) }
-        }, onClose: { _ in })
+        watch = c.open(
+            EtcdMethod.watch.path,
+            onMessage: { [self] bytes in
+                guard let r = try? Etcdserverpb_WatchResponse(serializedBytes: bytes) else { return }
+                if r.compactRevision > 0 {
+                    // History we needed is gone: start over from a fresh copy.
+                    disconnect()
+                    connect(reload: true)
+                    return
+                }
+                for e in r.events { apply(e) }
+            }, onClose: { _ in })
         var create = Etcdserverpb_WatchCreateRequest()
         create.key = prefix
         create.rangeEnd = prefixEnd
@@ -167,7 +169,8 @@ struct ConfigPush: ParsableCommand {
             if published % 7 == 6 {
                 var d = Etcdserverpb_DeleteRangeRequest()
                 d.key = key
-                publisher.unary(EtcdMethod.deleteRange.path, d) { (r: Result<Etcdserverpb_DeleteRangeResponse, GRPCStatus>) in
+                publisher.unary(EtcdMethod.deleteRange.path, d) {
+                    (r: Result<Etcdserverpb_DeleteRangeResponse, GRPCStatus>) in
                     done((try? r.get().header.revision) ?? lastRevision)
                 }
             } else {
@@ -199,7 +202,9 @@ struct ConfigPush: ParsableCommand {
         for s in dropped { s.disconnect() }
         publish(changes - changes / 2) { secondHalf = true }
         _ = runUntil(120) { secondHalf }
-        print("published \(published) changes; \(dropped.count) subscribers were away for the last \(changes - changes / 2)")
+        print(
+            "published \(published) changes; \(dropped.count) subscribers were away for the last \(changes - changes / 2)"
+        )
         for s in dropped { s.reconnect() }
         let caughtUp = runUntil(120) { subs.allSatisfy { $0.revision == lastRevision } }
 
@@ -211,13 +216,17 @@ struct ConfigPush: ParsableCommand {
         publisher.unary(EtcdMethod.range.path, r) { (res: Result<Etcdserverpb_RangeResponse, GRPCStatus>) in
             guard case .success(let resp) = res else { return }
             var m: [String: String] = [:]
-            for kv in resp.kvs { m[String(decoding: kv.key, as: UTF8.self)] = String(decoding: kv.value, as: UTF8.self) }
+            for kv in resp.kvs {
+                m[String(decoding: kv.key, as: UTF8.self)] = String(decoding: kv.value, as: UTF8.self)
+            }
             truth = m
         }
         _ = runUntil(30) { truth != nil }
         let inSync = subs.filter { $0.config == truth && $0.revision == lastRevision && $0.stale == 0 }.count
-        print("\(inSync)/\(subs.count) subscribers match the server at revision \(lastRevision) "
-              + "(\(truth?.count ?? 0) keys); resumed after reconnect: \(dropped.filter { $0.revision == lastRevision }.count)/\(dropped.count)")
+        print(
+            "\(inSync)/\(subs.count) subscribers match the server at revision \(lastRevision) "
+                + "(\(truth?.count ?? 0) keys); resumed after reconnect: \(dropped.filter { $0.revision == lastRevision }.count)/\(dropped.count)"
+        )
         for s in subs { s.disconnect() }
         publisher.close()
         _ = runUntil(1) { false }

@@ -33,7 +33,9 @@ public struct AuthRole: Sendable, Equatable {
 public struct Permission: Sendable, Equatable {
     /// etcd's `authpb.Permission.Type` values.
     public enum Kind: Int, Sendable {
-        case read = 0, write = 1, readwrite = 2
+        case read = 0
+        case write = 1
+        case readwrite = 2
     }
     public var kind: Kind
     public var key: [UInt8]

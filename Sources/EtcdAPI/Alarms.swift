@@ -47,5 +47,7 @@ public final class Alarms {
     }
 
     /// Status's `errors`: each alarm in the text form etcd prints.
-    var statusErrors: [String] { active.map { "memberID:\($0.memberID) alarm:\($0.alarm == .nospace ? "NOSPACE" : "CORRUPT") " } }
+    var statusErrors: [String] {
+        active.map { "memberID:\($0.memberID) alarm:\($0.alarm == .nospace ? "NOSPACE" : "CORRUPT") " }
+    }
 }

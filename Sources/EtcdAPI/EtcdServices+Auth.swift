@@ -10,17 +10,40 @@ protocol HeaderedResponse: SwiftProtobuf.Message {
     var header: Etcdserverpb_ResponseHeader { get set }
 }
 
-extension Etcdserverpb_AuthEnableResponse: HeaderedResponse {}
-extension Etcdserverpb_AuthDisableResponse: HeaderedResponse {}
 extension Etcdserverpb_AuthUserAddResponse: HeaderedResponse {}
-extension Etcdserverpb_AuthUserDeleteResponse: HeaderedResponse {}
 extension Etcdserverpb_AuthUserChangePasswordResponse: HeaderedResponse {}
+
+/// An admin request that changes the auth store at once, answered by an empty response.
+protocol AuthChange: SwiftProtobuf.Message {
+    associatedtype Response: HeaderedResponse
+}
+
+extension Etcdserverpb_AuthEnableResponse: HeaderedResponse {}
+extension Etcdserverpb_AuthEnableRequest: AuthChange { typealias Response = Etcdserverpb_AuthEnableResponse }
+extension Etcdserverpb_AuthDisableResponse: HeaderedResponse {}
+extension Etcdserverpb_AuthDisableRequest: AuthChange { typealias Response = Etcdserverpb_AuthDisableResponse }
+extension Etcdserverpb_AuthUserDeleteResponse: HeaderedResponse {}
+extension Etcdserverpb_AuthUserDeleteRequest: AuthChange { typealias Response = Etcdserverpb_AuthUserDeleteResponse }
 extension Etcdserverpb_AuthUserGrantRoleResponse: HeaderedResponse {}
+extension Etcdserverpb_AuthUserGrantRoleRequest: AuthChange {
+    typealias Response = Etcdserverpb_AuthUserGrantRoleResponse
+}
 extension Etcdserverpb_AuthUserRevokeRoleResponse: HeaderedResponse {}
+extension Etcdserverpb_AuthUserRevokeRoleRequest: AuthChange {
+    typealias Response = Etcdserverpb_AuthUserRevokeRoleResponse
+}
 extension Etcdserverpb_AuthRoleAddResponse: HeaderedResponse {}
+extension Etcdserverpb_AuthRoleAddRequest: AuthChange { typealias Response = Etcdserverpb_AuthRoleAddResponse }
 extension Etcdserverpb_AuthRoleDeleteResponse: HeaderedResponse {}
+extension Etcdserverpb_AuthRoleDeleteRequest: AuthChange { typealias Response = Etcdserverpb_AuthRoleDeleteResponse }
 extension Etcdserverpb_AuthRoleGrantPermissionResponse: HeaderedResponse {}
+extension Etcdserverpb_AuthRoleGrantPermissionRequest: AuthChange {
+    typealias Response = Etcdserverpb_AuthRoleGrantPermissionResponse
+}
 extension Etcdserverpb_AuthRoleRevokePermissionResponse: HeaderedResponse {}
+extension Etcdserverpb_AuthRoleRevokePermissionRequest: AuthChange {
+    typealias Response = Etcdserverpb_AuthRoleRevokePermissionResponse
+}
 
 extension EtcdServices {
     /// The Auth service. Changes answer once they are durable; password hashes are computed off
@@ -37,23 +60,17 @@ extension EtcdServices {
             ctx.commits.whenFlushed { reply.ok(resp) }
         }
 
-        /// A change applied at once on the loop.
-        func change<Req: SwiftProtobuf.Message, Resp: HeaderedResponse>(
-            _ method: EtcdMethod, _ access: Access<Req>, _: Resp.Type, _ apply: @escaping (Req) throws(EtcdError) -> Void
-        ) {
-            unary(method, access: access) { [unowned self] (r: Req, n, reply: Reply<Resp>) throws(EtcdError) in
-                try checkSize(n)
+        /// An admin change applied at once on the loop.
+        func change<Req: AuthChange>(_ method: EtcdMethod, _ apply: @escaping (Req) throws(EtcdError) -> Void) {
+            unary(method, access: .admin) { (r: Req, n, reply: Reply<Req.Response>) throws(EtcdError) in
+                try ctx.checkSize(n)
                 try apply(r)
                 answer(reply)
             }
         }
 
-        change(.authEnable, Access<Etcdserverpb_AuthEnableRequest>.admin, Etcdserverpb_AuthEnableResponse.self) {
-            _ throws(EtcdError) in try auth.enable()
-        }
-        change(.authDisable, Access<Etcdserverpb_AuthDisableRequest>.admin, Etcdserverpb_AuthDisableResponse.self) { _ in
-            auth.disable()
-        }
+        change(.authEnable) { (_: Etcdserverpb_AuthEnableRequest) throws(EtcdError) in try auth.enable() }
+        change(.authDisable) { (_: Etcdserverpb_AuthDisableRequest) in auth.disable() }
         unary(.authStatus, access: .admin) {
             (_: Etcdserverpb_AuthStatusRequest, _, reply: Reply<Etcdserverpb_AuthStatusResponse>) in
             var resp = Etcdserverpb_AuthStatusResponse()
@@ -63,27 +80,30 @@ extension EtcdServices {
             reply.ok(resp)
         }
         unary(.authenticate, access: .open) {
-            (r: Etcdserverpb_AuthenticateRequest, _, reply: Reply<Etcdserverpb_AuthenticateResponse>) throws(EtcdError) in
+            (r: Etcdserverpb_AuthenticateRequest, _, out: Reply<Etcdserverpb_AuthenticateResponse>) throws(EtcdError) in
             try auth.authenticate(name: r.name, password: r.password) { result in
                 switch result {
                 case .success(let token):
                     var resp = Etcdserverpb_AuthenticateResponse()
                     resp.header = ctx.header(ctx.store.currentRevision)
                     resp.token = token
-                    reply.ok(resp)
-                case .failure(let e): reply.fail(e)
+                    out.ok(resp)
+                case .failure(let e): out.fail(e)
                 }
             }
         }
-        unary(.userAdd, access: .admin) { [unowned self]
+        unary(.userAdd, access: .admin) {
             (r: Etcdserverpb_AuthUserAddRequest, n, reply: Reply<Etcdserverpb_AuthUserAddResponse>) throws(EtcdError) in
-            try checkSize(n)
+            try ctx.checkSize(n)
             try auth.addUser(name: r.name, password: r.password, noPassword: r.options.noPassword) { answer(reply, $0) }
         }
-        unary(.userChangePassword, access: .admin) { [unowned self]
-            (r: Etcdserverpb_AuthUserChangePasswordRequest, n, reply: Reply<Etcdserverpb_AuthUserChangePasswordResponse>)
-            throws(EtcdError) in
-            try checkSize(n)
+        unary(.userChangePassword, access: .admin) {
+            (
+                r: Etcdserverpb_AuthUserChangePasswordRequest, n,
+                reply: Reply<Etcdserverpb_AuthUserChangePasswordResponse>
+            )
+                throws(EtcdError) in
+            try ctx.checkSize(n)
             try auth.changePassword(name: r.name, password: r.password) { answer(reply, $0) }
         }
         // A user may read their own roles.
@@ -101,18 +121,14 @@ extension EtcdServices {
             resp.header = ctx.header(ctx.store.currentRevision)
             reply.ok(resp)
         }
-        change(.userDelete, Access<Etcdserverpb_AuthUserDeleteRequest>.admin, Etcdserverpb_AuthUserDeleteResponse.self) {
-            r throws(EtcdError) in try auth.deleteUser(r.name)
+        change(.userDelete) { (r: Etcdserverpb_AuthUserDeleteRequest) throws(EtcdError) in try auth.deleteUser(r.name) }
+        change(.userGrantRole) { (r: Etcdserverpb_AuthUserGrantRoleRequest) throws(EtcdError) in
+            try auth.grantRole(user: r.user, role: r.role)
         }
-        change(.userGrantRole, Access<Etcdserverpb_AuthUserGrantRoleRequest>.admin, Etcdserverpb_AuthUserGrantRoleResponse.self) {
-            r throws(EtcdError) in try auth.grantRole(user: r.user, role: r.role)
+        change(.userRevokeRole) { (r: Etcdserverpb_AuthUserRevokeRoleRequest) throws(EtcdError) in
+            try auth.revokeRole(user: r.name, role: r.role)
         }
-        change(
-            .userRevokeRole, Access<Etcdserverpb_AuthUserRevokeRoleRequest>.admin, Etcdserverpb_AuthUserRevokeRoleResponse.self
-        ) { r throws(EtcdError) in try auth.revokeRole(user: r.name, role: r.role) }
-        change(.roleAdd, Access<Etcdserverpb_AuthRoleAddRequest>.admin, Etcdserverpb_AuthRoleAddResponse.self) {
-            r throws(EtcdError) in try auth.addRole(r.name)
-        }
+        change(.roleAdd) { (r: Etcdserverpb_AuthRoleAddRequest) throws(EtcdError) in try auth.addRole(r.name) }
         // A user may read the roles they hold.
         unary(
             .roleGet,
@@ -132,17 +148,13 @@ extension EtcdServices {
             resp.header = ctx.header(ctx.store.currentRevision)
             reply.ok(resp)
         }
-        change(.roleDelete, Access<Etcdserverpb_AuthRoleDeleteRequest>.admin, Etcdserverpb_AuthRoleDeleteResponse.self) {
-            r throws(EtcdError) in try auth.deleteRole(r.role)
+        change(.roleDelete) { (r: Etcdserverpb_AuthRoleDeleteRequest) throws(EtcdError) in try auth.deleteRole(r.role) }
+        change(.roleGrantPermission) { (r: Etcdserverpb_AuthRoleGrantPermissionRequest) throws(EtcdError) in
+            try auth.grantPermission(role: r.name, r.hasPerm ? Permission(r.perm) : nil)
         }
-        change(
-            .roleGrantPermission, Access<Etcdserverpb_AuthRoleGrantPermissionRequest>.admin,
-            Etcdserverpb_AuthRoleGrantPermissionResponse.self
-        ) { r throws(EtcdError) in try auth.grantPermission(role: r.name, r.hasPerm ? Permission(r.perm) : nil) }
-        change(
-            .roleRevokePermission, Access<Etcdserverpb_AuthRoleRevokePermissionRequest>.admin,
-            Etcdserverpb_AuthRoleRevokePermissionResponse.self
-        ) { r throws(EtcdError) in try auth.revokePermission(role: r.role, key: r.key.bytes, rangeEnd: r.rangeEnd.bytes) }
+        change(.roleRevokePermission) { (r: Etcdserverpb_AuthRoleRevokePermissionRequest) throws(EtcdError) in
+            try auth.revokePermission(role: r.role, key: r.key.bytes, rangeEnd: r.rangeEnd.bytes)
+        }
     }
 }
 
@@ -218,11 +230,14 @@ final class AuthRecordsInStore: AuthRecords {
             if name.hasPrefix(userPrefix), let u = try? Authpb_User(serializedBytes: bytes) {
                 state.users.append(
                     AuthUser(
-                        name: String(decoding: u.name, as: UTF8.self), passwordHash: String(decoding: u.password, as: UTF8.self),
+                        name: String(decoding: u.name, as: UTF8.self),
+                        passwordHash: String(decoding: u.password, as: UTF8.self),
                         roles: u.roles, noPassword: u.options.noPassword))
             } else if name.hasPrefix(rolePrefix), let r = try? Authpb_Role(serializedBytes: bytes) {
                 state.roles.append(
-                    AuthRole(name: String(decoding: r.name, as: UTF8.self), permissions: r.keyPermission.map(Permission.init)))
+                    AuthRole(
+                        name: String(decoding: r.name, as: UTF8.self), permissions: r.keyPermission.map(Permission.init)
+                    ))
             }
         }
         return state
@@ -262,5 +277,7 @@ final class AuthRecordsInStore: AuthRecords {
 }
 
 extension String {
-    fileprivate func leftPadded(to n: Int) -> String { count >= n ? self : String(repeating: "0", count: n - count) + self }
+    fileprivate func leftPadded(to n: Int) -> String {
+        count >= n ? self : String(repeating: "0", count: n - count) + self
+    }
 }

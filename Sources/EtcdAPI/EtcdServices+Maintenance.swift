@@ -147,7 +147,8 @@ final class SnapshotCall: CallHandler {
         guard !requested else { return }
         requested = true
         do throws(EtcdError) {
-            try services.authorize(Access<Etcdserverpb_SnapshotRequest>.admin, Etcdserverpb_SnapshotRequest(), token: token)
+            try services.authorize(
+                Access<Etcdserverpb_SnapshotRequest>.admin, Etcdserverpb_SnapshotRequest(), token: token)
         } catch { return call.finish(error.status) }
         services.context.backend.snapshot { [self] result in
             switch result {

@@ -67,8 +67,9 @@ public final class KVService {
         guard !r.key.isEmpty else { throw .emptyKey }
         let result: RangeResult
         do {
-            result = try store.range(r.key.bytes, r.rangeEnd.bytes, revision: r.revision, limit: fetchLimit(r),
-                                     countOnly: r.countOnly)
+            result = try store.range(
+                r.key.bytes, r.rangeEnd.bytes, revision: r.revision, limit: fetchLimit(r),
+                countOnly: r.countOnly)
         } catch { throw EtcdError.from(error) }
         var resp = finishRange(r, result)
         resp.header = ctx.header(store.committedRevision)
@@ -78,7 +79,8 @@ public final class KVService {
     /// How many kvs to fetch: all when sorting or filtering (they change which come first).
     private func fetchLimit(_ r: RangeRequest) -> Int {
         if r.sortOrder != .none || r.sortTarget != .key || r.minModRevision != 0 || r.maxModRevision != 0
-            || r.minCreateRevision != 0 || r.maxCreateRevision != 0 {
+            || r.minCreateRevision != 0 || r.maxCreateRevision != 0
+        {
             return 0
         }
         return r.limit > 0 ? Int(r.limit) + 1 : 0
@@ -398,8 +400,10 @@ public final class KVService {
             switch op.request {
             case .requestRange(let q):
                 // Checked above, so the read cannot fail.
-                let result = (try? txn.range(q.key.bytes, q.rangeEnd.bytes, revision: q.revision, limit: fetchLimit(q),
-                                             countOnly: q.countOnly)) ?? RangeResult(kvs: [], count: 0, revision: 0)
+                let result =
+                    (try? txn.range(
+                        q.key.bytes, q.rangeEnd.bytes, revision: q.revision, limit: fetchLimit(q),
+                        countOnly: q.countOnly)) ?? RangeResult(kvs: [], count: 0, revision: 0)
                 var rr = finishRange(q, result)
                 rr.header.revision = result.revision
                 out.response = .responseRange(rr)

@@ -1,6 +1,6 @@
 import Auth
-import GRPC
 import EtcdProto
+import GRPC
 import MVCC
 import VigilCore
 import WatchHub
@@ -154,6 +154,11 @@ public final class ServerContext {
         compactionWaiters = []
         for w in waiters { commits.whenFlushed(w) }
         return true
+    }
+
+    /// `--max-request-bytes`: writes, txns and auth changes over it are refused.
+    public func checkSize(_ n: Int) throws(EtcdError) {
+        if n > limits.maxRequestBytes { throw .requestTooLarge }
     }
 
     /// etcd's quota check before a write that adds `cost` bytes: refused while NOSPACE is active,

@@ -96,10 +96,11 @@ public final class EtcdServices {
     /// before who sent it), then who may make it, then run `body`, which answers through `Reply`.
     func unary<Req: SwiftProtobuf.Message, Resp: SwiftProtobuf.Message>(
         _ method: EtcdMethod, access: Access<Req>, validate: ((Req, Int) throws(EtcdError) -> Void)? = nil,
-        _ body: @escaping (Req, Int, Reply<Resp>) throws(EtcdError) -> Void
+        handle body: @escaping (Req, Int, Reply<Resp>) throws(EtcdError) -> Void
     ) {
         precondition(method.kind == .unary, "\(method) is not unary")
-        unaryMethods[method.path] = UnaryMethod(method: method, requestType: Req.self) { [unowned self] any, info, sink in
+        unaryMethods[method.path] = UnaryMethod(method: method, requestType: Req.self) {
+            [unowned self] any, info, sink in
             let reply = Reply<Resp>(sink)
             guard let req = any as? Req else { return reply.fail(.internal("grpc: wrong request type")) }
             do throws(EtcdError) {
@@ -110,9 +111,6 @@ public final class EtcdServices {
         }
     }
 
-    func checkSize(_ n: Int) throws(EtcdError) {
-        if n > context.limits.maxRequestBytes { throw .requestTooLarge }
-    }
 }
 
 // MARK: - Leases and the store

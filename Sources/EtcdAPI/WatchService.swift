@@ -16,8 +16,10 @@ public final class GRPCWatchEncoder: WatchEncoder {
 
     public init(identity: MemberIdentity) {
         var h: [UInt8] = []
-        Self.tag(&h, 1, 0); Self.varint(&h, identity.clusterID)
-        Self.tag(&h, 2, 0); Self.varint(&h, identity.memberID)
+        Self.tag(&h, 1, 0)
+        Self.varint(&h, identity.clusterID)
+        Self.tag(&h, 2, 0)
+        Self.varint(&h, identity.memberID)
         headerPrefix = h
         raftTerm = identity.raftTerm
     }
@@ -28,26 +30,56 @@ public final class GRPCWatchEncoder: WatchEncoder {
 
     public func response(_ f: ResponseFields, events: [[UInt8]]) -> [UInt8] {
         var header = headerPrefix
-        if f.headerRevision != 0 { Self.tag(&header, 3, 0); Self.varint(&header, UInt64(bitPattern: f.headerRevision)) }
-        if raftTerm != 0 { Self.tag(&header, 4, 0); Self.varint(&header, raftTerm) }
+        if f.headerRevision != 0 {
+            Self.tag(&header, 3, 0)
+            Self.varint(&header, UInt64(bitPattern: f.headerRevision))
+        }
+        if raftTerm != 0 {
+            Self.tag(&header, 4, 0)
+            Self.varint(&header, raftTerm)
+        }
         var size = header.count + 12
         for e in events { size += e.count + 6 }
         var out: [UInt8] = [0, 0, 0, 0, 0]  // the gRPC message prefix, filled in below
         out.reserveCapacity(size + f.cancelReason.utf8.count + 45)
-        Self.tag(&out, 1, 2); Self.varint(&out, UInt64(header.count)); out += header
-        if f.watchID != 0 { Self.tag(&out, 2, 0); Self.varint(&out, UInt64(bitPattern: f.watchID)) }
-        if f.created { Self.tag(&out, 3, 0); out.append(1) }
-        if f.canceled { Self.tag(&out, 4, 0); out.append(1) }
-        if f.compactRevision != 0 { Self.tag(&out, 5, 0); Self.varint(&out, UInt64(bitPattern: f.compactRevision)) }
-        if !f.cancelReason.isEmpty {
-            Self.tag(&out, 6, 2); Self.varint(&out, UInt64(f.cancelReason.utf8.count)); out += Array(f.cancelReason.utf8)
+        Self.tag(&out, 1, 2)
+        Self.varint(&out, UInt64(header.count))
+        out += header
+        if f.watchID != 0 {
+            Self.tag(&out, 2, 0)
+            Self.varint(&out, UInt64(bitPattern: f.watchID))
         }
-        if f.fragment { Self.tag(&out, 7, 0); out.append(1) }
+        if f.created {
+            Self.tag(&out, 3, 0)
+            out.append(1)
+        }
+        if f.canceled {
+            Self.tag(&out, 4, 0)
+            out.append(1)
+        }
+        if f.compactRevision != 0 {
+            Self.tag(&out, 5, 0)
+            Self.varint(&out, UInt64(bitPattern: f.compactRevision))
+        }
+        if !f.cancelReason.isEmpty {
+            Self.tag(&out, 6, 2)
+            Self.varint(&out, UInt64(f.cancelReason.utf8.count))
+            out += Array(f.cancelReason.utf8)
+        }
+        if f.fragment {
+            Self.tag(&out, 7, 0)
+            out.append(1)
+        }
         for e in events {
-            Self.tag(&out, 11, 2); Self.varint(&out, UInt64(e.count)); out += e
+            Self.tag(&out, 11, 2)
+            Self.varint(&out, UInt64(e.count))
+            out += e
         }
         let n = UInt32(out.count - 5)
-        out[1] = UInt8(n >> 24); out[2] = UInt8((n >> 16) & 0xFF); out[3] = UInt8((n >> 8) & 0xFF); out[4] = UInt8(n & 0xFF)
+        out[1] = UInt8(n >> 24)
+        out[2] = UInt8((n >> 16) & 0xFF)
+        out[3] = UInt8((n >> 8) & 0xFF)
+        out[4] = UInt8(n & 0xFF)
         return out
     }
 

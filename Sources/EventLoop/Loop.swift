@@ -1,5 +1,6 @@
 import CLibUV
 import Dispatch
+
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -223,11 +224,13 @@ public final class LoopTimer {
         self.oneShot = repeatMs == 0
         uv_timer_init(loop.raw, box.pointer)
         box.bind(self)
-        uv_timer_start(box.pointer, { t in
-            let me = Unmanaged<LoopTimer>.fromOpaque(t!.pointee.data).takeUnretainedValue()
-            me.callback()
-            if me.oneShot { me.cancel() }
-        }, timeoutMs, repeatMs)
+        uv_timer_start(
+            box.pointer,
+            { t in
+                let me = Unmanaged<LoopTimer>.fromOpaque(t!.pointee.data).takeUnretainedValue()
+                me.callback()
+                if me.oneShot { me.cancel() }
+            }, timeoutMs, repeatMs)
     }
 
     /// Stops the timer and releases it; safe to call more than once.
@@ -278,13 +281,16 @@ public enum ThreadPool {
         let req = UnsafeMutablePointer<uv_work_t>.allocate(capacity: 1)
         req.initialize(to: uv_work_t())
         req.pointee.data = Unmanaged.passRetained(Job(work: work, done: done)).toOpaque()
-        let rc = uv_queue_work(loop.raw, req, { r in
-            Unmanaged<Job>.fromOpaque(r!.pointee.data).takeUnretainedValue().work()
-        }, { r, _ in
-            let job = Unmanaged<Job>.fromOpaque(r!.pointee.data).takeRetainedValue()
-            r!.deallocate()
-            job.done()
-        })
+        let rc = uv_queue_work(
+            loop.raw, req,
+            { r in
+                Unmanaged<Job>.fromOpaque(r!.pointee.data).takeUnretainedValue().work()
+            },
+            { r, _ in
+                let job = Unmanaged<Job>.fromOpaque(r!.pointee.data).takeRetainedValue()
+                r!.deallocate()
+                job.done()
+            })
         precondition(rc == 0, "uv_queue_work failed: \(UVError(code: rc))")
     }
 }
@@ -304,10 +310,12 @@ public final class SignalWatcher {
         pthread_sigmask(SIG_UNBLOCK, &set, nil)
         uv_signal_init(loop.raw, box.pointer)
         box.bind(self)
-        uv_signal_start(box.pointer, { s, signum in
-            let me = Unmanaged<SignalWatcher>.fromOpaque(s!.pointee.data).takeUnretainedValue()
-            me.callback(signum)
-        }, signal)
+        uv_signal_start(
+            box.pointer,
+            { s, signum in
+                let me = Unmanaged<SignalWatcher>.fromOpaque(s!.pointee.data).takeUnretainedValue()
+                me.callback(signum)
+            }, signal)
         uv_unref(asHandle(box.pointer))
     }
 

@@ -8,8 +8,10 @@ public final class TCPListener {
     /// The port actually bound (useful with port 0).
     public private(set) var port: Int = 0
 
-    public init(loop: EventLoop, host: String, port: Int, backlog: Int32 = 1024,
-                onConnection: @escaping (TCPConnection) -> Void) throws {
+    public init(
+        loop: EventLoop, host: String, port: Int, backlog: Int32 = 1024,
+        onConnection: @escaping (TCPConnection) -> Void
+    ) throws {
         self.loop = loop
         self.onConnection = onConnection
         try check(uv_tcp_init(loop.raw, box.pointer))
@@ -22,17 +24,21 @@ public final class TCPListener {
             let ok6 = withUnsafeMutablePointer(to: &storage) { p -> Int32 in
                 p.withMemoryRebound(to: sockaddr_in6.self, capacity: 1) { uv_ip6_addr(host, Int32(port), $0) }
             }
-            if ok6 != 0 { box.close(); throw UVError(code: ok6) }
+            if ok6 != 0 {
+                box.close()
+                throw UVError(code: ok6)
+            }
         }
         do {
             _ = try withUnsafePointer(to: &storage) { p in
                 try p.withMemoryRebound(to: sockaddr.self, capacity: 1) { try check(uv_tcp_bind(box.pointer, $0, 0)) }
             }
-            try check(uv_listen(asStream(box.pointer), backlog) { server, status in
-                guard status >= 0, let server else { return }
-                let me = Unmanaged<TCPListener>.fromOpaque(server.pointee.data).takeUnretainedValue()
-                me.accept()
-            })
+            try check(
+                uv_listen(asStream(box.pointer), backlog) { server, status in
+                    guard status >= 0, let server else { return }
+                    let me = Unmanaged<TCPListener>.fromOpaque(server.pointee.data).takeUnretainedValue()
+                    me.accept()
+                })
         } catch {
             box.close()
             throw error
@@ -43,9 +49,15 @@ public final class TCPListener {
             p.withMemoryRebound(to: sockaddr.self, capacity: 1) { _ = uv_tcp_getsockname(box.pointer, $0, &len) }
         }
         if Int32(name.ss_family) == AF_INET6 {
-            self.port = withUnsafePointer(to: &name) { $0.withMemoryRebound(to: sockaddr_in6.self, capacity: 1) { Int(UInt16(bigEndian: $0.pointee.sin6_port)) } }
+            self.port = withUnsafePointer(to: &name) {
+                $0.withMemoryRebound(to: sockaddr_in6.self, capacity: 1) {
+                    Int(UInt16(bigEndian: $0.pointee.sin6_port))
+                }
+            }
         } else {
-            self.port = withUnsafePointer(to: &name) { $0.withMemoryRebound(to: sockaddr_in.self, capacity: 1) { Int(UInt16(bigEndian: $0.pointee.sin_port)) } }
+            self.port = withUnsafePointer(to: &name) {
+                $0.withMemoryRebound(to: sockaddr_in.self, capacity: 1) { Int(UInt16(bigEndian: $0.pointee.sin_port)) }
+            }
         }
     }
 
@@ -100,8 +112,10 @@ public final class TCPConnection {
     }
 
     /// Connects to an IPv4 `host:port`; `completion` runs on the loop.
-    public static func connect(loop: EventLoop, host: String, port: Int,
-                               _ completion: @escaping (Result<TCPConnection, UVError>) -> Void) {
+    public static func connect(
+        loop: EventLoop, host: String, port: Int,
+        _ completion: @escaping (Result<TCPConnection, UVError>) -> Void
+    ) {
         let c = TCPConnection(loop: loop)
         var addr = sockaddr_in()
         let rc = uv_ip4_addr(host, Int32(port), &addr)
@@ -152,18 +166,21 @@ public final class TCPConnection {
     /// Starts or resumes reading.
     public func resumeReading() {
         guard !isClosed else { return }
-        uv_read_start(asStream(box.pointer), { handle, _, buf in
-            let me = Unmanaged<TCPConnection>.fromOpaque(handle!.pointee.data).takeUnretainedValue()
-            buf!.pointee.base = me.readBuffer.assumingMemoryBound(to: CChar.self)
-            buf!.pointee.len = TCPConnection.readBufferSize
-        }, { stream, nread, _ in
-            let me = Unmanaged<TCPConnection>.fromOpaque(stream!.pointee.data).takeUnretainedValue()
-            if nread > 0 {
-                me.delegate?.connection(me, received: UnsafeRawBufferPointer(start: me.readBuffer, count: nread))
-            } else if nread < 0 {
-                me.close()
-            }
-        })
+        uv_read_start(
+            asStream(box.pointer),
+            { handle, _, buf in
+                let me = Unmanaged<TCPConnection>.fromOpaque(handle!.pointee.data).takeUnretainedValue()
+                buf!.pointee.base = me.readBuffer.assumingMemoryBound(to: CChar.self)
+                buf!.pointee.len = TCPConnection.readBufferSize
+            },
+            { stream, nread, _ in
+                let me = Unmanaged<TCPConnection>.fromOpaque(stream!.pointee.data).takeUnretainedValue()
+                if nread > 0 {
+                    me.delegate?.connection(me, received: UnsafeRawBufferPointer(start: me.readBuffer, count: nread))
+                } else if nread < 0 {
+                    me.close()
+                }
+            })
     }
 
     private final class WriteRequest {
@@ -181,7 +198,8 @@ public final class TCPConnection {
         guard !isClosed, let base = bytes.baseAddress, bytes.count > 0 else { return }
         var written = 0
         if queuedWriteBytes == 0 {
-            var buf = uv_buf_init(UnsafeMutablePointer(mutating: base.assumingMemoryBound(to: CChar.self)), UInt32(bytes.count))
+            var buf = uv_buf_init(
+                UnsafeMutablePointer(mutating: base.assumingMemoryBound(to: CChar.self)), UInt32(bytes.count))
             let rc = uv_try_write(asStream(box.pointer), &buf, 1)
             if rc >= 0 {
                 written = Int(rc)
@@ -202,8 +220,9 @@ public final class TCPConnection {
         req.pointee.data = Unmanaged.passRetained(wr).toOpaque()
         queuedWriteBytes += bytes.count
         let rc = wr.bytes.withUnsafeBufferPointer { bp -> Int32 in
-            var buf = uv_buf_init(UnsafeMutablePointer(mutating: UnsafeRawPointer(bp.baseAddress!).assumingMemoryBound(to: CChar.self)),
-                                  UInt32(bp.count))
+            var buf = uv_buf_init(
+                UnsafeMutablePointer(mutating: UnsafeRawPointer(bp.baseAddress!).assumingMemoryBound(to: CChar.self)),
+                UInt32(bp.count))
             return uv_write(req, asStream(box.pointer), &buf, 1) { req, _ in
                 let wr = Unmanaged<WriteRequest>.fromOpaque(req!.pointee.data).takeRetainedValue()
                 req!.deallocate()

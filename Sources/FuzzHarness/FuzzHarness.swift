@@ -26,7 +26,9 @@ public enum FuzzHarness {
         for path in paths {
             var isDir: ObjCBool = false
             if FileManager.default.fileExists(atPath: path, isDirectory: &isDir), isDir.boolValue {
-                files += ((try? FileManager.default.contentsOfDirectory(atPath: path)) ?? []).sorted().map { path + "/" + $0 }
+                files += ((try? FileManager.default.contentsOfDirectory(atPath: path)) ?? []).sorted().map {
+                    path + "/" + $0
+                }
             } else {
                 files.append(path)
             }
@@ -82,7 +84,9 @@ public enum FuzzHarness {
                 out += buf[0..<n]
             }
             if !halfClosed && p.revents & Int16(POLLOUT) != 0 {
-                let n = input.withUnsafeBytes { send(fd, $0.baseAddress! + sent, $0.count - sent, Int32(MSG_NOSIGNAL | MSG_DONTWAIT)) }
+                let n = input.withUnsafeBytes {
+                    send(fd, $0.baseAddress! + sent, $0.count - sent, Int32(MSG_NOSIGNAL | MSG_DONTWAIT))
+                }
                 if n > 0 { sent += n }
                 if n < 0 && errno != EAGAIN { break }
                 if sent == input.count {

@@ -23,7 +23,9 @@ public struct MessageFramer {
         let available = buffer.count - start
         guard available >= 5 else { return compactIfDrained() }
         let flag = buffer[start]
-        let len = Int(buffer[start + 1]) << 24 | Int(buffer[start + 2]) << 16 | Int(buffer[start + 3]) << 8 | Int(buffer[start + 4])
+        let len =
+            Int(buffer[start + 1]) << 24 | Int(buffer[start + 2]) << 16 | Int(buffer[start + 3]) << 8
+            | Int(buffer[start + 4])
         if flag != 0 { throw .compressed }
         if len > maxMessageBytes { throw .tooLarge(len, max: maxMessageBytes) }
         guard available >= 5 + len else { return nil }
@@ -58,7 +60,10 @@ public struct MessageFramer {
         out.reserveCapacity(payload.count + 5)
         let n = UInt32(payload.count)
         out.append(0)
-        out.append(UInt8(n >> 24)); out.append(UInt8((n >> 16) & 0xFF)); out.append(UInt8((n >> 8) & 0xFF)); out.append(UInt8(n & 0xFF))
+        out.append(UInt8(n >> 24))
+        out.append(UInt8((n >> 16) & 0xFF))
+        out.append(UInt8((n >> 8) & 0xFF))
+        out.append(UInt8(n & 0xFF))
         out.append(contentsOf: payload)
         return out
     }

@@ -56,7 +56,8 @@ public final class Gateway {
     /// A JSON string literal for `s`.
     static func jsonString(_ s: String) -> String {
         let data =
-            (try? JSONSerialization.data(withJSONObject: [s], options: [.withoutEscapingSlashes])) ?? Data("[\"\"]".utf8)
+            (try? JSONSerialization.data(withJSONObject: [s], options: [.withoutEscapingSlashes]))
+            ?? Data("[\"\"]".utf8)
         return String(decoding: data.dropFirst().dropLast(), as: UTF8.self)
     }
 
@@ -75,7 +76,8 @@ public final class Gateway {
         case .leaseKeepAlive: keepAlive(request.body, token, out)
         default:
             guard let unary = services.unary(method) else {
-                return out.respond(Self.errorResponse(status: 501, code: .unimplemented, "unknown method \(method.name)"))
+                return out.respond(
+                    Self.errorResponse(status: 501, code: .unimplemented, "unknown method \(method.name)"))
             }
             serve(unary, request.body, token, out)
         }
@@ -132,7 +134,8 @@ public final class Gateway {
 
     private func decodeAll<M: SwiftProtobuf.Message>(_ body: [UInt8], as: M.Type) -> Result<[M], Refused> {
         guard let parts = Self.objects(body) else {
-            return .failure(Refused(response: Self.errorResponse(status: 400, code: .invalidArgument, "malformed JSON body")))
+            return .failure(
+                Refused(response: Self.errorResponse(status: 400, code: .invalidArgument, "malformed JSON body")))
         }
         var out: [M] = []
         for p in parts {
@@ -197,7 +200,8 @@ final class JSONReply: ReplySink {
 
     func ok(_ response: any SwiftProtobuf.Message) {
         do {
-            out.respond(HTTPResponse(status: 200, body: Array(try response.jsonString(options: Gateway.jsonOptions).utf8)))
+            out.respond(
+                HTTPResponse(status: 200, body: Array(try response.jsonString(options: Gateway.jsonOptions).utf8)))
         } catch {
             fail(.internal("grpc: error while marshaling: \(error)"))
         }

@@ -1,5 +1,4 @@
 import CHTTPParser
-
 import HTTPCore
 
 extension HTTPResponse {
@@ -123,7 +122,10 @@ public final class HTTP1Connection {
             me.midRequest = true
             return 0
         }
-        settings.on_url = { p, at, n in HTTP1Connection.from(p).url.append(contentsOf: HTTP1Connection.buf(at, n)); return 0 }
+        settings.on_url = { p, at, n in
+            HTTP1Connection.from(p).url.append(contentsOf: HTTP1Connection.buf(at, n))
+            return 0
+        }
         settings.on_header_field = { p, at, n in
             let me = HTTP1Connection.from(p)
             if me.inValue { me.endHeader() }
@@ -167,12 +169,19 @@ public final class HTTP1Connection {
     }
 
     private func reset() {
-        url = []; headers = []; field = []; value = []; inValue = false; body = []
+        url = []
+        headers = []
+        field = []
+        value = []
+        inValue = false
+        body = []
     }
 
     private func endHeader() {
         headers.append((String(decoding: field, as: UTF8.self), String(decoding: value, as: UTF8.self)))
-        field = []; value = []; inValue = false
+        field = []
+        value = []
+        inValue = false
     }
 
     /// Refuses a declared body over the limit before it is sent, and answers `Expect: 100-continue`.
@@ -206,7 +215,8 @@ public final class HTTP1Connection {
     private func complete() {
         midRequest = false
         let method = String(cString: http_method_str(http_method(rawValue: parser.pointee.method)))
-        let req = HTTPRequest(method: method, target: String(decoding: url, as: UTF8.self), headers: headers, body: body)
+        let req = HTTPRequest(
+            method: method, target: String(decoding: url, as: UTF8.self), headers: headers, body: body)
         queue.append((req, http_should_keep_alive(parser) != 0))
     }
 
@@ -234,7 +244,6 @@ public final class HTTP1Connection {
     /// many heavy requests and reads nothing gets one answer's worth of memory, not all of them.
     public static let pipelineHighWater = 256 * 1024
     private var waitingForDrain = false
-
 
     func responseDone() {
         current = nil

@@ -143,7 +143,9 @@ public final class HTTP2Session {
         }
         nghttp2_session_callbacks_set_on_frame_send_callback(cbs) { _, frame, ud in
             let f = frame!.pointee
-            if f.hd.type == UInt8(NGHTTP2_RST_STREAM.rawValue), f.rst_stream.error_code == NGHTTP2_REFUSED_STREAM.rawValue {
+            if f.hd.type == UInt8(NGHTTP2_RST_STREAM.rawValue),
+                f.rst_stream.error_code == NGHTTP2_REFUSED_STREAM.rawValue
+            {
                 HTTP2Session.from(ud).onStreamRefused?()
             }
             return 0
@@ -171,22 +173,27 @@ public final class HTTP2Session {
         }
 
         var iv = [
-            nghttp2_settings_entry(settings_id: Int32(NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS.rawValue),
-                                   value: settings.maxConcurrentStreams),
-            nghttp2_settings_entry(settings_id: Int32(NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE.rawValue),
-                                   value: settings.initialWindowSize),
-            nghttp2_settings_entry(settings_id: Int32(NGHTTP2_SETTINGS_MAX_HEADER_LIST_SIZE.rawValue),
-                                   value: settings.maxHeaderListSize),
+            nghttp2_settings_entry(
+                settings_id: Int32(NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS.rawValue),
+                value: settings.maxConcurrentStreams),
+            nghttp2_settings_entry(
+                settings_id: Int32(NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE.rawValue),
+                value: settings.initialWindowSize),
+            nghttp2_settings_entry(
+                settings_id: Int32(NGHTTP2_SETTINGS_MAX_HEADER_LIST_SIZE.rawValue),
+                value: settings.maxHeaderListSize),
         ]
         if role == .server {
             // RFC 9218 scheduling instead of RFC 7540's priority tree: nghttp2 then neither keeps
             // closed streams for the tree nor walks it when a stream's data is resumed (a watch
             // stream is resumed for every event). gRPC clients send no priorities; `respond`
             // makes every response incremental so that streams share the connection fairly.
-            iv.append(nghttp2_settings_entry(settings_id: Int32(NGHTTP2_SETTINGS_NO_RFC7540_PRIORITIES.rawValue), value: 1))
+            iv.append(
+                nghttp2_settings_entry(settings_id: Int32(NGHTTP2_SETTINGS_NO_RFC7540_PRIORITIES.rawValue), value: 1))
         }
         nghttp2_submit_settings(session, UInt8(NGHTTP2_FLAG_NONE.rawValue), &iv, iv.count)
-        nghttp2_session_set_local_window_size(session, UInt8(NGHTTP2_FLAG_NONE.rawValue), 0, settings.connectionWindowSize)
+        nghttp2_session_set_local_window_size(
+            session, UInt8(NGHTTP2_FLAG_NONE.rawValue), 0, settings.connectionWindowSize)
     }
 
     deinit {
@@ -350,8 +357,10 @@ public final class HTTP2Session {
         nghttp2_session_terminate_session(session, UInt32(NGHTTP2_NO_ERROR.rawValue))
     }
 
-    private func read(_ o: Outbound, into buf: UnsafeMutablePointer<UInt8>, length: Int,
-                      flags: UnsafeMutablePointer<UInt32>) -> Int {
+    private func read(
+        _ o: Outbound, into buf: UnsafeMutablePointer<UInt8>, length: Int,
+        flags: UnsafeMutablePointer<UInt32>
+    ) -> Int {
         guard !o.closed else { return Int(NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE.rawValue) }
         let sid = o.id
         var written = 0
@@ -408,11 +417,19 @@ public final class HTTP2Session {
         var off = 0
         for h in headers {
             let name = buf + off
-            for b in h.name.utf8 { buf[off] = b; off += 1 }
+            for b in h.name.utf8 {
+                buf[off] = b
+                off += 1
+            }
             let value = buf + off
-            for b in h.value.utf8 { buf[off] = b; off += 1 }
-            nvs.append(nghttp2_nv(name: name, value: value, namelen: h.name.utf8.count, valuelen: h.value.utf8.count,
-                                  flags: UInt8(NGHTTP2_NV_FLAG_NONE.rawValue)))
+            for b in h.value.utf8 {
+                buf[off] = b
+                off += 1
+            }
+            nvs.append(
+                nghttp2_nv(
+                    name: name, value: value, namelen: h.name.utf8.count, valuelen: h.value.utf8.count,
+                    flags: UInt8(NGHTTP2_NV_FLAG_NONE.rawValue)))
         }
         return nvs.withUnsafeBufferPointer { body($0.baseAddress!, $0.count) }
     }

@@ -68,7 +68,8 @@ public struct IntervalTree<Value> {
     /// Adds `[low, high)` with a value; returns a handle for `remove`.
     @discardableResult
     public mutating func insert(low: [UInt8], high: [UInt8]?, _ value: Value) -> Handle {
-        let node = Node(low: low, high: high, maxHigh: high, value: value, priority: UInt32(truncatingIfNeeded: rng.next()))
+        let node = Node(
+            low: low, high: high, maxHigh: high, value: value, priority: UInt32(truncatingIfNeeded: rng.next()))
         let id: Int32
         if let f = free.popLast() {
             id = f
@@ -187,7 +188,8 @@ public struct IntervalTree<Value> {
             }
             if n.left >= 0 && less(n.low, t, than: n.left) { return (false, .none) }
             if n.right >= 0 && !less(n.low, t, than: n.right) { return (false, .none) }
-            let same = (m == nil && n.maxHigh == nil) || (m != nil && n.maxHigh != nil && Self.compare(m!, n.maxHigh!) == 0)
+            let same =
+                (m == nil && n.maxHigh == nil) || (m != nil && n.maxHigh != nil && Self.compare(m!, n.maxHigh!) == 0)
             return (same, .some(m))
         }
         return check(root).ok && seen == count

@@ -84,7 +84,8 @@ public final class LMDBBackend: Backend, @unchecked Sendable {
         var rc = mdb_cursor_get(cursor, &k, &v, MDB_FIRST)
         while rc == 0 {
             if let rev = Revision(bytes: UnsafeRawBufferPointer(start: k.mv_data, count: k.mv_size)),
-               let rec = RecordCodec.decode(rev: rev, UnsafeRawBufferPointer(start: v.mv_data, count: v.mv_size)) {
+                let rec = RecordCodec.decode(rev: rev, UnsafeRawBufferPointer(start: v.mv_data, count: v.mv_size))
+            {
                 records.append(rec)
             }
             rc = mdb_cursor_get(cursor, &k, &v, MDB_NEXT)
@@ -150,7 +151,11 @@ public final class LMDBBackend: Backend, @unchecked Sendable {
             }
             for name in batch.removedMeta { try delete(txn, metaDB, Array(name.utf8)) }
             for (name, value) in batch.blobs {
-                if let value { try put(txn, blobDB, Array(name.utf8), value) } else { try delete(txn, blobDB, Array(name.utf8)) }
+                if let value {
+                    try put(txn, blobDB, Array(name.utf8), value)
+                } else {
+                    try delete(txn, blobDB, Array(name.utf8))
+                }
             }
             try check(mdb_txn_commit(txn))
         } catch {
@@ -237,10 +242,16 @@ public final class LMDBBackend: Backend, @unchecked Sendable {
         defer { lock.unlock() }
         let tmp = path + "/defrag"
         mkdir(tmp, 0o700)
-        defer { unlink(tmp + "/data.mdb"); rmdir(tmp) }
+        defer {
+            unlink(tmp + "/data.mdb")
+            rmdir(tmp)
+        }
         try check(mdb_env_copy2(env, tmp, UInt32(MDB_CP_COMPACT)))
         let fd = Glibc.open(tmp + "/data.mdb", O_RDONLY)
-        if fd >= 0 { fsync(fd); close(fd) }
+        if fd >= 0 {
+            fsync(fd)
+            close(fd)
+        }
         mdb_env_close(env)
         env = nil
         guard rename(tmp + "/data.mdb", path + "/data.mdb") == 0 else {
@@ -295,7 +306,10 @@ public enum RecordCodec {
         out.reserveCapacity(r.key.count + (r.kv?.value.count ?? 0) + 32)
         out.append(r.kv == nil ? 0 : 1)
         var n = UInt64(r.key.count)
-        while n >= 0x80 { out.append(UInt8(n & 0x7F) | 0x80); n >>= 7 }
+        while n >= 0x80 {
+            out.append(UInt8(n & 0x7F) | 0x80)
+            n >>= 7
+        }
         out.append(UInt8(n))
         out.append(contentsOf: r.key)
         if let kv = r.kv {
@@ -331,8 +345,9 @@ public enum RecordCodec {
             for j in 0..<8 { u = u << 8 | UInt64(b[at + j]) }
             return Int64(bitPattern: u)
         }
-        let kv = KeyValue(key: key, createRevision: int64(i), modRevision: rev.main, version: int64(i + 8),
-                          value: Bytes(b[(i + 24)...]), lease: int64(i + 16))
+        let kv = KeyValue(
+            key: key, createRevision: int64(i), modRevision: rev.main, version: int64(i + 8),
+            value: Bytes(b[(i + 24)...]), lease: int64(i + 16))
         return Record(rev: rev, key: key, kv: kv)
     }
 }

@@ -120,7 +120,12 @@ public final class KVStore {
         var maxRev: Int64 = 1
         for r in records.sorted(by: { $0.rev < $1.rev }) {
             let h: KeyHistory
-            if let e = index[r.key] { h = e } else { h = KeyHistory(); index[r.key] = h }
+            if let e = index[r.key] {
+                h = e
+            } else {
+                h = KeyHistory()
+                index[r.key] = h
+            }
             h.append(r.rev, r.kv)
             maxRev = max(maxRev, r.rev.main)
         }
@@ -141,8 +146,10 @@ public final class KVStore {
 
     /// Reads `[key, end)` (etcd conventions) at `revision` (≤ 0: the committed revision).
     /// `limit` 0 = no limit; `count` is always the full count.
-    public func range(_ key: Bytes, _ end: Bytes, revision: Int64 = 0, limit: Int = 0,
-                      countOnly: Bool = false) throws(MVCCError) -> RangeResult {
+    public func range(
+        _ key: Bytes, _ end: Bytes, revision: Int64 = 0, limit: Int = 0,
+        countOnly: Bool = false
+    ) throws(MVCCError) -> RangeResult {
         let rev = try resolve(revision: revision, latest: committedRevision)
         return scan(key, end, at: rev, limit: limit, countOnly: countOnly)
     }
@@ -349,7 +356,10 @@ public final class KVStore {
             int(Int64(key.count))
             crc.update(key)
             if let kv {
-                int(kv.createRevision); int(kv.version); int(kv.lease); int(Int64(kv.value.count))
+                int(kv.createRevision)
+                int(kv.version)
+                int(kv.lease)
+                int(Int64(kv.value.count))
                 crc.update(kv.value)
             } else {
                 int(-1)
@@ -380,8 +390,10 @@ public final class WriteTxn {
 
     /// Reads at the latest state including this transaction's writes. `revision` > 0 reads history
     /// (checked against the store revision before this transaction).
-    public func range(_ key: Bytes, _ end: Bytes, revision: Int64 = 0, limit: Int = 0,
-                      countOnly: Bool = false) throws(MVCCError) -> RangeResult {
+    public func range(
+        _ key: Bytes, _ end: Bytes, revision: Int64 = 0, limit: Int = 0,
+        countOnly: Bool = false
+    ) throws(MVCCError) -> RangeResult {
         let rev: Int64
         if revision <= 0 {
             rev = self.revision
@@ -400,8 +412,9 @@ public final class WriteTxn {
     @discardableResult
     public func put(_ key: Bytes, value: Bytes, lease: Int64) -> KeyValue? {
         let prev = store.latest(key)
-        let kv = KeyValue(key: key, createRevision: prev?.createRevision ?? revision, modRevision: revision,
-                          version: (prev?.version ?? 0) + 1, value: value, lease: lease)
+        let kv = KeyValue(
+            key: key, createRevision: prev?.createRevision ?? revision, modRevision: revision,
+            version: (prev?.version ?? 0) + 1, value: value, lease: lease)
         store.apply(Revision(main: revision, sub: sub), key: key, kv: kv)
         sub += 1
         events.append(Event(kind: .put, kv: kv, prevKV: prev))

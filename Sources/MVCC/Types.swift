@@ -75,8 +75,10 @@ public struct KeyValue: Equatable, Sendable {
     public var value: Bytes
     public var lease: Int64
 
-    public init(key: Bytes, createRevision: Int64 = 0, modRevision: Int64 = 0, version: Int64 = 0, value: Bytes = [],
-                lease: Int64 = 0) {
+    public init(
+        key: Bytes, createRevision: Int64 = 0, modRevision: Int64 = 0, version: Int64 = 0, value: Bytes = [],
+        lease: Int64 = 0
+    ) {
         self.key = key
         self.createRevision = createRevision
         self.modRevision = modRevision

@@ -21,8 +21,9 @@ public enum Passwords {
         let salt = (0..<16).map { _ in UInt8.random(in: 0...255, using: &random) }
         var setting = [CChar](repeating: 0, count: Int(CRYPT_GENSALT_OUTPUT_SIZE))
         let made = salt.withUnsafeBufferPointer { sp in
-            crypt_gensalt_rn("$2b$", UInt(cost), sp.baseAddress.map { UnsafeRawPointer($0).assumingMemoryBound(to: CChar.self) },
-                             Int32(sp.count), &setting, Int32(setting.count))
+            crypt_gensalt_rn(
+                "$2b$", UInt(cost), sp.baseAddress.map { UnsafeRawPointer($0).assumingMemoryBound(to: CChar.self) },
+                Int32(sp.count), &setting, Int32(setting.count))
         }
         guard made != nil else { throw .hashingFailed }
         return try crypt(password, setting: setting)
@@ -49,11 +50,15 @@ public enum Passwords {
         let data = UnsafeMutablePointer<crypt_data>.allocate(capacity: 1)
         defer {
             // The work area held the password: clear it before giving it back.
-            UnsafeMutableRawPointer(data).initializeMemory(as: UInt8.self, repeating: 0, count: MemoryLayout<crypt_data>.size)
+            UnsafeMutableRawPointer(data).initializeMemory(
+                as: UInt8.self, repeating: 0, count: MemoryLayout<crypt_data>.size)
             data.deallocate()
         }
-        UnsafeMutableRawPointer(data).initializeMemory(as: UInt8.self, repeating: 0, count: MemoryLayout<crypt_data>.size)
-        guard let out = crypt_rn(password, setting, data, Int32(MemoryLayout<crypt_data>.size)) else { throw .hashingFailed }
+        UnsafeMutableRawPointer(data).initializeMemory(
+            as: UInt8.self, repeating: 0, count: MemoryLayout<crypt_data>.size)
+        guard let out = crypt_rn(password, setting, data, Int32(MemoryLayout<crypt_data>.size)) else {
+            throw .hashingFailed
+        }
         let s = String(cString: out)
         // Failures are marked by a leading '*' in some libxcrypt builds.
         guard !s.hasPrefix("*") else { throw .hashingFailed }

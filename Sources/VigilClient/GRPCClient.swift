@@ -27,8 +27,10 @@ public final class GRPCClientConnection: HTTP2SessionDelegate, TCPConnectionDele
     }
 
     /// Connects to `host:port` and completes on the loop.
-    public static func connect(loop: EventLoop, host: String, port: Int,
-                               _ completion: @escaping (Result<GRPCClientConnection, any Error>) -> Void) {
+    public static func connect(
+        loop: EventLoop, host: String, port: Int,
+        _ completion: @escaping (Result<GRPCClientConnection, any Error>) -> Void
+    ) {
         TCPConnection.connect(loop: loop, host: host, port: port) { result in
             switch result {
             case .failure(let e): completion(.failure(e))
@@ -43,16 +45,21 @@ public final class GRPCClientConnection: HTTP2SessionDelegate, TCPConnectionDele
     }
 
     /// Opens a call on `path`. Messages come to `onMessage`; `onClose` gets the final status once.
-    public func open(_ path: String, onMessage: @escaping ([UInt8]) -> Void,
-                     onClose: @escaping (GRPCStatus) -> Void) -> ClientCall {
+    public func open(
+        _ path: String, onMessage: @escaping ([UInt8]) -> Void,
+        onClose: @escaping (GRPCStatus) -> Void
+    ) -> ClientCall {
         let call = ClientCall(connection: self, onMessage: onMessage, onClose: onClose)
         guard !isClosed else {
             call.close(GRPCStatus(.unavailable, "connection closed"))
             return call
         }
-        let headers: [HeaderField] = [(":method", "POST"), (":scheme", "http"), (":path", path),
-                                      (":authority", authority), ("content-type", "application/grpc"),
-                                      ("te", "trailers")] + metadata
+        let headers: [HeaderField] =
+            [
+                (":method", "POST"), (":scheme", "http"), (":path", path),
+                (":authority", authority), ("content-type", "application/grpc"),
+                ("te", "trailers"),
+            ] + metadata
         let sid = session.request(headers: headers)
         guard sid > 0 else {
             call.close(GRPCStatus(.unavailable, "cannot open stream"))
@@ -67,13 +74,17 @@ public final class GRPCClientConnection: HTTP2SessionDelegate, TCPConnectionDele
     /// A unary call with raw message bytes.
     public func unary(_ path: String, _ request: [UInt8], _ done: @escaping (Result<[UInt8], GRPCStatus>) -> Void) {
         var response: [UInt8]?
-        let call = open(path, onMessage: { response = $0 }, onClose: { status in
-            if status.code == .ok, let response { done(.success(response)) } else if status.code == .ok {
-                done(.failure(GRPCStatus(.internal, "no response message")))
-            } else {
-                done(.failure(status))
-            }
-        })
+        let call = open(
+            path, onMessage: { response = $0 },
+            onClose: { status in
+                if status.code == .ok, let response {
+                    done(.success(response))
+                } else if status.code == .ok {
+                    done(.failure(GRPCStatus(.internal, "no response message")))
+                } else {
+                    done(.failure(status))
+                }
+            })
         call.send(request)
         call.closeSend()
     }
@@ -88,11 +99,12 @@ public final class GRPCClientConnection: HTTP2SessionDelegate, TCPConnectionDele
             return
         }
         unary(path, bytes) { result in
-            done(result.flatMap { data in
-                do { return .success(try Resp(serializedBytes: data)) } catch {
-                    return .failure(GRPCStatus(.internal, "decode: \(error)"))
-                }
-            })
+            done(
+                result.flatMap { data in
+                    do { return .success(try Resp(serializedBytes: data)) } catch {
+                        return .failure(GRPCStatus(.internal, "decode: \(error)"))
+                    }
+                })
         }
     }
 
@@ -206,8 +218,10 @@ public final class ClientCall {
     private var onClose: ((GRPCStatus) -> Void)?
     public private(set) var isClosed = false
 
-    init(connection: GRPCClientConnection, onMessage: @escaping ([UInt8]) -> Void,
-         onClose: @escaping (GRPCStatus) -> Void) {
+    init(
+        connection: GRPCClientConnection, onMessage: @escaping ([UInt8]) -> Void,
+        onClose: @escaping (GRPCStatus) -> Void
+    ) {
         self.connection = connection
         self.onMessage = onMessage
         self.onClose = onClose

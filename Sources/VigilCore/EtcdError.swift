@@ -71,7 +71,8 @@ extension EtcdError {
 
     // History.
     public static let compacted = EtcdError(.outOfRange, "etcdserver: mvcc: required revision has been compacted")
-    public static let futureRevision = EtcdError(.outOfRange, "etcdserver: mvcc: required revision is a future revision")
+    public static let futureRevision = EtcdError(
+        .outOfRange, "etcdserver: mvcc: required revision is a future revision")
     public static let noSpace = EtcdError(
         .resourceExhausted, "etcdserver: mvcc: database space exceeded", refusal: .noSpace)
 

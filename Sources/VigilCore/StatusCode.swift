@@ -2,7 +2,8 @@
 /// layer sends them in `grpc-status`, etcd's error table is written in them, and the JSON gateway
 /// turns them into HTTP statuses.
 public enum GRPCCode: Int, Sendable, CaseIterable {
-    case ok = 0, cancelled, unknown, invalidArgument, deadlineExceeded, notFound, alreadyExists,
+    case ok = 0
+    case cancelled, unknown, invalidArgument, deadlineExceeded, notFound, alreadyExists,
         permissionDenied, resourceExhausted, failedPrecondition, aborted, outOfRange, unimplemented,
         `internal`, unavailable, dataLoss, unauthenticated
 

@@ -46,7 +46,8 @@ final class AutoCompactor {
             }
             return .revision(keep: keep, checkMs: config.autoCompactionCheckMs)
         default:
-            throw ConfigurationError("unknown --auto-compaction-mode \(config.autoCompactionMode) (periodic or revision)")
+            throw ConfigurationError(
+                "unknown --auto-compaction-mode \(config.autoCompactionMode) (periodic or revision)")
         }
     }
 

@@ -25,7 +25,9 @@ final class BackgroundWork {
         let batch = core.config.compactionBatchRevisions
         steppers.append(LoopStepper(loop: loop, pending: { hub.catchUpPending }, step: { hub.catchUp() }))
         steppers.append(
-            LoopStepper(loop: loop, pending: { store.compactionPending }, step: { context.compactionStep(maxRevisions: batch) }))
+            LoopStepper(
+                loop: loop, pending: { store.compactionPending }, step: { context.compactionStep(maxRevisions: batch) })
+        )
         steppers.append(
             LoopStepper(
                 loop: loop, pending: { [unowned self] in leaseBacklog },

@@ -68,7 +68,8 @@ final class ClientConnection: TCPConnectionDelegate {
             readTimer?.cancel()
             readTimer = nil
         } else if readTimer == nil {
-            readTimer = LoopTimer(loop: server.loop, timeoutMs: server.config.httpReadTimeoutMs) { [weak self, weak h1] in
+            readTimer = LoopTimer(loop: server.loop, timeoutMs: server.config.httpReadTimeoutMs) {
+                [weak self, weak h1] in
                 self?.readTimer = nil
                 h1?.timeOut()
             }

@@ -67,11 +67,13 @@ final class CommitCoordinator: CommitGate {
         if !exclusiveWork.isEmpty {
             let job = exclusiveWork.removeFirst()
             inFlight = true
-            ThreadPool.submit(on: loop, work: job.work, done: { [unowned self] in
-                inFlight = false
-                job.done()
-                startCommitIfNeeded()
-            })
+            ThreadPool.submit(
+                on: loop, work: job.work,
+                done: { [unowned self] in
+                    inFlight = false
+                    job.done()
+                    startCommitIfNeeded()
+                })
             return
         }
         guard let batch = store.takeBatch() else { return }
@@ -80,28 +82,31 @@ final class CommitCoordinator: CommitGate {
         let backend = self.backend
         let failure = Handoff<(any Error)?>(nil)
         let started = loop.nowMilliseconds
-        ThreadPool.submit(on: loop, work: {
-            do { try backend.commit(batch) } catch { failure.value = error }
-        }, done: { [unowned self] in
-            inFlight = false
-            if let failure = failure.value {
-                // Acknowledged data must never be lost: stop rather than answer from memory.
-                logger.critical("backend commit failed, stopping: \(failure)")
-                fatalError("backend commit failed: \(failure)")
-            }
-            commits += 1
-            let took = loop.nowMilliseconds - started
-            if took > 1000 { logger.warning("slow fsync", metadata: ["took_ms": "\(took)"]) }
-            batchesDone += 1
-            store.markCommitted(batch.revision)  // the store's observers deliver these revisions
-            releaseWaiters()
-            let ready = flushWaiters.prefix { $0.batch <= batchesDone }
-            if !ready.isEmpty {
-                flushWaiters.removeFirst(ready.count)
-                for w in ready { w.body() }
-            }
-            startCommitIfNeeded()
-        })
+        ThreadPool.submit(
+            on: loop,
+            work: {
+                do { try backend.commit(batch) } catch { failure.value = error }
+            },
+            done: { [unowned self] in
+                inFlight = false
+                if let failure = failure.value {
+                    // Acknowledged data must never be lost: stop rather than answer from memory.
+                    logger.critical("backend commit failed, stopping: \(failure)")
+                    fatalError("backend commit failed: \(failure)")
+                }
+                commits += 1
+                let took = loop.nowMilliseconds - started
+                if took > 1000 { logger.warning("slow fsync", metadata: ["took_ms": "\(took)"]) }
+                batchesDone += 1
+                store.markCommitted(batch.revision)  // the store's observers deliver these revisions
+                releaseWaiters()
+                let ready = flushWaiters.prefix { $0.batch <= batchesDone }
+                if !ready.isEmpty {
+                    flushWaiters.removeFirst(ready.count)
+                    for w in ready { w.body() }
+                }
+                startCommitIfNeeded()
+            })
     }
 
     private func releaseWaiters() {

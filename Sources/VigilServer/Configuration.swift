@@ -38,7 +38,8 @@ public struct Configuration: Sendable {
 
     /// Parses a Go-style duration with one unit: "10m", "5s", "100ms", "1h".
     public static func durationMs(_ s: String) -> UInt64? {
-        for (unit, factor) in [("ms", 1.0), ("h", 3_600_000.0), ("m", 60_000.0), ("s", 1000.0)] where s.hasSuffix(unit) {
+        for (unit, factor) in [("ms", 1.0), ("h", 3_600_000.0), ("m", 60_000.0), ("s", 1000.0)] where s.hasSuffix(unit)
+        {
             guard let n = Double(s.dropLast(unit.count)), n >= 0 else { return nil }
             return UInt64(n * factor)
         }
@@ -70,12 +71,15 @@ public struct Configuration: Sendable {
 
     static func parseURL(_ url: String) throws -> (host: String, port: Int) {
         var rest = Substring(url)
-        if rest.hasPrefix("http://") { rest = rest.dropFirst(7) } else if rest.hasPrefix("https://") {
+        if rest.hasPrefix("http://") {
+            rest = rest.dropFirst(7)
+        } else if rest.hasPrefix("https://") {
             throw BadURL(url: url + " (TLS is not supported)")
         }
         if let slash = rest.firstIndex(of: "/") { rest = rest[..<slash] }
         guard let colon = rest.lastIndex(of: ":"), let port = Int(rest[rest.index(after: colon)...]),
-              (0...65535).contains(port) else { throw BadURL(url: url) }
+            (0...65535).contains(port)
+        else { throw BadURL(url: url) }
         var host = String(rest[..<colon])
         if host.hasPrefix("[") && host.hasSuffix("]") { host = String(host.dropFirst().dropLast()) }
         if host == "localhost" { host = "127.0.0.1" }

@@ -4,7 +4,9 @@ import VigilCore
 
 /// A Prometheus histogram with fixed buckets (seconds).
 struct Histogram {
-    static let bounds: [Double] = [0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10]
+    static let bounds: [Double] = [
+        0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10,
+    ]
     var counts = [Int](repeating: 0, count: Histogram.bounds.count)
     var total = 0
     var sum = 0.0
@@ -94,17 +96,20 @@ struct ServerMetrics {
         out += "# HELP grpc_server_started_total Total number of RPCs started on the server.\n"
         out += "# TYPE grpc_server_started_total counter\n"
         for k in keys { out += "grpc_server_started_total{\(labels(k))} \(started[k] ?? 0)\n" }
-        out += "# HELP grpc_server_handled_total Total number of RPCs completed on the server, regardless of success or failure.\n"
+        out +=
+            "# HELP grpc_server_handled_total Total number of RPCs completed on the server, regardless of success or failure.\n"
         out += "# TYPE grpc_server_handled_total counter\n"
         for k in keys {
             for (code, n) in (handled[k] ?? [:]).sorted(by: { $0.key.rawValue < $1.key.rawValue }) {
                 out += "grpc_server_handled_total{grpc_code=\"\(code.name)\",\(labels(k))} \(n)\n"
             }
         }
-        out += "# HELP grpc_server_handling_seconds Histogram of response latency (seconds) of gRPC that had been application-level handled by the server.\n"
+        out +=
+            "# HELP grpc_server_handling_seconds Histogram of response latency (seconds) of gRPC that had been application-level handled by the server.\n"
         out += "# TYPE grpc_server_handling_seconds histogram\n"
         for k in keys { if let h = latency[k] { out += h.lines("grpc_server_handling_seconds", labels: labels(k)) } }
-        out += "# HELP vigil_requests_refused_total Requests refused for a limit (size, txn ops, streams, quota, rate, read timeout).\n"
+        out +=
+            "# HELP vigil_requests_refused_total Requests refused for a limit (size, txn ops, streams, quota, rate, read timeout).\n"
         out += "# TYPE vigil_requests_refused_total counter\n"
         for (reason, n) in refused.sorted(by: { $0.key.rawValue < $1.key.rawValue }) {
             out += "vigil_requests_refused_total{reason=\"\(reason.rawValue)\"} \(n)\n"
@@ -112,7 +117,8 @@ struct ServerMetrics {
         out += "# HELP vigil_loop_turn_seconds Time the event loop spent busy per turn (waiting for I/O excluded).\n"
         out += "# TYPE vigil_loop_turn_seconds histogram\n"
         out += loopTurns.lines("vigil_loop_turn_seconds", labels: "")
-        out += "# HELP vigil_loop_turn_seconds_max Longest loop turn since start.\n# TYPE vigil_loop_turn_seconds_max gauge\n"
+        out +=
+            "# HELP vigil_loop_turn_seconds_max Longest loop turn since start.\n# TYPE vigil_loop_turn_seconds_max gauge\n"
         out += "vigil_loop_turn_seconds_max \(longestTurnSeconds)\n"
         return out
     }
@@ -126,27 +132,45 @@ extension VigilServerCore {
         func metric(_ name: String, _ type: String, _ help: String, _ value: some Numeric) {
             out += "# HELP \(name) \(help)\n# TYPE \(name) \(type)\n\(name) \(value)\n"
         }
-        metric("etcd_debugging_mvcc_current_revision", "gauge", "The current revision of the store.", store.currentRevision)
-        metric("etcd_debugging_mvcc_compact_revision", "gauge", "The last compaction revision of the store.", store.compactRevision)
+        metric(
+            "etcd_debugging_mvcc_current_revision", "gauge", "The current revision of the store.", store.currentRevision
+        )
+        metric(
+            "etcd_debugging_mvcc_compact_revision", "gauge", "The last compaction revision of the store.",
+            store.compactRevision)
         metric("etcd_debugging_mvcc_keys_total", "gauge", "Total number of keys.", store.liveKeyCount)
-        metric("etcd_mvcc_db_total_size_in_bytes", "gauge", "Total size of the underlying database in bytes.", backend.sizeInUse)
-        metric("etcd_server_quota_backend_bytes", "gauge", "Current backend storage quota size in bytes.", config.effectiveQuota)
+        metric(
+            "etcd_mvcc_db_total_size_in_bytes", "gauge", "Total size of the underlying database in bytes.",
+            backend.sizeInUse)
+        metric(
+            "etcd_server_quota_backend_bytes", "gauge", "Current backend storage quota size in bytes.",
+            config.effectiveQuota)
         metric("etcd_debugging_mvcc_watch_stream_total", "gauge", "Total number of watch streams.", hub.streamCount)
         metric("etcd_debugging_mvcc_watcher_total", "gauge", "Total number of watchers.", hub.watcherCount)
         metric("etcd_debugging_mvcc_slow_watcher_total", "gauge", "Watchers catching up or parked.", hub.unsyncedCount)
         metric("etcd_debugging_mvcc_events_total", "counter", "Events sent to watchers.", hub.stats.eventsSent)
         metric("vigil_watch_responses_total", "counter", "Watch responses sent.", hub.stats.responsesSent)
-        metric("vigil_watch_parked_total", "counter", "Times a watcher was parked because its stream was slow.", hub.stats.parked)
+        metric(
+            "vigil_watch_parked_total", "counter", "Times a watcher was parked because its stream was slow.",
+            hub.stats.parked)
         metric("vigil_watch_ring_events", "gauge", "Events held by the watch event ring.", hub.ringEvents)
         metric("vigil_watch_ring_bytes", "gauge", "Approximate bytes held by the watch event ring.", hub.ringBytes)
-        metric("vigil_watch_stream_queued_bytes_max", "gauge", "Largest number of unsent bytes queued on one watch stream.",
-               hub.maxQueuedBytes)
+        metric(
+            "vigil_watch_stream_queued_bytes_max", "gauge",
+            "Largest number of unsent bytes queued on one watch stream.",
+            hub.maxQueuedBytes)
         metric("vigil_backend_commits_total", "counter", "Group commits made durable.", commits.commits)
         let lessor = services.lessor
         metric("vigil_lease_total", "gauge", "Leases alive.", lessor.count)
-        metric("etcd_debugging_lease_granted_total", "counter", "The total number of granted leases.", lessor.stats.granted)
-        metric("etcd_debugging_lease_revoked_total", "counter", "The total number of revoked leases.", lessor.stats.revoked)
-        metric("etcd_debugging_lease_renewed_total", "counter", "The number of renewed leases seen by the leader.", lessor.stats.renewed)
+        metric(
+            "etcd_debugging_lease_granted_total", "counter", "The total number of granted leases.", lessor.stats.granted
+        )
+        metric(
+            "etcd_debugging_lease_revoked_total", "counter", "The total number of revoked leases.", lessor.stats.revoked
+        )
+        metric(
+            "etcd_debugging_lease_renewed_total", "counter", "The number of renewed leases seen by the leader.",
+            lessor.stats.renewed)
         out += metrics.text()
         return out
     }

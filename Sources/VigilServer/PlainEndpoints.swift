@@ -41,7 +41,8 @@ final class PlainEndpoints: HTTPHandler {
             return health(query: request.query)
         case "/metrics":
             guard get else { return Self.methodNotAllowed }
-            return HTTPResponse(status: 200, contentType: "text/plain; version=0.0.4", body: Array(core.metricsText().utf8))
+            return HTTPResponse(
+                status: 200, contentType: "text/plain; version=0.0.4", body: Array(core.metricsText().utf8))
         case "/version":
             guard get else { return Self.methodNotAllowed }
             let v = #"{"etcdserver":"\#(EtcdServices.serverVersion)","etcdcluster":"\#(EtcdServices.clusterVersion)"}"#

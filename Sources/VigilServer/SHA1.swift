@@ -22,15 +22,31 @@ enum SHA1 {
             for t in 0..<80 {
                 let f: UInt32, k: UInt32
                 switch t {
-                case 0..<20: f = (b & c) | (~b & d); k = 0x5A827999
-                case 20..<40: f = b ^ c ^ d; k = 0x6ED9EBA1
-                case 40..<60: f = (b & c) | (b & d) | (c & d); k = 0x8F1BBCDC
-                default: f = b ^ c ^ d; k = 0xCA62C1D6
+                case 0..<20:
+                    f = (b & c) | (~b & d)
+                    k = 0x5A827999
+                case 20..<40:
+                    f = b ^ c ^ d
+                    k = 0x6ED9EBA1
+                case 40..<60:
+                    f = (b & c) | (b & d) | (c & d)
+                    k = 0x8F1BBCDC
+                default:
+                    f = b ^ c ^ d
+                    k = 0xCA62C1D6
                 }
                 let temp = (a << 5 | a >> 27) &+ f &+ e &+ k &+ w[t]
-                e = d; d = c; c = b << 30 | b >> 2; b = a; a = temp
+                e = d
+                d = c
+                c = b << 30 | b >> 2
+                b = a
+                a = temp
             }
-            h[0] &+= a; h[1] &+= b; h[2] &+= c; h[3] &+= d; h[4] &+= e
+            h[0] &+= a
+            h[1] &+= b
+            h[2] &+= c
+            h[3] &+= d
+            h[4] &+= e
         }
         return h.flatMap { v in (0..<4).map { UInt8((v >> (24 - 8 * UInt32($0))) & 0xFF) } }
     }

@@ -141,7 +141,8 @@ struct BcryptHasher: PasswordHasher {
         do throws(Passwords.Failure) {
             return try Passwords.hash(password, cost: cost)
         } catch {
-            throw error == .unusable ? EtcdError.passwordUnusable : EtcdError.internal("etcdserver: password hashing failed")
+            throw error == .unusable
+                ? EtcdError.passwordUnusable : EtcdError.internal("etcdserver: password hashing failed")
         }
     }
 

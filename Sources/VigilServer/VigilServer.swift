@@ -132,7 +132,9 @@ public final class VigilServer: @unchecked Sendable {
     }
 
     /// Runs `body` with the core on the loop and waits for its answer (for the embedding API).
-    private func onLoop<T>(_ body: @escaping (VigilServerCore, @escaping (Result<T, EtcdError>) -> Void) -> Void) throws -> T {
+    private func onLoop<T>(
+        _ body: @escaping (VigilServerCore, @escaping (Result<T, EtcdError>) -> Void) -> Void
+    ) throws -> T {
         let done = DispatchSemaphore(value: 0)
         let result = Handoff<Result<T, EtcdError>>(.failure(.stopped))
         submit { [self] in
@@ -170,7 +172,8 @@ public final class VigilServer: @unchecked Sendable {
         var req = Etcdserverpb_RangeRequest()
         req.key = Data(key)
         return try onLoop { core, answer in
-            answer(Result { () throws(EtcdError) in try core.services.kv.range(req).kvs.first.map { [UInt8]($0.value) } })
+            answer(
+                Result { () throws(EtcdError) in try core.services.kv.range(req).kvs.first.map { [UInt8]($0.value) } })
         }
     }
 }

@@ -186,15 +186,17 @@ public struct Etcdctl: Sendable {
     /// Runs `etcdctl --endpoints=… args…`.
     @discardableResult
     public func run(_ args: [String], stdin: String? = nil) throws -> CommandResult {
-        try runCommand(binary, ["--endpoints=\(endpoint)", "--dial-timeout=5s", "--command-timeout=10s"] + args,
-                       stdin: stdin, environment: ["ETCDCTL_API": "3"])
+        try runCommand(
+            binary, ["--endpoints=\(endpoint)", "--dial-timeout=5s", "--command-timeout=10s"] + args,
+            stdin: stdin, environment: ["ETCDCTL_API": "3"])
     }
 
     /// Runs and returns stdout, failing if the command failed.
     public func ok(_ args: String...) throws -> String {
         let r = try run(args)
         guard r.status == 0 else {
-            throw ProcessFailure(description: "etcdctl \(args.joined(separator: " ")) failed (\(r.status)): \(r.output)")
+            throw ProcessFailure(
+                description: "etcdctl \(args.joined(separator: " ")) failed (\(r.status)): \(r.output)")
         }
         return r.stdout
     }
@@ -203,7 +205,8 @@ public struct Etcdctl: Sendable {
     public func fails(_ args: String...) throws -> String {
         let r = try run(args)
         guard r.status != 0 else {
-            throw ProcessFailure(description: "etcdctl \(args.joined(separator: " ")) unexpectedly succeeded: \(r.output)")
+            throw ProcessFailure(
+                description: "etcdctl \(args.joined(separator: " ")) unexpectedly succeeded: \(r.output)")
         }
         return r.output
     }
@@ -302,8 +305,9 @@ public final class BackgroundCommand: @unchecked Sendable {
 extension Etcdctl {
     /// Starts `etcdctl watch …` (or any long-running etcdctl command) in the background.
     public func background(_ args: [String]) throws -> BackgroundCommand {
-        try BackgroundCommand(binary, ["--endpoints=\(endpoint)", "--dial-timeout=5s"] + args,
-                              environment: ["ETCDCTL_API": "3"])
+        try BackgroundCommand(
+            binary, ["--endpoints=\(endpoint)", "--dial-timeout=5s"] + args,
+            environment: ["ETCDCTL_API": "3"])
     }
 }
 

@@ -30,7 +30,8 @@ public final class ChildProcess: @unchecked Sendable {
             posix_spawn_file_actions_adddup2(&actions, fd, target)
         }
         guard let closeFrom = Self.addCloseFrom else {
-            throw ProcessFailure(description: "posix_spawn_file_actions_addclosefrom_np is missing (glibc 2.34+ needed)")
+            throw ProcessFailure(
+                description: "posix_spawn_file_actions_addclosefrom_np is missing (glibc 2.34+ needed)")
         }
         _ = closeFrom(&actions, 3)
 

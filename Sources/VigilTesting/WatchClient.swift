@@ -17,17 +17,21 @@ public final class WatchStreamClient {
 
     public init(_ connection: GRPCClientConnection) {
         var me: WatchStreamClient?
-        call = connection.open(EtcdMethod.watch.path, onMessage: { bytes in
-            guard let me, let r = try? Etcdserverpb_WatchResponse(serializedBytes: bytes) else { return }
-            me.responses.append(r)
-            me.eventCount += r.events.count
-            me.onResponse?(r)
-        }, onClose: { status in me?.closedStatus = status })
+        call = connection.open(
+            EtcdMethod.watch.path,
+            onMessage: { bytes in
+                guard let me, let r = try? Etcdserverpb_WatchResponse(serializedBytes: bytes) else { return }
+                me.responses.append(r)
+                me.eventCount += r.events.count
+                me.onResponse?(r)
+            }, onClose: { status in me?.closedStatus = status })
         me = self
     }
 
-    public func create(_ key: String, rangeEnd: String = "", start: Int64 = 0, prevKV: Bool = false,
-                       progressNotify: Bool = false, watchID: Int64 = 0) {
+    public func create(
+        _ key: String, rangeEnd: String = "", start: Int64 = 0, prevKV: Bool = false,
+        progressNotify: Bool = false, watchID: Int64 = 0
+    ) {
         var c = Etcdserverpb_WatchCreateRequest()
         c.key = Data(key.utf8)
         c.rangeEnd = Data(rangeEnd.utf8)

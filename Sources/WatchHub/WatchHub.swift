@@ -197,7 +197,9 @@ public final class WatchHub {
     }
 
     @inline(__always)
-    private func stream(of w: Int32) -> WatchStream { streams[Int(watchers.stream[Int(w)])].unsafelyUnwrapped.takeUnretainedValue() }
+    private func stream(of w: Int32) -> WatchStream {
+        streams[Int(watchers.stream[Int(w)])].unsafelyUnwrapped.takeUnretainedValue()
+    }
 
     // MARK: Streams
 
@@ -363,7 +365,8 @@ public final class WatchHub {
     /// events already queued, if every watcher of the stream is synced.
     public func requestProgress(_ s: WatchStream) {
         guard !s.watchers.isEmpty, s.unsyncedCount == 0,
-              futureStart.isEmpty || s.watchers.allSatisfy({ !isFuture($0) }) else { return }
+            futureStart.isEmpty || s.watchers.allSatisfy({ !isFuture($0) })
+        else { return }
         send(s, ResponseFields(headerRevision: delivered, watchID: -1))
     }
 
@@ -535,7 +538,9 @@ public final class WatchHub {
     /// The response for these matches of `entry`, in `s`'s encoding. (Kept out of `deliver`,
     /// whose per-watcher closure must stay small enough to be inlined.)
     @inline(never)
-    private func response(_ s: WatchStream, _ entry: RevisionEvents, _ wanted: [Int32], prevKV: Bool, id: Int64) -> [UInt8] {
+    private func response(
+        _ s: WatchStream, _ entry: RevisionEvents, _ wanted: [Int32], prevKV: Bool, id: Int64
+    ) -> [UInt8] {
         let slot = s.encoderSlot
         let events = wanted.map { entry.encoding(Int($0), prevKV: prevKV, s.encoder, slot: slot) }
         return s.encoder.response(ResponseFields(headerRevision: entry.revision, watchID: id), events: events)
@@ -637,7 +642,8 @@ public final class WatchHub {
         if let oldest = ring.oldestRevision, nextRev >= oldest {
             ring.forEach(from: nextRev) { entry in
                 guard entry.revision <= delivered else { return false }
-                for (i, e) in entry.events.enumerated() where KeyRange.contains(e.kv.key, key: key, end: end) && flags.wants(e) {
+                for (i, e) in entry.events.enumerated()
+                where KeyRange.contains(e.kv.key, key: key, end: end) && flags.wants(e) {
                     let enc = entry.encoding(i, prevKV: prevKV, s.encoder, slot: s.encoderSlot)
                     events.append(enc)
                     bytes += enc.count
@@ -655,7 +661,8 @@ public final class WatchHub {
                 return
             }
             stats.storeCatchUps += 1
-            let to = min(delivered, nextRev + Int64(config.catchUpRevisions) - 1, (ring.oldestRevision ?? Int64.max) - 1)
+            let to = min(
+                delivered, nextRev + Int64(config.catchUpRevisions) - 1, (ring.oldestRevision ?? Int64.max) - 1)
             for (_, e) in store.events(key, end, from: nextRev, to: to) where flags.wants(e) {
                 events.append(s.encoder.encode(e, prevKV: prevKV))
             }

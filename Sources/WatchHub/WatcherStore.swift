@@ -1,10 +1,11 @@
+import IntervalTree
+import MVCC
+
 #if canImport(Glibc)
 import Glibc
 #elseif canImport(Darwin)
 import Darwin
 #endif
-import IntervalTree
-import MVCC
 
 /// A watcher's options and state, one byte.
 struct WatcherFlags: OptionSet {
@@ -181,7 +182,9 @@ struct WatchGroups {
     func end(_ g: Int32) -> Bytes { rangeInfo[g]?.end ?? [] }
 
     private func keyEquals(_ g: Int32, _ key: UnsafeBufferPointer<UInt8>) -> Bool {
-        withKey(g) { k in k.count == key.count && (k.count == 0 || memcmp(k.baseAddress!, key.baseAddress!, k.count) == 0) }
+        withKey(g) { k in
+            k.count == key.count && (k.count == 0 || memcmp(k.baseAddress!, key.baseAddress!, k.count) == 0)
+        }
     }
 
     /// A hash's home slot in a table of `n` (any size: the high half of hash × n).

@@ -1,12 +1,13 @@
 import ArgumentParser
-#if os(Linux)
-import CMalloc
-#endif
 import EtcdAPI
 import EventLoop
 import Foundation
 import Logging
 import VigilServer
+
+#if os(Linux)
+import CMalloc
+#endif
 
 /// `vigil`: flags named as etcd's, for a single member. Every flag can also come from the matching
 /// `ETCD_*` environment variable (e.g. `ETCD_DATA_DIR`), as with etcd; a flag given on the command
@@ -38,36 +39,47 @@ struct VigilCommand: ParsableCommand {
     var maxRequestBytes: Int?
     @Option(name: .customLong("max-txn-ops"), help: "Maximum number of operations per txn (default 128).")
     var maxTxnOps: Int?
-    @Option(name: .customLong("max-concurrent-streams"),
-            help: "Maximum concurrent HTTP/2 streams per client connection (default: no limit, as etcd).")
+    @Option(
+        name: .customLong("max-concurrent-streams"),
+        help: "Maximum concurrent HTTP/2 streams per client connection (default: no limit, as etcd).")
     var maxConcurrentStreams: UInt32?
     @Option(name: .customLong("quota-backend-bytes"), help: "Backend size quota; 0 = default 2 GiB.")
     var quotaBackendBytes: Int64?
     @Option(name: .customLong("log-level"), help: "debug, info, warn, error, panic or fatal.")
     var logLevel: String?
-    @Option(name: .customLong("experimental-watch-progress-notify-interval"),
-            help: "Interval of periodic watch progress notifications, e.g. 10m, 5s, 100ms (default 10m).")
+    @Option(
+        name: .customLong("experimental-watch-progress-notify-interval"),
+        help: "Interval of periodic watch progress notifications, e.g. 10m, 5s, 100ms (default 10m).")
     var watchProgressNotifyInterval: String?
     @Option(name: .customLong("watch-ring-max-events"), help: "Events the watch event ring keeps (default 200000).")
     var watchRingMaxEvents: Int?
     @Option(name: .customLong("watch-ring-max-bytes"), help: "Bytes the watch event ring keeps (default 64 MiB).")
     var watchRingMaxBytes: Int?
-    @Option(name: .customLong("watch-stream-queue-bytes"),
-            help: "Unsent bytes after which a watch stream counts as slow and its watchers are parked (default 1 MiB).")
+    @Option(
+        name: .customLong("watch-stream-queue-bytes"),
+        help: "Unsent bytes after which a watch stream counts as slow and its watchers are parked (default 1 MiB).")
     var watchStreamQueueBytes: Int?
-    @Option(name: .customLong("http-read-timeout"),
-            help: "Seconds an HTTP/1.1 request may take to arrive in full before it is answered 408 (default 10).")
+    @Option(
+        name: .customLong("http-read-timeout"),
+        help: "Seconds an HTTP/1.1 request may take to arrive in full before it is answered 408 (default 10).")
     var httpReadTimeout: Double?
-    @Option(name: .customLong("auto-compaction-mode"), help: "periodic or revision (default periodic when a retention is set).")
+    @Option(
+        name: .customLong("auto-compaction-mode"),
+        help: "periodic or revision (default periodic when a retention is set).")
     var autoCompactionMode: String?
-    @Option(name: .customLong("auto-compaction-retention"),
-            help: "periodic: history to keep (\"1h\", \"30m\"; a bare number is hours); revision: revisions to keep. 0 = off.")
+    @Option(
+        name: .customLong("auto-compaction-retention"),
+        help:
+            "periodic: history to keep (\"1h\", \"30m\"; a bare number is hours); revision: revisions to keep. 0 = off."
+    )
     var autoCompactionRetention: String?
-    @Option(name: .customLong("auto-compaction-check-interval"),
-            help: "How often revision-mode auto-compaction checks (default 5m, as etcd).")
+    @Option(
+        name: .customLong("auto-compaction-check-interval"),
+        help: "How often revision-mode auto-compaction checks (default 5m, as etcd).")
     var autoCompactionCheckInterval: String?
-    @Option(name: .customLong("restore-snapshot"),
-            help: "A file from `etcdctl snapshot save` to start from when --data-dir holds no data yet.")
+    @Option(
+        name: .customLong("restore-snapshot"),
+        help: "A file from `etcdctl snapshot save` to start from when --data-dir holds no data yet.")
     var restoreSnapshot: String?
     @Option(name: .customLong("auth-token"), help: "Token type: simple (the default; JWT is not supported).")
     var authToken: String?
@@ -100,7 +112,8 @@ struct VigilCommand: ParsableCommand {
             let members = Self.list(v)
             let names = Set(members.compactMap { $0.split(separator: "=", maxSplits: 1).first.map(String.init) })
             if names.count > 1 || (names.count == 1 && !names.contains(c.name)) {
-                throw ValidationError("--initial-cluster must list only this member (\(c.name)): Vigil is a single-member server")
+                throw ValidationError(
+                    "--initial-cluster must list only this member (\(c.name)): Vigil is a single-member server")
             }
         }
         if let v = maxRequestBytes ?? value(nil, "ETCD_MAX_REQUEST_BYTES").flatMap(Int.init) {
@@ -115,15 +128,24 @@ struct VigilCommand: ParsableCommand {
             guard v > 0 else { throw ValidationError("--max-concurrent-streams must be positive") }
             c.maxConcurrentStreams = v
         }
-        if let v = quotaBackendBytes ?? value(nil, "ETCD_QUOTA_BACKEND_BYTES").flatMap(Int64.init) { c.quotaBackendBytes = v }
+        if let v = quotaBackendBytes ?? value(nil, "ETCD_QUOTA_BACKEND_BYTES").flatMap(Int64.init) {
+            c.quotaBackendBytes = v
+        }
         if let v = value(watchProgressNotifyInterval, "ETCD_EXPERIMENTAL_WATCH_PROGRESS_NOTIFY_INTERVAL") {
             guard let ms = Self.durationMs(v), ms >= 100 else {
-                throw ValidationError("--experimental-watch-progress-notify-interval must be a duration of at least 100ms")
+                throw ValidationError(
+                    "--experimental-watch-progress-notify-interval must be a duration of at least 100ms")
             }
             c.watchProgressNotifyIntervalMs = ms
         }
-        if let v = watchRingMaxEvents { guard v > 0 else { throw ValidationError("--watch-ring-max-events must be positive") }; c.watch.ringMaxEvents = v }
-        if let v = watchRingMaxBytes { guard v > 0 else { throw ValidationError("--watch-ring-max-bytes must be positive") }; c.watch.ringMaxBytes = v }
+        if let v = watchRingMaxEvents {
+            guard v > 0 else { throw ValidationError("--watch-ring-max-events must be positive") }
+            c.watch.ringMaxEvents = v
+        }
+        if let v = watchRingMaxBytes {
+            guard v > 0 else { throw ValidationError("--watch-ring-max-bytes must be positive") }
+            c.watch.ringMaxBytes = v
+        }
         if let v = watchStreamQueueBytes {
             guard v > 0 else { throw ValidationError("--watch-stream-queue-bytes must be positive") }
             c.watch.streamQueueLimit = v
@@ -147,10 +169,13 @@ struct VigilCommand: ParsableCommand {
             c.auth.bcryptCost = v
         }
         c.autoCompactionRetention = value(autoCompactionRetention, "ETCD_AUTO_COMPACTION_RETENTION") ?? "0"
-        c.autoCompactionMode = value(autoCompactionMode, "ETCD_AUTO_COMPACTION_MODE")
+        c.autoCompactionMode =
+            value(autoCompactionMode, "ETCD_AUTO_COMPACTION_MODE")
             ?? (c.autoCompactionRetention == "0" ? "" : "periodic")
         if let v = autoCompactionCheckInterval {
-            guard let ms = Self.durationMs(v), ms > 0 else { throw ValidationError("invalid --auto-compaction-check-interval \(v)") }
+            guard let ms = Self.durationMs(v), ms > 0 else {
+                throw ValidationError("invalid --auto-compaction-check-interval \(v)")
+            }
             c.autoCompactionCheckMs = ms
         }
         c.unsafeNoFsync = unsafeNoFsync || ProcessInfo.processInfo.environment["ETCD_UNSAFE_NO_FSYNC"] == "true"

@@ -166,7 +166,9 @@ private func b(_ s: String) -> [UInt8] { Array(s.utf8) }
         h.deferred = true
         var outcomes: [String] = []
         for _ in 0..<4 {
-            try h.auth.authenticate(name: "alice", password: "wrong") { outcomes.append((try? $0.get()) == nil ? "fail" : "ok") }
+            try h.auth.authenticate(name: "alice", password: "wrong") {
+                outcomes.append((try? $0.get()) == nil ? "fail" : "ok")
+            }
         }
         #expect(h.auth.queuedHashes == 3, "one runs, three wait")
         #expect(throws: EtcdError.tooManyRequests) {
@@ -189,7 +191,9 @@ private func b(_ s: String) -> [UInt8] { Array(s.utf8) }
         #expect(throws: EtcdError.invalidAuthMgmt) {
             try h.auth.grantPermission(role: "r", Permission(kind: .read, key: b("b"), rangeEnd: b("a")))
         }
-        #expect(throws: EtcdError.permissionNotGranted) { try h.auth.revokePermission(role: "r", key: b("x"), rangeEnd: []) }
+        #expect(throws: EtcdError.permissionNotGranted) {
+            try h.auth.revokePermission(role: "r", key: b("x"), rangeEnd: [])
+        }
         #expect(throws: EtcdError.roleNotFound) { try h.auth.getRole("nope") }
         #expect(throws: EtcdError.userNotFound) { try h.auth.getUser("nope") }
     }
@@ -198,7 +202,9 @@ private func b(_ s: String) -> [UInt8] { Array(s.utf8) }
 @Suite struct IntervalUnionTests {
     @Test func agreesWithABruteForceModel() {
         var rng = SystemRandomNumberGenerator()
-        func key() -> [UInt8] { (0..<Int.random(in: 1...2, using: &rng)).map { _ in UInt8.random(in: 1...5, using: &rng) } }
+        func key() -> [UInt8] {
+            (0..<Int.random(in: 1...2, using: &rng)).map { _ in UInt8.random(in: 1...5, using: &rng) }
+        }
         for _ in 0..<300 {
             var ivs: [KeyInterval] = []
             for _ in 0..<Int.random(in: 0...6, using: &rng) {

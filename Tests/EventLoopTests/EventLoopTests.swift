@@ -72,7 +72,9 @@ import Testing
         let workThread = Box<Bool>(true)
         var finished = false
         let loopThread = pthread_self()
-        ThreadPool.submit(on: loop, work: { workThread.set(pthread_equal(pthread_self(), loopThread) != 0) }, done: { finished = true })
+        ThreadPool.submit(
+            on: loop, work: { workThread.set(pthread_equal(pthread_self(), loopThread) != 0) },
+            done: { finished = true })
         #expect(loop.run(forAtMost: 10) { finished })
         #expect(workThread.get() == false)
         loop.shutdown()
@@ -84,11 +86,13 @@ import Testing
         var remaining = 50
         var steps = 0
         var log: [String] = []
-        let stepper = LoopStepper(loop: loop, pending: { remaining > 0 }) {
-            remaining -= 1
-            steps += 1
-            log.append("step")
-        }
+        let stepper = LoopStepper(
+            loop: loop, pending: { remaining > 0 },
+            step: {
+                remaining -= 1
+                steps += 1
+                log.append("step")
+            })
         // A timer due at once fires between steps, not after all of them.
         let t = LoopTimer(loop: loop, timeoutMs: 0) { log.append("timer") }
         #expect(loop.run(forAtMost: 5) { remaining == 0 })

@@ -1,4 +1,5 @@
 import Testing
+
 @testable import GRPC
 
 @Suite struct FramingTests {

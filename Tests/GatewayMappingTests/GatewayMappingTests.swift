@@ -37,7 +37,9 @@ final class Answer: HTTPResponder {
     var text: String { String(decoding: body, as: UTF8.self) }
     var json: [String: Any] { (try? JSONSerialization.jsonObject(with: Data(body))) as? [String: Any] ?? [:] }
     var lines: [[String: Any]] {
-        text.split(separator: "\n").compactMap { (try? JSONSerialization.jsonObject(with: Data($0.utf8))) as? [String: Any] }
+        text.split(separator: "\n").compactMap {
+            (try? JSONSerialization.jsonObject(with: Data($0.utf8))) as? [String: Any]
+        }
     }
 }
 
@@ -78,7 +80,9 @@ final class Harness {
         let h = Harness()
         let empty = h.post("/v3/kv/range", "{}")
         #expect(empty.status == 400)
-        #expect(empty.text == #"{"error":"etcdserver: key is not provided","code":3,"message":"etcdserver: key is not provided"}"#)
+        #expect(
+            empty.text
+                == #"{"error":"etcdserver: key is not provided","code":3,"message":"etcdserver: key is not provided"}"#)
         let future = h.post("/v3/kv/range", #"{"key":"\#(b64("a"))","revision":"99"}"#)
         #expect(future.status == 400 && future.json["code"] as? Int == 11)
         let unknown = h.post("/v3/kv/nothing", "{}")
@@ -96,14 +100,17 @@ final class Harness {
         let gateway = Gateway(services: memory.services, refused: { refusals.append($0) })
         let ops = (0..<200).map { i in #"{"request_put":{"key":"\#(b64("k\(i)"))"}}"# }.joined(separator: ",")
         let a = Answer()
-        gateway.handle(HTTPRequest(method: "POST", target: "/v3/kv/txn", headers: [], body: Array(#"{"success":[\#(ops)]}"#.utf8)), a)
+        gateway.handle(
+            HTTPRequest(method: "POST", target: "/v3/kv/txn", headers: [], body: Array(#"{"success":[\#(ops)]}"#.utf8)),
+            a)
         #expect(a.status == 400 && a.text.contains("too many operations"))
         #expect(refusals == [.tooManyTxnOps])
     }
 
     @Test func aWatchStreamsJSONLinesUntilTheClientLeaves() throws {
         let h = Harness()
-        let a = h.post("/v3/watch", #"{"create_request":{"key":"\#(b64("w/"))","range_end":"\#(b64("w0"))","prev_kv":true}}"#)
+        let a = h.post(
+            "/v3/watch", #"{"create_request":{"key":"\#(b64("w/"))","range_end":"\#(b64("w0"))","prev_kv":true}}"#)
         #expect(a.streaming && a.status == 200)
         _ = h.post("/v3/kv/put", #"{"key":"\#(b64("w/1"))","value":"\#(b64("a"))"}"#)
         _ = h.post("/v3/kv/put", #"{"key":"\#(b64("w/1"))","value":"\#(b64("b"))"}"#)
@@ -126,7 +133,8 @@ final class Harness {
         let json = JSONWatchEncoder(identity: identity)
         var rng = SystemRandomNumberGenerator()
         for i in 0..<300 {
-            var f = ResponseFields(headerRevision: Int64.random(in: 0...3, using: &rng) * 1000, watchID: Int64(i % 5) - 1)
+            var f = ResponseFields(
+                headerRevision: Int64.random(in: 0...3, using: &rng) * 1000, watchID: Int64(i % 5) - 1)
             f.created = Bool.random(using: &rng)
             f.canceled = Bool.random(using: &rng)
             f.fragment = Bool.random(using: &rng)
@@ -136,11 +144,12 @@ final class Harness {
             let events = (0..<Int.random(in: 0...3, using: &rng)).map { j in
                 Event(
                     kind: j % 2 == 0 ? .put : .delete,
-                    kv: KeyValue(key: Array("k\(j)".utf8), createRevision: 2, modRevision: 5, version: 1, value: [0, 255, 7]),
+                    kv: KeyValue(
+                        key: Array("k\(j)".utf8), createRevision: 2, modRevision: 5, version: 1, value: [0, 255, 7]),
                     prevKV: j == 0 ? KeyValue(key: Array("k0".utf8), modRevision: 3, value: [1]) : nil)
             }
             let framed = grpc.response(f, events: events.map { grpc.encode($0, prevKV: prevKV) })
-            let decoded = try Etcdserverpb_WatchResponse(serializedBytes: framed[5...])
+            let decoded = try Etcdserverpb_WatchResponse(serializedBytes: Array(framed[5...]))
             let expected = "{\"result\":\(try decoded.jsonString(options: Gateway.jsonOptions))}\n"
             let made = json.response(f, events: events.map { json.encode($0, prevKV: prevKV) })
             #expect(String(decoding: made, as: UTF8.self) == expected)

@@ -14,7 +14,9 @@ final class Handler: HTTPHandler, HTTPStreamObserver {
     func handle(_ request: HTTPRequest, _ responder: any HTTPResponder) {
         requests.append(request)
         responders.append(responder)
-        if answerAtOnce { responder.respond(HTTPResponse(status: 200, contentType: "text/plain", body: Array(request.path.utf8))) }
+        if answerAtOnce {
+            responder.respond(HTTPResponse(status: 200, contentType: "text/plain", body: Array(request.path.utf8)))
+        }
     }
 
     func response(for refusal: HTTPRefusal) -> HTTPResponse {
@@ -74,7 +76,9 @@ final class Wire: HTTP1Transport {
         // The next request is handled on the next turn (at once here).
         #expect(w.handler.requests.map(\.path) == ["/a", "/b"])
         w.handler.responders[1].respond(HTTPResponse(status: 404, body: []))
-        #expect(w.text.hasSuffix("\r\n\r\nAHTTP/1.1 404 Not Found\r\nContent-Type: application/json\r\nContent-Length: 0\r\n\r\n"))
+        #expect(
+            w.text.hasSuffix(
+                "\r\n\r\nAHTTP/1.1 404 Not Found\r\nContent-Type: application/json\r\nContent-Length: 0\r\n\r\n"))
     }
 
     @Test func aStreamIsChunkedAndHearsDrainsAndTheClientLeaving() {
@@ -93,7 +97,9 @@ final class Wire: HTTP1Transport {
         w.connection.connectionClosed()
         #expect(w.handler.events == ["drained", "closed"])
         #expect(
-            w.text == "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n8\r\n{\"a\":1}\n\r\n")
+            w.text
+                == "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n8\r\n{\"a\":1}\n\r\n"
+        )
         // After the client left, sends do nothing.
         r.send(Array("x".utf8))
         #expect(w.text.hasSuffix("\n\r\n"))
@@ -117,7 +123,8 @@ final class Wire: HTTP1Transport {
         w.send("POST /v3/kv/put HTTP/1.1\r\nContent-Length: 11\r\n\r\n")
         #expect(w.handler.requests.isEmpty)
         #expect(w.handler.events == ["refused bodyTooLarge"])
-        #expect(w.text.hasPrefix("HTTP/1.1 413 Payload Too Large\r\n") && w.text.contains("Connection: close") && w.closed)
+        #expect(
+            w.text.hasPrefix("HTTP/1.1 413 Payload Too Large\r\n") && w.text.contains("Connection: close") && w.closed)
     }
 
     @Test func aChunkedBodyOverTheLimitIsRefusedToo() {

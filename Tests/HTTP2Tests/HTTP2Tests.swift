@@ -9,7 +9,9 @@ final class ClientSide: HTTP2SessionDelegate {
     var headers: [Int32: [[HeaderField]]] = [:]
     var data: [Int32: [UInt8]] = [:]
     var closed: Set<Int32> = []
-    func streamHeaders(_ stream: Int32, _ h: [HeaderField], _ block: HeaderBlock) { headers[stream, default: []].append(h) }
+    func streamHeaders(_ stream: Int32, _ h: [HeaderField], _ block: HeaderBlock) {
+        headers[stream, default: []].append(h)
+    }
     func streamData(_ stream: Int32, _ d: UnsafeRawBufferPointer) { data[stream, default: []] += d }
     func streamEnded(_ stream: Int32) {}
     func streamClosed(_ stream: Int32) { closed.insert(stream) }
@@ -63,7 +65,11 @@ final class Pair {
         grpc = GRPCConnection(
             session: server, maxMessageBytes: 1 << 20,
             route: { [unowned self] path in
-                path == "/svc/Echo" ? { call in self.calls.append(call); return self.recorder } : nil
+                path == "/svc/Echo"
+                    ? { call in
+                        self.calls.append(call)
+                        return self.recorder
+                    } : nil
             }, others: others ? plainStreams : nil, needsFlush: {})
     }
 
@@ -163,7 +169,9 @@ final class Pair {
 
     @Test func aPlainBodyOverTheLimitIsRefused() {
         let p = Pair(maxBody: 8)
-        let sid = p.client.request(headers: [(":method", "POST"), (":scheme", "http"), (":path", "/x"), (":authority", "t")])
+        let sid = p.client.request(headers: [
+            (":method", "POST"), (":scheme", "http"), (":path", "/x"), (":authority", "t"),
+        ])
         p.client.send(Array("0123456789".utf8), on: sid)
         p.client.finish(sid, trailers: [])
         p.pump()
@@ -174,7 +182,9 @@ final class Pair {
 
     @Test func withoutAPlainHandlerOtherStreamsAre415() {
         let p = Pair(others: false)
-        let sid = p.client.request(headers: [(":method", "GET"), (":scheme", "http"), (":path", "/x"), (":authority", "t")])
+        let sid = p.client.request(headers: [
+            (":method", "GET"), (":scheme", "http"), (":path", "/x"), (":authority", "t"),
+        ])
         p.client.finish(sid, trailers: [])
         p.pump()
         #expect(p.clientSide.value(sid, ":status") == "415")

@@ -36,7 +36,9 @@ private func write(_ store: KVStore, _ backend: LMDBBackend, _ body: (WriteTxn) 
         let backend = try LMDBBackend(path: dir.path, mapSize: 1 << 26, noSync: true)
         let (records, meta) = try backend.load()
         #expect(records.map(\.rev.main) == [2, 3, 4])
-        #expect(records[0].kv == KeyValue(key: b("a"), createRevision: 2, modRevision: 2, version: 1, value: b("1"), lease: 7))
+        #expect(
+            records[0].kv
+                == KeyValue(key: b("a"), createRevision: 2, modRevision: 2, version: 1, value: b("1"), lease: 7))
         #expect(records[2].kv == nil, "a deletion is a tombstone")
         #expect(meta["lease/7"] == 30 && meta[MetaKey.currentRevision] == 4)
         #expect(try backend.loadBlobs() == ["auth/user/x": b("blob")])
@@ -107,14 +109,17 @@ private func write(_ store: KVStore, _ backend: LMDBBackend, _ body: (WriteTxn) 
     @Test func recordCodecRoundTrips() {
         var rng = SystemRandomNumberGenerator()
         for _ in 0..<500 {
-            let key = Bytes((0..<Int.random(in: 0...300, using: &rng)).map { _ in UInt8.random(in: 0...255, using: &rng) })
-            let rev = Revision(main: Int64.random(in: 1...Int64.max, using: &rng), sub: Int64.random(in: 0...100, using: &rng))
+            let key = Bytes(
+                (0..<Int.random(in: 0...300, using: &rng)).map { _ in UInt8.random(in: 0...255, using: &rng) })
+            let rev = Revision(
+                main: Int64.random(in: 1...Int64.max, using: &rng), sub: Int64.random(in: 0...100, using: &rng))
             let live = Bool.random(using: &rng)
             let kv =
                 live
                 ? KeyValue(
                     key: key, createRevision: Int64.random(in: 1...1000, using: &rng), modRevision: rev.main,
-                    version: Int64.random(in: 1...1000, using: &rng), value: Bytes(repeating: 9, count: Int.random(in: 0...100)),
+                    version: Int64.random(in: 1...1000, using: &rng),
+                    value: Bytes(repeating: 9, count: Int.random(in: 0...100)),
                     lease: Int64.random(in: 0...1000, using: &rng)) : nil
             let r = Record(rev: rev, key: key, kv: kv)
             let enc = RecordCodec.encode(r)

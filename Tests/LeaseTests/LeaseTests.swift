@@ -109,7 +109,7 @@ private func k(_ s: String) -> LeaseKey { Array(s.utf8) }
         var rng = SystemRandomNumberGenerator()
         for i in 1...200 { _ = try h.lessor.grant(id: Int64(i), ttl: Int64.random(in: 2...20, using: &rng)) }
         for _ in 0..<2000 {
-            h.lessor.renew(Int64.random(in: 1...200, using: &rng))
+            _ = h.lessor.renew(Int64.random(in: 1...200, using: &rng))
             h.clock.advance(milliseconds: UInt64.random(in: 0...20, using: &rng))
             #expect(h.lessor.verifyInvariants())
             h.lessor.expireStep()

@@ -1,4 +1,5 @@
 import Testing
+
 @testable import MVCC
 
 private func b(_ s: String) -> Bytes { Array(s.utf8) }
@@ -191,7 +192,10 @@ private func del(_ s: KVStore, _ k: String, _ end: String = "") -> Int {
             #expect(set.verifyInvariants())
         }
         var seen: [Bytes] = []
-        set.forEach(from: [], to: nil) { seen.append($0); return true }
+        set.forEach(from: [], to: nil) {
+            seen.append($0)
+            return true
+        }
         #expect(seen == model.sorted { compareBytes($0, $1) < 0 })
     }
 }
@@ -200,7 +204,10 @@ private func del(_ s: KVStore, _ k: String, _ end: String = "") -> Int {
 private final class Recorder: StoreObserver {
     var log: [String] = []
     func store(_ store: KVStore, wrote events: [Event], at revision: Int64) {
-        log.append("wrote \(revision): " + events.map { "\($0.kind == .put ? "P" : "D") \(String(decoding: $0.kv.key, as: UTF8.self))" }.joined(separator: ","))
+        log.append(
+            "wrote \(revision): "
+                + events.map { "\($0.kind == .put ? "P" : "D") \(String(decoding: $0.kv.key, as: UTF8.self))" }.joined(
+                    separator: ","))
     }
     func store(_ store: KVStore, committedThrough revision: Int64) { log.append("committed \(revision)") }
     func store(_ store: KVStore, compactedAt revision: Int64) { log.append("compacted \(revision)") }

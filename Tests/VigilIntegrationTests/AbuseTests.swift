@@ -3,8 +3,8 @@ import Foundation
 import GRPC
 import Testing
 import VigilClient
-import VigilTesting
 import VigilCore
+import VigilTesting
 
 /// Abusive clients against the real binary: each time the server keeps serving others and its
 /// memory stays bounded.
@@ -34,7 +34,8 @@ import VigilCore
         var put = Etcdserverpb_PutRequest()
         put.key = Data("large".utf8)
         put.value = Data(repeating: 0x78, count: 300_000)
-        _ = try BlockingClient(port: server.port).call(EtcdMethod.put.path, put, as: Etcdserverpb_PutResponse.self).get()
+        _ = try BlockingClient(port: server.port).call(EtcdMethod.put.path, put, as: Etcdserverpb_PutResponse.self)
+            .get()
         for _ in 0..<5 {
             let fd = connect()
             var req = ""
@@ -60,7 +61,9 @@ import VigilCore
             _ = try rawExchange(port: server.port, junk, timeout: 1)
         }
         // Something that starts like the HTTP/2 preface and then is not.
-        _ = try rawExchange(port: server.port, Array("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".utf8) + [UInt8](repeating: 0xFF, count: 64), timeout: 1)
+        _ = try rawExchange(
+            port: server.port, Array("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".utf8) + [UInt8](repeating: 0xFF, count: 64),
+            timeout: 1)
         try stillServes()
     }
 
@@ -92,7 +95,10 @@ import VigilCore
         var closedEarly = false
         for b in request + Array(repeating: UInt8(ascii: "a"), count: 40) {
             var byte = b
-            if write(fd, &byte, 1) != 1 { closedEarly = true; break }
+            if write(fd, &byte, 1) != 1 {
+                closedEarly = true
+                break
+            }
             usleep(30_000)
         }
         var buf = [UInt8](repeating: 0, count: 512)
@@ -106,7 +112,8 @@ import VigilCore
 
     @Test func oversizedHeadersAreRefused() throws {
         let huge = String(repeating: "h", count: 200_000)
-        let out = try rawExchange(port: server.port, Array("GET /health HTTP/1.1\r\nHost: x\r\nX-Big: \(huge)\r\n\r\n".utf8), timeout: 3)
+        let out = try rawExchange(
+            port: server.port, Array("GET /health HTTP/1.1\r\nHost: x\r\nX-Big: \(huge)\r\n\r\n".utf8), timeout: 3)
         #expect(out.hasPrefix("HTTP/1.1 4"), "got \(out.prefix(40))")
         try stillServes()
     }
@@ -129,7 +136,9 @@ import VigilCore
         var put = Etcdserverpb_PutRequest()
         put.key = Data("idle".utf8)
         put.value = Data("ok".utf8)
-        #expect((try? BlockingClient(port: server.port).call(EtcdMethod.put.path, put, as: Etcdserverpb_PutResponse.self).get()) != nil)
+        #expect(
+            (try? BlockingClient(port: server.port).call(EtcdMethod.put.path, put, as: Etcdserverpb_PutResponse.self)
+                .get()) != nil)
         let growth = residentKiB(pid: server.pid!) - before
         #expect(Double(growth) < 64 * 1024 * sanitizerFactor, "\(n) idle connections grew RSS by \(growth) KiB")
     }
@@ -146,8 +155,10 @@ import VigilCore
         s.call.cancel()
         c.runUntil(seconds: 0.5) { false }
         func watchers() throws -> Bool {
-            try rawExchange(port: server.port, Array("GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".utf8))
-                .contains("etcd_debugging_mvcc_watcher_total 0")
+            try rawExchange(
+                port: server.port, Array("GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".utf8)
+            )
+            .contains("etcd_debugging_mvcc_watcher_total 0")
         }
         let deadline = Date().addingTimeInterval(5)
         while Date() < deadline, try !watchers() { usleep(100_000) }
@@ -184,9 +195,12 @@ import VigilCore
     @Test func moreConcurrentStreamsThanTheLimit() throws {
         let limited = try LiveServer(args: ["--unsafe-no-fsync", "--max-concurrent-streams", "10"])
         var bytes = Array("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".utf8) + Self.frame(type: 4, flags: 0, stream: 0, [])
-        let block = Self.hpack([(":method", "POST"), (":scheme", "http"), (":path", EtcdMethod.watch.path),
-                                (":authority", "x"), ("content-type", "application/grpc"), ("te", "trailers")])
-        for i in 0..<50 { bytes += Self.frame(type: 1, flags: 0x4, stream: UInt32(2 * i + 1), block) }  // END_HEADERS, stream stays open
+        let block = Self.hpack([
+            (":method", "POST"), (":scheme", "http"), (":path", EtcdMethod.watch.path),
+            (":authority", "x"), ("content-type", "application/grpc"), ("te", "trailers"),
+        ])
+        // END_HEADERS; each stream stays open.
+        for i in 0..<50 { bytes += Self.frame(type: 1, flags: 0x4, stream: UInt32(2 * i + 1), block) }
         let fd = loopbackSocket(port: limited.port)
         #expect(fd >= 0)
         defer { close(fd) }
@@ -224,7 +238,9 @@ import VigilCore
         var put = Etcdserverpb_PutRequest()
         put.key = Data("big".utf8)
         put.value = Data(repeating: 0x61, count: 1_572_864)  // just over, with the key and framing
-        #expect(c.call(EtcdMethod.put.path, put, as: Etcdserverpb_PutResponse.self).failureMessage == "etcdserver: request is too large")
+        #expect(
+            c.call(EtcdMethod.put.path, put, as: Etcdserverpb_PutResponse.self).failureMessage
+                == "etcdserver: request is too large")
         var txn = Etcdserverpb_TxnRequest()
         for i in 0..<129 {
             var op = Etcdserverpb_RequestOp()
@@ -233,15 +249,22 @@ import VigilCore
             op.requestRange = r
             txn.success.append(op)
         }
-        #expect(c.call(EtcdMethod.txn.path, txn, as: Etcdserverpb_TxnResponse.self).failureMessage
-            == "etcdserver: too many operations in txn request")
+        #expect(
+            c.call(EtcdMethod.txn.path, txn, as: Etcdserverpb_TxnResponse.self).failureMessage
+                == "etcdserver: too many operations in txn request")
         // The gateway counts the same way.
         let body = #"{"key":"YmlnMg==","value":""# + String(repeating: "YWFh", count: 530_000) + #""}"#
-        let gw = try rawExchange(port: server.port, Array("POST /v3/kv/put HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: \(body.utf8.count)\r\n\r\n\(body)".utf8),
-                                 timeout: 5 * sanitizerFactor)
+        let gw = try rawExchange(
+            port: server.port,
+            Array(
+                "POST /v3/kv/put HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: \(body.utf8.count)\r\n\r\n\(body)"
+                    .utf8),
+            timeout: 5 * sanitizerFactor)
         #expect(gw.contains("etcdserver: request is too large"))
         let m = try metrics(server.port)
-        #expect(m.contains(#"vigil_requests_refused_total{reason="request_too_large"} 2"#), "\(m.split(separator: "\n").filter { $0.contains("refused") })")
+        #expect(
+            m.contains(#"vigil_requests_refused_total{reason="request_too_large"} 2"#),
+            "\(m.split(separator: "\n").filter { $0.contains("refused") })")
         #expect(m.contains(#"vigil_requests_refused_total{reason="too_many_txn_ops"} 1"#))
         #expect(m.contains(#"vigil_requests_refused_total{reason="too_many_streams"} 0"#))
         _ = try Etcdctl(endpoint: server.endpoint).ok("put", "still", "serving")

@@ -3,8 +3,8 @@ import Foundation
 import GRPC
 import SwiftProtobuf
 import Testing
-import VigilTesting
 import VigilCore
+import VigilTesting
 
 /// Authentication and role-based access through the real etcdctl, and the gateway with curl.
 @Suite(.serialized) struct AuthTests {
@@ -59,10 +59,12 @@ import VigilCore
         #expect(try asUser("alice:apw", "role", "get", "root").output.contains("etcdserver: permission denied"))
 
         // Wrong or unknown credentials.
-        #expect(try asUser("alice:nope", "get", "app/config").output
-            .contains("etcdserver: authentication failed, invalid user ID or password"))
-        #expect(try asUser("mallory:x", "get", "app/config").output
-            .contains("etcdserver: authentication failed, invalid user ID or password"))
+        #expect(
+            try asUser("alice:nope", "get", "app/config").output
+                .contains("etcdserver: authentication failed, invalid user ID or password"))
+        #expect(
+            try asUser("mallory:x", "get", "app/config").output
+                .contains("etcdserver: authentication failed, invalid user ID or password"))
 
         // Listings are sorted.
         #expect(try asUser("root:rootpw", "user", "list").stdout == "alice\nroot\n")
@@ -74,15 +76,22 @@ import VigilCore
         #expect(try asUser("alice:apw", "get", "app/alice/x").stdout == "app/alice/x\n1\n")
 
         // Guard rails while enabled.
-        #expect(try asUser("root:rootpw", "user", "delete", "root").output.contains("etcdserver: invalid auth management"))
-        #expect(try asUser("root:rootpw", "role", "delete", "root").output.contains("etcdserver: invalid auth management"))
-        #expect(try asUser("root:rootpw", "user", "revoke-role", "alice", "root").output
-            .contains("etcdserver: role is not granted to the user"))
-        #expect(try asUser("root:rootpw", "user", "grant-role", "alice", "nope").output.contains("etcdserver: role name not found"))
-        #expect(try asUser("root:rootpw", "user", "add", "alice:x").output.contains("etcdserver: user name already exists"))
+        #expect(
+            try asUser("root:rootpw", "user", "delete", "root").output.contains("etcdserver: invalid auth management"))
+        #expect(
+            try asUser("root:rootpw", "role", "delete", "root").output.contains("etcdserver: invalid auth management"))
+        #expect(
+            try asUser("root:rootpw", "user", "revoke-role", "alice", "root").output
+                .contains("etcdserver: role is not granted to the user"))
+        #expect(
+            try asUser("root:rootpw", "user", "grant-role", "alice", "nope").output.contains(
+                "etcdserver: role name not found"))
+        #expect(
+            try asUser("root:rootpw", "user", "add", "alice:x").output.contains("etcdserver: user name already exists"))
 
         // A changed password ends the old one; a deleted user cannot sign in.
-        let pw = try ctl.run(["--user", "root:rootpw", "user", "passwd", "alice", "--interactive=false"], stdin: "apw2\n")
+        let pw = try ctl.run(
+            ["--user", "root:rootpw", "user", "passwd", "alice", "--interactive=false"], stdin: "apw2\n")
         #expect(pw.stdout == "Password updated\n")
         #expect(try asUser("alice:apw", "get", "app/alice/x").output.contains("authentication failed"))
         #expect(try asUser("alice:apw2", "get", "app/alice/x").stdout == "app/alice/x\n1\n")
@@ -112,8 +121,11 @@ import VigilCore
         let id = String(grant.split(separator: " ")[1])
         #expect(try asUser("alice:apw", "put", "--lease=\(id)", "app/alice/session", "1").stdout == "OK\n")
         #expect(try asUser("bob:bpw", "lease", "revoke", id).output.contains("etcdserver: permission denied"))
-        #expect(try asUser("bob:bpw", "lease", "timetolive", "--keys", id).output.contains("etcdserver: permission denied"))
-        #expect(try asUser("alice:apw", "lease", "timetolive", "--keys", id).stdout.contains("attached keys([app/alice/session])"))
+        #expect(
+            try asUser("bob:bpw", "lease", "timetolive", "--keys", id).output.contains("etcdserver: permission denied"))
+        #expect(
+            try asUser("alice:apw", "lease", "timetolive", "--keys", id).stdout.contains(
+                "attached keys([app/alice/session])"))
         #expect(try asUser("alice:apw", "lease", "revoke", id).stdout == "lease \(id) revoked\n")
     }
 
@@ -135,14 +147,16 @@ import VigilCore
         let curl = try #require(which("curl"))
         let h = token.map { ["-H", "Authorization: \($0)"] } ?? []
         // The body goes through stdin: hostile bodies are larger than one argument may be.
-        let r = try runCommand(curl, ["-s", "-X", "POST", "-w", "\n%{http_code}"] + h + ["\(server.url)\(path)", "--data-binary", "@-"],
-                               stdin: body)
+        let r = try runCommand(
+            curl, ["-s", "-X", "POST", "-w", "\n%{http_code}"] + h + ["\(server.url)\(path)", "--data-binary", "@-"],
+            stdin: body)
         let lines = r.stdout.split(separator: "\n", omittingEmptySubsequences: false)
         return (Int(lines.last ?? "") ?? 0, lines.dropLast().joined(separator: "\n"))
     }
 
     func token(_ server: LiveServer, _ name: String, _ password: String) throws -> String {
-        let (status, body) = try post(server, "/v3/auth/authenticate", #"{"name":"\#(name)","password":"\#(password)"}"#)
+        let (status, body) = try post(
+            server, "/v3/auth/authenticate", #"{"name":"\#(name)","password":"\#(password)"}"#)
         #expect(status == 200)
         let json = try JSONSerialization.jsonObject(with: Data(body.utf8)) as? [String: Any]
         return try #require(json?["token"] as? String)
@@ -155,8 +169,10 @@ import VigilCore
         #expect(token.range(of: #"^[A-Za-z]{16}\.[0-9]+$"#, options: .regularExpression) != nil)
         let key = Data("app/alice/k".utf8).base64EncodedString()
         #expect(try post(server, "/v3/kv/put", #"{"key":"\#(key)","value":"dg=="}"#, token: token).0 == 200)
-        #expect(try post(server, "/v3/kv/put", #"{"key":"c2VjcmV0","value":"dg=="}"#, token: token) ==
-            (403, #"{"error":"etcdserver: permission denied","code":7,"message":"etcdserver: permission denied"}"#))
+        #expect(
+            try post(server, "/v3/kv/put", #"{"key":"c2VjcmV0","value":"dg=="}"#, token: token) == (
+                403, #"{"error":"etcdserver: permission denied","code":7,"message":"etcdserver: permission denied"}"#
+            ))
         #expect(try post(server, "/v3/kv/range", #"{"key":"\#(key)"}"#).1.contains("etcdserver: user name is empty"))
         // Used within the TTL (3 s here) it stays valid past it; unused for longer it expires.
         usleep(1_000_000)
@@ -166,8 +182,10 @@ import VigilCore
         usleep(1_500_000)
         #expect(try post(server, "/v3/kv/range", #"{"key":"\#(key)"}"#, token: token).0 == 200)
         usleep(4_000_000)
-        #expect(try post(server, "/v3/kv/range", #"{"key":"\#(key)"}"#, token: token) ==
-            (401, #"{"error":"etcdserver: invalid auth token","code":16,"message":"etcdserver: invalid auth token"}"#))
+        #expect(
+            try post(server, "/v3/kv/range", #"{"key":"\#(key)"}"#, token: token) == (
+                401, #"{"error":"etcdserver: invalid auth token","code":16,"message":"etcdserver: invalid auth token"}"#
+            ))
         #expect(try post(server, "/v3/kv/range", #"{"key":"\#(key)"}"#, token: "forged.1").0 == 401)
     }
 
@@ -181,42 +199,74 @@ import VigilCore
         _ = try ctl.ok("role", "add", "r")
         _ = try ctl.ok("auth", "enable")
         let root = try token(server, "root", "rootpw")
-        #expect(try post(server, "/v3/auth/user/add", #"{"name":"","password":"x"}"#, token: root).1.contains("etcdserver: user name is empty"))
-        #expect(try post(server, "/v3/auth/role/add", #"{"name":""}"#, token: root).1.contains("etcdserver: role name is empty"))
-        #expect(try post(server, "/v3/auth/authenticate", #"{"name":"","password":""}"#).1.contains("authentication failed"))
+        #expect(
+            try post(server, "/v3/auth/user/add", #"{"name":"","password":"x"}"#, token: root).1.contains(
+                "etcdserver: user name is empty"))
+        #expect(
+            try post(server, "/v3/auth/role/add", #"{"name":""}"#, token: root).1.contains(
+                "etcdserver: role name is empty"))
+        #expect(
+            try post(server, "/v3/auth/authenticate", #"{"name":"","password":""}"#).1.contains("authentication failed")
+        )
         let long = String(repeating: "n", count: 100_000)
-        #expect(try post(server, "/v3/auth/authenticate", #"{"name":"\#(long)","password":"x"}"#).1.contains("authentication failed"))
+        #expect(
+            try post(server, "/v3/auth/authenticate", #"{"name":"\#(long)","password":"x"}"#).1.contains(
+                "authentication failed"))
         #expect(try post(server, "/v3/auth/user/add", #"{"name":"\#(long)","password":"x"}"#, token: root).0 == 200)
         #expect(try post(server, "/v3/auth/role/add", #"{"name":"\#(long)"}"#, token: root).0 == 200)
-        #expect(try post(server, "/v3/auth/user/grant", #"{"user":"\#(long)","role":"\#(long)"}"#, token: root).0 == 200)
+        #expect(
+            try post(server, "/v3/auth/user/grant", #"{"user":"\#(long)","role":"\#(long)"}"#, token: root).0 == 200)
         #expect(try post(server, "/v3/auth/user/get", #"{"name":"\#(long)"}"#, token: root).1.contains(long))
         let tooLong = String(repeating: "p", count: 73)
-        #expect(try post(server, "/v3/auth/user/add", #"{"name":"dave","password":"\#(tooLong)"}"#, token: root).1
-            .contains("at most 72 bytes"))
-        #expect(try post(server, "/v3/auth/role/grant", #"{"name":"r"}"#, token: root).1.contains("etcdserver: permission not given"))
-        #expect(try post(server, "/v3/auth/role/grant", #"{"name":"r","perm":{"key":"Yg==","range_end":"YQ=="}}"#, token: root).1
-            .contains("etcdserver: invalid auth management"))
-        #expect(try post(server, "/v3/auth/role/revoke", #"{"role":"r","key":"Yg=="}"#, token: root).1
-            .contains("etcdserver: permission is not granted to the role"))
-        #expect(try post(server, "/v3/auth/user/get", #"{"name":"nobody"}"#, token: root).1.contains("etcdserver: user name not found"))
-        #expect(try post(server, "/v3/auth/role/get", #"{"role":"nobody"}"#, token: root).1.contains("etcdserver: role name not found"))
+        #expect(
+            try post(server, "/v3/auth/user/add", #"{"name":"dave","password":"\#(tooLong)"}"#, token: root).1
+                .contains("at most 72 bytes"))
+        #expect(
+            try post(server, "/v3/auth/role/grant", #"{"name":"r"}"#, token: root).1.contains(
+                "etcdserver: permission not given"))
+        #expect(
+            try post(
+                server, "/v3/auth/role/grant", #"{"name":"r","perm":{"key":"Yg==","range_end":"YQ=="}}"#, token: root
+            ).1
+                .contains("etcdserver: invalid auth management"))
+        #expect(
+            try post(server, "/v3/auth/role/revoke", #"{"role":"r","key":"Yg=="}"#, token: root).1
+                .contains("etcdserver: permission is not granted to the role"))
+        #expect(
+            try post(server, "/v3/auth/user/get", #"{"name":"nobody"}"#, token: root).1.contains(
+                "etcdserver: user name not found"))
+        #expect(
+            try post(server, "/v3/auth/role/get", #"{"role":"nobody"}"#, token: root).1.contains(
+                "etcdserver: role name not found"))
         #expect(try post(server, "/v3/auth/status", "{}", token: root).1.contains(#""enabled":true"#))
         // etcd checks a request's shape before its sender.
-        #expect(try post(server, "/v3/kv/put", #"{"key":"","value":"dg=="}"#).1.contains("etcdserver: key is not provided"))
+        #expect(
+            try post(server, "/v3/kv/put", #"{"key":"","value":"dg=="}"#).1.contains("etcdserver: key is not provided"))
         // A lease's time-to-live without its keys needs no token.
         #expect(try post(server, "/v3/lease/timetolive", #"{"ID":"12345"}"#).1.contains(#""TTL":"-1""#))
-        #expect(try post(server, "/v3/lease/timetolive", #"{"ID":"12345","keys":true}"#).1.contains("etcdserver: user name is empty"))
+        #expect(
+            try post(server, "/v3/lease/timetolive", #"{"ID":"12345","keys":true}"#).1.contains(
+                "etcdserver: user name is empty"))
         // A hash sent by the client is ignored (its cost would be paid by every login attempt).
         let slow = "$2b$31$" + String(repeating: "a", count: 53)
-        #expect(try post(server, "/v3/auth/user/add", #"{"name":"erin","password":"epw","hashedPassword":"\#(slow)"}"#, token: root).0 == 200)
+        #expect(
+            try post(
+                server, "/v3/auth/user/add", #"{"name":"erin","password":"epw","hashedPassword":"\#(slow)"}"#,
+                token: root
+            ).0 == 200)
         #expect(try post(server, "/v3/auth/authenticate", #"{"name":"erin","password":"epw"}"#).0 == 200)
         // A user created without a password keeps signing in without one after a password change.
-        #expect(try post(server, "/v3/auth/user/add", #"{"name":"frank","options":{"no_password":true}}"#, token: root).0 == 200)
+        #expect(
+            try post(server, "/v3/auth/user/add", #"{"name":"frank","options":{"no_password":true}}"#, token: root).0
+                == 200)
         #expect(try post(server, "/v3/auth/user/changepw", #"{"name":"frank","password":"fpw"}"#, token: root).0 == 200)
-        #expect(try post(server, "/v3/auth/authenticate", #"{"name":"frank","password":"fpw"}"#).1.contains("authentication failed"))
+        #expect(
+            try post(server, "/v3/auth/authenticate", #"{"name":"frank","password":"fpw"}"#).1.contains(
+                "authentication failed"))
         // The long names survive a restart (they are stored under a digest of the name).
         try server.restart()
-        #expect(try post(server, "/v3/auth/user/list", "{}", token: try token(server, "root", "rootpw")).1.contains(long))
+        #expect(
+            try post(server, "/v3/auth/user/list", "{}", token: try token(server, "root", "rootpw")).1.contains(long))
     }
 
     /// A flood of wrong passwords (2,000 at once on one connection) is answered with errors while
@@ -231,7 +281,8 @@ import VigilCore
         var auth = Etcdserverpb_AuthenticateRequest()
         auth.name = "root"
         auth.password = "rootpw"
-        let token = try client.call(EtcdMethod.authenticate.path, auth, as: Etcdserverpb_AuthenticateResponse.self).get().token
+        let token = try client.call(EtcdMethod.authenticate.path, auth, as: Etcdserverpb_AuthenticateResponse.self)
+            .get().token
 
         let attacker = try client.newConnection()
         var codes: [GRPCCode: Int] = [:]
@@ -240,7 +291,8 @@ import VigilCore
             var bad = Etcdserverpb_AuthenticateRequest()
             bad.name = i % 2 == 0 ? "root" : "nobody\(i)"
             bad.password = "guess\(i)"
-            attacker.unary(EtcdMethod.authenticate.path, bad) { (r: Result<Etcdserverpb_AuthenticateResponse, GRPCStatus>) in
+            attacker.unary(EtcdMethod.authenticate.path, bad) {
+                (r: Result<Etcdserverpb_AuthenticateResponse, GRPCStatus>) in
                 answered += 1
                 if case .failure(let s) = r { codes[s.code, default: 0] += 1 }
             }

@@ -4,8 +4,8 @@ import GRPC
 import MVCC
 import Testing
 import VigilClient
-import VigilTesting
 import VigilCore
+import VigilTesting
 
 /// Crash consistency: writers keep many puts and two-key txns in flight while the server is killed
 /// with SIGKILL at a random moment, again and again (fsync on, as in production). After each
@@ -119,8 +119,10 @@ import VigilCore
                 for k in op.keys { txn.put(Array(k.utf8), value: Array(op.value.utf8), lease: 0) }
                 _ = txn.end()
             }
-            let hash = try check.call(EtcdMethod.hashKV.path, Etcdserverpb_HashKVRequest(),
-                                      as: Etcdserverpb_HashKVResponse.self).get()
+            let hash = try check.call(
+                EtcdMethod.hashKV.path, Etcdserverpb_HashKVRequest(),
+                as: Etcdserverpb_HashKVResponse.self
+            ).get()
             #expect(hash.hash == (try replay.hashKV(revision: 0)), "cycle \(cycle)")
         }
         print("crash test: \(issued) writes issued, \(acked.count) acknowledged, final revision \(highestSeen)")

@@ -49,9 +49,11 @@ func b64(_ s: String) -> String { Data(s.utf8).base64EncodedString() }
         #expect(limited["more"] as? Bool == true)
         #expect(int(limited["count"]) == 3)
         #expect(try ctl.ok("get", "k", "--prefix", "--order", "DESCEND", "--keys-only") == "k3\n\nk2\n\nk1\n\n")
-        #expect(try ctl.ok("get", "k", "--prefix", "--sort-by", "VALUE", "--order", "ASCEND") == "k2\na\nk3\nb\nk1\nc\n")
-        #expect(try ctl.ok("get", "k", "--prefix", "--sort-by", "MODIFY", "--order", "DESCEND", "--keys-only")
-                    == "k3\n\nk2\n\nk1\n\n")
+        #expect(
+            try ctl.ok("get", "k", "--prefix", "--sort-by", "VALUE", "--order", "ASCEND") == "k2\na\nk3\nb\nk1\nc\n")
+        #expect(
+            try ctl.ok("get", "k", "--prefix", "--sort-by", "MODIFY", "--order", "DESCEND", "--keys-only")
+                == "k3\n\nk2\n\nk1\n\n")
         #expect(try ctl.ok("get", "--prefix", "", "--keys-only", "--consistency=s") == "k1\n\nk2\n\nk3\n\nl1\n\n")
     }
 
@@ -196,8 +198,9 @@ func b64(_ s: String) -> String { Data(s.utf8).base64EncodedString() }
 
     @Test func configPushSubscribersResumeAfterReconnect() throws {
         let dir = URL(fileURLWithPath: try vigilBinary()).deletingLastPathComponent()
-        let r = try runCommand(dir.appendingPathComponent("ConfigPushExample").path,
-                               ["--subscribers", "60", "--changes", "300", "--keys", "20"], timeout: 120)
+        let r = try runCommand(
+            dir.appendingPathComponent("ConfigPushExample").path,
+            ["--subscribers", "60", "--changes", "300", "--keys", "20"], timeout: 120)
         #expect(r.status == 0, "\(r.stdout)\(r.stderr)")
         #expect(r.stdout.contains("60/60 subscribers match the server"))
         #expect(r.stdout.contains("resumed after reconnect: 20/20"))

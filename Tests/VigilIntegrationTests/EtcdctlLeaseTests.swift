@@ -3,8 +3,8 @@ import Foundation
 import GRPC
 import Testing
 import VigilClient
-import VigilTesting
 import VigilCore
+import VigilTesting
 
 /// Leases through etcdctl and our own client against the real binary.
 @Suite(.serialized) struct EtcdctlLeaseTests {
@@ -68,12 +68,18 @@ import VigilCore
         #expect((try? first.get().id) == 42)
         #expect((try? first.get().ttl) == 30)
         let again: Result<Etcdserverpb_LeaseGrantResponse, GRPCStatus> = c.call(EtcdMethod.leaseGrant.path, g)
-        guard case .failure(let exists) = again else { Issue.record("duplicate grant succeeded"); return }
+        guard case .failure(let exists) = again else {
+            Issue.record("duplicate grant succeeded")
+            return
+        }
         #expect(exists.code == .failedPrecondition && exists.message == "etcdserver: lease already exists")
         g.id = 43
         g.ttl = 9_000_000_001
         let big: Result<Etcdserverpb_LeaseGrantResponse, GRPCStatus> = c.call(EtcdMethod.leaseGrant.path, g)
-        guard case .failure(let tooLarge) = big else { Issue.record("huge TTL granted"); return }
+        guard case .failure(let tooLarge) = big else {
+            Issue.record("huge TTL granted")
+            return
+        }
         #expect(tooLarge.code == .outOfRange && tooLarge.message == "etcdserver: too large lease TTL")
         // Unknown lease: TimeToLive answers TTL -1, KeepAlive answers TTL 0 — neither is an error.
         var t = Etcdserverpb_LeaseTimeToLiveRequest()
@@ -81,9 +87,11 @@ import VigilCore
         let ttl: Result<Etcdserverpb_LeaseTimeToLiveResponse, GRPCStatus> = c.call(EtcdMethod.leaseTimeToLive.path, t)
         #expect((try? ttl.get().ttl) == -1)
         var got: [Etcdserverpb_LeaseKeepAliveResponse] = []
-        let call = c.connection.open(EtcdMethod.leaseKeepAlive.path, onMessage: { bytes in
-            if let r = try? Etcdserverpb_LeaseKeepAliveResponse(serializedBytes: bytes) { got.append(r) }
-        }, onClose: { _ in })
+        let call = c.connection.open(
+            EtcdMethod.leaseKeepAlive.path,
+            onMessage: { bytes in
+                if let r = try? Etcdserverpb_LeaseKeepAliveResponse(serializedBytes: bytes) { got.append(r) }
+            }, onClose: { _ in })
         for id: Int64 in [42, 999] {
             var k = Etcdserverpb_LeaseKeepAliveRequest()
             k.id = id
@@ -127,7 +135,9 @@ import VigilCore
     }
 
     @Test func lockAndElectBetweenTwoClients() throws {
-        let holder = try ctl.background(["lock", "mylock", "--", "sh", "-c", "echo first-holds; sleep 2; echo first-done"])
+        let holder = try ctl.background([
+            "lock", "mylock", "--", "sh", "-c", "echo first-holds; sleep 2; echo first-done",
+        ])
         #expect(holder.wait { $0.contains("first-holds") })
         let start = Date()
         let second = try ctl.run(["lock", "mylock", "--", "sh", "-c", "echo second-holds"])
@@ -171,7 +181,8 @@ import VigilCore
             next += 1
             var g = Etcdserverpb_LeaseGrantRequest()
             g.ttl = 2
-            c.connection.unary(EtcdMethod.leaseGrant.path, g) { (r: Result<Etcdserverpb_LeaseGrantResponse, GRPCStatus>) in
+            c.connection.unary(EtcdMethod.leaseGrant.path, g) {
+                (r: Result<Etcdserverpb_LeaseGrantResponse, GRPCStatus>) in
                 guard case .success(let resp) = r else { return }
                 granted += 1
                 var p = Etcdserverpb_PutRequest()

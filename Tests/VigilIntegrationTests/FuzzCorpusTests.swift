@@ -25,7 +25,10 @@ import VigilTesting
         let ctl = try Etcdctl(endpoint: server.endpoint)
         #expect(try ctl.ok("put", "after-fuzz", "ok") == "OK\n")
         #expect(try ctl.ok("get", "after-fuzz") == "after-fuzz\nok\n")
-        #expect(try rawExchange(port: server.port, Array("GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".utf8))
+        #expect(
+            try rawExchange(
+                port: server.port, Array("GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".utf8)
+            )
             .contains("200 OK"))
     }
 

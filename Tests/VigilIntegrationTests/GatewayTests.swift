@@ -4,8 +4,8 @@ import GRPC
 import SwiftProtobuf
 import Testing
 import VigilClient
-import VigilTesting
 import VigilCore
+import VigilTesting
 
 /// The HTTP/JSON gateway with real HTTP requests (curl, as etcd's gateway docs use it), checked
 /// against the same request's gRPC answer.
@@ -20,7 +20,8 @@ import VigilCore
 
     /// POSTs `body` to `path`; returns (HTTP status, body).
     func post(_ path: String, _ body: String) throws -> (Int, String) {
-        let r = try runCommand(curlPath, ["-s", "-X", "POST", "-w", "\n%{http_code}", "\(server.url)\(path)", "-d", body])
+        let r = try runCommand(
+            curlPath, ["-s", "-X", "POST", "-w", "\n%{http_code}", "\(server.url)\(path)", "-d", body])
         let lines = r.stdout.split(separator: "\n", omittingEmptySubsequences: false)
         return (Int(lines.last ?? "") ?? 0, lines.dropLast().joined(separator: "\n"))
     }
@@ -30,7 +31,9 @@ import VigilCore
     }
 
     /// The gRPC answer to the same request, in the gateway's JSON mapping.
-    func grpcJSON<Req: SwiftProtobuf.Message, Resp: SwiftProtobuf.Message>(_ path: String, _ req: Req, _: Resp.Type) throws -> NSDictionary? {
+    func grpcJSON<Req: SwiftProtobuf.Message, Resp: SwiftProtobuf.Message>(
+        _ path: String, _ req: Req, _: Resp.Type
+    ) throws -> NSDictionary? {
         let c = try BlockingClient(port: server.port)
         let r: Result<Resp, GRPCStatus> = c.call(path, req)
         var o = JSONEncodingOptions()
@@ -41,19 +44,28 @@ import VigilCore
     @Test func unaryPathsAnswerAsGRPCDoes() throws {
         let (ps, put) = try post("/v3/kv/put", #"{"key":"Zm9v","value":"YmFy"}"#)
         #expect(ps == 200)
-        #expect(put == #"{"header":{"cluster_id":"14841639068965178418","member_id":"10276657743932975437","revision":"2","raft_term":"2"}}"#)
+        #expect(
+            put
+                == #"{"header":{"cluster_id":"14841639068965178418","member_id":"10276657743932975437","revision":"2","raft_term":"2"}}"#
+        )
 
         var range = Etcdserverpb_RangeRequest()
         range.key = Data("foo".utf8)
         let (rs, got) = try post("/v3/kv/range", #"{"key":"Zm9v"}"#)
         #expect(rs == 200)
-        #expect(got.contains(#""kvs":[{"key":"Zm9v","create_revision":"2","mod_revision":"2","version":"1","value":"YmFy"}],"count":"1""#))
+        #expect(
+            got.contains(
+                #""kvs":[{"key":"Zm9v","create_revision":"2","mod_revision":"2","version":"1","value":"YmFy"}],"count":"1""#
+            ))
         #expect(json(got) == (try grpcJSON(EtcdMethod.range.path, range, Etcdserverpb_RangeResponse.self)))
         // camelCase names and numbers as numbers are accepted too; /v3beta is an alias.
         let (_, camel) = try post("/v3beta/kv/range", #"{"key":"Zm9v","rangeEnd":"Zm9w","revision":2}"#)
         #expect(json(camel)?["count"] as? String == "1")
 
-        let (ts, txn) = try post("/v3/kv/txn", #"{"compare":[{"target":"CREATE","key":"Zm9v","create_revision":"2"}],"success":[{"request_put":{"key":"Zm9v","value":"YmF6"}}]}"#)
+        let (ts, txn) = try post(
+            "/v3/kv/txn",
+            #"{"compare":[{"target":"CREATE","key":"Zm9v","create_revision":"2"}],"success":[{"request_put":{"key":"Zm9v","value":"YmF6"}}]}"#
+        )
         #expect(ts == 200)
         #expect(txn.contains(#""succeeded":true,"responses":[{"response_put":{"header":{"revision":"3"}}}]"#))
 
@@ -68,9 +80,17 @@ import VigilCore
         #expect(json(ttlJSON)?["keys"] as? [String] == ["bGVhc2Vk"])
         #expect(json(ttlJSON)?["grantedTTL"] as? String == "60")
         let (_, leases) = try post("/v3/lease/leases", "{}")
-        #expect(json(leases) == (try grpcJSON(EtcdMethod.leaseLeases.path, Etcdserverpb_LeaseLeasesRequest(), Etcdserverpb_LeaseLeasesResponse.self)))
+        #expect(
+            json(leases)
+                == (try grpcJSON(
+                    EtcdMethod.leaseLeases.path, Etcdserverpb_LeaseLeasesRequest(),
+                    Etcdserverpb_LeaseLeasesResponse.self)))
         let (_, members) = try post("/v3/cluster/member/list", "{}")
-        #expect(json(members) == (try grpcJSON(EtcdMethod.memberList.path, Etcdserverpb_MemberListRequest(), Etcdserverpb_MemberListResponse.self)))
+        #expect(
+            json(members)
+                == (try grpcJSON(
+                    EtcdMethod.memberList.path, Etcdserverpb_MemberListRequest(), Etcdserverpb_MemberListResponse.self))
+        )
         let (ss, status) = try post("/v3/maintenance/status", "{}")
         #expect(ss == 200 && json(status)?["version"] as? String == "3.4.23")
         #expect(try post("/v3/lease/revoke", #"{"ID":"77"}"#).0 == 200)
@@ -82,14 +102,21 @@ import VigilCore
         #expect(cs == 200)
         let (es, err) = try post("/v3/kv/range", #"{"key":"Zm9v","revision":"2"}"#)
         #expect(es == 400)
-        #expect(err == #"{"error":"etcdserver: mvcc: required revision has been compacted","code":11,"message":"etcdserver: mvcc: required revision has been compacted"}"#)
+        #expect(
+            err
+                == #"{"error":"etcdserver: mvcc: required revision has been compacted","code":11,"message":"etcdserver: mvcc: required revision has been compacted"}"#
+        )
         let (ns, notFound) = try post("/v3/lease/revoke", #"{"ID":"12345"}"#)
         #expect(ns == 404 && notFound.contains(#""code":5"#))
     }
 
     @Test func watchStreamReceivesPutsMadeOverGRPC() throws {
-        let w = try BackgroundCommand(curlPath, ["-s", "-N", "-X", "POST", "\(server.url)/v3/watch",
-                                                 "-d", #"{"create_request":{"key":"d2F0Y2hlZA==","prev_kv":true}}"#])
+        let w = try BackgroundCommand(
+            curlPath,
+            [
+                "-s", "-N", "-X", "POST", "\(server.url)/v3/watch",
+                "-d", #"{"create_request":{"key":"d2F0Y2hlZA==","prev_kv":true}}"#,
+            ])
         #expect(w.wait { $0.contains(#""created":true"#) })
         let c = try BlockingClient(port: server.port)
         for v in ["1", "2"] {
@@ -112,14 +139,21 @@ import VigilCore
     }
 
     @Test func sameGatewayOverH2CAndStreamsEndWithTheirClients() throws {
-        let put = try runCommand(curlPath, ["-s", "--http2-prior-knowledge", "-X", "POST", "\(server.url)/v3/kv/put",
-                                            "-d", #"{"key":"aDI=","value":"eQ=="}"#])
+        let put = try runCommand(
+            curlPath,
+            [
+                "-s", "--http2-prior-knowledge", "-X", "POST", "\(server.url)/v3/kv/put",
+                "-d", #"{"key":"aDI=","value":"eQ=="}"#,
+            ])
         #expect(put.stdout.hasPrefix(#"{"header":{"cluster_id":"14841639068965178418""#))
         let health = try runCommand(curlPath, ["-s", "--http2-prior-knowledge", "\(server.url)/health"])
         #expect(health.stdout == #"{"health":"true"}"#)
         for h2 in [true, false] {
-            let w = try BackgroundCommand(curlPath, ["-s", "-N"] + (h2 ? ["--http2-prior-knowledge"] : []) +
-                                          ["-X", "POST", "\(server.url)/v3/watch", "-d", #"{"create_request":{"key":"aDI="}}"#])
+            let w = try BackgroundCommand(
+                curlPath,
+                ["-s", "-N"] + (h2 ? ["--http2-prior-knowledge"] : []) + [
+                    "-X", "POST", "\(server.url)/v3/watch", "-d", #"{"create_request":{"key":"aDI="}}"#,
+                ])
             #expect(w.wait { $0.contains(#""created":true"#) })
             #expect(try metric("etcd_debugging_mvcc_watcher_total") == "1")
             _ = w.stop()
@@ -140,7 +174,9 @@ import VigilCore
         addr.sin_port = UInt16(slow.port).bigEndian
         addr.sin_addr.s_addr = inet_addr("127.0.0.1")
         let rc = withUnsafePointer(to: &addr) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size))
+            }
         }
         #expect(rc == 0)
         let body = #"{"create_request":{"key":"Zy8=","range_end":"ZzA="}}"#  // prefix "g/"
@@ -164,7 +200,8 @@ import VigilCore
         }
         for _ in 0..<16 { issue() }
         c.runUntil(seconds: 60) { done == 1000 }
-        let metrics = try rawExchange(port: slow.port, Array("GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".utf8))
+        let metrics = try rawExchange(
+            port: slow.port, Array("GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".utf8))
         #expect(!metrics.contains("vigil_watch_parked_total 0\n"), "the stalled gateway watch was parked")
         // Now read: every event arrives, once, even though the stream was parked meanwhile.
         var tv = timeval(tv_sec: 1, tv_usec: 0)
@@ -172,7 +209,9 @@ import VigilCore
         var received: [UInt8] = []
         var buf = [UInt8](repeating: 0, count: 1 << 16)
         let deadline = Date().addingTimeInterval(30)
-        func events() -> Int { String(decoding: received, as: UTF8.self).components(separatedBy: #""mod_revision""#).count - 1 }
+        func events() -> Int {
+            String(decoding: received, as: UTF8.self).components(separatedBy: #""mod_revision""#).count - 1
+        }
         while Date() < deadline {
             let n = read(fd, &buf, buf.count)
             if n > 0 { received += buf[0..<n] } else if events() >= 1000 { break }
@@ -198,21 +237,29 @@ import VigilCore
         #expect(try post("/v3/kv/range", #"{"no_such_field": 1}"#).0 == 400)
         #expect(try post("/v3/kv/range", #"{"key": ""}"#).1.contains("etcdserver: key is not provided"))
         #expect(try post("/v3/kv/nothing", "{}").0 == 404)
-        let get = try runCommand(curlPath, ["-s", "-o", "/dev/null", "-w", "%{http_code}", "\(server.url)/v3/kv/range"])
+        let get = try runCommand(
+            curlPath, ["-s", "-o", "/dev/null", "-w", "%{http_code}", "\(server.url)/v3/kv/range"])
         #expect(get.stdout == "405")
         // Oversized: past the request limit (encoded as JSON).
         let big = String(repeating: "A", count: 3 << 20)
-        let tooBig = try runCommand(curlPath, ["-s", "-o", "/dev/null", "-w", "%{http_code}", "-X", "POST",
-                                               "\(server.url)/v3/kv/put", "--data-binary", "@-"],
-                                    stdin: #"{"key":"YQ==","value":""# + big + #""}"#)
+        let tooBig = try runCommand(
+            curlPath,
+            [
+                "-s", "-o", "/dev/null", "-w", "%{http_code}", "-X", "POST",
+                "\(server.url)/v3/kv/put", "--data-binary", "@-",
+            ],
+            stdin: #"{"key":"YQ==","value":""# + big + #""}"#)
         #expect(tooBig.stdout == "413")
         // A value just over 1.5 MiB fits the body limit but not the request limit.
         let over = Data(repeating: 1, count: 1_572_864 + 10).base64EncodedString()
-        let tooLarge = try runCommand(curlPath, ["-s", "-X", "POST", "\(server.url)/v3/kv/put", "--data-binary", "@-"],
-                                      stdin: #"{"key":"YQ==","value":""# + over + #""}"#)
+        let tooLarge = try runCommand(
+            curlPath, ["-s", "-X", "POST", "\(server.url)/v3/kv/put", "--data-binary", "@-"],
+            stdin: #"{"key":"YQ==","value":""# + over + #""}"#)
         #expect(tooLarge.stdout.contains("etcdserver: request is too large"))
         // Half-sent: the body never completes; the read timeout answers 408.
-        let half = try rawExchange(port: server.port, Array("POST /v3/kv/range HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"k".utf8), timeout: 5)
+        let half = try rawExchange(
+            port: server.port, Array("POST /v3/kv/range HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"k".utf8),
+            timeout: 5)
         #expect(half.hasPrefix("HTTP/1.1 408"))
         // The server is still fine.
         #expect(try post("/v3/kv/range", #"{"key":"YQ=="}"#).0 == 200)
@@ -243,9 +290,18 @@ import VigilCore
         r.key = Data()
         _ = c.call(EtcdMethod.range.path, r, as: Etcdserverpb_RangeResponse.self)
         let metrics = try runCommand(curlPath, ["-s", "\(server.url)/metrics"])
-        #expect(metrics.stdout.contains(#"grpc_server_handled_total{grpc_code="OK",grpc_method="Range",grpc_service="etcdserverpb.KV",grpc_type="unary"} 1"#))
-        #expect(metrics.stdout.contains(#"grpc_server_handled_total{grpc_code="InvalidArgument",grpc_method="Range",grpc_service="etcdserverpb.KV",grpc_type="unary"} 1"#))
-        #expect(metrics.stdout.contains(#"grpc_server_handling_seconds_count{grpc_method="Range",grpc_service="etcdserverpb.KV",grpc_type="unary"} 2"#))
+        #expect(
+            metrics.stdout.contains(
+                #"grpc_server_handled_total{grpc_code="OK",grpc_method="Range",grpc_service="etcdserverpb.KV",grpc_type="unary"} 1"#
+            ))
+        #expect(
+            metrics.stdout.contains(
+                #"grpc_server_handled_total{grpc_code="InvalidArgument",grpc_method="Range",grpc_service="etcdserverpb.KV",grpc_type="unary"} 1"#
+            ))
+        #expect(
+            metrics.stdout.contains(
+                #"grpc_server_handling_seconds_count{grpc_method="Range",grpc_service="etcdserverpb.KV",grpc_type="unary"} 2"#
+            ))
         #expect(metrics.stdout.contains("vigil_loop_turn_seconds_count "))
         #expect(metrics.stdout.contains("vigil_lease_total 0"))
         #expect(metrics.stdout.contains("etcd_debugging_mvcc_current_revision "))

@@ -74,7 +74,8 @@ import VigilTesting
         #expect(size > 32)
         // A finished Snapshot call is counted as handled like any other (it once was not: the
         // snapshot sender replaced the callback the metrics were hooked on).
-        let metrics = try rawExchange(port: server.port, Array("GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".utf8))
+        let metrics = try rawExchange(
+            port: server.port, Array("GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".utf8))
         let labels = #"grpc_method="Snapshot",grpc_service="etcdserverpb.Maintenance",grpc_type="server_stream""#
         #expect(metrics.contains("grpc_server_started_total{\(labels)} 1"))
         #expect(metrics.contains(#"grpc_server_handled_total{grpc_code="OK","# + labels + "} 1"))
@@ -97,7 +98,10 @@ import VigilTesting
         var refused = ""
         for i in 0..<20 {
             let r = try ctl.run(["put", "q\(i % 3)", value])
-            if r.status != 0 { refused = r.output; break }
+            if r.status != 0 {
+                refused = r.output
+                break
+            }
         }
         #expect(refused.contains("etcdserver: mvcc: database space exceeded"))
         #expect(try ctl.ok("alarm", "list").contains("alarm:NOSPACE"))
@@ -106,7 +110,8 @@ import VigilTesting
         // Reads and deletes still work; /health says why it is unhealthy; the alarm survives restart.
         #expect(try ctl.ok("get", "q1", "--keys-only") == "q1\n\n")
         _ = try ctl.ok("del", "q0")
-        let health = try rawExchange(port: server.port, Array("GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".utf8))
+        let health = try rawExchange(
+            port: server.port, Array("GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".utf8))
         #expect(health.hasPrefix("HTTP/1.1 503") && health.contains(#""reason":"ALARM NOSPACE""#))
         try server.restart()
         #expect(try ctl.ok("alarm", "list").contains("alarm:NOSPACE"))
@@ -126,8 +131,10 @@ import VigilTesting
     }
 
     @Test func autoCompactionByRevisionAndByPeriod() throws {
-        let byRev = try LiveServer(args: ["--unsafe-no-fsync", "--auto-compaction-mode", "revision",
-                                          "--auto-compaction-retention", "10", "--auto-compaction-check-interval", "200ms"])
+        let byRev = try LiveServer(args: [
+            "--unsafe-no-fsync", "--auto-compaction-mode", "revision",
+            "--auto-compaction-retention", "10", "--auto-compaction-check-interval", "200ms",
+        ])
         let c1 = try Etcdctl(endpoint: byRev.endpoint)
         for i in 0..<30 { _ = try c1.ok("put", "k", "v\(i)") }  // revisions 2...31
         var deadline = Date().addingTimeInterval(5)
@@ -136,8 +143,10 @@ import VigilTesting
         #expect(try c1.fails("get", "k", "--rev", "20").contains("required revision has been compacted"))
         #expect(try c1.ok("get", "k", "--rev", "21", "--print-value-only") == "v19\n")
 
-        let byTime = try LiveServer(args: ["--unsafe-no-fsync", "--auto-compaction-mode", "periodic",
-                                           "--auto-compaction-retention", "1s"])
+        let byTime = try LiveServer(args: [
+            "--unsafe-no-fsync", "--auto-compaction-mode", "periodic",
+            "--auto-compaction-retention", "1s",
+        ])
         let c2 = try Etcdctl(endpoint: byTime.endpoint)
         for i in 0..<5 { _ = try c2.ok("put", "p", "v\(i)") }  // revisions 2...6
         // A second later the history older than a second goes: compacted at a revision ≥ 6.

@@ -3,8 +3,8 @@ import Foundation
 import GRPC
 import SwiftProtobuf
 import Testing
-import VigilTesting
 import VigilCore
+import VigilTesting
 
 /// The transport as clients see it: gRPC statuses for bad calls, HTTP/1.1 on the same port.
 @Suite(.serialized) struct ProtocolTests {
@@ -61,14 +61,16 @@ import VigilCore
     @Test func errorsCarryEtcdCodesAndText() throws {
         let c = try BlockingClient(port: server.port)
         var range = Etcdserverpb_RangeRequest()
-        guard case .failure(let empty) = c.call(EtcdMethod.range.path, range, as: Etcdserverpb_RangeResponse.self) else {
+        guard case .failure(let empty) = c.call(EtcdMethod.range.path, range, as: Etcdserverpb_RangeResponse.self)
+        else {
             Issue.record("expected a failure")
             return
         }
         #expect(empty == GRPCStatus(.invalidArgument, "etcdserver: key is not provided"))
         range.key = Data("a".utf8)
         range.revision = 100
-        guard case .failure(let future) = c.call(EtcdMethod.range.path, range, as: Etcdserverpb_RangeResponse.self) else {
+        guard case .failure(let future) = c.call(EtcdMethod.range.path, range, as: Etcdserverpb_RangeResponse.self)
+        else {
             Issue.record("expected a failure")
             return
         }
@@ -131,19 +133,25 @@ import VigilCore
     }
 
     @Test func http1OnTheSamePort() throws {
-        let health = try rawExchange(port: server.port, Array("GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".utf8))
+        let health = try rawExchange(
+            port: server.port, Array("GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".utf8))
         #expect(health.hasPrefix("HTTP/1.1 200"))
         #expect(health.hasSuffix(#"{"health":"true"}"#))
-        let version = try rawExchange(port: server.port, Array("GET /version HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".utf8))
+        let version = try rawExchange(
+            port: server.port, Array("GET /version HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".utf8))
         #expect(version.contains(#""etcdcluster":"3.4.0""#))
-        let missing = try rawExchange(port: server.port, Array("GET /nope HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".utf8))
+        let missing = try rawExchange(
+            port: server.port, Array("GET /nope HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".utf8))
         #expect(missing.hasPrefix("HTTP/1.1 404"))
         #expect(missing.contains(#""code":5"#))
         let garbage = try rawExchange(port: server.port, Array("\u{01}\u{02} nonsense\r\n\r\n".utf8))
         #expect(garbage.hasPrefix("HTTP/1.1 400"))
         // Keep-alive: two requests on one connection get two answers.
-        let two = try rawExchange(port: server.port, Array(
-            "GET /health HTTP/1.1\r\nHost: x\r\n\r\nGET /version HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".utf8))
+        let two = try rawExchange(
+            port: server.port,
+            Array(
+                "GET /health HTTP/1.1\r\nHost: x\r\n\r\nGET /version HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+                    .utf8))
         #expect(two.components(separatedBy: "HTTP/1.1 200").count == 3)
     }
 }

@@ -3,15 +3,17 @@ import Foundation
 import GRPC
 import Testing
 import VigilClient
-import VigilTesting
 import VigilCore
+import VigilTesting
 
 /// Watches through our own client against the real binary: fan-out, slow consumers, cancel and
 /// resume, progress under load.
 @Suite(.serialized) struct WatchFanoutTests {
     /// Puts `count` values under `prefix` with `inFlight` concurrent requests; returns the revisions.
-    func write(_ c: BlockingClient, _ conn: GRPCClientConnection, prefix: String, count: Int, valueSize: Int = 16,
-               inFlight: Int = 16, whileRunning: (() -> Void)? = nil) -> [Int64] {
+    func write(
+        _ c: BlockingClient, _ conn: GRPCClientConnection, prefix: String, count: Int, valueSize: Int = 16,
+        inFlight: Int = 16, whileRunning: (() -> Void)? = nil
+    ) -> [Int64] {
         var revisions: [Int64] = []
         var next = 0, done = 0
         func issue() {
@@ -52,7 +54,8 @@ import VigilCore
         for s in streams {
             #expect(s.revisions == revs, "every event exactly once, in order")
         }
-        let watchers = try rawExchange(port: server.port, Array("GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".utf8))
+        let watchers = try rawExchange(
+            port: server.port, Array("GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".utf8))
         #expect(watchers.contains("etcd_debugging_mvcc_watcher_total 1000"))
     }
 
@@ -76,13 +79,16 @@ import VigilCore
         let revs = write(c, c.connection, prefix: "big/", count: 3000, valueSize: 8192)
         c.runUntil { fast.allSatisfy { $0.eventCount >= 3000 } }
         for s in fast { #expect(s.revisions == revs, "the other streams got everything") }
-        let metrics = try rawExchange(port: server.port, Array("GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".utf8))
-        let queued = metrics.split(separator: "\n").first { $0.hasPrefix("vigil_watch_stream_queued_bytes_max ") }
+        let metrics = try rawExchange(
+            port: server.port, Array("GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".utf8))
+        let queued =
+            metrics.split(separator: "\n").first { $0.hasPrefix("vigil_watch_stream_queued_bytes_max ") }
             .flatMap { Int($0.split(separator: " ")[1]) } ?? -1
         // One response past the bound at most; the rest waits in the store and ring, not in a queue.
         #expect(queued >= 0 && queued <= 262_144 + 64 * 1024, "queued \(queued)")
         // Parked at least once (it may resume while kernel buffers still take bytes, and park again).
-        let parked = metrics.split(separator: "\n").first { $0.hasPrefix("vigil_watch_parked_total ") }
+        let parked =
+            metrics.split(separator: "\n").first { $0.hasPrefix("vigil_watch_parked_total ") }
             .flatMap { Int($0.split(separator: " ")[1]) } ?? 0
         #expect(parked >= 1)
         let growth = residentKiB(pid: server.pid!) - rssBefore

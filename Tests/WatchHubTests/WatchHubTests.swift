@@ -1,6 +1,7 @@
 import IntervalTree
 import MVCC
 import Testing
+
 @testable import WatchHub
 
 private func b(_ s: String) -> Bytes { Array(s.utf8) }
@@ -10,7 +11,9 @@ private func b(_ s: String) -> Bytes { Array(s.utf8) }
         var tree = IntervalTree<Int>()
         var model: [Int32: (Bytes, Bytes?, Int)] = [:]
         var rng = SystemRandomNumberGenerator()
-        func randKey() -> Bytes { (0..<Int.random(in: 1...2, using: &rng)).map { _ in UInt8.random(in: 0...6, using: &rng) } }
+        func randKey() -> Bytes {
+            (0..<Int.random(in: 1...2, using: &rng)).map { _ in UInt8.random(in: 0...6, using: &rng) }
+        }
         for step in 0..<3000 {
             if model.isEmpty || Int.random(in: 0..<3, using: &rng) > 0 {
                 let lo = randKey()
@@ -120,12 +123,13 @@ func texts(_ s: TestSink) -> [String] { s.messages.map { String(decoding: $0, as
         h.hub.create(s, bad)
         bad.startRevision = -1
         h.hub.create(s, bad)
-        #expect(texts(sink) == [
-            "1|0|C|", "1|1|C|",
-            "1|-1|CX(mvcc: duplicate watch ID provided on the WatchStream)|",
-            "1|-1|CX(mvcc: watcher range is empty)|",
-            "1|-1|CX(etcdserver: mvcc: required revision has been compacted)|",
-        ])
+        #expect(
+            texts(sink) == [
+                "1|0|C|", "1|1|C|",
+                "1|-1|CX(mvcc: duplicate watch ID provided on the WatchStream)|",
+                "1|-1|CX(mvcc: watcher range is empty)|",
+                "1|-1|CX(etcdserver: mvcc: required revision has been compacted)|",
+            ])
     }
 
     @Test func historyFromRingAndStoreWithPrevKV() {
@@ -147,7 +151,9 @@ func texts(_ s: TestSink) -> [String] { s.messages.map { String(decoding: $0, as
         let all = texts(sink)
         #expect(all.first == "5|0|C|")
         // Every revision from 2 on, exactly once and in order, some from the store, some from the ring.
-        let events = all.dropFirst().flatMap { $0.split(separator: "|", omittingEmptySubsequences: false)[3].split(separator: ",") }
+        let events = all.dropFirst().flatMap {
+            $0.split(separator: "|", omittingEmptySubsequences: false)[3].split(separator: ",")
+        }
         #expect(events == ["P:k=1@2", "P:k=2@3<1", "P:k=3@4<2", "D:k@5<3", "P:k=4@6"])
         #expect(h.hub.stats.storeCatchUps >= 1)
     }
@@ -209,7 +215,9 @@ func texts(_ s: TestSink) -> [String] { s.messages.map { String(decoding: $0, as
         slow.queuedBytes = 0
         h.hub.streamDrained(ss)
         while h.hub.catchUpPending { h.hub.catchUp() }
-        let events = texts(slow).dropFirst().flatMap { $0.split(separator: "|", omittingEmptySubsequences: false)[3].split(separator: ",") }
+        let events = texts(slow).dropFirst().flatMap {
+            $0.split(separator: "|", omittingEmptySubsequences: false)[3].split(separator: ",")
+        }
         #expect(events.map(String.init) == (0..<10).map { "P:k=\($0)@\($0 + 2)" })
         h.put("k", "live")
         #expect(texts(slow).last == "12|0||P:k=live@12", "back in the synced set")
@@ -393,12 +401,17 @@ func texts(_ s: TestSink) -> [String] { s.messages.map { String(decoding: $0, as
                 let k = key(rand(400))
                 let rev = h.store.committedRevision + 1
                 let isDelete = rand(4) == 0
-                if isDelete { h.del(String(decoding: k, as: UTF8.self)) } else { h.put(String(decoding: k, as: UTF8.self), "v\(step)") }
+                if isDelete {
+                    h.del(String(decoding: k, as: UTF8.self))
+                } else {
+                    h.put(String(decoding: k, as: UTF8.self), "v\(step)")
+                }
                 guard h.store.committedRevision == rev else { continue }  // deleting a missing key writes nothing
                 let text = String(decoding: k, as: UTF8.self)
                 let event = isDelete ? "D:\(text)@\(rev)" : "P:\(text)=v\(step)@\(rev)"
                 for si in models.indices {
-                    for (id, m) in models[si] where KeyRange.contains(k, key: m.key, end: m.end) && !(m.noPut && !isDelete) {
+                    for (id, m) in models[si]
+                    where KeyRange.contains(k, key: m.key, end: m.end) && !(m.noPut && !isDelete) {
                         models[si][id]!.expected.append(event)
                     }
                 }
