@@ -223,8 +223,6 @@ public final class GRPCConnection: HTTP2SessionDelegate {
     private let maxMessageBytes: Int
     let needsFlush: () -> Void
     private let others: (any HTTP2SessionDelegate)?
-    /// Number of calls currently open.
-    public var openCalls: Int { calls.count }
 
     static let responseHeaders: [HeaderField] = [(":status", "200"), ("content-type", "application/grpc")]
 

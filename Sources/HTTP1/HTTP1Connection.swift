@@ -265,9 +265,6 @@ public final class HTTP1Connection {
         pump()
     }
 
-    /// Whether a request is being answered (e.g. a long-lived stream).
-    public var isBusy: Bool { current != nil || !queue.isEmpty }
-
     /// The peer went away: a response in progress hears it.
     public func connectionClosed() {
         closed = true

@@ -352,11 +352,6 @@ public final class HTTP2Session {
     /// Bytes queued on `stream` that the peer's window has not let out yet.
     public func queuedBytes(_ stream: Int32) -> Int { outbound[stream]?.bytes ?? 0 }
 
-    /// Sends GOAWAY and lets open streams finish.
-    public func goAway() {
-        nghttp2_session_terminate_session(session, UInt32(NGHTTP2_NO_ERROR.rawValue))
-    }
-
     private func read(
         _ o: Outbound, into buf: UnsafeMutablePointer<UInt8>, length: Int,
         flags: UnsafeMutablePointer<UInt32>

@@ -81,8 +81,7 @@ extension EtcdError {
     public static let leaseExist = EtcdError(.failedPrecondition, "etcdserver: lease already exists")
     public static let leaseTTLTooLarge = EtcdError(.outOfRange, "etcdserver: too large lease TTL")
 
-    // Watch (the last four are etcd's mvcc `cancel_reason` texts, sent in a response, not a status).
-    public static let watchCanceled = EtcdError(.cancelled, "etcdserver: watch canceled")
+    // Watch: `cancel_reason` texts of a refused create (etcd's mvcc words; sent in a response, not a status).
     public static let watcherRangeEmpty = EtcdError(.invalidArgument, "mvcc: watcher range is empty")
     public static let duplicateWatchID = EtcdError(
         .invalidArgument, "mvcc: duplicate watch ID provided on the WatchStream")
@@ -91,11 +90,8 @@ extension EtcdError {
         .resourceExhausted, "etcdserver: too many requests (the watched keys fill 4 GiB)", refusal: .tooManyRequests)
 
     // Cluster.
-    public static let memberExist = EtcdError(.failedPrecondition, "etcdserver: member ID already exist")
-    public static let peerURLExist = EtcdError(.failedPrecondition, "etcdserver: Peer URLs already exists")
     public static let memberNotEnoughStarted = EtcdError(
         .failedPrecondition, "etcdserver: re-configuration failed due to not enough started members")
-    public static let memberBadURLs = EtcdError(.invalidArgument, "etcdserver: given member URLs are invalid")
     public static let memberNotFound = EtcdError(.notFound, "etcdserver: member not found")
     public static let memberNotLearner = EtcdError(.failedPrecondition, "etcdserver: can only promote a learner member")
     /// Not an etcd error: a one-member Vigil has no peers to change.
@@ -122,7 +118,6 @@ extension EtcdError {
     public static let permissionNotGranted = EtcdError(
         .failedPrecondition, "etcdserver: permission is not granted to the role")
     public static let invalidAuthMgmt = EtcdError(.invalidArgument, "etcdserver: invalid auth management")
-    public static let authOldRevision = EtcdError(.invalidArgument, "etcdserver: revision of auth store is old")
     /// Not an etcd error: bcrypt reads 72 bytes at most and no NUL, so longer passwords are refused
     /// rather than silently cut.
     public static let passwordUnusable = EtcdError(

@@ -68,7 +68,6 @@ public struct EventRing {
     }
 
     public var oldestRevision: Int64? { count == 0 ? nil : entries[head]!.revision }
-    public var newestRevision: Int64? { count == 0 ? nil : entries[(head + count - 1) % entries.count]!.revision }
 
     /// Appends the events of a new revision (revisions must increase). Old entries at or below
     /// `trimmableUpTo` are dropped while the ring is over its bounds.
