@@ -171,6 +171,17 @@ public final class WatchHub {
     /// Watchers in the hub.
     public var watcherCount: Int { watchers.count }
 
+    /// The watcher tables agree with each other (for tests: see `WatchGroups.verifyInvariants`),
+    /// and every watcher is linked into its group.
+    func verifyInvariants() -> Bool {
+        guard groups.verifyInvariants() else { return false }
+        var linked = 0
+        for g in 0..<groups.head.count where groups.head[g] >= 0 {
+            forEachMember(Int32(g)) { w in if watchers.group[Int(w)] == Int32(g) { linked += 1 } }
+        }
+        return linked == watchers.count
+    }
+
     /// Distinct watched keys and ranges.
     public var groupCount: Int { groups.count }
 

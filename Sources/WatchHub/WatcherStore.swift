@@ -298,6 +298,42 @@ struct WatchGroups {
         deadBytes = 0
     }
 
+    /// Checks the tables agree (for tests, after mutations): every live single-key group is in
+    /// the hash table once and is found from its home slot before an empty one (linear probing's
+    /// invariant, which backward-shift deletion must keep); the table holds nothing else and is
+    /// at most three quarters full; every range group is in the range index and the tree; live
+    /// keys lie inside the arena; the counts match.
+    func verifyInvariants() -> Bool {
+        var live = 0
+        var singles = 0
+        for g in 0..<head.count where head[g] >= 0 {
+            live += 1
+            let g = Int32(g)
+            guard Int(keyOffset[Int(g)]) < max(arena.count, 1) else { return false }
+            if let r = rangeInfo[g] {
+                guard rangeIndex[RangeKey(key: key(g), end: r.end)] == g else { return false }
+                continue
+            }
+            singles += 1
+            let n = table.count
+            var i = homeSlot(g, n)
+            var probes = 0
+            while table[i] != g {
+                guard table[i] >= 0, probes < n else { return false }
+                i = i + 1 == n ? 0 : i + 1
+                probes += 1
+            }
+        }
+        let inTable = table.filter { $0 >= 0 }
+        guard inTable.count == tableCount, tableCount == singles, Set(inTable).count == inTable.count else {
+            return false
+        }
+        guard inTable.allSatisfy({ head[Int($0)] >= 0 && rangeInfo[$0] == nil }) else { return false }
+        guard tableCount * 4 <= table.count * 3 else { return false }
+        return live == count && rangeInfo.count == rangeIndex.count && tree.count == rangeInfo.count
+            && tree.verifyInvariants()
+    }
+
     // MARK: The hash table (linear probing, backward-shift deletion)
     //
     // It grows by half (not doubling) at three quarters full, so that slots cost 5 to 8 bytes

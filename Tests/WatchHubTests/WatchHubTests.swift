@@ -416,6 +416,7 @@ func texts(_ s: TestSink) -> [String] { s.messages.map { String(decoding: $0, as
                     }
                 }
             }
+            if step % 50 == 0 { #expect(h.hub.verifyInvariants()) }
             if step % 500 == 0 {
                 #expect(h.hub.watcherCount == models.reduce(0) { $0 + $1.count })
             }
@@ -441,11 +442,14 @@ func texts(_ s: TestSink) -> [String] { s.messages.map { String(decoding: $0, as
             live[k] = g
         }
         // Remove most of them (the table shrinks and entries shift back), then check the rest.
+        #expect(groups.verifyInvariants())
         for i in 0..<5000 where i % 7 != 0 {
             let k = key(i)
             groups.head[Int(live[k]!)] = -1
             groups.release(live.removeValue(forKey: k)!)
+            if i % 97 == 0 { #expect(groups.verifyInvariants()) }
         }
+        #expect(groups.verifyInvariants())
         for (k, g) in live {
             #expect(groups.single(k) == g)
             #expect(groups.key(g) == k)
