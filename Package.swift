@@ -60,7 +60,8 @@ let package = Package(
         .target(
             name: "VigilServer",
             dependencies: [
-                "EtcdAPI", "Gateway", "Auth", "Passwords", "WatchHub", "EventLoop", "HTTPCore", "HTTP1", "HTTP2",
+                "EtcdAPI", "EtcdProto", "Gateway", "Auth", "Passwords", "WatchHub", "EventLoop", "HTTPCore", "HTTP1",
+                "HTTP2",
                 "GRPC", "LMDBBackend", "MVCC", "VigilCore", .product(name: "Logging", package: "swift-log"),
             ]),
         .executableTarget(
@@ -78,7 +79,8 @@ let package = Package(
         .target(
             name: "VigilTesting",
             dependencies: [
-                "VigilClient", "EventLoop", "GRPC", "HTTP2", "VigilCore", "EtcdAPI", "Auth", "MVCC", "WatchHub",
+                "VigilClient", "EventLoop", "GRPC", "HTTP2", "VigilCore", "EtcdAPI", "EtcdProto", "Auth", "MVCC",
+                "WatchHub",
                 .product(name: "SwiftProtobuf", package: "swift-protobuf"),
             ]),
 
@@ -131,7 +133,8 @@ let package = Package(
         .testTarget(
             name: "VigilIntegrationTests",
             dependencies: [
-                "VigilTesting", "EtcdProto", "GRPC", "MVCC", "FuzzHarness", "VigilCore",
+                "VigilTesting", "EtcdProto", "GRPC", "MVCC", "FuzzHarness", "VigilServer",
+                .product(name: "Logging", package: "swift-log"), "VigilCore",
                 .product(name: "SwiftProtobuf", package: "swift-protobuf"),
             ]),
     ],

@@ -31,11 +31,14 @@ public struct AuthRole: Sendable, Equatable {
 /// Read, write or both on `[key, rangeEnd)` with etcd's conventions (empty end: the key alone;
 /// "\0": every key from `key`).
 public struct Permission: Sendable, Equatable {
-    /// etcd's `authpb.Permission.Type` values.
-    public enum Kind: Int, Sendable {
-        case read = 0
-        case write = 1
-        case readwrite = 2
+    /// etcd's `authpb.Permission.Type` values. Others may be stored (etcd stores what it is
+    /// given) but grant nothing, as in etcd.
+    public struct Kind: RawRepresentable, Hashable, Sendable {
+        public let rawValue: Int
+        public init(rawValue: Int) { self.rawValue = rawValue }
+        public static let read = Kind(rawValue: 0)
+        public static let write = Kind(rawValue: 1)
+        public static let readwrite = Kind(rawValue: 2)
     }
     public var kind: Kind
     public var key: [UInt8]

@@ -197,12 +197,12 @@ extension AuthStore {
 
 extension Permission {
     init(_ p: Authpb_Permission) {
-        self.init(kind: Kind(rawValue: p.permType.rawValue) ?? .read, key: p.key.bytes, rangeEnd: p.rangeEnd.bytes)
+        self.init(kind: Kind(rawValue: p.permType.rawValue), key: p.key.bytes, rangeEnd: p.rangeEnd.bytes)
     }
 
     var proto: Authpb_Permission {
         var p = Authpb_Permission()
-        p.permType = Authpb_Permission.TypeEnum(rawValue: kind.rawValue) ?? .read
+        p.permType = Authpb_Permission.TypeEnum(rawValue: kind.rawValue) ?? .UNRECOGNIZED(kind.rawValue)
         p.key = Data(key)
         p.rangeEnd = Data(rangeEnd)
         return p

@@ -87,7 +87,7 @@ final class UnaryCall: CallHandler, ReplySink {
     }
 
     func callHalfClosed(_ call: ServerCall) {
-        if !seen { call.finish(GRPCStatus(.internal, "grpc: error while receiving the request: unexpected EOF")) }
+        if !seen { call.finish(EtcdError.missingRequest.status) }
     }
 
     func callEnded(_ call: ServerCall) { self.call = nil }

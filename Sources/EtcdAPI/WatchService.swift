@@ -120,8 +120,8 @@ public final class WatchService {
 
     init(context: ServerContext, config: WatchHubConfig, auth: AuthStore) {
         self.auth = auth
-        hub = WatchHub(store: context.store, config: config)
         grpcEncoder = GRPCWatchEncoder(identity: context.identity)
+        hub = WatchHub(store: context.store, config: config, encoders: [grpcEncoder])
     }
 
     /// Opens a watch stream answering through `sink` (a gRPC call, or the JSON gateway); `token`

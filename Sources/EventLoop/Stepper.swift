@@ -1,7 +1,9 @@
 /// Work done in bounded steps at the end of loop turns ("bounded step, then re-arm"): while
 /// `pending()` says there is work, each turn ends with one `step()`, and the loop does not sleep
-/// in between (a zero timeout keeps it turning), so requests are served between steps and no step
-/// holds the loop for long. Compaction, watchers catching up and lease expiry run this way.
+/// after a step (a zero timeout keeps it turning), so requests are served between steps and no
+/// step holds the loop for long. The turn after the last step runs too: what a step wrote (a
+/// lease's deletions, a slice of compaction) joins that turn's group commit at once, however the
+/// end-of-turn hooks are ordered. Compaction, watchers catching up and lease expiry run this way.
 ///
 /// Checking `pending()` costs one call per loop turn: keep it a field read.
 public final class LoopStepper {
@@ -22,7 +24,7 @@ public final class LoopStepper {
     private func endOfTurn() {
         guard !stopped, pending() else { return }
         step()
-        if pending() && keepTurning == nil {
+        if keepTurning == nil {
             keepTurning = LoopTimer(loop: loop, timeoutMs: 0) { [weak self] in self?.keepTurning = nil }
         }
     }

@@ -278,7 +278,9 @@ public final class GRPCConnection: HTTP2SessionDelegate {
             call.finish(GRPCCallError.unknownMethod(path).status)
             return
         }
-        call.handler = makeHandler(call)
+        let handler = makeHandler(call)
+        // A handler that finished its call while being made still hears the end, once.
+        if call.isFinished { handler.callEnded(call) } else { call.handler = handler }
     }
 
     public func streamData(_ stream: Int32, _ data: UnsafeRawBufferPointer) {

@@ -160,9 +160,10 @@ public final class Gateway {
         case .failure(let refused): return out.respond(refused.response)
         }
         let sink = JSONWatchSink(out, encoder: watchEncoder)
+        // The stream first: a client already gone gets no session, which nothing would close.
+        guard out.startStream(status: 200, contentType: "application/json", observer: sink) else { return }
         let session = services.watch.open(sink, token: token)
         sink.session = session
-        out.startStream(status: 200, contentType: "application/json", observer: sink)
         for r in requests { session.receive(r) }
     }
 

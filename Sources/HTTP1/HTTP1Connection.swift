@@ -35,13 +35,15 @@ public final class HTTP1Responder: HTTPResponder {
         c.responseDone()
     }
 
-    public func startStream(status: Int, contentType: String, observer: (any HTTPStreamObserver)?) {
-        guard !isDone, !streaming, let c = connection else { return }
+    @discardableResult
+    public func startStream(status: Int, contentType: String, observer: (any HTTPStreamObserver)?) -> Bool {
+        guard !isDone, !streaming, let c = connection, !c.closed else { return false }
         streaming = true
         self.observer = observer
         var head = "HTTP/1.1 \(status) \(HTTPResponse.reason(status))\r\n"
         head += "Content-Type: \(contentType)\r\nTransfer-Encoding: chunked\r\n\r\n"
         c.send(Array(head.utf8), close: false)
+        return true
     }
 
     public func send(_ bytes: [UInt8]) {
@@ -108,7 +110,7 @@ public final class HTTP1Connection {
     private var inValue = false
     private var body: [UInt8] = []
     private var tooLarge = false
-    private var closed = false
+    private(set) var closed = false
 
     public init(handler: (any HTTPHandler)?, transport: any HTTP1Transport, maxBodyBytes: Int = 2 << 20) {
         self.handler = handler

@@ -111,11 +111,13 @@ public final class HTTP2Responder: HTTPResponder {
         needsFlush()
     }
 
-    public func startStream(status: Int, contentType: String, observer: (any HTTPStreamObserver)?) {
-        guard !done, queue == nil else { return }
+    @discardableResult
+    public func startStream(status: Int, contentType: String, observer: (any HTTPStreamObserver)?) -> Bool {
+        guard !done, queue == nil else { return false }
         self.observer = observer
         queue = session.respond(stream, headers: Self.head(status, [("content-type", contentType)]), endStream: false)
         needsFlush()
+        return true
     }
 
     public func send(_ chunk: [UInt8]) {

@@ -83,8 +83,10 @@ public protocol HTTPStreamObserver: AnyObject {
 public protocol HTTPResponder: AnyObject {
     func respond(_ response: HTTPResponse)
     /// Starts a streamed answer (chunked on HTTP/1.1, DATA frames on HTTP/2); `observer` hears
-    /// drains and the client leaving.
-    func startStream(status: Int, contentType: String, observer: (any HTTPStreamObserver)?)
+    /// drains and the client leaving. False if the answer could not start (already answered, or
+    /// the client is gone): then the observer will hear nothing.
+    @discardableResult
+    func startStream(status: Int, contentType: String, observer: (any HTTPStreamObserver)?) -> Bool
     func send(_ chunk: [UInt8])
     func finish()
     /// Bytes sent that the client has not taken yet.

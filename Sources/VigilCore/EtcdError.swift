@@ -131,6 +131,8 @@ extension EtcdError {
 
     // The gRPC layer's own words (grpc-go's), for requests that never reach a service.
     public static let malformedRequest = EtcdError(.internal, "grpc: error unmarshalling request")
+    /// A unary call half-closed without its request message.
+    public static let missingRequest = EtcdError(.internal, "grpc: error while receiving the request: unexpected EOF")
     public static let deadlineExceeded = EtcdError(.deadlineExceeded, "context deadline exceeded")
     /// A request body over the gateway's limit, refused before it is read whole (HTTP 413).
     public static let bodyTooLarge = EtcdError(

@@ -15,7 +15,7 @@ final class BackgroundWork {
     private var autoCompactor: AutoCompactor?
     private unowned let core: VigilServerCore
 
-    init(core: VigilServerCore) throws {
+    init(core: VigilServerCore, autoCompaction: AutoCompactor.Mode?) {
         self.core = core
         let loop = core.loop
         let store = core.store
@@ -35,7 +35,7 @@ final class BackgroundWork {
         leaseTick = LoopTimer(loop: loop, timeoutMs: 100, repeatMs: 100) { [unowned self] in leaseBacklog = true }
         leaseTick?.unref()
         startProgressTimer()
-        if let mode = try AutoCompactor.mode(core.config) {
+        if let mode = autoCompaction {
             autoCompactor = AutoCompactor(loop: loop, services: core.services, mode: mode, logger: core.logger)
             autoCompactor?.start()
         }

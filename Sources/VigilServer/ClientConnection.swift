@@ -34,6 +34,7 @@ final class ClientConnection: TCPConnectionDelegate {
     func close() { tcp.close() }
 
     func connection(_ c: TCPConnection, received bytes: UnsafeRawBufferPointer) {
+        server.loop.assertInLoop()
         switch mode {
         case .sniffing(var seen):
             seen.append(contentsOf: bytes)

@@ -45,6 +45,7 @@ final class CommitCoordinator: CommitGate {
     private var flushWaiters: [(batch: Int, body: () -> Void)] = []
 
     func whenFlushed(_ body: @escaping () -> Void) {
+        loop.assertInLoop()
         let target = store.hasPending ? batchesTaken + 1 : batchesTaken
         if target <= batchesDone && flushWaiters.isEmpty {
             body()
@@ -61,6 +62,11 @@ final class CommitCoordinator: CommitGate {
         exclusiveWork.append((work, done))
         startCommitIfNeeded()
     }
+
+    /// Starts a group commit of what is pending now, if none is in flight (at shutdown: the loop's
+    /// end-of-turn hooks no longer run, and unanswered writes such as lease expiries still go to
+    /// disk while the loop drains).
+    func flushPending() { startCommitIfNeeded() }
 
     private func startCommitIfNeeded() {
         guard !inFlight else { return }

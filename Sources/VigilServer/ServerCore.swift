@@ -40,11 +40,14 @@ final class VigilServerCore {
     private(set) var listeners: [TCPListener] = []
     private var connections: [ObjectIdentifier: ClientConnection] = [:]
     private var background: BackgroundWork?
+    /// `--auto-compaction-*`, checked at start.
+    private let autoCompaction: AutoCompactor.Mode?
 
     init(loop: EventLoop, config: Configuration, logger: Logger) throws {
         self.loop = loop
         self.config = config
         self.logger = logger
+        autoCompaction = try AutoCompactor.mode(config)
         var h2 = HTTP2Settings()
         h2.maxConcurrentStreams = config.maxConcurrentStreams
         http2Settings = h2
@@ -88,7 +91,6 @@ final class VigilServerCore {
 
     /// Binds the listeners and starts the background work; returns the ports bound.
     func start() throws -> [Int] {
-        background = try BackgroundWork(core: self)
         var ports: [Int] = []
         for (host, port) in try config.listenAddresses() {
             let l = try TCPListener(loop: loop, host: host, port: port) { [unowned self] tcp in
@@ -99,11 +101,13 @@ final class VigilServerCore {
             listeners.append(l)
             ports.append(l.port)
         }
+        background = BackgroundWork(core: self, autoCompaction: autoCompaction)
         return ports
     }
 
     /// The handler of a gRPC call on `path`, wrapped with its deadline and metrics.
     func route(_ path: String) -> ((ServerCall) -> any CallHandler)? {
+        loop.assertInLoop()
         guard let make = services.route(path) else { return nil }
         return { [unowned self] call in MeteredCall(make(call), call: call, server: self) }
     }
@@ -120,11 +124,12 @@ final class VigilServerCore {
         background = nil
     }
 
-    /// Closes listeners and every client connection.
+    /// Closes listeners and every client connection, and starts committing what is pending.
     func closeAll() {
         shutdown()
         for c in Array(connections.values) { c.close() }
         connections.removeAll()
+        commits.flushPending()
     }
 }
 

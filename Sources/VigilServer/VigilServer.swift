@@ -37,6 +37,15 @@ public final class VigilServer: @unchecked Sendable {
         signal(SIGPIPE, SIG_IGN)
         let loop = try EventLoop()
         let core = try VigilServerCore(loop: loop, config: configuration, logger: logger)
+        do {
+            ports = try core.start()
+        } catch {
+            // Nothing was reachable from other threads yet: close what was opened and fail.
+            core.closeAll()
+            loop.shutdown()
+            loop.drain()
+            throw error
+        }
         let wake = Wakeup(loop: loop) { [unowned self] in drainInbox() }
         wake.unref()
         var signals: [SignalWatcher] = []
@@ -47,10 +56,6 @@ public final class VigilServer: @unchecked Sendable {
             core.shutdown()
             loop.stop()
         }
-        lock.withLock {
-            wakeup = wake
-            stopLoop = stop
-        }
         for sig in [SIGINT, SIGTERM] {
             signals.append(
                 SignalWatcher(loop: loop, signal: sig) { [logger] s in
@@ -58,26 +63,31 @@ public final class VigilServer: @unchecked Sendable {
                     stop()
                 })
         }
-        ports = try core.start()
+        self.core = LoopBound(core, loop: loop)
+        lock.withLock {
+            wakeup = wake
+            stopLoop = stop
+        }
         logger.info("ready to serve client requests")
         for (url, port) in zip(configuration.listenClientURLs, ports) {
             logger.notice("serving insecure client requests on \(url) (port \(port)), this is strongly discouraged!")
         }
-        self.core = LoopBound(core, loop: loop)
         onReady?(ports)
         drainInbox()
         loop.run()
-        // Close everything, then let an in-flight group commit (and the ones it chains) finish.
-        core.closeAll()
-        for s in signals { s.close() }
+        // Close everything, then let an in-flight group commit (and the ones it chains, with what
+        // was still pending) finish.
         lock.withLock {
             wakeup = nil
             stopLoop = nil
         }
+        core.closeAll()
+        for s in signals { s.close() }
         wake.close()
         loop.shutdown()
         loop.drain()
         self.core = nil
+        drainInbox()  // calls that came too late hear that the server stopped
         logger.info("stopped")
     }
 
@@ -114,11 +124,16 @@ public final class VigilServer: @unchecked Sendable {
         }
     }
 
-    /// Runs `body` on the loop (thread-safe; the one way in from other threads).
-    func submit(_ body: @escaping () -> Void) {
+    /// Runs `body` on the loop (thread-safe; the one way in from other threads). False when the
+    /// server is not serving: `body` will not run. (Work queued as the loop stops runs once it
+    /// has stopped, finding no core.)
+    @discardableResult
+    func submit(_ body: @escaping () -> Void) -> Bool {
         lock.withLock {
+            guard let wakeup else { return false }
             inbox.append(body)
-            wakeup?.signal()
+            wakeup.signal()
+            return true
         }
     }
 
@@ -137,7 +152,7 @@ public final class VigilServer: @unchecked Sendable {
     ) throws -> T {
         let done = DispatchSemaphore(value: 0)
         let result = Handoff<Result<T, EtcdError>>(.failure(.stopped))
-        submit { [self] in
+        let queued = submit { [self] in
             guard let core = core?.value else {
                 done.signal()
                 return
@@ -147,6 +162,7 @@ public final class VigilServer: @unchecked Sendable {
                 done.signal()
             }
         }
+        guard queued else { throw EtcdError.stopped }
         done.wait()
         return try result.value.get()
     }

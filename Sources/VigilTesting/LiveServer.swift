@@ -32,19 +32,10 @@ public func runCommand(
     close(input.read)
     close(out.write)
     close(err.write)
-    // Small inputs only (the pipe's buffer takes them whole); then end of file.
-    if let stdin {
-        let bytes = Array(stdin.utf8)
-        var sent = 0
-        while sent < bytes.count {
-            let n = bytes.withUnsafeBytes { write(input.write, $0.baseAddress! + sent, $0.count - sent) }
-            if n <= 0 { break }
-            sent += n
-        }
-    }
-    close(input.write)
-    // Read both pipes while the process runs so that neither fills up.
-    let (data, complete) = readAll([out.read, err.read], until: Date().addingTimeInterval(timeout))
+    // Feed stdin and read both pipes together, so that none of them fills up and blocks us.
+    let (data, complete) = exchange(
+        input: Array((stdin ?? "").utf8), to: input.write, readFrom: [out.read, err.read],
+        until: Date().addingTimeInterval(timeout))
     close(out.read)
     close(err.read)
     if !complete || !child.wait(timeout: max(1, timeout / 10)) {
@@ -262,6 +253,7 @@ public final class BackgroundCommand: @unchecked Sendable {
 
     /// Writes to the command's standard input.
     public func write(_ s: String) {
+        ignoreSIGPIPE
         lock.withLock {
             guard input >= 0 else { return }
             let bytes = Array(s.utf8)

@@ -70,16 +70,20 @@ public final class ChildProcess: @unchecked Sendable {
         return unsafeBitCast(sym, to: AddCloseFrom.self)
     }()
 
-    /// Reaps the child if it has exited; returns its wait status then.
-    private func poll() -> Int32? {
-        lock.withLock {
-            if let status { return status }
-            var s: Int32 = 0
-            let r = waitpid(pid, &s, WNOHANG)
-            if r == pid { status = s }
-            return status
+    /// Reaps the child if it has exited; returns its wait status then. Call with `lock` held.
+    private func reap() -> Int32? {
+        if let status { return status }
+        var s: Int32 = 0
+        let r = waitpid(pid, &s, WNOHANG)
+        if r == pid {
+            status = s
+        } else if r < 0 && errno == ECHILD {
+            status = 0x7F  // reaped elsewhere: gone, cause unknown (read as signal 127)
         }
+        return status
     }
+
+    private func poll() -> Int32? { lock.withLock { reap() } }
 
     public var isRunning: Bool { poll() == nil }
 
@@ -101,9 +105,9 @@ public final class ChildProcess: @unchecked Sendable {
         return true
     }
 
-    /// Sends `signal` to the child, if it still runs.
+    /// Sends `signal` to the child, if it still runs (never to a reaped pid, which may be reused).
     public func signal(_ signal: Int32) {
-        if isRunning { kill(pid, signal) }
+        lock.withLock { if reap() == nil { _ = kill(pid, signal) } }
     }
 
     /// SIGTERM, then SIGKILL after `grace` seconds; waits until it is gone.
@@ -143,18 +147,42 @@ func environment(with changes: [String: String]) -> [String: String] {
     return env
 }
 
-/// Reads `fds` until each reaches end of file, or `deadline`; returns what each gave.
-func readAll(_ fds: [Int32], until deadline: Date) -> (data: [[UInt8]], complete: Bool) {
+/// Writes `input` to `inputFD` (then closes it) while reading `fds` until each reaches end of
+/// file, or `deadline`; returns what each gave. Nothing blocks: a child that stops reading its
+/// input or never ends its output only runs into the deadline.
+func exchange(
+    input: [UInt8], to inputFD: Int32, readFrom fds: [Int32], until deadline: Date
+) -> (
+    data: [[UInt8]], complete: Bool
+) {
+    ignoreSIGPIPE
     var out = [[UInt8]](repeating: [], count: fds.count)
     var open = Set(fds.indices)
     var buf = [UInt8](repeating: 0, count: 65536)
+    var sent = 0
+    var writer: Int32 = inputFD
+    _ = fcntl(writer, F_SETFL, fcntl(writer, F_GETFL) | O_NONBLOCK)
+    func closeWriter() {
+        if writer >= 0 { close(writer) }
+        writer = -1
+    }
+    if input.isEmpty { closeWriter() }
+    defer { closeWriter() }
     while !open.isEmpty {
         let left = deadline.timeIntervalSinceNow
         if left <= 0 { return (out, false) }
         var polls = open.sorted().map { pollfd(fd: fds[$0], events: Int16(POLLIN), revents: 0) }
+        if writer >= 0 { polls.append(pollfd(fd: writer, events: Int16(POLLOUT), revents: 0)) }
         let n = Glibc.poll(&polls, nfds_t(polls.count), Int32(min(left, 1) * 1000))
         if n < 0 && errno != EINTR { return (out, false) }
         for p in polls where p.revents != 0 {
+            if p.fd == writer {
+                let w = input.withUnsafeBytes { write(writer, $0.baseAddress! + sent, $0.count - sent) }
+                if w > 0 { sent += w }
+                // Done, or the child closed its input (EPIPE): either way no more to give.
+                if sent == input.count || (w < 0 && errno != EAGAIN && errno != EINTR) { closeWriter() }
+                continue
+            }
             let i = fds.firstIndex(of: p.fd)!
             let got = read(p.fd, &buf, buf.count)
             if got > 0 {
@@ -166,3 +194,6 @@ func readAll(_ fds: [Int32], until deadline: Date) -> (data: [[UInt8]], complete
     }
     return (out, true)
 }
+
+/// Writes to a pipe whose reader has gone fail with EPIPE instead of killing the test process.
+let ignoreSIGPIPE: Void = { _ = signal(SIGPIPE, SIG_IGN) }()

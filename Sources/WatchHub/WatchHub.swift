@@ -156,9 +156,12 @@ public final class WatchHub {
     private var closeLater: [WatchStream] = []
 
     /// A hub over `store`, which it observes from now on.
-    public init(store: KVStore, config: WatchHubConfig = WatchHubConfig()) {
+    /// - Parameter encoders: encoders to number first, most used first (slot 0 is the fast one;
+    ///   other sinks' encoders are numbered as their streams open).
+    public init(store: KVStore, config: WatchHubConfig = WatchHubConfig(), encoders: [any WatchEncoder] = []) {
         self.store = store
         self.config = config
+        self.encoders = encoders
         ring = EventRing(maxEvents: config.ringMaxEvents, maxBytes: config.ringMaxBytes)
         delivered = store.committedRevision
         store.addObserver(self)

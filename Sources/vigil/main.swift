@@ -1,5 +1,4 @@
 import ArgumentParser
-import EtcdAPI
 import EventLoop
 import Foundation
 import Logging

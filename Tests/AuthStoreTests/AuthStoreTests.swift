@@ -225,3 +225,20 @@ private func b(_ s: String) -> [UInt8] { Array(s.utf8) }
         }
     }
 }
+
+@Suite struct UnknownPermissionKinds {
+    /// etcd stores a permission type it does not know and grants nothing for it.
+    @Test func anUnknownKindGrantsNothing() throws {
+        let h = Harness()
+        try h.standard()
+        try h.auth.grantPermission(role: "r", Permission(kind: .init(rawValue: 3), key: Array("x".utf8)))
+        #expect(try h.auth.getRole("r").contains { $0.kind.rawValue == 3 })
+        let alice = try h.auth.caller(token: try h.login("alice", "apw"))
+        #expect(throws: EtcdError.permissionDenied) {
+            try h.auth.check(alice, .read, key: Array("x".utf8), rangeEnd: [])
+        }
+        #expect(throws: EtcdError.permissionDenied) {
+            try h.auth.check(alice, .write, key: Array("x".utf8), rangeEnd: [])
+        }
+    }
+}

@@ -109,6 +109,28 @@ import Testing
         loop.drain()
     }
 
+    /// What the last step wrote is seen by end-of-turn hooks registered before the stepper (the
+    /// group commit's) on the next turn, even when nothing else would wake the loop.
+    @Test func theTurnAfterTheLastStepRunsToo() throws {
+        let loop = try EventLoop()
+        var written = false
+        var seenByEarlierHook = false
+        loop.addBeforeSleep { if written { seenByEarlierHook = true } }
+        var pending = true
+        let stepper = LoopStepper(
+            loop: loop, pending: { pending },
+            step: {
+                written = true
+                pending = false
+            })
+        let once = LoopTimer(loop: loop, timeoutMs: 0) {}  // one turn, then nothing keeps the loop alive
+        loop.run()
+        #expect(written && seenByEarlierHook)
+        _ = (stepper, once)
+        loop.shutdown()
+        loop.drain()
+    }
+
     @Test func endOfTurnWorkRunsBeforeTheLoopSleeps() throws {
         let loop = try EventLoop()
         var order: [String] = []

@@ -25,10 +25,11 @@ final class Answer: HTTPResponder {
         body = response.body
         finished = true
     }
-    func startStream(status: Int, contentType: String, observer: (any HTTPStreamObserver)?) {
+    func startStream(status: Int, contentType: String, observer: (any HTTPStreamObserver)?) -> Bool {
         self.status = status
         streaming = true
         self.observer = observer
+        return true
     }
     func send(_ chunk: [UInt8]) { body += chunk }
     func finish() { finished = true }
@@ -154,6 +155,22 @@ final class Harness {
             let made = json.response(f, events: events.map { json.encode($0, prevKV: prevKV) })
             #expect(String(decoding: made, as: UTF8.self) == expected)
         }
+    }
+
+    /// A client gone before its watch could start gets no watch session (nothing would end it).
+    @Test func aWatchForAClientAlreadyGoneOpensNothing() {
+        final class Gone: HTTPResponder {
+            var queuedBytes: Int { 0 }
+            func respond(_ response: HTTPResponse) {}
+            func startStream(status: Int, contentType: String, observer: (any HTTPStreamObserver)?) -> Bool { false }
+            func send(_ chunk: [UInt8]) {}
+            func finish() {}
+            func notifyWhenDrained() {}
+        }
+        let h = Harness()
+        let body = #"{"create_request":{"key":"\#(b64("w"))"}}"#
+        h.gateway.handle(HTTPRequest(method: "POST", target: "/v3/watch", headers: [], body: Array(body.utf8)), Gone())
+        #expect(h.memory.services.watch.hub.streamCount == 0 && h.memory.services.watch.hub.watcherCount == 0)
     }
 
     @Test func keepAliveAnswersEachRequestThenEnds() throws {

@@ -59,17 +59,35 @@ final class Pair {
     var plainStreams: HTTP2PlainRequests!
     var calls: [ServerCall] = []
 
+    /// A handler that ends its call while it is being made.
+    final class Refuser: CallHandler {
+        var ended = 0
+        init(_ call: ServerCall) { call.finish(GRPCStatus(.permissionDenied, "no")) }
+        func call(_ call: ServerCall, received message: [UInt8]) {}
+        func callEnded(_ call: ServerCall) { ended += 1 }
+    }
+    var refusers: [Refuser] = []
+
     init(others: Bool = true, maxBody: Int = 1 << 20) {
         client.delegate = clientSide
         plainStreams = HTTP2PlainRequests(session: server, handler: plain, maxBodyBytes: maxBody, needsFlush: {})
         grpc = GRPCConnection(
             session: server, maxMessageBytes: 1 << 20,
             route: { [unowned self] path in
-                path == "/svc/Echo"
-                    ? { call in
+                switch path {
+                case "/svc/Echo":
+                    return { call in
                         self.calls.append(call)
                         return self.recorder
-                    } : nil
+                    }
+                case "/svc/Refuse":
+                    return { call in
+                        let r = Refuser(call)
+                        self.refusers.append(r)
+                        return r
+                    }
+                default: return nil
+                }
             }, others: others ? plainStreams : nil, needsFlush: {})
     }
 
@@ -113,6 +131,13 @@ final class Pair {
         #expect(p.clientSide.value(sid, "grpc-status") == "0")
         #expect(p.clientSide.data[sid] == MessageFramer.frame([1, 2, 3]))
         #expect(p.clientSide.closed.contains(sid))
+    }
+
+    @Test func aHandlerThatEndsItsCallWhileBeingMadeStillHearsTheEndOnce() {
+        let p = Pair()
+        let sid = p.grpcRequest("/svc/Refuse", [[1]])
+        #expect(p.refusers.map(\.ended) == [1])
+        #expect(p.clientSide.value(sid, "grpc-status") == String(GRPCCode.permissionDenied.rawValue))
     }
 
     @Test func anUnknownMethodIsUnimplementedAndNoHandlerIsMade() {
