@@ -3,7 +3,7 @@
 # binary the tests start are all built with it.
 # Usage: scripts/sanitize.sh address|thread [swift test arguments, e.g. --filter MVCCTests]
 #   address: scratch path .build-asan; LeakSanitizer off (the servers the tests stop by signal
-#            keep connections open at exit); scripts/asan.supp silences a Foundation bug.
+#            keep connections open at exit).
 #   thread:  scratch path .build-tsan.
 # VIGIL_SANITIZER tells the tests to widen their memory and time bounds by the sanitizer's cost.
 set -euo pipefail

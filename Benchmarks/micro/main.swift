@@ -124,12 +124,13 @@ if wants("dispatch") {
     for s in sinks { hub.create(hub.openStream(s), WatchCreate(key: Array("key/".utf8), rangeEnd: Array("key0".utf8))) }
     // Through the store, as in the server: the write's end puts its events in the hub's ring,
     // and marking it durable delivers them.
-    measure("watch dispatch, 1 put → 1,000 watchers", iterations: 20_000) { i in
+    func putDurably(_ store: KVStore, _ i: Int) {
         let t = store.beginWrite()
         t.put(key(i % 1000), value: value, lease: 0)
         t.end()
         store.markCommitted(t.revision)
     }
+    measure("watch dispatch, 1 put → 1,000 watchers", iterations: 20_000) { i in putDurably(store, i) }
     precondition(sinks[0].sent > 0)
 
     // The fan-out shape: 100 streams × 10 watchers each on the prefix (ids 0…9 in every stream, so
@@ -141,12 +142,7 @@ if wants("dispatch") {
         let stream = fanHub.openStream(s)
         for _ in 0..<10 { fanHub.create(stream, WatchCreate(key: Array("key/".utf8), rangeEnd: Array("key0".utf8))) }
     }
-    measure("watch dispatch, 1 put → 100 streams × 10 watchers", iterations: 20_000) { i in
-        let t = fanStore.beginWrite()
-        t.put(key(i % 1000), value: value, lease: 0)
-        t.end()
-        fanStore.markCommitted(t.revision)
-    }
+    measure("watch dispatch, 1 put → 100 streams × 10 watchers", iterations: 20_000) { i in putDurably(fanStore, i) }
     precondition(fanSinks[0].sent > 0)
 }
 
