@@ -455,6 +455,10 @@ public final class WatchHub {
     /// the last one is checked first, without hashing. Also counts what the dispatch sent.
     private struct ResponseMemo {
         var cache: [ResponseKey: [UInt8]] = [:]
+        /// The commonest case without hashing: the first event alone, no prev_kv, slot 0, by a
+        /// small watch id (many streams with watchers 0…n on the same range).
+        var byID: [[UInt8]?] = []
+        static let byIDLimit: Int64 = 64
         var hasLast = false
         var lastID: Int64 = 0
         var lastPrevKV = false
@@ -528,18 +532,7 @@ public final class WatchHub {
                 if !(memo.hasLast && memo.lastID == id && memo.lastPrevKV == prevKV && memo.lastSlot == slot
                     && memo.lastMatched == wanted)
                 {
-                    let key = ResponseKey(watchID: id, prevKV: prevKV, slot: slot, matched: wanted)
-                    if let bytes = memo.cache[key] {
-                        memo.lastBytes = bytes
-                    } else {
-                        memo.lastBytes = response(s, entry, wanted, prevKV: prevKV, id: id)
-                        memo.cache[key] = memo.lastBytes
-                    }
-                    memo.hasLast = true
-                    memo.lastID = id
-                    memo.lastPrevKV = prevKV
-                    memo.lastSlot = slot
-                    memo.lastMatched = wanted
+                    remember(s, entry, wanted, prevKV: prevKV, id: id, &memo)
                 }
                 s.sink.send(memo.lastBytes)
                 memo.responses += 1
@@ -547,6 +540,40 @@ public final class WatchHub {
             }
             if flags.contains(.progressNotify) { watchers.flags[Int(w)].insert(.sent) }
         }
+    }
+
+    /// Makes `memo.lastBytes` the response for these matches, from the dispatch's caches or
+    /// encoded now (out of `deliver`, whose per-watcher closure must stay small to be inlined).
+    @inline(never)
+    private func remember(
+        _ s: WatchStream, _ entry: RevisionEvents, _ wanted: [Int32], prevKV: Bool, id: Int64,
+        _ memo: inout ResponseMemo
+    ) {
+        let slot = s.encoderSlot
+        if id >= 0 && id < ResponseMemo.byIDLimit && slot == 0 && !prevKV && wanted.count == 1
+            && wanted[0] == 0
+        {
+            if memo.byID.isEmpty { memo.byID = Array(repeating: nil, count: Int(ResponseMemo.byIDLimit)) }
+            if let bytes = memo.byID[Int(id)] {
+                memo.lastBytes = bytes
+            } else {
+                memo.lastBytes = response(s, entry, wanted, prevKV: prevKV, id: id)
+                memo.byID[Int(id)] = memo.lastBytes
+            }
+        } else {
+            let key = ResponseKey(watchID: id, prevKV: prevKV, slot: slot, matched: wanted)
+            if let bytes = memo.cache[key] {
+                memo.lastBytes = bytes
+            } else {
+                memo.lastBytes = response(s, entry, wanted, prevKV: prevKV, id: id)
+                memo.cache[key] = memo.lastBytes
+            }
+        }
+        memo.hasLast = true
+        memo.lastID = id
+        memo.lastPrevKV = prevKV
+        memo.lastSlot = slot
+        memo.lastMatched = wanted
     }
 
     /// The response for these matches of `entry`, in `s`'s encoding. (Kept out of `deliver`,
