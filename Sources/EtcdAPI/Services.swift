@@ -25,7 +25,8 @@ public final class EtcdServices {
     public let auth: AuthStore
     private let leaseKeys: LeaseKeyTracker
     private var unaryMethods: [String: UnaryMethod] = [:]
-    private var streamRoutes: [String: (ServerCall) -> any CallHandler] = [:]
+    /// Every method's handler maker, by gRPC path.
+    private var routes: [String: (ServerCall) -> any CallHandler] = [:]
     /// Server version reported by Status and `/version`.
     public static let serverVersion = "3.4.23"
     /// The cluster version `/version` reports.
@@ -64,10 +65,7 @@ public final class EtcdServices {
     // MARK: Routing
 
     /// The handler maker for a gRPC path, nil if unknown (answered UNIMPLEMENTED).
-    public func route(_ path: String) -> ((ServerCall) -> any CallHandler)? {
-        if let m = unaryMethods[path] { return { _ in UnaryCall(m) } }
-        return streamRoutes[path]
-    }
+    public func route(_ path: String) -> ((ServerCall) -> any CallHandler)? { routes[path] }
 
     /// The unary method for `method`, nil for a streaming one.
     public func unary(_ method: EtcdMethod) -> UnaryMethod? { unaryMethods[method.path] }
@@ -75,7 +73,7 @@ public final class EtcdServices {
     /// Registers the handler maker of a streaming method.
     func stream(_ method: EtcdMethod, _ make: @escaping (ServerCall) -> any CallHandler) {
         precondition(method.kind != .unary, "\(method) is unary")
-        streamRoutes[method.path] = make
+        routes[method.path] = make
     }
 
     /// Checks that the sender of `token` may make this request (nothing to check while auth is
@@ -99,7 +97,7 @@ public final class EtcdServices {
         handle body: @escaping (Req, Int, Reply<Resp>) throws(EtcdError) -> Void
     ) {
         precondition(method.kind == .unary, "\(method) is not unary")
-        unaryMethods[method.path] = UnaryMethod(method: method, requestType: Req.self) {
+        let unary = UnaryMethod(method: method, requestType: Req.self) {
             [unowned self] any, info, sink in
             let reply = Reply<Resp>(sink)
             guard let req = any as? Req else { return reply.fail(.internal("grpc: wrong request type")) }
@@ -109,6 +107,8 @@ public final class EtcdServices {
                 try body(req, info.size, reply)
             } catch { reply.fail(error) }
         }
+        unaryMethods[method.path] = unary
+        routes[method.path] = { _ in UnaryCall(unary) }
     }
 
 }

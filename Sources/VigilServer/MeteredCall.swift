@@ -11,11 +11,13 @@ final class MeteredCall: CallHandler {
     private unowned let server: VigilServerCore
     private let started = DispatchTime.now().uptimeNanoseconds
     private var deadline: LoopTimer?
+    private let method: ServerMetrics.MethodKey
 
     init(_ inner: any CallHandler, call: ServerCall, server: VigilServerCore) {
         self.inner = inner
         self.server = server
-        server.metrics.callStarted(call.path)
+        method = ServerMetrics.MethodKey(call.path)
+        server.metrics.callStarted(method)
         if let ms = call.timeoutMs {
             deadline = LoopTimer(loop: server.loop, timeoutMs: ms) { [weak call] in
                 call?.finish(EtcdError.deadlineExceeded.status)
@@ -33,7 +35,7 @@ final class MeteredCall: CallHandler {
         deadline?.cancel()
         deadline = nil
         let seconds = Double(DispatchTime.now().uptimeNanoseconds - started) / 1e9
-        server.metrics.callEnded(call.path, status: call.finalStatus ?? GRPCStatus(.cancelled), seconds: seconds)
+        server.metrics.callEnded(method, status: call.finalStatus ?? GRPCStatus(.cancelled), seconds: seconds)
         inner.callEnded(call)
     }
 }

@@ -63,10 +63,9 @@ struct ServerMetrics {
     var loopTurns = Histogram()
     var longestTurnSeconds = 0.0
 
-    mutating func callStarted(_ path: String) { started[MethodKey(path), default: 0] += 1 }
+    mutating func callStarted(_ k: MethodKey) { started[k, default: 0] += 1 }
 
-    mutating func callEnded(_ path: String, status: GRPCStatus, seconds: Double) {
-        let k = MethodKey(path)
+    mutating func callEnded(_ k: MethodKey, status: GRPCStatus, seconds: Double) {
         handled[k, default: [:]][status.code, default: 0] += 1
         latency[k, default: Histogram()].observe(seconds)
         if let reason = Self.refusal(status) { refused[reason, default: 0] += 1 }

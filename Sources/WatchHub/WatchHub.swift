@@ -84,8 +84,7 @@ public final class WatchStream {
     let sink: any WatchSink
     /// Place in the hub's stream table (watchers refer to their stream by it).
     let index: Int32
-    /// The sink's encoder and its slot in the hub (see `RevisionEvents`).
-    let encoder: any WatchEncoder
+    /// The slot of the sink's encoder in the hub (see `RevisionEvents`).
     let encoderSlot: Int
     /// Watch id → watcher number.
     var watchers = WatcherTable()
@@ -96,7 +95,6 @@ public final class WatchStream {
     init(sink: any WatchSink, index: Int32, encoderSlot: Int) {
         self.sink = sink
         self.index = index
-        encoder = sink.encoder
         self.encoderSlot = encoderSlot
     }
     public var watcherCount: Int { watchers.count }
@@ -257,7 +255,7 @@ public final class WatchHub {
     }
 
     private func send(_ s: WatchStream, _ f: ResponseFields, _ events: [[UInt8]] = []) {
-        s.sink.send(s.encoder.response(f, events: events))
+        s.sink.send(encoders[s.encoderSlot].response(f, events: events))
         stats.responsesSent += 1
         stats.eventsSent += events.count
     }
@@ -582,14 +580,15 @@ public final class WatchHub {
     private func response(
         _ s: WatchStream, _ entry: RevisionEvents, _ wanted: [Int32], prevKV: Bool, id: Int64
     ) -> [UInt8] {
-        let slot = s.encoderSlot
-        let events = wanted.map { entry.encoding(Int($0), prevKV: prevKV, s.encoder, slot: slot) }
-        return s.encoder.response(ResponseFields(headerRevision: entry.revision, watchID: id), events: events)
+        let slot = s.encoderSlot, encoder = encoders[slot]
+        let events = wanted.map { entry.encoding(Int($0), prevKV: prevKV, encoder, slot: slot) }
+        return encoder.response(ResponseFields(headerRevision: entry.revision, watchID: id), events: events)
     }
 
     @inline(never)
     private func sendFragments(_ s: WatchStream, _ entry: RevisionEvents, _ wanted: [Int32], prevKV: Bool, id: Int64) {
-        let events = wanted.map { entry.encoding(Int($0), prevKV: prevKV, s.encoder, slot: s.encoderSlot) }
+        let slot = s.encoderSlot, encoder = encoders[slot]
+        let events = wanted.map { entry.encoding(Int($0), prevKV: prevKV, encoder, slot: slot) }
         sendFragmented(s, ResponseFields(headerRevision: entry.revision, watchID: id), events)
     }
 
@@ -675,6 +674,7 @@ public final class WatchHub {
         }
         let flags = watchers.flags[Int(w)]
         let prevKV = flags.contains(.prevKV)
+        let encoder = encoders[s.encoderSlot]
         let g = watchers.group[Int(w)]
         let key = groups.key(g), end = groups.end(g)
         var events: [[UInt8]] = []
@@ -685,7 +685,7 @@ public final class WatchHub {
                 guard entry.revision <= delivered else { return false }
                 for (i, e) in entry.events.enumerated()
                 where KeyRange.contains(e.kv.key, key: key, end: end) && flags.wants(e) {
-                    let enc = entry.encoding(i, prevKV: prevKV, s.encoder, slot: s.encoderSlot)
+                    let enc = entry.encoding(i, prevKV: prevKV, encoder, slot: s.encoderSlot)
                     events.append(enc)
                     bytes += enc.count
                 }
@@ -705,7 +705,7 @@ public final class WatchHub {
             let to = min(
                 delivered, nextRev + Int64(config.catchUpRevisions) - 1, (ring.oldestRevision ?? Int64.max) - 1)
             for (_, e) in store.events(key, end, from: nextRev, to: to) where flags.wants(e) {
-                events.append(s.encoder.encode(e, prevKV: prevKV))
+                events.append(encoder.encode(e, prevKV: prevKV))
             }
             last = to
         }
