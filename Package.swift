@@ -22,6 +22,7 @@ let package = Package(
         .systemLibrary(name: "CLMDB", pkgConfig: "lmdb", providers: [.apt(["liblmdb-dev"])]),
         .systemLibrary(name: "CHTTPParser", providers: [.apt(["libhttp-parser-dev"])]),
         .systemLibrary(name: "CCrypt", providers: [.apt(["libcrypt-dev"])]),
+        .systemLibrary(name: "COpenSSL", pkgConfig: "openssl", providers: [.apt(["libssl-dev"])]),
         .systemLibrary(name: "CMalloc"),
 
         // Thin Swift over C.
@@ -31,6 +32,8 @@ let package = Package(
         .target(name: "HTTP1", dependencies: ["CHTTPParser", "HTTPCore"]),
         .target(name: "LMDBBackend", dependencies: ["CLMDB", "MVCC"]),
         .target(name: "Passwords", dependencies: ["CCrypt"]),
+        // TLS on the loop (memory BIOs) and JWT signatures, with OpenSSL.
+        .target(name: "TLS", dependencies: ["COpenSSL", "EventLoop"]),
 
         // Deterministic core: no C, no protobuf, no clock of its own.
         .target(name: "VigilCore"),
@@ -61,7 +64,7 @@ let package = Package(
             name: "VigilServer",
             dependencies: [
                 "EtcdAPI", "EtcdProto", "Gateway", "Auth", "Passwords", "WatchHub", "EventLoop", "HTTPCore", "HTTP1",
-                "HTTP2",
+                "HTTP2", "TLS", "CMalloc",
                 "GRPC", "LMDBBackend", "MVCC", "VigilCore", .product(name: "Logging", package: "swift-log"),
             ]),
         .executableTarget(
@@ -74,13 +77,14 @@ let package = Package(
         .target(
             name: "VigilClient",
             dependencies: [
-                "EventLoop", "HTTP2", "GRPC", "EtcdProto", .product(name: "SwiftProtobuf", package: "swift-protobuf"),
+                "EventLoop", "HTTP2", "GRPC", "EtcdProto", "TLS",
+                .product(name: "SwiftProtobuf", package: "swift-protobuf"),
             ]),
         .target(
             name: "VigilTesting",
             dependencies: [
                 "VigilClient", "EventLoop", "GRPC", "HTTP2", "VigilCore", "EtcdAPI", "EtcdProto", "Auth", "MVCC",
-                "WatchHub",
+                "WatchHub", "TLS",
                 .product(name: "SwiftProtobuf", package: "swift-protobuf"),
             ]),
 
@@ -88,7 +92,7 @@ let package = Package(
         .executableTarget(
             name: "vigil-bench",
             dependencies: [
-                "VigilClient", "EventLoop", "GRPC", "EtcdProto", "VigilCore",
+                "VigilClient", "EventLoop", "GRPC", "EtcdProto", "VigilCore", "TLS",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ], path: "Benchmarks/vigil-bench"),
 
@@ -102,7 +106,9 @@ let package = Package(
         // Fuzzing (scripts/fuzz.sh): the harness, and its libFuzzer entry point / corpus replayer.
         .target(
             name: "FuzzHarness",
-            dependencies: ["VigilServer", "VigilTesting", "GRPC", .product(name: "Logging", package: "swift-log")]),
+            dependencies: [
+                "VigilServer", "VigilTesting", "GRPC", "COpenSSL", .product(name: "Logging", package: "swift-log"),
+            ]),
         .executableTarget(name: "vigil-fuzz", dependencies: ["FuzzHarness"], path: "Fuzz"),
 
         // Examples (each runnable, with a README).

@@ -28,6 +28,13 @@ The lease workloads (same way):
 The history workload:
   compaction                   1,000,000 revisions over 10,000 keys, then Compact(physical) while reads
                                probe the server, then Defragment
+The connection workload:
+  connections                  2,000 new connections (8 at a time), each one Range, then 2,000 idle ones:
+                               connections/s, server CPU per connection, server memory per idle connection
+
+--tls serves both over TLS with the same certificates (scripts/make-test-certs.sh: RSA 2048 server key,
+server certificate only) and the load connects with the CA:
+  scripts/bench-vs-etcd.py --tls --markdown connections watch put range-s
 
 Needs: the Debian package etcd-server (installed if missing), a release build of vigil and vigil-bench.
 """
@@ -79,12 +86,24 @@ def peak_rss_mb(pid):
     return 0.0
 
 
+# Set by --tls: the certificate directory; both servers then serve https:// with its server pair.
+TLS_DIR = None
+
+
+def tls_server_flags():
+    return ["--cert-file", f"{TLS_DIR}/server.pem", "--key-file", f"{TLS_DIR}/server-key.pem"] if TLS_DIR else []
+
+
+def tls_bench_flags():
+    return ["--cacert", f"{TLS_DIR}/ca.pem"] if TLS_DIR else []
+
+
 class Server:
     def __init__(self, kind, vigil_bin):
         self.kind = kind
         self.dir = tempfile.mkdtemp(prefix=f"bench-{kind}-")
         self.port = free_port()
-        url = f"http://127.0.0.1:{self.port}"
+        url = f"{'https' if TLS_DIR else 'http'}://127.0.0.1:{self.port}"
         if kind == "vigil":
             cmd = [vigil_bin, "--data-dir", self.dir + "/data", "--listen-client-urls", url, "--log-level", "warn"]
         else:
@@ -93,6 +112,7 @@ class Server:
                    "--advertise-client-urls", url, "--listen-peer-urls", peer,
                    "--initial-advertise-peer-urls", peer, "--initial-cluster", f"default={peer}",
                    "--log-level", "warn", "--logger", "zap"]
+        cmd += tls_server_flags()
         self.log = open(self.dir + ".log", "w")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
         wait_port(self.port, self.proc)
@@ -110,7 +130,7 @@ class Server:
 
 
 def run_bench(bench_bin, server, workload, extra):
-    cmd = [bench_bin, "--endpoint", f"127.0.0.1:{server.port}"] + WORKLOADS[workload] + extra
+    cmd = [bench_bin, "--endpoint", f"127.0.0.1:{server.port}"] + WORKLOADS[workload] + extra + tls_bench_flags()
     cpu0 = cpu_seconds(server.proc.pid)
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=900).stdout
     cpu = cpu_seconds(server.proc.pid) - cpu0
@@ -133,6 +153,7 @@ WATCH_WORKLOADS = {
     "lease-expiry": ["--workload", "lease-expiry", "--total", "100000", "--conns", "4", "--clients", "64"],
     "compaction": ["--workload", "compaction", "--total", "1000000", "--key-space", "10000", "--conns", "8",
                    "--clients", "256", "--val-size", "64"],
+    "connections": ["--workload", "connections", "--total", "2000", "--clients", "8", "--streams", "2000"],
 }
 
 WATCH_COLUMNS = {
@@ -154,6 +175,8 @@ WATCH_COLUMNS = {
                    ("defrag_seconds", "defrag s", "{:.2f}"), ("db_mb_before", "db MB", "{:.1f}"),
                    ("db_mb_after_defrag", "db MB after defrag", "{:.1f}"),
                    ("loop_turn_max_ms", "longest loop turn ms (Vigil)", "{:.1f}")],
+    "connections": [("connections_per_s", "new conns/s", "{:.0f}"), ("cpu_ms_per_connection", "server CPU ms/conn", "{:.2f}"),
+                    ("bytes_per_idle_connection", "B/idle conn", "{:.0f}"), ("errors", "errors", "{}")],
 }
 
 
@@ -164,16 +187,19 @@ COMMON_COLUMNS = [("server_cpu_total_s", "server CPU s", "{:.1f}"), ("peak_rss_m
 def columns_for(workload):
     if workload.startswith("keepalive"):
         return WATCH_COLUMNS["keepalive"]
-    if workload in ("watchers", "leases", "lease-expiry", "compaction"):
+    if workload in ("watchers", "leases", "lease-expiry", "compaction", "connections"):
         return WATCH_COLUMNS[workload]
     return WATCH_COLUMNS["watch"]
 
 
 def loop_turn_max_ms(server):
     """Vigil's longest loop turn so far, from its /metrics (etcd has no such figure)."""
-    import urllib.request
+    import ssl, urllib.request
     try:
-        text = urllib.request.urlopen(f"http://127.0.0.1:{server.port}/metrics", timeout=10).read().decode()
+        scheme = "https" if TLS_DIR else "http"
+        ctx = ssl.create_default_context(cafile=f"{TLS_DIR}/ca.pem") if TLS_DIR else None
+        text = urllib.request.urlopen(f"{scheme}://127.0.0.1:{server.port}/metrics", timeout=10,
+                                      context=ctx).read().decode()
     except OSError:
         return 0
     for line in text.splitlines():
@@ -192,7 +218,8 @@ def run_watch(bench_bin, vigil_bin, workload, a):
             try:
                 extra = ["--total", str(a.watch_puts)] if workload.startswith("watch") and workload != "watchers" else []
                 cmd = [bench_bin, "--endpoint", f"127.0.0.1:{server.port}", "--conns", "1", "--clients", "1",
-                       "--max-seconds", "600", "--server-pid", str(server.proc.pid)] + WATCH_WORKLOADS[workload] + extra
+                       "--max-seconds", "600", "--server-pid", str(server.proc.pid)] + WATCH_WORKLOADS[workload] + extra \
+                    + tls_bench_flags()
                 res = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=1800).stdout
                 r = json.loads(res.strip().splitlines()[-1])
                 r["loop_turn_max_ms"] = loop_turn_max_ms(server) if k == "vigil" else 0
@@ -221,7 +248,12 @@ def main():
                     "(e.g. an earlier commit's, to compare two builds against the same etcd)")
     ap.add_argument("--watch-rounds", type=int, default=1)
     ap.add_argument("--watch-puts", type=int, default=200)
+    ap.add_argument("--tls", action="store_true", help="serve both over TLS with the same certificates")
     a = ap.parse_args()
+    if a.tls:
+        global TLS_DIR
+        TLS_DIR = os.path.join(ROOT, ".build/test-certs")
+        subprocess.run([os.path.join(ROOT, "scripts/make-test-certs.sh"), TLS_DIR], check=True)
 
     if not shutil.which("etcd"):
         subprocess.run([os.path.join(ROOT, "scripts/install-deps.sh"), "--test"], check=True)

@@ -4,6 +4,7 @@
 #   connection  one client connection's bytes (HTTP/1.1 gateway or HTTP/2 + gRPC, every service)
 #               against an in-process server
 #   framing     gRPC message framing, fed in chunks of varying sizes
+#   tls         the TLS listener: raw bytes (handshakes), or a real session carrying a connection's bytes
 # Usage: scripts/fuzz.sh [seconds per target, default 60] [target...]
 # New inputs that reach new code are merged into Tests/FuzzCorpus/<target>/; inputs that crash
 # are kept in Tests/FuzzCorpus/crashes/ — both are replayed by the ordinary tests (FuzzCorpusTests).
@@ -12,7 +13,7 @@ cd "$(dirname "$0")/.."
 seconds="${1:-60}"
 shift || true
 targets=("$@")
-[ ${#targets[@]} -eq 0 ] && targets=(connection framing)
+[ ${#targets[@]} -eq 0 ] && targets=(connection framing tls)
 
 swift build --scratch-path .build-fuzz --product vigil-fuzz \
     -Xswiftc -sanitize=fuzzer,address -Xswiftc -parse-as-library -Xswiftc -DFUZZING

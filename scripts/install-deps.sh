@@ -3,11 +3,11 @@
 # Needs root (or sudo) only when something has to be installed.
 set -euo pipefail
 
-packages=(libuv1-dev libnghttp2-dev libhttp-parser-dev liblmdb-dev libcrypt-dev pkg-config)
+packages=(libuv1-dev libnghttp2-dev libhttp-parser-dev liblmdb-dev libcrypt-dev libssl-dev pkg-config)
 if [ "${1:-}" = "--test" ]; then
     # etcdctl drives the integration tests, curl the gateway tests; etcd runs beside Vigil in the
-    # benchmarks.
-    packages+=(etcd-client etcd-server curl)
+    # benchmarks; openssl makes the TLS tests' certificates, and PyJWT checks Vigil's JWTs.
+    packages+=(etcd-client etcd-server curl openssl python3-jwt python3-cryptography)
 fi
 
 missing=()

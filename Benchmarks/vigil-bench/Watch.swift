@@ -106,7 +106,7 @@ struct WatchBench: Workload {
         var out: [GRPCClientConnection] = []
         var failure: (any Error)?
         for _ in 0..<n {
-            GRPCClientConnection.connect(loop: loop, host: "127.0.0.1", port: bench.port) { r in
+            GRPCClientConnection.connect(loop: loop, host: "127.0.0.1", port: bench.port, tls: benchTLS) { r in
                 switch r {
                 case .success(let c): out.append(c)
                 case .failure(let e): failure = e

@@ -8,13 +8,19 @@
 //   vigil-bench --workload leases --total 100000 --server-pid 1234
 //   vigil-bench --workload lease-expiry --total 100000
 //   vigil-bench --workload compaction --total 1000000 --key-space 10000 --conns 8 --clients 256
+//   vigil-bench --workload connections --total 2000 --clients 8 --streams 2000 --cacert ca.pem
+// With --cacert (and --cert/--key for a client certificate) every connection is TLS.
 import ArgumentParser
 import EtcdProto
 import EventLoop
 import Foundation
 import GRPC
+import TLS
 import VigilClient
 import VigilCore
+
+/// The client TLS context when `--cacert` is given (one loop: made once in `run`).
+nonisolated(unsafe) var benchTLS: TLSContext?
 
 struct Bench: ParsableCommand {
     static let configuration = CommandConfiguration(
@@ -25,7 +31,7 @@ struct Bench: ParsableCommand {
     @Option(
         help: """
             put | range | txn | watch (= watch-fanout) | watch-latency | watchers | keepalive (= lease-keepalive) \
-            | leases | lease-expiry | compaction
+            | leases | lease-expiry | compaction | connections
             """) var workload = "put"
     @Option(help: "TCP connections.") var conns = 4
     @Option(help: "Requests in flight in total, spread over the connections.") var clients = 64
@@ -44,12 +50,15 @@ struct Bench: ParsableCommand {
     @Option(help: "watch: puts per second (0 = one put in flight, as fast as it goes).") var rate = 0.0
     @Option(help: "watch: extra streams on their own connection that stop reading.") var slowStreams = 0
     @Option(help: "The server's pid, to read its memory and CPU from /proc.") var serverPid: Int32?
+    @Option(help: "TLS: the CA file the server's certificate chains to (connects over TLS).") var cacert: String?
+    @Option(help: "TLS: a client certificate.") var cert: String?
+    @Option(help: "TLS: the client certificate's key.") var key: String?
 
     var port: Int { Int(endpoint.split(separator: ":").last ?? "") ?? 2379 }
 
     static let workloads: Set<String> = [
         "put", "range", "txn", "watch", "watch-fanout", "watch-latency", "watchers",
-        "keepalive", "lease-keepalive", "leases", "lease-expiry", "compaction",
+        "keepalive", "lease-keepalive", "leases", "lease-expiry", "compaction", "connections",
     ]
 
     func validate() throws {
@@ -71,11 +80,18 @@ struct Bench: ParsableCommand {
         let host = String(parts[0])
         let loop = try EventLoop()
         let value = Data(repeating: UInt8(ascii: "v"), count: valSize)
+        if let cacert {
+            var c = TLSContext.ClientConfig()
+            c.caFile = cacert
+            c.certFile = cert
+            c.keyFile = key
+            benchTLS = try TLSContext.client(c)
+        }
 
         var connections: [GRPCClientConnection] = []
         var failedConnect: (any Error)?
         for _ in 0..<conns {
-            GRPCClientConnection.connect(loop: loop, host: host, port: port) { r in
+            GRPCClientConnection.connect(loop: loop, host: host, port: port, tls: benchTLS) { r in
                 switch r {
                 case .success(let c): connections.append(c)
                 case .failure(let e): failedConnect = e
@@ -92,6 +108,14 @@ struct Bench: ParsableCommand {
             if workload == "watch-latency" && rate == 0 { me.rate = 20 }
             let w = WatchBench(bench: me, loop: loop, connections: connections, probe: ServerProbe(pid: serverPid))
             let result = workload == "watchers" ? try w.runManyWatchers() : try w.runFanout()
+            let data = try JSONSerialization.data(withJSONObject: result, options: [.sortedKeys])
+            print(String(decoding: data, as: UTF8.self))
+            return
+        }
+        if workload == "connections" {
+            let result = try ConnectionBench(
+                bench: self, loop: loop, connections: connections, probe: ServerProbe(pid: serverPid)
+            ).run()
             let data = try JSONSerialization.data(withJSONObject: result, options: [.sortedKeys])
             print(String(decoding: data, as: UTF8.self))
             return

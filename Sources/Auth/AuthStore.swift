@@ -10,7 +10,17 @@ public struct AuthConfig: Sendable {
     /// which group commits need too); more wait in a queue of `maxQueuedHashes`.
     public var concurrentHashes = 2
     public var maxQueuedHashes = 1024
+    /// `--auth-token jwt,…`: signed tokens instead of simple ones (nil = simple).
+    public var jwt: (any TokenIssuer)?
     public init() {}
+}
+
+/// Signed, self-contained tokens (etcd's JWT): the user and the auth revision they were issued at.
+public protocol TokenIssuer: Sendable {
+    /// A token for `username` issued at auth revision `revision`; nil if this issuer only checks.
+    func issue(username: String, revision: UInt64) -> String?
+    /// The user and revision of a valid, unexpired token; nil otherwise.
+    func check(_ token: String) -> (username: String, revision: UInt64)?
 }
 
 /// Runs `work` off the loop, then `done` on it (the server's thread pool; at once in tests).
@@ -79,11 +89,18 @@ public final class AuthStore {
     // MARK: Callers and permissions
 
     /// The caller behind `token`, or nil when auth is disabled (everything is allowed then). A
-    /// valid token lives `tokenTTLSeconds` more from now.
-    public func caller(token: String?) throws(EtcdError) -> Caller? {
+    /// valid simple token lives `tokenTTLSeconds` more from now. Without a token, a verified TLS
+    /// client certificate's Common Name is the user (etcd's CN auth, with `--client-cert-auth`).
+    public func caller(token: String?, commonName: String? = nil) throws(EtcdError) -> Caller? {
         guard enabled else { return nil }
-        guard var token, !token.isEmpty else { throw .userEmpty }
+        guard var token, !token.isEmpty else {
+            if let cn = commonName, !cn.isEmpty {
+                return Caller(name: cn, isRoot: users[cn]?.roles.contains(Self.rootName) ?? false)
+            }
+            throw .userEmpty
+        }
         if token.hasPrefix("Bearer ") { token.removeFirst(7) }
+        if let jwt = config.jwt { return try jwtCaller(token, jwt) }
         let t = clock.nowMilliseconds
         guard var entry = tokens[token] else { throw .invalidAuthToken }
         guard entry.expiresAt > t else {
@@ -94,6 +111,27 @@ public final class AuthStore {
         tokens[token] = entry
         guard let u = users[entry.user] else { throw .userNotFound }
         return Caller(name: entry.user, isRoot: u.roles.contains(Self.rootName))
+    }
+
+    /// Tokens already checked, so that a signature is verified once per token, not per request.
+    private var checkedJWTs: [String: (user: String, revision: UInt64, until: UInt64)] = [:]
+
+    private func jwtCaller(_ token: String, _ jwt: any TokenIssuer) throws(EtcdError) -> Caller {
+        let now = clock.nowMilliseconds
+        let user: String
+        let rev: UInt64
+        if let seen = checkedJWTs[token], seen.until > now {
+            (user, rev) = (seen.user, seen.revision)
+        } else {
+            guard let claims = jwt.check(token) else { throw .invalidAuthToken }
+            (user, rev) = claims
+            if checkedJWTs.count >= 4096 { checkedJWTs.removeAll() }
+            // Rechecked at least every 10 s, so expiry is noticed.
+            checkedJWTs[token] = (user, rev, now + 10_000)
+        }
+        guard rev >= revision else { throw .authOldRevision }
+        guard let u = users[user] else { throw .userNotFound }
+        return Caller(name: user, isRoot: u.roles.contains(Self.rootName))
     }
 
     /// etcd's admin check: the caller must hold the root role.
@@ -253,6 +291,12 @@ public final class AuthStore {
                 // The user may have changed while the hash ran.
                 guard result.matched, enabled, let u = users[name], u.passwordHash == stored else {
                     return done(.failure(.authFailed))
+                }
+                if let jwt = config.jwt {
+                    guard let token = jwt.issue(username: name, revision: revision) else {
+                        return done(.failure(.authFailed))
+                    }
+                    return done(.success(token))
                 }
                 done(.success(issueToken(for: name)))
             })

@@ -60,19 +60,19 @@ extension EtcdServices {
             }
             reply.ok(resp)
         }
-        stream(.leaseKeepAlive) { [unowned self] call in KeepAliveCall(services: self, token: call.token) }
+        stream(.leaseKeepAlive) { [unowned self] call in KeepAliveCall(services: self, credentials: call.credentials) }
     }
 
     /// Renews a lease for a keep-alive request (TTL 0: unknown or expired, not an error) once the
     /// sender may write the lease's keys.
     public func keepAlive(
-        _ r: Etcdserverpb_LeaseKeepAliveRequest, token: String?
+        _ r: Etcdserverpb_LeaseKeepAliveRequest, credentials: Credentials
     ) throws(EtcdError) -> Etcdserverpb_LeaseKeepAliveResponse {
         let auth = self.auth
         try authorize(
             Access<Etcdserverpb_LeaseKeepAliveRequest>.keys { c, r throws(EtcdError) in
                 try auth.checkLeaseKeys(c, r.id, .write)
-            }, r, token: token)
+            }, r, credentials: credentials)
         var resp = Etcdserverpb_LeaseKeepAliveResponse()
         resp.id = r.id
         resp.ttl = lessor.renew(r.id)
@@ -85,11 +85,11 @@ extension EtcdServices {
 /// lease is unknown or expired, which is not an error); the client's half-close ends the call.
 final class KeepAliveCall: CallHandler {
     private unowned let services: EtcdServices
-    private let token: String?
+    private let credentials: Credentials
 
-    init(services: EtcdServices, token: String?) {
+    init(services: EtcdServices, credentials: Credentials) {
         self.services = services
-        self.token = token
+        self.credentials = credentials
     }
 
     func call(_ call: ServerCall, received message: [UInt8]) {
@@ -97,7 +97,7 @@ final class KeepAliveCall: CallHandler {
             return call.finish(EtcdError.malformedRequest.status)
         }
         do throws(EtcdError) {
-            let resp = try services.keepAlive(r, token: token)
+            let resp = try services.keepAlive(r, credentials: credentials)
             if let bytes: [UInt8] = try? resp.serializedBytes() { call.send(bytes) }
         } catch { call.finish(error.status) }
     }

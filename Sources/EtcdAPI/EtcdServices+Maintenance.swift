@@ -85,7 +85,7 @@ extension EtcdServices {
             resp.header = ctx.header(ctx.store.committedRevision)
             reply.ok(resp)
         }
-        stream(.snapshot) { [unowned self] call in SnapshotCall(services: self, token: call.token) }
+        stream(.snapshot) { [unowned self] call in SnapshotCall(services: self, credentials: call.credentials) }
     }
 
     /// The Cluster service of a one-member cluster: the member list; membership cannot change.
@@ -129,7 +129,7 @@ extension EtcdServices {
 /// it ends.
 final class SnapshotCall: CallHandler {
     private unowned let services: EtcdServices
-    private let token: String?
+    private let credentials: Credentials
     private var requested = false
     private var path: String?
     private var file: FileHandle?
@@ -138,9 +138,9 @@ final class SnapshotCall: CallHandler {
     private var ended = false
     private static let chunk = 32 * 1024
 
-    init(services: EtcdServices, token: String?) {
+    init(services: EtcdServices, credentials: Credentials) {
         self.services = services
-        self.token = token
+        self.credentials = credentials
     }
 
     func call(_ call: ServerCall, received message: [UInt8]) {
@@ -148,7 +148,7 @@ final class SnapshotCall: CallHandler {
         requested = true
         do throws(EtcdError) {
             try services.authorize(
-                Access<Etcdserverpb_SnapshotRequest>.admin, Etcdserverpb_SnapshotRequest(), token: token)
+                Access<Etcdserverpb_SnapshotRequest>.admin, Etcdserverpb_SnapshotRequest(), credentials: credentials)
         } catch { return call.finish(error.status) }
         services.context.backend.snapshot { [self] result in
             switch result {

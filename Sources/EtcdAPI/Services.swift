@@ -76,12 +76,17 @@ public final class EtcdServices {
         routes[method.path] = make
     }
 
-    /// Checks that the sender of `token` may make this request (nothing to check while auth is
-    /// disabled).
-    func authorize<Req>(_ access: Access<Req>, _ req: Req, token: @autoclosure () -> String?) throws(EtcdError) {
+    /// Checks that the sender may make this request (nothing to check while auth is disabled).
+    func authorize<Req>(
+        _ access: Access<Req>, _ req: Req, credentials: @autoclosure () -> Credentials
+    )
+        throws(EtcdError)
+    {
         if case .open = access { return }
         if case .when(let needed, _) = access, !needed(req) { return }
-        guard auth.enabled, let caller = try auth.caller(token: token()) else { return }
+        guard auth.enabled else { return }
+        let who = credentials()
+        guard let caller = try auth.caller(token: who.token, commonName: who.commonName) else { return }
         switch access {
         case .open, .authenticated: return
         case .admin: try auth.requireAdmin(caller)
@@ -103,7 +108,7 @@ public final class EtcdServices {
             guard let req = any as? Req else { return reply.fail(.internal("grpc: wrong request type")) }
             do throws(EtcdError) {
                 try validate?(req, info.size)
-                try authorize(access, req, token: info.token)
+                try authorize(access, req, credentials: info.credentials)
                 try body(req, info.size, reply)
             } catch { reply.fail(error) }
         }

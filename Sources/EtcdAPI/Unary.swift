@@ -18,16 +18,32 @@ public enum Access<Req> {
     case when((Req) -> Bool, (Caller, Req) throws(EtcdError) -> Void)
 }
 
+/// Who sent a request: its auth token, or the Common Name of its verified TLS client certificate.
+public struct Credentials: Sendable {
+    public var token: String?
+    public var commonName: String?
+    public init(token: String?, commonName: String? = nil) {
+        self.token = token
+        self.commonName = commonName
+    }
+}
+
 /// What a request carries besides its message.
 public struct RequestInfo: Sendable {
     /// The auth token (gRPC `token` metadata, or the gateway's `Authorization` header).
     public var token: String?
+    /// The Common Name of a verified TLS client certificate (gRPC only: etcd ignores it on the
+    /// gateway), the user when no token is given.
+    public var commonName: String?
     /// The request's size as gRPC would carry it (for `--max-request-bytes`).
     public var size: Int
-    public init(token: String?, size: Int) {
+    public init(token: String?, commonName: String? = nil, size: Int) {
         self.token = token
+        self.commonName = commonName
         self.size = size
     }
+
+    public var credentials: Credentials { Credentials(token: token, commonName: commonName) }
 }
 
 /// Where a unary method's one answer goes: a gRPC call, or the gateway's JSON response.
@@ -83,7 +99,7 @@ final class UnaryCall: CallHandler, ReplySink {
             return
         }
         self.call = call
-        method.serve(req, RequestInfo(token: call.token, size: message.count), self)
+        method.serve(req, RequestInfo(token: call.token, commonName: call.peerCommonName, size: message.count), self)
     }
 
     func callHalfClosed(_ call: ServerCall) {
@@ -111,4 +127,6 @@ final class UnaryCall: CallHandler, ReplySink {
 extension ServerCall {
     /// The auth token of a gRPC call (`token` metadata, or `authorization` as the gateway sends it).
     var token: String? { metadata("token") ?? metadata("authorization") }
+    /// Who sent the call: its token, or its TLS client certificate's Common Name.
+    var credentials: Credentials { Credentials(token: token, commonName: peerCommonName) }
 }

@@ -124,10 +124,10 @@ public final class WatchService {
         hub = WatchHub(store: context.store, config: config, encoders: [grpcEncoder])
     }
 
-    /// Opens a watch stream answering through `sink` (a gRPC call, or the JSON gateway); `token`
-    /// is the stream's auth token, checked at each create. The session lives until `close()`.
-    public func open(_ sink: any WatchSink, token: String?) -> WatchSession {
-        WatchSession(service: self, stream: hub.openStream(sink), token: token)
+    /// Opens a watch stream answering through `sink` (a gRPC call, or the JSON gateway); `credentials`
+    /// are the stream's (its token, or TLS client certificate), checked at each create. The session lives until `close()`.
+    public func open(_ sink: any WatchSink, credentials: Credentials) -> WatchSession {
+        WatchSession(service: self, stream: hub.openStream(sink), credentials: credentials)
     }
 }
 
@@ -136,7 +136,7 @@ final class WatchCall: CallHandler {
     private let session: WatchSession
 
     init(service: WatchService, call: ServerCall) {
-        session = service.open(CallSink(call, encoder: service.grpcEncoder), token: call.token)
+        session = service.open(CallSink(call, encoder: service.grpcEncoder), credentials: call.credentials)
     }
 
     func call(_ call: ServerCall, received message: [UInt8]) {
@@ -163,12 +163,12 @@ public final class WatchSession {
     unowned let service: WatchService
     let stream: WatchStream
     private var closed = false
-    let token: String?
+    let credentials: Credentials
 
-    init(service: WatchService, stream: WatchStream, token: String?) {
+    init(service: WatchService, stream: WatchStream, credentials: Credentials) {
         self.service = service
         self.stream = stream
-        self.token = token
+        self.credentials = credentials
     }
 
     /// Handles one request of the stream.
@@ -190,7 +190,9 @@ public final class WatchSession {
             if c.startRevision >= 0 {
                 do throws(EtcdError) {
                     let auth = service.auth
-                    try auth.check(try auth.caller(token: token), .read, key: w.key, rangeEnd: w.rangeEnd)
+                    try auth.check(
+                        try auth.caller(token: credentials.token, commonName: credentials.commonName), .read,
+                        key: w.key, rangeEnd: w.rangeEnd)
                 } catch {
                     return hub.reject(stream, error)
                 }

@@ -74,33 +74,50 @@ public final class TCPListener {
     public func close() { box.close() }
 }
 
+/// A connection's bytes, plain (`TCPConnection`) or through a layer such as TLS: what protocol
+/// code reads from and writes to. Loop-confined.
+public protocol ByteStream: AnyObject {
+    var isClosed: Bool { get }
+    /// Bytes written that the kernel has not taken yet.
+    var queuedWriteBytes: Int { get }
+    /// Sets the delegate, which the stream keeps alive until closed, and starts reading.
+    func start(delegate: any ByteStreamDelegate)
+    /// Writes `bytes` (which need not outlive the call), in order with earlier writes.
+    func write(copying bytes: UnsafeRawBufferPointer)
+    /// Writes `bytes`, in order with earlier writes.
+    func write(_ bytes: [UInt8])
+    func pauseReading()
+    func resumeReading()
+    /// Closes the stream; the delegate hears `connectionClosed` once.
+    func close()
+}
+
 /// Receives bytes from a connection, on the loop.
-public protocol TCPConnectionDelegate: AnyObject {
-    func connection(_ c: TCPConnection, received bytes: UnsafeRawBufferPointer)
-    func connectionClosed(_ c: TCPConnection)
+public protocol ByteStreamDelegate: AnyObject {
+    /// `bytes` are valid only during the call (the loop's read buffer): copy what is kept.
+    func connection(_ c: any ByteStream, received bytes: UnsafeRawBufferPointer)
+    func connectionClosed(_ c: any ByteStream)
     /// Called when the kernel accepted all queued writes (the write queue drained to zero).
-    func connectionWritable(_ c: TCPConnection)
+    func connectionWritable(_ c: any ByteStream)
 }
 
 /// One accepted TCP connection. Reading starts when a delegate is set.
-public final class TCPConnection {
+public final class TCPConnection: ByteStream {
     let box = HandleBox<uv_tcp_t>()
-    public weak var delegate: (any TCPConnectionDelegate)?
+    public weak var delegate: (any ByteStreamDelegate)?
     /// Keeps the delegate alive for as long as the connection is open.
     private var owner: AnyObject?
-    private var readBuffer: UnsafeMutableRawPointer
-    private static let readBufferSize = 64 * 1024
+    /// The loop's shared read buffer (bytes are valid only during the `received` callback).
+    private let readBuffer: UnsafeMutableRawPointer
     public private(set) var isClosed = false
     /// Bytes handed to libuv that the kernel has not taken yet.
     public private(set) var queuedWriteBytes = 0
 
     init(loop: EventLoop) {
-        readBuffer = .allocate(byteCount: Self.readBufferSize, alignment: 16)
+        readBuffer = loop.readBuffer
         uv_tcp_init(loop.raw, box.pointer)
         box.bind(self)
     }
-
-    deinit { readBuffer.deallocate() }
 
     private final class ConnectRequest {
         let connection: TCPConnection
@@ -151,7 +168,7 @@ public final class TCPConnection {
     }
 
     /// Sets the delegate, which this connection keeps alive until closed, and starts reading.
-    public func start(delegate: some TCPConnectionDelegate) {
+    public func start(delegate: any ByteStreamDelegate) {
         self.delegate = delegate
         self.owner = delegate
         resumeReading()
@@ -171,7 +188,7 @@ public final class TCPConnection {
             { handle, _, buf in
                 let me = Unmanaged<TCPConnection>.fromOpaque(handle!.pointee.data).takeUnretainedValue()
                 buf!.pointee.base = me.readBuffer.assumingMemoryBound(to: CChar.self)
-                buf!.pointee.len = TCPConnection.readBufferSize
+                buf!.pointee.len = EventLoop.readBufferSize
             },
             { stream, nread, _ in
                 let me = Unmanaged<TCPConnection>.fromOpaque(stream!.pointee.data).takeUnretainedValue()

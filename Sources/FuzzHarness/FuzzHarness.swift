@@ -1,3 +1,4 @@
+import COpenSSL
 import Foundation
 import GRPC
 import Logging
@@ -7,7 +8,7 @@ import VigilTesting
 /// What the fuzz targets run on one input (`Fuzz/main.swift` calls these from libFuzzer; the
 /// corpus tests call them too). Each must survive any bytes: a trap here is a bug found.
 public enum FuzzHarness {
-    public static let targets = ["connection", "framing"]
+    public static let targets = ["connection", "framing", "tls"]
 
     /// Runs target `name` on `input`; false for an unknown target.
     @discardableResult
@@ -15,6 +16,7 @@ public enum FuzzHarness {
         switch name {
         case "connection": connection(input)
         case "framing": framing(input)
+        case "tls": tls(input)
         default: return false
         }
         return true
@@ -40,22 +42,27 @@ public enum FuzzHarness {
 
     /// One server for the whole run: state (keys, leases, users) builds up across inputs, as it
     /// would with many clients.
-    nonisolated(unsafe) private static var server: (VigilServer, Int)?
+    nonisolated(unsafe) private static var server: (VigilServer, Int, tls: Int)?
 
-    private static func port() -> Int {
-        if let (_, p) = server { return p }
+    private static func port() -> Int { ports().plain }
+
+    /// The in-process server's plaintext and TLS (self-signed, `--auto-tls`) ports.
+    private static func ports() -> (plain: Int, tls: Int) {
+        if let (_, p, t) = server { return (p, t) }
         var c = Configuration()
         c.dataDir = NSTemporaryDirectory() + "vigil-fuzz-\(getpid())"
-        c.listenClientURLs = ["http://127.0.0.1:0"]
+        c.listenClientURLs = ["http://127.0.0.1:0", "https://127.0.0.1:0"]
+        c.clientTLS.autoTLS = true
+        c.tlsHandshakeTimeoutMs = 1000
         c.unsafeNoFsync = true
         c.httpReadTimeoutMs = 200
         var logger = Logger(label: "vigil-fuzz")
         logger.logLevel = .critical
         let s = VigilServer(configuration: c, logger: logger)
-        guard let p = try? s.start().first else { fatalError("fuzz server did not start") }
+        guard let started = try? s.start(), started.count == 2 else { fatalError("fuzz server did not start") }
         atexit { try? FileManager.default.removeItem(atPath: NSTemporaryDirectory() + "vigil-fuzz-\(getpid())") }
-        server = (s, p)
-        return p
+        server = (s, started[0], started[1])
+        return (started[0], started[1])
     }
 
     /// `input` as everything a client sends on one connection (HTTP/1.1 or HTTP/2 with gRPC), then
@@ -96,6 +103,64 @@ public enum FuzzHarness {
             }
             if p.revents & Int16(POLLHUP | POLLERR) != 0 { break }
         }
+        return out
+    }
+
+    // MARK: tls
+
+    /// The TLS listener: with the first byte even, the rest is sent raw (handshake records, or
+    /// anything); odd, a real TLS session is made first and the rest goes through it as a
+    /// client's plaintext (the connection target's inputs, over TLS).
+    @discardableResult
+    public static func tls(_ input: [UInt8]) -> [UInt8] {
+        guard let mode = input.first else { return [] }
+        let rest = Array(input.dropFirst())
+        if mode & 1 == 0 { return exchange(port: ports().tls, rest, quietMs: 100) }
+        return tlsExchange(port: ports().tls, rest, quietMs: 100)
+    }
+
+    nonisolated(unsafe) private static let clientContext: OpaquePointer = {
+        let c = SSL_CTX_new(TLS_client_method())!
+        SSL_CTX_set_verify(c, SSL_VERIFY_NONE, nil)
+        let alpn: [UInt8] = [2] + Array("h2".utf8) + [8] + Array("http/1.1".utf8)
+        _ = SSL_CTX_set_alpn_protos(c, alpn, UInt32(alpn.count))
+        return c
+    }()
+
+    /// A blocking OpenSSL client: handshake, send `input`, read until the server closes or goes
+    /// quiet for `quietMs`.
+    public static func tlsExchange(port: Int, _ input: [UInt8], quietMs: Int32) -> [UInt8] {
+        let fd = loopbackSocket(port: port)
+        guard fd >= 0 else { return [] }
+        defer { close(fd) }
+        var tv = timeval(tv_sec: 2, tv_usec: 0)
+        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+        setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+        guard let ssl = SSL_new(clientContext) else { return [] }
+        defer { SSL_free(ssl) }
+        SSL_set_fd(ssl, fd)
+        guard SSL_connect(ssl) == 1 else {
+            ERR_clear_error()
+            return []
+        }
+        var sent = 0
+        while sent < input.count {
+            let n = input.withUnsafeBytes { SSL_write(ssl, $0.baseAddress! + sent, Int32(min(16384, $0.count - sent))) }
+            if n <= 0 { break }
+            sent += Int(n)
+        }
+        var out: [UInt8] = []
+        var buf = [UInt8](repeating: 0, count: 16384)
+        while true {
+            if SSL_pending(ssl) == 0 {
+                var p = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+                guard poll(&p, 1, quietMs) > 0 else { break }
+            }
+            let n = SSL_read(ssl, &buf, Int32(buf.count))
+            if n <= 0 { break }
+            out += buf[0..<Int(n)]
+        }
+        ERR_clear_error()
         return out
     }
 

@@ -120,6 +120,8 @@ public final class ServerCall {
     public let metadata: [HeaderField]
     /// Milliseconds from `grpc-timeout`, if the client set one.
     public let timeoutMs: UInt64?
+    /// The Common Name of the connection's verified TLS client certificate, if any.
+    public var peerCommonName: String? { connection?.peerCommonName }
     let stream: Int32
     weak var connection: GRPCConnection?
     /// The response body's queue, once the headers went out.
@@ -215,6 +217,8 @@ public final class ServerCall {
 /// Routes the streams of one HTTP/2 connection: gRPC calls (content type `application/grpc`) to
 /// handlers by `:path`; every other stream, whole, to `others` (the JSON gateway over h2c).
 public final class GRPCConnection: HTTP2SessionDelegate {
+    /// The Common Name of the peer's verified TLS client certificate (set by the transport).
+    public var peerCommonName: String?
     public let session: HTTP2Session
     private var calls: [Int32: ServerCall] = [:]
     /// Streams that are not gRPC calls, forwarded to `others`.

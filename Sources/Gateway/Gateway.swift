@@ -162,7 +162,7 @@ public final class Gateway {
         let sink = JSONWatchSink(out, encoder: watchEncoder)
         // The stream first: a client already gone gets no session, which nothing would close.
         guard out.startStream(status: 200, contentType: "application/json", observer: sink) else { return }
-        let session = services.watch.open(sink, token: token)
+        let session = services.watch.open(sink, credentials: Credentials(token: token))
         sink.session = session
         for r in requests { session.receive(r) }
     }
@@ -177,7 +177,7 @@ public final class Gateway {
         var answers: [[UInt8]] = []
         for r in requests {
             do throws(EtcdError) {
-                answers.append(Self.resultLine(try services.keepAlive(r, token: token)))
+                answers.append(Self.resultLine(try services.keepAlive(r, credentials: Credentials(token: token))))
             } catch {
                 if let reason = error.code.refusal { refused(reason) }
                 return out.respond(Self.errorResponse(error))

@@ -2,15 +2,17 @@ import EventLoop
 import GRPC
 import HTTP2
 import SwiftProtobuf
+import TLS
 
-/// A gRPC client connection over HTTP/2 (h2c) on the caller's event loop. It is our own client
+/// A gRPC client connection over HTTP/2 (h2c, or h2 over TLS) on the caller's event loop. It is our own client
 /// for tests and benchmarks, so it runs on the same kind of loop as the server (no second event
 /// loop library). All methods must be called on the loop.
-public final class GRPCClientConnection: HTTP2SessionDelegate, TCPConnectionDelegate {
+public final class GRPCClientConnection: HTTP2SessionDelegate, ByteStreamDelegate {
     public let loop: EventLoop
-    private let tcp: TCPConnection
+    private let tcp: any ByteStream
     private let session = HTTP2Session(role: .client)
     private let authority: String
+    private let scheme: String
     private var calls: [Int32: ClientCall] = [:]
     private var flushScheduled = false
     public private(set) var isClosed = false
@@ -19,27 +21,42 @@ public final class GRPCClientConnection: HTTP2SessionDelegate, TCPConnectionDele
     /// Called once when the connection closes.
     public var onClose: (() -> Void)?
 
-    private init(loop: EventLoop, tcp: TCPConnection, authority: String) {
+    private init(loop: EventLoop, stream: any ByteStream, authority: String, scheme: String) {
         self.loop = loop
-        self.tcp = tcp
+        self.tcp = stream
         self.authority = authority
+        self.scheme = scheme
         session.delegate = self
     }
 
-    /// Connects to `host:port` and completes on the loop.
+    /// Connects to `host:port` and completes on the loop. With `tls` (a client context made for
+    /// this loop), the connection is TLS: the server's certificate is checked against
+    /// `serverName` (default: `host`), and a failed handshake closes the connection (open calls
+    /// end with UNAVAILABLE).
     public static func connect(
-        loop: EventLoop, host: String, port: Int,
+        loop: EventLoop, host: String, port: Int, tls: TLSContext? = nil, serverName: String? = nil,
         _ completion: @escaping (Result<GRPCClientConnection, any Error>) -> Void
     ) {
-        TCPConnection.connect(loop: loop, host: host, port: port) { result in
-            switch result {
-            case .failure(let e): completion(.failure(e))
-            case .success(let tcp):
-                let c = GRPCClientConnection(loop: loop, tcp: tcp, authority: "\(host):\(port)")
-                tcp.start(delegate: c)
-                // nghttp2 writes the client magic and our SETTINGS on the first send.
-                c.flush()
-                completion(.success(c))
+        let ready = { (stream: any ByteStream, scheme: String) in
+            let c = GRPCClientConnection(loop: loop, stream: stream, authority: "\(host):\(port)", scheme: scheme)
+            stream.start(delegate: c)
+            // nghttp2 writes the client magic and our SETTINGS on the first send.
+            c.flush()
+            completion(.success(c))
+        }
+        if let tls {
+            TLSStream.connect(loop: loop, host: host, port: port, context: tls, serverName: serverName) { result in
+                switch result {
+                case .failure(let e): completion(.failure(e))
+                case .success(let stream): ready(stream, "https")
+                }
+            }
+        } else {
+            TCPConnection.connect(loop: loop, host: host, port: port) { result in
+                switch result {
+                case .failure(let e): completion(.failure(e))
+                case .success(let tcp): ready(tcp, "http")
+                }
             }
         }
     }
@@ -56,7 +73,7 @@ public final class GRPCClientConnection: HTTP2SessionDelegate, TCPConnectionDele
         }
         let headers: [HeaderField] =
             [
-                (":method", "POST"), (":scheme", "http"), (":path", path),
+                (":method", "POST"), (":scheme", scheme), (":path", path),
                 (":authority", authority), ("content-type", "application/grpc"),
                 ("te", "trailers"),
             ] + metadata
@@ -146,9 +163,9 @@ public final class GRPCClientConnection: HTTP2SessionDelegate, TCPConnectionDele
         if !out.isEmpty { tcp.write(out) }
     }
 
-    // MARK: TCPConnectionDelegate
+    // MARK: ByteStreamDelegate
 
-    public func connection(_ c: TCPConnection, received bytes: UnsafeRawBufferPointer) {
+    public func connection(_ c: any ByteStream, received bytes: UnsafeRawBufferPointer) {
         if !session.receive(bytes) {
             flush()
             tcp.close()
@@ -157,9 +174,9 @@ public final class GRPCClientConnection: HTTP2SessionDelegate, TCPConnectionDele
         flush()
     }
 
-    public func connectionWritable(_ c: TCPConnection) {}
+    public func connectionWritable(_ c: any ByteStream) {}
 
-    public func connectionClosed(_ c: TCPConnection) {
+    public func connectionClosed(_ c: any ByteStream) {
         isClosed = true
         let open = calls
         calls.removeAll()

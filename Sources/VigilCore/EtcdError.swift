@@ -27,6 +27,18 @@ public struct EtcdError: Error, Hashable, Sendable, CustomStringConvertible {
         case noSpace = "no_space"
         case tooManyRequests = "too_many_requests"
         case httpReadTimeout = "http_read_timeout"
+        /// TLS: a handshake that failed (garbage, no shared cipher or version, a bad message).
+        case tlsHandshake = "tls_handshake"
+        /// TLS: a client certificate that did not verify (expired, self-signed, wrong CA, revoked).
+        case tlsBadCertificate = "tls_bad_certificate"
+        /// TLS: plaintext HTTP or h2c sent to a TLS listener.
+        case tlsPlaintext = "tls_plaintext"
+        /// TLS: a ClientHello sent to a plaintext listener.
+        case tlsOnPlainPort = "tls_on_plain_port"
+        /// TLS: a handshake that did not finish in time.
+        case tlsHandshakeTimeout = "tls_handshake_timeout"
+        /// TLS: a client that tried to renegotiate.
+        case tlsRenegotiation = "tls_renegotiation"
     }
 
     public let code: Code
@@ -113,6 +125,8 @@ extension EtcdError {
     public static let permissionDenied = EtcdError(.permissionDenied, "etcdserver: permission denied")
     public static let authNotEnabled = EtcdError(.failedPrecondition, "etcdserver: authentication is not enabled")
     public static let invalidAuthToken = EtcdError(.unauthenticated, "etcdserver: invalid auth token")
+    /// A JWT signed before the last change of users, roles or permissions (clients authenticate again).
+    public static let authOldRevision = EtcdError(.invalidArgument, "etcdserver: revision of auth store is old")
     public static let permissionNotGiven = EtcdError(.invalidArgument, "etcdserver: permission not given")
     public static let roleNotGranted = EtcdError(.failedPrecondition, "etcdserver: role is not granted to the user")
     public static let permissionNotGranted = EtcdError(

@@ -2,11 +2,14 @@ import EventLoop
 import GRPC
 import HTTP1
 import HTTP2
+import HTTPCore
+import TLS
 
-/// One client connection. The first bytes decide its protocol: the HTTP/2 client preface goes to
-/// an nghttp2 session serving gRPC (and plain h2c requests); anything else is HTTP/1.1. Both hand
-/// plain requests to the server's `PlainEndpoints`.
-final class ClientConnection: TCPConnectionDelegate {
+/// One client connection, plain or TLS (then the bytes here are the plaintext). The first bytes
+/// decide its protocol: the HTTP/2 client preface goes to an nghttp2 session serving gRPC (and
+/// plain h2c requests); anything else is HTTP/1.1. Both hand plain requests to the server's
+/// `PlainEndpoints`. ALPN needs nothing more: a client that agreed on h2 sends the preface.
+final class ClientConnection: ByteStreamDelegate {
     private enum Mode {
         case sniffing([UInt8])
         case http2(HTTP2Session, GRPCConnection, HTTP2PlainRequests)
@@ -19,24 +22,46 @@ final class ClientConnection: TCPConnectionDelegate {
     /// The shared output buffer keeps up to this much capacity between flushes.
     private static let outputKeep = 8 << 20
 
-    private let tcp: TCPConnection
+    private let tcp: any ByteStream
+    /// The TLS layer under `tcp`, on an `https://` listener.
+    private let tls: TLSStream?
     private unowned let server: VigilServerCore
     private var mode: Mode = .sniffing([])
     private var flushScheduled = false
 
-    init(tcp: TCPConnection, server: VigilServerCore) {
-        self.tcp = tcp
+    init(stream: any ByteStream, tls: TLSStream?, server: VigilServerCore) {
+        self.tcp = stream
+        self.tls = tls
         self.server = server
     }
+
+    /// Plain HTTP requests go to the server's endpoints, through etcd's Common Name guard when
+    /// the client presented a certificate with one.
+    private var plainHandler: any HTTPHandler {
+        guard let cn = tls?.peerCommonName, !cn.isEmpty else { return server.plain }
+        if let g = commonNameGuard { return g }
+        let g = CommonNameGuard(core: server)
+        commonNameGuard = g
+        return g
+    }
+    /// Held here: the HTTP layers keep their handler weakly.
+    private var commonNameGuard: CommonNameGuard?
 
     func start() { tcp.start(delegate: self) }
 
     func close() { tcp.close() }
 
-    func connection(_ c: TCPConnection, received bytes: UnsafeRawBufferPointer) {
+    func connection(_ c: any ByteStream, received bytes: UnsafeRawBufferPointer) {
         server.loop.assertInLoop()
         switch mode {
         case .sniffing(var seen):
+            if seen.isEmpty && tls == nil && bytes.first == 0x16 {
+                // A TLS ClientHello on a plaintext listener.
+                server.refused(
+                    .tlsOnPlainPort, "a TLS handshake on a plaintext listener (use http://, or serve https://)")
+                tcp.close()
+                return
+            }
             seen.append(contentsOf: bytes)
             let n = min(seen.count, Self.preface.count)
             if seen[0..<n].elementsEqual(Self.preface[0..<n]) {
@@ -46,7 +71,7 @@ final class ClientConnection: TCPConnectionDelegate {
                 }
                 startHTTP2(with: seen)
             } else {
-                let h1 = HTTP1Connection(handler: server.plain, transport: self, maxBodyBytes: server.plainBodyLimit)
+                let h1 = HTTP1Connection(handler: plainHandler, transport: self, maxBodyBytes: server.plainBodyLimit)
                 mode = .http1(h1)
                 seen.withUnsafeBytes { h1.receive($0) }
                 armReadTimer(h1)
@@ -82,10 +107,12 @@ final class ClientConnection: TCPConnectionDelegate {
         session.onStreamRefused = { [unowned server] in server.metrics.count(.tooManyStreams) }
         let flush = { [unowned self] in scheduleFlush() }
         let plain = HTTP2PlainRequests(
-            session: session, handler: server.plain, maxBodyBytes: server.plainBodyLimit, needsFlush: flush)
+            session: session, handler: plainHandler, maxBodyBytes: server.plainBodyLimit, needsFlush: flush)
         let grpc = GRPCConnection(
             session: session, maxMessageBytes: server.limits.maxReceiveMessageBytes,
             route: { [unowned server] path in server.route(path) }, others: plain, needsFlush: flush)
+        // etcd's CN auth: only with --client-cert-auth, for gRPC calls without a token.
+        if server.config.clientTLS.clientCertAuth { grpc.peerCommonName = tls?.peerCommonName }
         mode = .http2(session, grpc, plain)
         _ = bytes.withUnsafeBytes { session.receive($0) }
         flush()
@@ -114,11 +141,11 @@ final class ClientConnection: TCPConnectionDelegate {
         if !session.isAlive || session.failed { tcp.close() }
     }
 
-    func connectionWritable(_ c: TCPConnection) {
+    func connectionWritable(_ c: any ByteStream) {
         if case .http1(let h1) = mode { h1.writable() } else { flush() }
     }
 
-    func connectionClosed(_ c: TCPConnection) {
+    func connectionClosed(_ c: any ByteStream) {
         switch mode {
         case .http2(_, let grpc, let plain):
             grpc.connectionClosed()
@@ -149,4 +176,29 @@ extension ClientConnection: HTTP1Transport {
             work()
         }
     }
+}
+
+/// etcd refuses a gateway request whose verified client certificate carries a Common Name while
+/// client-certificate auth and auth are both on: the gateway cannot act as that user, and
+/// silently serving it as someone else would be worse.
+final class CommonNameGuard: HTTPHandler {
+    private unowned let core: VigilServerCore
+    private static let refusal = HTTPResponse(
+        status: 400, contentType: "text/plain; charset=utf-8",
+        body: Array(
+            "CommonName of client sending a request against gateway will be ignored and not used as expected\n".utf8))
+
+    init(core: VigilServerCore) { self.core = core }
+
+    func handle(_ request: HTTPRequest, _ out: any HTTPResponder) {
+        let path = request.path
+        if core.config.clientTLS.clientCertAuth && core.services.auth.enabled
+            && (path.hasPrefix("/v3/") || path.hasPrefix("/v3beta/"))
+        {
+            return out.respond(Self.refusal)
+        }
+        core.plain.handle(request, out)
+    }
+
+    func response(for refusal: HTTPRefusal) -> HTTPResponse { core.plain.response(for: refusal) }
 }

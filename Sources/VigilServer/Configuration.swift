@@ -1,6 +1,22 @@
 import Auth
 import EtcdAPI
+import TLS
 import WatchHub
+
+/// etcd's TLS flags for one side (clients: `--cert-file`, …; peers: `--peer-cert-file`, …).
+public struct TLSFiles: Sendable {
+    public var certFile: String?
+    public var keyFile: String?
+    public var trustedCAFile: String?
+    public var clientCertAuth = false
+    public var crlFile: String?
+    /// `--auto-tls` / `--peer-auto-tls`: a self-signed certificate when no files are given.
+    public var autoTLS = false
+    public init() {}
+
+    /// Whether any TLS setting is given.
+    public var isEmpty: Bool { certFile == nil && keyFile == nil && trustedCAFile == nil && !autoTLS }
+}
 
 /// Everything a Vigil server is started with. Names follow etcd's flags.
 public struct Configuration: Sendable {
@@ -53,28 +69,56 @@ public struct Configuration: Sendable {
     public var auth = AuthConfig()
     /// The watch hub's ring and slow-stream bounds.
     public var watch = WatchHubConfig()
+    /// `--cert-file`, `--key-file`, `--trusted-ca-file`, `--client-cert-auth`, `--client-crl-file`,
+    /// `--auto-tls`: TLS of the `https://` client listeners.
+    public var clientTLS = TLSFiles()
+    /// `--cipher-suites` (Go's names).
+    public var cipherSuites: [String] = []
+    /// The `--peer-*` TLS flags: checked at start (a single member has no peer traffic).
+    public var peerTLS = TLSFiles()
+    /// A TLS handshake must finish within this time.
+    public var tlsHandshakeTimeoutMs: UInt64 = 10_000
 
     public init() {}
 
     /// The quota in force: 0 means etcd's default of 2 GiB.
     public var effectiveQuota: Int64 { quotaBackendBytes > 0 ? quotaBackendBytes : 2 << 30 }
 
-    /// The (host, port) pairs to listen on, from `http://host:port` URLs.
-    public func listenAddresses() throws -> [(host: String, port: Int)] {
-        try listenClientURLs.map { try Self.parseURL($0) }
+    /// One client listener: `http://host:port` or `https://host:port`.
+    public struct ListenAddress: Sendable {
+        public var host: String
+        public var port: Int
+        public var secure: Bool
+    }
+
+    /// The addresses to listen on, from `--listen-client-urls`; an `https://` URL needs a
+    /// certificate (`--cert-file`/`--key-file` or `--auto-tls`).
+    public func listenAddresses() throws -> [ListenAddress] {
+        try listenClientURLs.map { url in
+            let a = try Self.parseURL(url)
+            if a.secure && clientTLS.certFile == nil && !clientTLS.autoTLS {
+                throw ConfigurationError(
+                    "TLS key/cert (--cert-file, --key-file) must be provided for client url \(url) with HTTPS scheme")
+            }
+            return a
+        }
     }
 
     struct BadURL: Error, CustomStringConvertible {
         let url: String
-        var description: String { "invalid URL \"\(url)\": expected http://host:port" }
+        var description: String { "invalid URL \"\(url)\": expected http://host:port or https://host:port" }
     }
 
-    static func parseURL(_ url: String) throws -> (host: String, port: Int) {
+    static func parseURL(_ url: String) throws -> ListenAddress {
         var rest = Substring(url)
+        var secure = false
         if rest.hasPrefix("http://") {
             rest = rest.dropFirst(7)
         } else if rest.hasPrefix("https://") {
-            throw BadURL(url: url + " (TLS is not supported)")
+            rest = rest.dropFirst(8)
+            secure = true
+        } else if rest.contains("://") {
+            throw BadURL(url: url)
         }
         if let slash = rest.firstIndex(of: "/") { rest = rest[..<slash] }
         guard let colon = rest.lastIndex(of: ":"), let port = Int(rest[rest.index(after: colon)...]),
@@ -84,7 +128,7 @@ public struct Configuration: Sendable {
         if host.hasPrefix("[") && host.hasSuffix("]") { host = String(host.dropFirst().dropLast()) }
         if host == "localhost" { host = "127.0.0.1" }
         if host.isEmpty { host = "0.0.0.0" }
-        return (host, port)
+        return ListenAddress(host: host, port: port, secure: secure)
     }
 }
 
@@ -92,4 +136,32 @@ public struct Configuration: Sendable {
 public struct ConfigurationError: Error, CustomStringConvertible {
     public let description: String
     public init(_ description: String) { self.description = description }
+}
+
+extension Configuration {
+    /// `--auth-token`: `simple` (the default, options ignored as etcd does) or
+    /// `jwt,pub-key=…,priv-key=…,sign-method=…,ttl=…` (the keys are read now).
+    public mutating func setAuthToken(_ spec: String) throws {
+        let kind = spec.split(separator: ",", maxSplits: 1).first.map(String.init) ?? ""
+        switch kind {
+        case "simple":
+            auth.jwt = nil
+        case "jwt":
+            let options = spec.dropFirst(3).drop { $0 == "," }
+            do {
+                auth.jwt = JWTIssuer(signer: try JWTSigner.parse(options: String(options)))
+            } catch {
+                throw ConfigurationError("--auth-token: \(error.description)")
+            }
+        default:
+            throw ConfigurationError("--auth-token \(spec): unknown token type \"\(kind)\" (simple or jwt)")
+        }
+    }
+}
+
+/// etcd's JWT tokens as the auth store's issuer.
+struct JWTIssuer: TokenIssuer {
+    let signer: JWTSigner
+    func issue(username: String, revision: UInt64) -> String? { signer.sign(username: username, revision: revision) }
+    func check(_ token: String) -> (username: String, revision: UInt64)? { signer.verify(token) }
 }

@@ -2,6 +2,10 @@ import EtcdAPI
 import GRPC
 import VigilCore
 
+#if os(Linux)
+import CMalloc
+#endif
+
 /// A Prometheus histogram with fixed buckets (seconds).
 struct Histogram {
     static let bounds: [Double] = [
@@ -170,6 +174,13 @@ extension VigilServerCore {
         metric(
             "etcd_debugging_lease_renewed_total", "counter", "The number of renewed leases seen by the leader.",
             lessor.stats.renewed)
+        metric("vigil_client_connections", "gauge", "Client connections open.", connectionCount)
+        #if os(Linux)
+        let heap = mallinfo2()
+        metric(
+            "vigil_heap_in_use_bytes", "gauge", "Bytes allocated from the C heap and in use (glibc's mallinfo2).",
+            heap.uordblks + heap.hblkhd)
+        #endif
         out += metrics.text()
         return out
     }

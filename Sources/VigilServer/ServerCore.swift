@@ -8,7 +8,12 @@ import LMDBBackend
 import Logging
 import MVCC
 import Passwords
+import TLS
 import VigilCore
+
+#if os(Linux)
+import CMalloc
+#endif
 
 /// A running server's parts, all confined to its loop: backend, store, group commit, services,
 /// background work, listeners and connections. Built and used on the loop only.
@@ -38,6 +43,10 @@ final class VigilServerCore {
     /// The HTTP/2 connections' shared output buffer (see `ClientConnection.flush`).
     var output: [UInt8] = []
     private(set) var listeners: [TCPListener] = []
+    /// The `https://` listeners' TLS context (nil without one).
+    let tls: TLSContext?
+    /// Refusal reasons already logged (each is logged once, then only counted).
+    private var loggedRefusals: Set<EtcdError.Refusal> = []
     private var connections: [ObjectIdentifier: ClientConnection] = [:]
     private var background: BackgroundWork?
     /// `--auto-compaction-*`, checked at start.
@@ -48,6 +57,7 @@ final class VigilServerCore {
         self.config = config
         self.logger = logger
         autoCompaction = try AutoCompactor.mode(config)
+        tls = try Self.makeTLS(config, logger: logger)
         var h2 = HTTP2Settings()
         h2.maxConcurrentStreams = config.maxConcurrentStreams
         http2Settings = h2
@@ -92,17 +102,121 @@ final class VigilServerCore {
     /// Binds the listeners and starts the background work; returns the ports bound.
     func start() throws -> [Int] {
         var ports: [Int] = []
-        for (host, port) in try config.listenAddresses() {
-            let l = try TCPListener(loop: loop, host: host, port: port) { [unowned self] tcp in
-                let c = ClientConnection(tcp: tcp, server: self)
-                connections[ObjectIdentifier(c)] = c
-                c.start()
+        for a in try config.listenAddresses() {
+            let l = try TCPListener(loop: loop, host: a.host, port: a.port) { [unowned self] tcp in
+                accept(tcp, secure: a.secure)
             }
             listeners.append(l)
             ports.append(l.port)
         }
         background = BackgroundWork(core: self, autoCompaction: autoCompaction)
         return ports
+    }
+
+    private func accept(_ tcp: TCPConnection, secure: Bool) {
+        var stream: any ByteStream = tcp
+        var tlsStream: TLSStream?
+        if secure, let tls {
+            do {
+                let t = try TLSStream(
+                    tcp: tcp, context: tls, loop: loop, handshakeTimeoutMs: config.tlsHandshakeTimeoutMs)
+                t.onFailure = { [unowned self] f in tlsFailed(f) }
+                t.onHandshake = { [unowned self] in handshakeCompleted() }
+                stream = t
+                tlsStream = t
+            } catch {
+                logger.error("cannot start TLS", metadata: ["error": "\(error)"])
+                tcp.close()
+                return
+            }
+        }
+        let c = ClientConnection(stream: stream, tls: tlsStream, server: self)
+        connections[ObjectIdentifier(c)] = c
+        c.start()
+    }
+
+    /// TLS handshakes since the heap was last trimmed, and the pending trim.
+    private var handshakesSinceTrim = 0
+    private var trimTimer: LoopTimer?
+
+    /// A handshake allocates and frees some 50 KB while the connection's lasting state (about
+    /// 14 KB in OpenSSL) is allocated among it, so a burst of handshakes leaves free pages spread
+    /// through the heap. A second after a burst, they go back to the system (`malloc_trim`, at
+    /// most once a second, a few milliseconds for a large heap).
+    private func handshakeCompleted() {
+        handshakesSinceTrim += 1
+        guard handshakesSinceTrim >= 64, trimTimer == nil else { return }
+        trimTimer = LoopTimer(loop: loop, timeoutMs: 1000) { [unowned self] in
+            trimTimer = nil
+            handshakesSinceTrim = 0
+            #if os(Linux)
+            malloc_trim(0)
+            #endif
+        }
+        trimTimer?.unref()
+    }
+
+    private func tlsFailed(_ f: TLSStream.Failure) {
+        switch f {
+        case .handshake(let why): refused(.tlsHandshake, "TLS handshake failed: \(why)")
+        case .badCertificate(let why): refused(.tlsBadCertificate, "client certificate refused: \(why)")
+        case .plaintext: refused(.tlsPlaintext, "plaintext HTTP sent to a TLS listener (use https://)")
+        case .timeout: refused(.tlsHandshakeTimeout, "TLS handshake did not finish within the timeout")
+        case .renegotiation: refused(.tlsRenegotiation, "a client tried to renegotiate TLS")
+        }
+    }
+
+    /// Counts a refused connection or request; the first of each reason is logged.
+    func refused(_ reason: EtcdError.Refusal, _ message: @autoclosure () -> String) {
+        metrics.count(reason)
+        if loggedRefusals.insert(reason).inserted {
+            logger.warning(
+                "\(message()) (logged once; counted in vigil_requests_refused_total{reason=\"\(reason.rawValue)\"})")
+        }
+    }
+
+    /// The client listeners' TLS context, and a check of the peer TLS files (a single member
+    /// has no peer traffic, but an etcd configuration's files must exist and load).
+    static func makeTLS(_ config: Configuration, logger: Logger) throws -> TLSContext? {
+        let addresses = try config.listenAddresses()
+        if !config.peerTLS.isEmpty { _ = try tlsContext(config.peerTLS, [], dir: config.dataDir + "/fixtures/peer") }
+        let secure = addresses.filter(\.secure)
+        guard !secure.isEmpty else {
+            if !config.clientTLS.isEmpty {
+                logger.warning("TLS files are given but no --listen-client-urls is https://: serving plaintext only")
+            }
+            return nil
+        }
+        let hosts = secure.map(\.host).map { $0 == "0.0.0.0" || $0 == "::" ? "127.0.0.1" : $0 } + ["localhost"]
+        return try tlsContext(
+            config.clientTLS, config.cipherSuites, dir: config.dataDir + "/fixtures/client", hosts: hosts,
+            logger: logger)
+    }
+
+    private static func tlsContext(
+        _ files: TLSFiles, _ ciphers: [String], dir: String, hosts: [String] = ["127.0.0.1", "localhost"],
+        logger: Logger? = nil
+    ) throws -> TLSContext {
+        var cert = files.certFile
+        var key = files.keyFile
+        if cert == nil && files.autoTLS {
+            let made = try TLSContext.selfSigned(in: dir, hosts: hosts)
+            (cert, key) = (made.cert, made.key)
+            logger?.info("using a self-signed certificate (--auto-tls)", metadata: ["cert-file": "\(made.cert)"])
+        }
+        guard let cert, let key else {
+            throw ConfigurationError("TLS needs both a certificate and a key file (--cert-file, --key-file)")
+        }
+        var c = TLSContext.ServerConfig(certFile: cert, keyFile: key)
+        c.trustedCAFile = files.trustedCAFile
+        c.clientCertAuth = files.clientCertAuth
+        c.crlFile = files.crlFile
+        c.cipherSuites = ciphers
+        do {
+            return try TLSContext.server(c)
+        } catch {
+            throw ConfigurationError(error.description)
+        }
     }
 
     /// The handler of a gRPC call on `path`, wrapped with its deadline and metrics.
@@ -112,12 +226,16 @@ final class VigilServerCore {
         return { [unowned self] call in MeteredCall(make(call), call: call, server: self) }
     }
 
+    var connectionCount: Int { connections.count }
+
     func connectionClosed(_ c: ClientConnection) {
         connections[ObjectIdentifier(c)] = nil
     }
 
     /// Stops accepting connections and the background work.
     func shutdown() {
+        trimTimer?.cancel()
+        trimTimer = nil
         for l in listeners { l.close() }
         listeners.removeAll()
         background?.stop()

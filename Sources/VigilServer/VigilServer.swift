@@ -70,7 +70,12 @@ public final class VigilServer: @unchecked Sendable {
         }
         logger.info("ready to serve client requests")
         for (url, port) in zip(configuration.listenClientURLs, ports) {
-            logger.notice("serving insecure client requests on \(url) (port \(port)), this is strongly discouraged!")
+            if url.hasPrefix("https://") {
+                logger.notice("serving client requests on \(url) (port \(port))")
+            } else {
+                logger.notice(
+                    "serving insecure client requests on \(url) (port \(port)), this is strongly discouraged!")
+            }
         }
         onReady?(ports)
         drainInbox()

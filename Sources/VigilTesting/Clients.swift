@@ -3,6 +3,7 @@ import Foundation
 import GRPC
 import HTTP2
 import SwiftProtobuf
+import TLS
 import VigilClient
 
 /// Runs gRPC calls against a server synchronously, each on a short-lived loop of its own
@@ -15,11 +16,16 @@ public final class BlockingClient {
     /// Connections opened with `newConnection()`, closed with this client.
     private var extra: [GRPCClientConnection] = []
 
-    public init(port: Int) throws {
+    /// - Parameters:
+    ///   - tls: connect over TLS with these settings (checked against `serverName`).
+    public init(port: Int, tls: TLSContext.ClientConfig? = nil, serverName: String? = nil) throws {
         self.port = port
         loop = try EventLoop()
+        let context = try tls.map { c throws(TLSError) in try TLSContext.client(c) }
         var result: Result<GRPCClientConnection, any Error>?
-        GRPCClientConnection.connect(loop: loop, host: "127.0.0.1", port: port) { result = $0 }
+        GRPCClientConnection.connect(loop: loop, host: "127.0.0.1", port: port, tls: context, serverName: serverName) {
+            result = $0
+        }
         while result == nil { loop.runOnce() }
         connection = try result!.get()
     }

@@ -95,14 +95,20 @@ public final class LiveServer: @unchecked Sendable {
     public let port: Int
     public let dataDir: String
     public var endpoint: String { "127.0.0.1:\(port)" }
-    public var url: String { "http://127.0.0.1:\(port)" }
+    /// Whether the client URL is `https://` (the caller passes the TLS flags in `args`).
+    public let secure: Bool
+    public var url: String { (secure ? "https" : "http") + "://127.0.0.1:\(port)" }
     private var process: ChildProcess?
     private let extraArgs: [String]
+    private let alsoListen: [String]
     private let logPath: String
 
     /// Starts the server and waits for its readiness line.
-    public init(dataDir: String? = nil, args: [String] = []) throws {
+    /// - Parameter alsoListen: more client URLs, after the server's own.
+    public init(dataDir: String? = nil, args: [String] = [], secure: Bool = false, alsoListen: [String] = []) throws {
         port = freePort()
+        self.secure = secure
+        self.alsoListen = alsoListen
         self.dataDir = dataDir ?? NSTemporaryDirectory() + "vigil-test-\(UUID().uuidString)"
         extraArgs = args
         logPath = self.dataDir + ".log"
@@ -119,7 +125,12 @@ public final class LiveServer: @unchecked Sendable {
         }
         guard log >= 0 else { throw ProcessFailure(description: "cannot open \(logPath)") }
         let p = try ChildProcess(
-            try vigilBinary(), ["--data-dir", dataDir, "--listen-client-urls", url, "--log-level", "info"] + extraArgs,
+            try vigilBinary(),
+            [
+                "--data-dir", dataDir, "--listen-client-urls", ([url] + alsoListen).joined(separator: ","),
+                "--log-level", "info",
+            ]
+                + extraArgs,
             environment: environment(with: [:]), stdin: null, stdout: log, stderr: log)
         process = p
         let deadline = Date().addingTimeInterval(30)
@@ -165,20 +176,23 @@ public final class LiveServer: @unchecked Sendable {
 public struct Etcdctl: Sendable {
     public let endpoint: String
     public let binary: String
+    /// Flags given to every command (e.g. `--cacert`, `--cert`, `--key`).
+    public let flags: [String]
 
-    public init(endpoint: String) throws {
+    public init(endpoint: String, flags: [String] = []) throws {
         guard let b = which("etcdctl") else {
             throw ProcessFailure(description: "etcdctl not found: install the Debian package etcd-client")
         }
         self.endpoint = endpoint
         self.binary = b
+        self.flags = flags
     }
 
     /// Runs `etcdctl --endpoints=… args…`.
     @discardableResult
     public func run(_ args: [String], stdin: String? = nil) throws -> CommandResult {
         try runCommand(
-            binary, ["--endpoints=\(endpoint)", "--dial-timeout=5s", "--command-timeout=10s"] + args,
+            binary, ["--endpoints=\(endpoint)", "--dial-timeout=5s", "--command-timeout=10s"] + flags + args,
             stdin: stdin, environment: ["ETCDCTL_API": "3"])
     }
 
@@ -298,7 +312,7 @@ extension Etcdctl {
     /// Starts `etcdctl watch …` (or any long-running etcdctl command) in the background.
     public func background(_ args: [String]) throws -> BackgroundCommand {
         try BackgroundCommand(
-            binary, ["--endpoints=\(endpoint)", "--dial-timeout=5s"] + args,
+            binary, ["--endpoints=\(endpoint)", "--dial-timeout=5s"] + flags + args,
             environment: ["ETCDCTL_API": "3"])
     }
 }

@@ -80,7 +80,9 @@ struct VigilCommand: ParsableCommand {
         name: .customLong("restore-snapshot"),
         help: "A file from `etcdctl snapshot save` to start from when --data-dir holds no data yet.")
     var restoreSnapshot: String?
-    @Option(name: .customLong("auth-token"), help: "Token type: simple (the default; JWT is not supported).")
+    @Option(
+        name: .customLong("auth-token"),
+        help: "simple (the default) or jwt,pub-key=FILE,priv-key=FILE,sign-method=RS256|…|ES512,ttl=5m.")
     var authToken: String?
     @Option(name: .customLong("auth-token-ttl"), help: "Seconds a simple token lives after its last use (default 300).")
     var authTokenTTL: Int?
@@ -89,8 +91,52 @@ struct VigilCommand: ParsableCommand {
     @Flag(name: .customLong("unsafe-no-fsync"), help: "Disables fsync: unsafe, for tests only.")
     var unsafeNoFsync = false
 
+    // TLS, as etcd's flags.
+    @Option(name: .customLong("cert-file"), help: "Path to the client server TLS cert file.")
+    var certFile: String?
+    @Option(name: .customLong("key-file"), help: "Path to the client server TLS key file.")
+    var keyFile: String?
+    @Option(name: .customLong("trusted-ca-file"), help: "Path to the client server TLS trusted CA cert file.")
+    var trustedCAFile: String?
+    @Flag(name: .customLong("client-cert-auth"), help: "Enable client cert authentication (the CN is the user).")
+    var clientCertAuth = false
+    @Option(name: .customLong("client-crl-file"), help: "Path to the client certificate revocation list file.")
+    var clientCRLFile: String?
+    @Flag(name: .customLong("auto-tls"), help: "Client TLS using a generated certificate.")
+    var autoTLS = false
+    @Option(
+        name: .customLong("cipher-suites"), help: "Comma-separated list of supported TLS cipher suites (Go's names).")
+    var cipherSuites: String?
+    @Option(name: .customLong("peer-cert-file"), help: "Path to the peer server TLS cert file (checked only).")
+    var peerCertFile: String?
+    @Option(name: .customLong("peer-key-file"), help: "Path to the peer server TLS key file (checked only).")
+    var peerKeyFile: String?
+    @Option(
+        name: .customLong("peer-trusted-ca-file"), help: "Path to the peer server TLS trusted CA file (checked only).")
+    var peerTrustedCAFile: String?
+    @Flag(name: .customLong("peer-client-cert-auth"), help: "Enable peer client cert authentication (checked only).")
+    var peerClientCertAuth = false
+    @Flag(name: .customLong("peer-auto-tls"), help: "Peer TLS using generated certificates (accepted).")
+    var peerAutoTLS = false
+    @Option(
+        name: .customLong("peer-crl-file"), help: "Path to the peer certificate revocation list file (checked only).")
+    var peerCRLFile: String?
+    @Option(name: .customLong("tls-handshake-timeout"), help: "Seconds a TLS handshake may take (default 10).")
+    var tlsHandshakeTimeout: Double?
+
     private func value(_ flag: String?, _ env: String) -> String? {
         flag ?? ProcessInfo.processInfo.environment[env]
+    }
+
+    /// A boolean flag, or its `ETCD_*` variable ("true"/"false", as Go parses them).
+    private func boolean(_ flag: Bool, _ env: String) throws -> Bool {
+        if flag { return true }
+        guard let v = ProcessInfo.processInfo.environment[env] else { return false }
+        switch v.lowercased() {
+        case "1", "t", "true": return true
+        case "0", "f", "false", "": return false
+        default: throw ValidationError("\(env)=\(v): expected true or false")
+        }
     }
 
     private static func list(_ s: String) -> [String] {
@@ -154,10 +200,29 @@ struct VigilCommand: ParsableCommand {
             c.httpReadTimeoutMs = UInt64(v * 1000)
         }
         c.restoreSnapshot = restoreSnapshot
-        if let v = value(authToken, "ETCD_AUTH_TOKEN") {
-            guard v == "simple" || v.hasPrefix("simple,") else {
-                throw ValidationError("--auth-token \(v): only simple tokens are supported")
-            }
+        if let v = value(authToken, "ETCD_AUTH_TOKEN") { try c.setAuthToken(v) }
+        c.clientTLS.certFile = value(certFile, "ETCD_CERT_FILE")
+        c.clientTLS.keyFile = value(keyFile, "ETCD_KEY_FILE")
+        c.clientTLS.trustedCAFile = value(trustedCAFile, "ETCD_TRUSTED_CA_FILE")
+        c.clientTLS.clientCertAuth = try boolean(clientCertAuth, "ETCD_CLIENT_CERT_AUTH")
+        c.clientTLS.crlFile = value(clientCRLFile, "ETCD_CLIENT_CRL_FILE")
+        c.clientTLS.autoTLS = try boolean(autoTLS, "ETCD_AUTO_TLS")
+        if (c.clientTLS.certFile == nil) != (c.clientTLS.keyFile == nil) {
+            throw ValidationError("--cert-file and --key-file must be given together")
+        }
+        if let v = value(cipherSuites, "ETCD_CIPHER_SUITES") { c.cipherSuites = Self.list(v) }
+        c.peerTLS.certFile = value(peerCertFile, "ETCD_PEER_CERT_FILE")
+        c.peerTLS.keyFile = value(peerKeyFile, "ETCD_PEER_KEY_FILE")
+        c.peerTLS.trustedCAFile = value(peerTrustedCAFile, "ETCD_PEER_TRUSTED_CA_FILE")
+        c.peerTLS.clientCertAuth = try boolean(peerClientCertAuth, "ETCD_PEER_CLIENT_CERT_AUTH")
+        c.peerTLS.crlFile = value(peerCRLFile, "ETCD_PEER_CRL_FILE")
+        c.peerTLS.autoTLS = try boolean(peerAutoTLS, "ETCD_PEER_AUTO_TLS")
+        if (c.peerTLS.certFile == nil) != (c.peerTLS.keyFile == nil) {
+            throw ValidationError("--peer-cert-file and --peer-key-file must be given together")
+        }
+        if let v = tlsHandshakeTimeout {
+            guard v > 0 else { throw ValidationError("--tls-handshake-timeout must be positive") }
+            c.tlsHandshakeTimeoutMs = UInt64(v * 1000)
         }
         if let v = authTokenTTL ?? value(nil, "ETCD_AUTH_TOKEN_TTL").flatMap(Int.init) {
             guard v > 0 else { throw ValidationError("--auth-token-ttl must be positive") }
@@ -216,5 +281,23 @@ struct VigilCommand: ParsableCommand {
     }
 }
 
+/// Go's flag package takes `--flag=true` and `--flag=false` for booleans (kubeadm writes
+/// `--client-cert-auth=true`); ArgumentParser's flags take no value, so those are rewritten.
+func goBooleanFlags(_ args: [String]) -> [String] {
+    let booleans: Set<String> = [
+        "client-cert-auth", "auto-tls", "peer-client-cert-auth", "peer-auto-tls", "unsafe-no-fsync",
+    ]
+    return args.compactMap { a in
+        guard a.hasPrefix("-"), let eq = a.firstIndex(of: "=") else { return a }
+        let name = String(a[..<eq].drop { $0 == "-" })
+        guard booleans.contains(name) else { return a }
+        switch a[a.index(after: eq)...].lowercased() {
+        case "true", "1", "t": return "--" + name
+        case "false", "0", "f": return nil
+        default: return a
+        }
+    }
+}
+
 EventLoop.preferShortTurns()
-VigilCommand.main()
+VigilCommand.main(goBooleanFlags(Array(CommandLine.arguments.dropFirst())))

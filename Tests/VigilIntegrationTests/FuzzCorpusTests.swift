@@ -51,4 +51,16 @@ import VigilTesting
             #expect(FuzzHarness.run("framing", Array((try? Data(contentsOf: URL(fileURLWithPath: f))) ?? Data())))
         }
     }
+
+    /// The TLS listener's inputs (raw handshakes, and connections carried over real sessions)
+    /// against the in-process server, which must still answer over TLS afterwards.
+    @Test func tlsCorpusInProcess() {
+        let files = inputs("tls") + inputs("crashes", prefix: "tls-")
+        #expect(files.count >= 30, "the corpus is in Tests/FuzzCorpus/tls")
+        for f in files {
+            #expect(FuzzHarness.run("tls", Array((try? Data(contentsOf: URL(fileURLWithPath: f))) ?? Data())))
+        }
+        let health = FuzzHarness.tls([1] + Array("GET /health HTTP/1.1\r\nHost: x\r\n\r\n".utf8))
+        #expect(String(decoding: health, as: UTF8.self).contains(#"{"health":"true"}"#))
+    }
 }
