@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Regenerates Sources/EtcdProto/{kv,auth,rpc}.pb.swift from Protos/{kv,auth,rpc}.proto.
+# Regenerates Sources/EtcdProto/*.pb.swift from Protos/*.proto (etcd's APIs: kv, auth, rpc, v3lock, v3election).
 #
 # The generated Swift is committed, so a normal build never needs protoc or the plugin; run this
 # (or `make protos`) only after changing a .proto file, and commit the result with it.
@@ -13,7 +13,7 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 
-protos=(kv.proto auth.proto rpc.proto)
+protos=(kv.proto auth.proto rpc.proto v3lock.proto v3election.proto)
 out="$root/Sources/EtcdProto"
 
 # --- protoc -------------------------------------------------------------------------------------

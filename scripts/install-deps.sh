@@ -6,8 +6,9 @@ set -euo pipefail
 packages=(libuv1-dev libnghttp2-dev libhttp-parser-dev liblmdb-dev libcrypt-dev libssl-dev pkg-config)
 if [ "${1:-}" = "--test" ]; then
     # etcdctl drives the integration tests, curl the gateway tests; etcd runs beside Vigil in the
-    # benchmarks; openssl makes the TLS tests' certificates, and PyJWT checks Vigil's JWTs.
-    packages+=(etcd-client etcd-server curl openssl python3-jwt python3-cryptography)
+    # benchmarks; openssl makes the TLS tests' certificates, PyJWT checks Vigil's JWTs, and
+    # Prometheus runs etcd's dashboard and alert queries against /metrics.
+    packages+=(etcd-client etcd-server curl openssl python3-jwt python3-cryptography prometheus)
 fi
 
 missing=()

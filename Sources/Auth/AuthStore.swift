@@ -178,6 +178,17 @@ public final class AuthStore {
         revision += 1
         records.save(enabled: enabled, revision: revision)
         permissionCache.removeAll(keepingCapacity: true)
+        onChange?()
+    }
+
+    /// Called after every change of users, roles, permissions or the enabled flag (the watch
+    /// service then ends watches their users may no longer read).
+    public var onChange: (() -> Void)?
+
+    /// The caller named `name` as it stands now, nil if there is no such user.
+    public func caller(named name: String) -> Caller? {
+        guard let u = users[name] else { return nil }
+        return Caller(name: name, isRoot: u.roles.contains(Self.rootName))
     }
 
     private func save(user u: AuthUser) {

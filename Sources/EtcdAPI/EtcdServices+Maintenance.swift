@@ -30,8 +30,8 @@ extension EtcdServices {
                 if r.action != .get { try auth.requireAdmin(c) }
             }
         ) { (r: Etcdserverpb_AlarmRequest, _, reply: Reply<Etcdserverpb_AlarmResponse>) in
+            // etcd 3.4 answers Alarm without a header.
             var resp = Etcdserverpb_AlarmResponse()
-            resp.header = ctx.header(ctx.store.committedRevision)
             switch r.action {
             case .get:
                 resp.alarms = ctx.alarms.active.filter { r.alarm == .none || $0.alarm == r.alarm }
@@ -95,12 +95,7 @@ extension EtcdServices {
             (_: Etcdserverpb_MemberListRequest, _, reply: Reply<Etcdserverpb_MemberListResponse>) in
             var resp = Etcdserverpb_MemberListResponse()
             resp.header = ctx.header(0)
-            var m = Etcdserverpb_Member()
-            m.id = ctx.identity.memberID
-            m.name = ctx.identity.name
-            m.peerUrls = ctx.identity.peerURLs
-            m.clientUrls = ctx.identity.clientURLs
-            resp.members = [m]
+            resp.members = [ctx.member]
             reply.ok(resp)
         }
         unary(.memberAdd, access: .admin) {
@@ -112,8 +107,17 @@ extension EtcdServices {
             throw r.id == ctx.identity.memberID ? EtcdError.memberNotEnoughStarted : EtcdError.memberNotFound
         }
         unary(.memberUpdate, access: .admin) {
-            (r: Etcdserverpb_MemberUpdateRequest, _, _: Reply<Etcdserverpb_MemberUpdateResponse>) throws(EtcdError) in
-            throw r.id == ctx.identity.memberID ? EtcdError.membershipFixed : EtcdError.memberNotFound
+            (
+                r: Etcdserverpb_MemberUpdateRequest, _, reply: Reply<Etcdserverpb_MemberUpdateResponse>
+            )
+                throws(EtcdError) in
+            guard r.id == ctx.identity.memberID else { throw .memberNotFound }
+            guard r.peerUrls.allSatisfy(Self.isPeerURL) else { throw .invalidPeerURL }
+            ctx.updatePeerURLs(r.peerUrls)
+            var resp = Etcdserverpb_MemberUpdateResponse()
+            resp.header = ctx.header(0)
+            resp.members = [ctx.member]
+            ctx.commits.whenFlushed { reply.ok(resp) }
         }
         unary(.memberPromote, access: .admin) {
             (r: Etcdserverpb_MemberPromoteRequest, _, _: Reply<Etcdserverpb_MemberPromoteResponse>) throws(EtcdError) in
@@ -205,5 +209,27 @@ final class SnapshotCall: CallHandler {
         file = nil
         if let path { unlink(path) }
         path = nil
+    }
+}
+
+extension EtcdServices {
+    /// `scheme://host:port` with scheme http or https (etcd's URL check for peers).
+    static func isPeerURL(_ s: String) -> Bool {
+        guard let u = URL(string: s), let scheme = u.scheme, ["http", "https", "unix", "unixs"].contains(scheme),
+            u.host != nil
+        else { return false }
+        return scheme.hasPrefix("unix") || u.port != nil
+    }
+}
+
+extension ServerContext {
+    /// This member as MemberList and MemberUpdate answer it.
+    var member: Etcdserverpb_Member {
+        var m = Etcdserverpb_Member()
+        m.id = identity.memberID
+        m.name = identity.name
+        m.peerUrls = identity.peerURLs
+        m.clientUrls = identity.clientURLs
+        return m
     }
 }

@@ -100,7 +100,8 @@ public final class KVService {
         var order = r.sortOrder
         if r.sortTarget != .key && order == .none { order = .ascend }
         if order != .none {
-            // Stable, with key order as the tie-break (kvs arrive in key order).
+            // Ties keep key order in both directions (kvs arrive in key order), as etcd's sort of
+            // a reversed comparison leaves them.
             let target = r.sortTarget
             func less(_ a: KeyValue, _ b: KeyValue) -> Bool {
                 switch target {
@@ -116,7 +117,7 @@ public final class KVService {
             let sorted = indexed.sorted { x, y in
                 if less(x.1, y.1) { return order == .ascend }
                 if less(y.1, x.1) { return order != .ascend }
-                return order == .ascend ? x.0 < y.0 : x.0 > y.0
+                return x.0 < y.0
             }
             kvs = sorted.map { $0.1 }
         }
@@ -417,7 +418,8 @@ public final class KVService {
                 out.response = .responseDeleteRange(dr)
             case .requestTxn(let inner):
                 var tr = execute(inner, path, &i, txn)
-                tr.header.revision = txn.changed ? txn.revision : store.currentRevision
+                // etcd gives a nested txn's answer an empty header (no revision).
+                tr.header = Etcdserverpb_ResponseHeader()
                 out.response = .responseTxn(tr)
             case .none:
                 break

@@ -120,7 +120,8 @@ public struct ServerDependencies {
 /// State the services share: store, identity, limits, durability, backend, alarms.
 public final class ServerContext {
     public let store: KVStore
-    public let identity: MemberIdentity
+    /// This member; its peer URLs change with MemberUpdate (kept in the backend).
+    public private(set) var identity: MemberIdentity
     public let limits: Limits
     public let quotaBytes: Int64
     public let commits: any CommitGate
@@ -130,11 +131,22 @@ public final class ServerContext {
     init(_ deps: ServerDependencies) {
         store = deps.store
         identity = deps.identity
+        if let saved = deps.restored.blobs[Self.peerURLsBlob], !saved.isEmpty {
+            identity.peerURLs = String(decoding: saved, as: UTF8.self).split(separator: "\n").map(String.init)
+        }
         limits = deps.limits
         quotaBytes = deps.quotaBytes
         commits = deps.commits
         backend = deps.backend
         alarms = Alarms(store: deps.store, memberID: deps.identity.memberID, restoring: deps.restored.meta)
+    }
+
+    static let peerURLsBlob = "member/peerURLs"
+
+    /// MemberUpdate of this member: new peer URLs, kept across restarts (they do not change its ID).
+    public func updatePeerURLs(_ urls: [String]) {
+        identity.peerURLs = urls
+        store.setBlob(Self.peerURLsBlob, Array(urls.joined(separator: "\n").utf8))
     }
 
     private var compactionWaiters: [() -> Void] = []

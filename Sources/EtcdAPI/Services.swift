@@ -60,6 +60,8 @@ public final class EtcdServices {
         registerMaintenance()
         registerCluster()
         registerAuth()
+        registerLock()
+        registerElection()
     }
 
     // MARK: Routing
@@ -112,9 +114,16 @@ public final class EtcdServices {
                 try body(req, info.size, reply)
             } catch { reply.fail(error) }
         }
-        unaryMethods[method.path] = unary
-        routes[method.path] = { _ in UnaryCall(unary) }
+        register(unary)
     }
+
+    func register(_ unary: UnaryMethod) {
+        unaryMethods[unary.method.path] = unary
+        routes[unary.method.path] = { _ in UnaryCall(unary) }
+    }
+
+    /// The Lock and Election recipes' waiters (made on first use).
+    lazy var recipes = Recipes(services: self)
 
 }
 

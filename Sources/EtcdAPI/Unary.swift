@@ -50,6 +50,12 @@ public struct RequestInfo: Sendable {
 public protocol ReplySink: AnyObject {
     func ok(_ response: any SwiftProtobuf.Message)
     func fail(_ error: EtcdError)
+    /// Runs `body` if the caller goes away before the answer (a cancelled or timed-out call).
+    func whenAbandoned(_ body: @escaping () -> Void)
+}
+
+extension ReplySink {
+    public func whenAbandoned(_ body: @escaping () -> Void) {}
 }
 
 /// Answers a unary request once, with a response or an error, whatever carried the request.
@@ -58,6 +64,8 @@ public struct Reply<Resp: SwiftProtobuf.Message> {
     public init(_ sink: any ReplySink) { self.sink = sink }
     public func ok(_ resp: Resp) { sink.ok(resp) }
     public func fail(_ e: EtcdError) { sink.fail(e) }
+    /// Runs `body` if the caller goes away before the answer (a waiting Lock gives up its place).
+    public func whenAbandoned(_ body: @escaping () -> Void) { sink.whenAbandoned(body) }
 }
 
 /// A unary method's handler, independent of how the request arrived (binary protobuf over gRPC,
@@ -106,12 +114,24 @@ final class UnaryCall: CallHandler, ReplySink {
         if !seen { call.finish(EtcdError.missingRequest.status) }
     }
 
-    func callEnded(_ call: ServerCall) { self.call = nil }
+    func callEnded(_ call: ServerCall) {
+        self.call = nil
+        if !answered, let a = abandoned {
+            abandoned = nil
+            a()
+        }
+    }
+
+    private var answered = false
+    private var abandoned: (() -> Void)?
+
+    func whenAbandoned(_ body: @escaping () -> Void) { abandoned = body }
 
     /// Set while the method runs (an answer may come after a commit).
     private var call: ServerCall?
 
     func ok(_ response: any SwiftProtobuf.Message) {
+        answered = true
         guard let call else { return }
         do {
             call.send(try response.serializedBytes())
@@ -121,7 +141,10 @@ final class UnaryCall: CallHandler, ReplySink {
         }
     }
 
-    func fail(_ error: EtcdError) { call?.finish(error.status) }
+    func fail(_ error: EtcdError) {
+        answered = true
+        call?.finish(error.status)
+    }
 }
 
 extension ServerCall {

@@ -118,10 +118,27 @@ public final class WatchService {
     /// The gRPC calls' encoder, shared by all of them (so they share encoded responses).
     let grpcEncoder: GRPCWatchEncoder
 
+    /// Sessions with watchers that a user (not root) created while auth was on, by identity.
+    private var guarded: [ObjectIdentifier: WatchSession] = [:]
+
+    /// etcd's cancel reason for a watch its user may not read (the gRPC error's text).
+    static let permissionDeniedReason = "rpc error: code = PermissionDenied desc = etcdserver: permission denied"
+
     init(context: ServerContext, config: WatchHubConfig, auth: AuthStore) {
         self.auth = auth
         grpcEncoder = GRPCWatchEncoder(identity: context.identity)
         hub = WatchHub(store: context.store, config: config, encoders: [grpcEncoder])
+        auth.onChange = { [unowned self] in authChanged() }
+    }
+
+    func guarding(_ s: WatchSession, _ on: Bool) { guarded[ObjectIdentifier(s)] = on ? s : nil }
+
+    /// After any change of users, roles or permissions, watchers whose user was deleted or may
+    /// no longer read their range are cancelled with the permission-denied reason (etcd keeps
+    /// delivering to them; revoking access here really revokes it).
+    private func authChanged() {
+        guard auth.enabled else { return }
+        for s in Array(guarded.values) { s.recheck() }
     }
 
     /// Opens a watch stream answering through `sink` (a gRPC call, or the JSON gateway); `credentials`
@@ -164,6 +181,8 @@ public final class WatchSession {
     let stream: WatchStream
     private var closed = false
     let credentials: Credentials
+    /// Watchers created by a user other than root while auth was on: who, and the range.
+    private var owned: [Int64: (user: String, key: [UInt8], rangeEnd: [UInt8])] = [:]
 
     init(service: WatchService, stream: WatchStream, credentials: Credentials) {
         self.service = service
@@ -186,19 +205,24 @@ public final class WatchSession {
             w.watchID = c.watchID
             w.fragment = c.fragment
             // Auth comes after the negative-revision check and before the range check, as in etcd;
-            // a refusal is a failed create on the stream, not an error of the call.
+            // a refusal is a failed create on the stream, not an error of the call, worded as
+            // etcd words it whatever the auth error was.
+            var caller: Caller?
             if c.startRevision >= 0 {
                 do throws(EtcdError) {
                     let auth = service.auth
-                    try auth.check(
-                        try auth.caller(token: credentials.token, commonName: credentials.commonName), .read,
-                        key: w.key, rangeEnd: w.rangeEnd)
+                    caller = try auth.caller(token: credentials.token, commonName: credentials.commonName)
+                    try auth.check(caller, .read, key: w.key, rangeEnd: w.rangeEnd)
                 } catch {
-                    return hub.reject(stream, error)
+                    return hub.reject(stream, reason: WatchService.permissionDeniedReason, watchID: c.watchID)
                 }
             }
-            hub.create(stream, w)
+            if let id = hub.create(stream, w), let caller, !caller.isRoot {
+                owned[id] = (caller.name, w.key, w.rangeEnd)
+                service.guarding(self, true)
+            }
         case .cancelRequest(let c):
+            forget(c.watchID)
             hub.cancel(stream, watchID: c.watchID)
         case .progressRequest:
             hub.requestProgress(stream)
@@ -217,6 +241,34 @@ public final class WatchSession {
     public func close() {
         guard !closed else { return }
         closed = true
+        owned.removeAll()
+        service.guarding(self, false)
         service.hub.closeStream(stream)
+    }
+
+    private func forget(_ id: Int64) {
+        guard owned.removeValue(forKey: id) != nil, owned.isEmpty else { return }
+        service.guarding(self, false)
+    }
+
+    /// Cancels the watchers whose user is gone or may no longer read their range.
+    func recheck() {
+        let auth = service.auth
+        for (id, o) in owned.sorted(by: { $0.key < $1.key }) {
+            guard let caller = auth.caller(named: o.user) else {
+                revoke(id)
+                continue
+            }
+            do throws(EtcdError) {
+                try auth.check(caller, .read, key: o.key, rangeEnd: o.rangeEnd)
+            } catch {
+                revoke(id)
+            }
+        }
+    }
+
+    private func revoke(_ id: Int64) {
+        forget(id)
+        service.hub.cancel(stream, watchID: id, reason: WatchService.permissionDeniedReason)
     }
 }

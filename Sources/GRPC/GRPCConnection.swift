@@ -48,6 +48,9 @@ public struct MessageFramer {
         return nil
     }
 
+    /// The length of a message's prefix (compressed flag and length).
+    public static let prefixLength = 5
+
     /// The 5-byte prefix of an uncompressed message of `length` bytes.
     public static func prefix(_ length: Int) -> [UInt8] {
         let n = UInt32(length)
@@ -112,6 +115,17 @@ public enum GRPCCallError: Error, Sendable, Equatable {
     }
 }
 
+/// Messages and payload bytes one method's calls carried, counted as they go (etcd's
+/// `grpc_server_msg_*_total` and `etcd_network_client_grpc_*_bytes_total`). One per method,
+/// shared by its calls; loop-confined.
+public final class MessageCounters {
+    public var received = 0
+    public var sent = 0
+    public var receivedBytes = 0
+    public var sentBytes = 0
+    public init() {}
+}
+
 /// One gRPC call on the server: its inbound messages and outbound responses.
 /// Everything here happens on the loop.
 public final class ServerCall {
@@ -120,6 +134,8 @@ public final class ServerCall {
     public let metadata: [HeaderField]
     /// Milliseconds from `grpc-timeout`, if the client set one.
     public let timeoutMs: UInt64?
+    /// Where this call's messages are counted (set by the server when the call opens).
+    public var counters: MessageCounters?
     /// The Common Name of the connection's verified TLS client certificate, if any.
     public var peerCommonName: String? { connection?.peerCommonName }
     let stream: Int32
@@ -152,6 +168,10 @@ public final class ServerCall {
     /// Sends one response message.
     public func send(_ message: [UInt8]) {
         guard let q = responseQueue() else { return }
+        if let c = counters {
+            c.sent += 1
+            c.sentBytes += message.count
+        }
         // The prefix and the payload go as two chunks, so a payload shared by many calls is not copied here.
         q.send(MessageFramer.prefix(message.count))
         q.send(message)
@@ -160,7 +180,12 @@ public final class ServerCall {
     /// Sends bytes that are already one framed message (length prefix included), as they are:
     /// for a message shared by many calls.
     public func sendFramed(_ framed: [UInt8]) {
-        responseQueue()?.send(framed)
+        guard let q = responseQueue() else { return }
+        if let c = counters {
+            c.sent += 1
+            c.sentBytes += framed.count - MessageFramer.prefixLength
+        }
+        q.send(framed)
     }
 
     /// The body queue, sending the response headers first if they have not gone yet. Sends on it
@@ -293,6 +318,10 @@ public final class GRPCConnection: HTTP2SessionDelegate {
         call.framer.append(data)
         do {
             while let msg = try call.framer.next() {
+                if let c = call.counters {
+                    c.received += 1
+                    c.receivedBytes += msg.count
+                }
                 call.handler?.call(call, received: msg)
                 if call.isFinished { return }
             }

@@ -69,11 +69,13 @@ public final class Gateway {
         guard request.method == "POST" else {
             return out.respond(Self.errorResponse(status: 405, code: .unimplemented, "Method Not Allowed"))
         }
-        // grpc-gateway passes the Authorization header on as the token.
-        let token = request.header("authorization")
+        // grpc-gateway passes `Grpc-Metadata-Token` on as the `token` metadata and `Authorization`
+        // as `authorization`; etcd reads `token` first.
+        let token = request.header("grpc-metadata-token") ?? request.header("authorization")
         switch method {
         case .watch: watch(request.body, token, out)
         case .leaseKeepAlive: keepAlive(request.body, token, out)
+        case .observe: observe(request.body, token, out)
         default:
             guard let unary = services.unary(method) else {
                 return out.respond(
@@ -165,6 +167,31 @@ public final class Gateway {
         let session = services.watch.open(sink, credentials: Credentials(token: token))
         sink.session = session
         for r in requests { session.receive(r) }
+    }
+
+    /// `/v3/election/observe`: the leader, then each change, as `{"result":…}` lines until the
+    /// client leaves.
+    private func observe(_ body: [UInt8], _ token: String?, _ out: any HTTPResponder) {
+        let req: V3electionpb_LeaderRequest
+        do {
+            req = try V3electionpb_LeaderRequest(
+                jsonUTF8Bytes: body.isEmpty ? Array("{}".utf8) : body, options: .init())
+        } catch {
+            return out.respond(Self.errorResponse(status: 400, code: .invalidArgument, "\(error)"))
+        }
+        let sink = ObserveSink(out)
+        do throws(EtcdError) {
+            sink.observation = try services.observe(name: req.name.bytes, credentials: Credentials(token: token)) {
+                [weak sink] resp in sink?.send(resp)
+            }
+        } catch {
+            return out.respond(Self.errorResponse(error))
+        }
+        guard out.startStream(status: 200, contentType: "application/json", observer: sink) else {
+            sink.observation?.cancel()
+            return
+        }
+        sink.observation?.start()
     }
 
     /// `/v3/lease/keepalive`: one answer per request in the body, then the stream ends.
@@ -277,5 +304,20 @@ final class JSONWatchSink: WatchSink, HTTPStreamObserver {
         let s = session
         session = nil
         s?.close()
+    }
+}
+
+/// An Observe answered over the gateway: each leader as a JSON line; the client leaving ends it.
+final class ObserveSink: HTTPStreamObserver {
+    private let out: any HTTPResponder
+    var observation: ElectionObservation?
+
+    init(_ out: any HTTPResponder) { self.out = out }
+
+    func send(_ resp: V3electionpb_LeaderResponse) { out.send(Gateway.resultLine(resp)) }
+    func responseDrained() {}
+    func responseClosed() {
+        observation?.cancel()
+        observation = nil
     }
 }

@@ -165,6 +165,14 @@ public final class HTTP2Session {
         var opt: OpaquePointer?
         nghttp2_option_new(&opt)
         nghttp2_option_set_max_send_header_block_length(opt, 64 << 10)
+        if role == .server {
+            // nghttp2's HTTP checks reset any stream whose pseudo-headers it finds invalid, with no
+            // callback to overrule it; grpc-go sends `:authority` as the endpoint it was given
+            // (`http://127.0.0.1:2379` for etcdctl's maintenance calls), which etcd accepts. The
+            // layers above read only `:method`, `:path` and the content type, and answer a
+            // request missing them themselves.
+            nghttp2_option_set_no_http_messaging(opt, 1)
+        }
         defer { nghttp2_option_del(opt) }
         let ud = Unmanaged.passUnretained(self).toOpaque()
         switch role {

@@ -109,6 +109,9 @@ extension EtcdError {
     /// Not an etcd error: a one-member Vigil has no peers to change.
     public static let membershipFixed = EtcdError(
         .failedPrecondition, "etcdserver: membership of a single-member vigil cluster cannot change")
+    /// Not an etcd error (etcdctl checks URLs before sending): a MemberUpdate with a peer URL
+    /// that is not scheme://host:port.
+    public static let invalidPeerURL = EtcdError(.invalidArgument, "etcdserver: invalid peer URL")
     public static let badLeaderTransferee = EtcdError(.failedPrecondition, "etcdserver: bad leader transferee")
 
     // Auth.
@@ -136,6 +139,13 @@ extension EtcdError {
     /// rather than silently cut.
     public static let passwordUnusable = EtcdError(
         .invalidArgument, "etcdserver: password must be at most 72 bytes and hold no NUL byte")
+
+    // Lock and Election: plain errors in etcd, so gRPC's Unknown.
+    public static let missingLeaderKey = EtcdError(.unknown, #""leader" field must be provided"#)
+    public static let electionNotLeader = EtcdError(.unknown, "election: not leader")
+    public static let electionNoLeader = EtcdError(.unknown, "election: no leader")
+    /// The lease of a waiting Lock or Campaign ended before it got its turn.
+    public static let sessionExpired = EtcdError(.unknown, "session expired")
 
     // Server state.
     public static let notCapable = EtcdError(.unavailable, "etcdserver: not capable")

@@ -35,6 +35,8 @@ extension EtcdMethod {
     private static let cluster = "etcdserverpb.Cluster"
     private static let maintenance = "etcdserverpb.Maintenance"
     private static let auth = "etcdserverpb.Auth"
+    private static let lockService = "v3lockpb.Lock"
+    private static let election = "v3electionpb.Election"
 
     public static let range = EtcdMethod(kv, "Range", gateway: ["/kv/range"])
     public static let put = EtcdMethod(kv, "Put", gateway: ["/kv/put"])
@@ -84,7 +86,16 @@ extension EtcdMethod {
     public static let roleGrantPermission = EtcdMethod(auth, "RoleGrantPermission", gateway: ["/auth/role/grant"])
     public static let roleRevokePermission = EtcdMethod(auth, "RoleRevokePermission", gateway: ["/auth/role/revoke"])
 
-    /// Every method, in the order of etcd's `rpc.proto`.
+    public static let lock = EtcdMethod(lockService, "Lock", gateway: ["/lock/lock"])
+    public static let unlock = EtcdMethod(lockService, "Unlock", gateway: ["/lock/unlock"])
+
+    public static let campaign = EtcdMethod(election, "Campaign", gateway: ["/election/campaign"])
+    public static let proclaim = EtcdMethod(election, "Proclaim", gateway: ["/election/proclaim"])
+    public static let leader = EtcdMethod(election, "Leader", gateway: ["/election/leader"])
+    public static let observe = EtcdMethod(election, "Observe", .serverStream, gateway: ["/election/observe"])
+    public static let resign = EtcdMethod(election, "Resign", gateway: ["/election/resign"])
+
+    /// Every method, in the order of etcd's `rpc.proto`, then `v3lock.proto` and `v3election.proto`.
     public static let all: [EtcdMethod] = [
         range, put, deleteRange, txn, compact,
         watch,
@@ -94,6 +105,8 @@ extension EtcdMethod {
         authEnable, authDisable, authStatus, authenticate, userAdd, userGet, userList, userDelete,
         userChangePassword, userGrantRole, userRevokeRole, roleAdd, roleGet, roleList, roleDelete,
         roleGrantPermission, roleRevokePermission,
+        lock, unlock,
+        campaign, proclaim, leader, observe, resign,
     ]
 
     /// The method on a gRPC path.

@@ -18,6 +18,7 @@ final class MeteredCall: CallHandler {
         self.server = server
         method = ServerMetrics.MethodKey(call.path)
         server.metrics.callStarted(method)
+        call.counters = server.metrics.counters(method)
         if let ms = call.timeoutMs {
             deadline = LoopTimer(loop: server.loop, timeoutMs: ms) { [weak call] in
                 call?.finish(EtcdError.deadlineExceeded.status)

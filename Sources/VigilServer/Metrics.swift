@@ -11,14 +11,22 @@ struct Histogram {
     static let bounds: [Double] = [
         0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10,
     ]
-    var counts = [Int](repeating: 0, count: Histogram.bounds.count)
+    /// etcd's disk histograms: 1 ms doubling to 8.192 s.
+    static let diskBounds: [Double] = (0..<14).map { 0.001 * Double(1 << $0) }
+    let bounds: [Double]
+    var counts: [Int]
     var total = 0
     var sum = 0.0
+
+    init(bounds: [Double] = Histogram.bounds) {
+        self.bounds = bounds
+        counts = [Int](repeating: 0, count: bounds.count)
+    }
 
     mutating func observe(_ seconds: Double) {
         total += 1
         sum += seconds
-        if let i = Histogram.bounds.firstIndex(where: { seconds <= $0 }) { counts[i] += 1 }
+        if let i = bounds.firstIndex(where: { seconds <= $0 }) { counts[i] += 1 }
     }
 
     /// Text exposition lines for `name` with `labels` (e.g. `grpc_method="Range"`).
@@ -26,7 +34,7 @@ struct Histogram {
         var out = ""
         var cumulative = 0
         let sep = labels.isEmpty ? "" : ","
-        for (b, c) in zip(Histogram.bounds, counts) {
+        for (b, c) in zip(bounds, counts) {
             cumulative += c
             out += "\(name)_bucket{\(labels)\(sep)le=\"\(b)\"} \(cumulative)\n"
         }
@@ -60,11 +68,23 @@ struct ServerMetrics {
         }
     }
     var started: [MethodKey: Int] = [:]
+    /// Messages and bytes by method, counted by the calls as they go.
+    var messages: [MethodKey: MessageCounters] = [:]
+
+    mutating func counters(_ k: MethodKey) -> MessageCounters {
+        if let c = messages[k] { return c }
+        let c = MessageCounters()
+        messages[k] = c
+        return c
+    }
     var handled: [MethodKey: [GRPCCode: Int]] = [:]
     var latency: [MethodKey: Histogram] = [:]
     /// Requests refused for a limit, by reason (`vigil_requests_refused_total`).
     var refused: [EtcdError.Refusal: Int] = Dictionary(uniqueKeysWithValues: EtcdError.Refusal.allCases.map { ($0, 0) })
     var loopTurns = Histogram()
+    /// `/health` answers (etcd's `etcd_server_health_success` / `_failures`).
+    var healthSuccesses = 0
+    var healthFailures = 0
     var longestTurnSeconds = 0.0
 
     mutating func callStarted(_ k: MethodKey) { started[k, default: 0] += 1 }
@@ -84,6 +104,8 @@ struct ServerMetrics {
 
     mutating func count(_ reason: EtcdError.Refusal) { refused[reason, default: 0] += 1 }
 
+    static let allMethods = EtcdMethod.all.map { MethodKey($0.path) }
+
     mutating func turn(nanoseconds: UInt64) {
         let s = Double(nanoseconds) / 1e9
         loopTurns.observe(s)
@@ -95,7 +117,10 @@ struct ServerMetrics {
         func labels(_ k: MethodKey) -> String {
             "grpc_method=\"\(k.method)\",grpc_service=\"\(k.service)\",grpc_type=\"\(k.type)\""
         }
-        let keys = Set(started.keys).union(handled.keys).sorted { ($0.service, $0.method) < ($1.service, $1.method) }
+        // Every method is there from the start, with every code (as go-grpc-prometheus
+        // initializes them for etcd), so that queries subtracting one from another find both.
+        let keys = Set(Self.allMethods).union(started.keys).union(handled.keys)
+            .sorted { ($0.service, $0.method) < ($1.service, $1.method) }
         out += "# HELP grpc_server_started_total Total number of RPCs started on the server.\n"
         out += "# TYPE grpc_server_started_total counter\n"
         for k in keys { out += "grpc_server_started_total{\(labels(k))} \(started[k] ?? 0)\n" }
@@ -103,8 +128,9 @@ struct ServerMetrics {
             "# HELP grpc_server_handled_total Total number of RPCs completed on the server, regardless of success or failure.\n"
         out += "# TYPE grpc_server_handled_total counter\n"
         for k in keys {
-            for (code, n) in (handled[k] ?? [:]).sorted(by: { $0.key.rawValue < $1.key.rawValue }) {
-                out += "grpc_server_handled_total{grpc_code=\"\(code.name)\",\(labels(k))} \(n)\n"
+            let counts = handled[k] ?? [:]
+            for code in GRPCCode.allCases {
+                out += "grpc_server_handled_total{grpc_code=\"\(code.name)\",\(labels(k))} \(counts[code] ?? 0)\n"
             }
         }
         out +=
@@ -117,12 +143,40 @@ struct ServerMetrics {
         for (reason, n) in refused.sorted(by: { $0.key.rawValue < $1.key.rawValue }) {
             out += "vigil_requests_refused_total{reason=\"\(reason.rawValue)\"} \(n)\n"
         }
+        out += "# HELP grpc_server_msg_received_total Total number of RPC stream messages received on the server.\n"
+        out += "# TYPE grpc_server_msg_received_total counter\n"
+        for k in keys { out += "grpc_server_msg_received_total{\(labels(k))} \(messages[k]?.received ?? 0)\n" }
+        out += "# HELP grpc_server_msg_sent_total Total number of gRPC stream messages sent by the server.\n"
+        out += "# TYPE grpc_server_msg_sent_total counter\n"
+        for k in keys { out += "grpc_server_msg_sent_total{\(labels(k))} \(messages[k]?.sent ?? 0)\n" }
+        out +=
+            "# HELP etcd_network_client_grpc_received_bytes_total The total number of bytes received from grpc clients.\n"
+        out += "# TYPE etcd_network_client_grpc_received_bytes_total counter\n"
+        out += "etcd_network_client_grpc_received_bytes_total \(messages.values.reduce(0) { $0 + $1.receivedBytes })\n"
+        out += "# HELP etcd_network_client_grpc_sent_bytes_total The total number of bytes sent to grpc clients.\n"
+        out += "# TYPE etcd_network_client_grpc_sent_bytes_total counter\n"
+        out += "etcd_network_client_grpc_sent_bytes_total \(messages.values.reduce(0) { $0 + $1.sentBytes })\n"
+        func total(_ method: EtcdMethod) -> Int {
+            handled[MethodKey(method.path)]?[.ok] ?? 0
+        }
+        for (name, method, help) in [
+            ("etcd_mvcc_range_total", EtcdMethod.range, "Total number of ranges seen by this member."),
+            ("etcd_mvcc_put_total", .put, "Total number of puts seen by this member."),
+            ("etcd_mvcc_delete_total", .deleteRange, "Total number of deletes seen by this member."),
+            ("etcd_mvcc_txn_total", .txn, "Total number of txns seen by this member."),
+        ] {
+            out += "# HELP \(name) \(help)\n# TYPE \(name) counter\n\(name) \(total(method))\n"
+        }
         out += "# HELP vigil_loop_turn_seconds Time the event loop spent busy per turn (waiting for I/O excluded).\n"
         out += "# TYPE vigil_loop_turn_seconds histogram\n"
         out += loopTurns.lines("vigil_loop_turn_seconds", labels: "")
         out +=
             "# HELP vigil_loop_turn_seconds_max Longest loop turn since start.\n# TYPE vigil_loop_turn_seconds_max gauge\n"
         out += "vigil_loop_turn_seconds_max \(longestTurnSeconds)\n"
+        out += "# HELP etcd_server_health_success The total number of successful health checks\n"
+        out += "# TYPE etcd_server_health_success counter\netcd_server_health_success \(healthSuccesses)\n"
+        out += "# HELP etcd_server_health_failures The total number of failed health checks\n"
+        out += "# TYPE etcd_server_health_failures counter\netcd_server_health_failures \(healthFailures)\n"
         return out
     }
 }
@@ -143,8 +197,44 @@ extension VigilServerCore {
             store.compactRevision)
         metric("etcd_debugging_mvcc_keys_total", "gauge", "Total number of keys.", store.liveKeyCount)
         metric(
-            "etcd_mvcc_db_total_size_in_bytes", "gauge", "Total size of the underlying database in bytes.",
-            backend.sizeInUse)
+            "etcd_mvcc_db_total_size_in_bytes", "gauge",
+            "Total size of the underlying database physically allocated in bytes.",
+            maintenance.dbSize)
+        metric(
+            "etcd_mvcc_db_total_size_in_use_in_bytes", "gauge",
+            "Total size of the underlying database logically in use in bytes.", maintenance.dbSizeInUse)
+        // A single member: always the leader, one leader change (its own election), no failed
+        // proposals; every committed write is a committed and applied proposal.
+        metric("etcd_server_has_leader", "gauge", "Whether or not a leader exists. 1 is existence, 0 is not.", 1)
+        metric("etcd_server_is_leader", "gauge", "Whether or not this member is a leader. 1 if is, 0 otherwise.", 1)
+        metric("etcd_server_leader_changes_seen_total", "counter", "The number of leader changes seen.", 1)
+        metric(
+            "etcd_server_proposals_committed_total", "gauge", "The total number of consensus proposals committed.",
+            store.committedRevision)
+        metric(
+            "etcd_server_proposals_applied_total", "gauge", "The total number of consensus proposals applied.",
+            store.committedRevision)
+        metric(
+            "etcd_server_proposals_pending", "gauge", "The current number of pending proposals to commit.",
+            store.currentRevision - store.committedRevision)
+        metric("etcd_server_proposals_failed_total", "counter", "The total number of failed proposals seen.", 0)
+        out +=
+            "# HELP etcd_server_version Which version is running. 1 for 'server_version' label with current version.\n"
+        out +=
+            "# TYPE etcd_server_version gauge\netcd_server_version{server_version=\"\(EtcdServices.serverVersion)\"} 1\n"
+        out +=
+            "# HELP etcd_cluster_version Which version is running. 1 for 'cluster_version' label with current cluster version\n"
+        let cluster = EtcdServices.clusterVersion.split(separator: ".").prefix(2).joined(separator: ".")
+        out += "# TYPE etcd_cluster_version gauge\netcd_cluster_version{cluster_version=\"\(cluster)\"} 1\n"
+        for name in ["etcd_disk_backend_commit_duration_seconds", "etcd_disk_wal_fsync_duration_seconds"] {
+            let help =
+                name.contains("wal")
+                ? "The latency distributions of fsync called by WAL."
+                : "The latency distributions of commit called by backend."
+            out += "# HELP \(name) \(help)\n# TYPE \(name) histogram\n"
+            out += commits.commitSeconds.lines(name, labels: "")
+        }
+        out += ProcessMetrics.text()
         metric(
             "etcd_server_quota_backend_bytes", "gauge", "Current backend storage quota size in bytes.",
             config.effectiveQuota)

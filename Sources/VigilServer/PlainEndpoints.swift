@@ -1,4 +1,5 @@
 import EtcdAPI
+import Foundation
 import Gateway
 import HTTPCore
 import VigilCore
@@ -30,15 +31,28 @@ final class PlainEndpoints: HTTPHandler {
         return Gateway.errorResponse(e)
     }
 
-    private static let methodNotAllowed = HTTPResponse(
-        status: 405, body: Gateway.errorBody(code: .unimplemented, message: "Method Not Allowed"))
+    /// Go's `http.Error`: plain text with a newline.
+    static func textError(_ status: Int, _ text: String) -> HTTPResponse {
+        HTTPResponse(status: status, contentType: "text/plain; charset=utf-8", body: Array((text + "\n").utf8))
+    }
+
+    private static let methodNotAllowed: HTTPResponse = {
+        var r = textError(405, "Method Not Allowed")
+        r.headers.append(("Allow", "GET"))
+        return r
+    }()
 
     func plain(_ request: HTTPRequest) -> HTTPResponse {
         let get = request.method == "GET" || request.method == "HEAD"
-        switch request.path {
+        let path = request.path
+        if path == "/livez" || path == "/readyz" || path.hasPrefix("/livez/") || path.hasPrefix("/readyz/") {
+            guard get else { return Self.methodNotAllowed }
+            return probe(path: path, query: Query(request.query))
+        }
+        switch path {
         case "/health":
             guard get else { return Self.methodNotAllowed }
-            return health(query: request.query)
+            return health(query: Query(request.query))
         case "/metrics":
             guard get else { return Self.methodNotAllowed }
             return HTTPResponse(
@@ -52,18 +66,85 @@ final class PlainEndpoints: HTTPHandler {
         }
     }
 
-    /// Unhealthy while an alarm is active, unless the query excludes it (`?exclude=NOSPACE`).
-    private func health(query: String) -> HTTPResponse {
-        let excluded = Set(
-            query.split(separator: "&").compactMap { p -> String? in
-                let kv = p.split(separator: "=", maxSplits: 1)
-                return kv.count == 2 && kv[0] == "exclude" ? String(kv[1]) : nil
-            })
-        let alarms = core.services.context.alarms.active
-            .map { $0.alarm == .nospace ? "NOSPACE" : "CORRUPT" }.filter { !excluded.contains($0) }
-        if let first = alarms.first {
-            return HTTPResponse(status: 503, body: Array(#"{"health":"false","reason":"ALARM \#(first)"}"#.utf8))
+    /// The alarms raised, by etcd's names (`NOSPACE`, `CORRUPT`).
+    private var activeAlarms: [String] {
+        core.services.context.alarms.active.map { $0.alarm == .nospace ? "NOSPACE" : "CORRUPT" }
+    }
+
+    /// etcd 3.4's `/health`: unhealthy (503, `{"health":"false"}`, as `http.Error` writes it)
+    /// while an alarm is active, unless the query excludes it (`?exclude=NOSPACE`, 3.5). A
+    /// single member always has a leader, and its reads are local, so `?serializable=true`
+    /// changes nothing here. Counted in `etcd_server_health_success` / `_failures`.
+    private func health(query: Query) -> HTTPResponse {
+        let excluded = Set(query.all("exclude"))
+        if activeAlarms.contains(where: { !excluded.contains($0) }) {
+            core.metrics.healthFailures += 1
+            return Self.textError(503, #"{"health":"false"}"#)
         }
+        core.metrics.healthSuccesses += 1
         return HTTPResponse(status: 200, body: Array(#"{"health":"true"}"#.utf8))
     }
+
+    /// etcd's `/livez` and `/readyz` (3.4.29, 3.5.11): named checks, `?exclude=` or
+    /// `?allowlist=` to choose them, `?verbose` to list them, and one sub-path per check.
+    private func probe(path: String, query: Query) -> HTTPResponse {
+        let parts = path.split(separator: "/").map(String.init)
+        let kind = parts[0]
+        let checks: [(name: String, failure: String?)] =
+            kind == "livez"
+            ? [("serializable_read", nil)]
+            : [
+                ("data_corruption", activeAlarms.contains("CORRUPT") ? "Alarm active: CORRUPT" : nil),
+                ("serializable_read", nil), ("linearizable_read", nil),
+            ]
+        var names = checks.map(\.name)
+        if parts.count > 1 {
+            guard parts.count == 2, names.contains(parts[1]) else { return Self.textError(404, "404 page not found") }
+            names = [parts[1]]
+        }
+        let excluded = Set(query.all("exclude").filter { !$0.isEmpty })
+        let allowed = Set(query.all("allowlist").filter { !$0.isEmpty })
+        if !excluded.isEmpty && !allowed.isEmpty {
+            return Self.textError(400, "both an allowlist and an exclude list are specified in the query")
+        }
+        for (set, verb) in [(excluded, "excluded"), (allowed, "included")] {
+            let unknown = set.subtracting(names).sorted()
+            if !unknown.isEmpty {
+                let quoted = unknown.map { "\"\($0)\"" }.joined(separator: ",")
+                return Self.textError(400, "some health checks cannot be \(verb): no matches for \(quoted)")
+            }
+        }
+        names = names.filter { !excluded.contains($0) && (allowed.isEmpty || allowed.contains($0)) }
+        var lines = ""
+        var failed = false
+        for name in names {
+            if let failure = checks.first(where: { $0.name == name })?.failure {
+                lines += "[-]\(name) failed: \(failure)\n"
+                failed = true
+            } else {
+                lines += "[+]\(name) ok\n"
+            }
+        }
+        if failed { return Self.textError(503, lines + "\(kind) check failed") }
+        let text = query.has("verbose") ? lines + "\(kind) check passed\n" : "ok\n"
+        return HTTPResponse(status: 200, contentType: "text/plain; charset=utf-8", body: Array(text.utf8))
+    }
+}
+
+/// A query string's parameters (percent-decoded; repeated names kept in order).
+struct Query {
+    private var pairs: [(String, String)] = []
+
+    init(_ query: String) {
+        for part in query.split(separator: "&") {
+            let kv = part.split(separator: "=", maxSplits: 1, omittingEmptySubsequences: false)
+            func decode(_ s: Substring) -> String {
+                String(s).replacingOccurrences(of: "+", with: " ").removingPercentEncoding ?? String(s)
+            }
+            pairs.append((decode(kv[0]), kv.count > 1 ? decode(kv[1]) : ""))
+        }
+    }
+
+    func all(_ name: String) -> [String] { pairs.filter { $0.0 == name }.map(\.1) }
+    func has(_ name: String) -> Bool { pairs.contains { $0.0 == name } }
 }

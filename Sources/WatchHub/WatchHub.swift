@@ -264,28 +264,34 @@ public final class WatchHub {
     /// creating a watcher; the API layer uses it for permission refusals.
     public func reject(_ s: WatchStream, _ error: EtcdError) { fail(s, error) }
 
-    private func fail(_ s: WatchStream, _ error: EtcdError) {
-        var f = ResponseFields(headerRevision: delivered, watchID: -1)
+    /// Refuses a create with `reason` as the cancel reason, answered for `watchID` (etcd names
+    /// the requested id when it refuses a watch for permission).
+    public func reject(_ s: WatchStream, reason: String, watchID: Int64) {
+        var f = ResponseFields(headerRevision: delivered, watchID: watchID)
         f.created = true
         f.canceled = true
-        f.cancelReason = error.message
+        f.cancelReason = reason
         send(s, f)
     }
 
+    private func fail(_ s: WatchStream, _ error: EtcdError) { reject(s, reason: error.message, watchID: -1) }
+
     // MARK: Requests
 
-    /// Handles a create request (etcd's order of checks), answering `created` before any event.
-    public func create(_ s: WatchStream, _ c: WatchCreate) {
+    /// Handles a create request (etcd's order of checks), answering `created` before any event;
+    /// the new watcher's id, nil if refused.
+    @discardableResult
+    public func create(_ s: WatchStream, _ c: WatchCreate) -> Int64? {
         var c = c
         if c.key.isEmpty { c.key = [0] }
-        if c.startRevision < 0 { return fail(s, .compacted) }
+        if c.startRevision < 0 { return refuse(s, .compacted) }
         if !c.rangeEnd.isEmpty && c.rangeEnd != [0] && compareBytes(c.key, c.rangeEnd) >= 0 {
-            return fail(s, .watcherRangeEmpty)
+            return refuse(s, .watcherRangeEmpty)
         }
-        guard groups.hasRoom(c.key.count) else { return fail(s, .watchedKeysFull) }
+        guard groups.hasRoom(c.key.count) else { return refuse(s, .watchedKeysFull) }
         let id: Int64
         if c.watchID != 0 {
-            if s.watchers[c.watchID] != nil { return fail(s, .duplicateWatchID) }
+            if s.watchers[c.watchID] != nil { return refuse(s, .duplicateWatchID) }
             id = c.watchID
         } else {
             while s.watchers[s.nextID] != nil { s.nextID += 1 }
@@ -299,7 +305,7 @@ public final class WatchHub {
         if c.startRevision > 0 && c.startRevision < store.compactRevision {
             // Created, then canceled with the compact revision, as etcd answers.
             sendCompacted(s, id)
-            return
+            return nil
         }
         var flags = WatcherFlags(c)
         if start > delivered {
@@ -317,6 +323,12 @@ public final class WatchHub {
         } else if start > delivered + 1 {
             futureStart[w] = start  // revisions below it are skipped
         }
+        return id
+    }
+
+    private func refuse(_ s: WatchStream, _ error: EtcdError) -> Int64? {
+        fail(s, error)
+        return nil
     }
 
     /// Appends `w` to the member list of `g` (the head's `prev` is the tail).
@@ -355,12 +367,13 @@ public final class WatchHub {
         }
     }
 
-    /// Cancels a watcher; unknown ids get no answer.
-    public func cancel(_ s: WatchStream, watchID: Int64) {
+    /// Cancels a watcher (`reason` says why, when the server ends it); unknown ids get no answer.
+    public func cancel(_ s: WatchStream, watchID: Int64, reason: String = "") {
         guard let w = s.watchers.remove(watchID) else { return }
         remove(w, s)
         var f = ResponseFields(headerRevision: delivered, watchID: watchID)
         f.canceled = true
+        f.cancelReason = reason
         send(s, f)
     }
 

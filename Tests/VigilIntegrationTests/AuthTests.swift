@@ -113,6 +113,40 @@ import VigilTesting
         allowed.stop()
     }
 
+    /// Beyond etcd: a watcher whose user loses the permission, or is deleted, is cancelled at
+    /// once with etcd's permission-denied reason (etcd keeps delivering to it).
+    @Test func revokingAccessEndsWatches() throws {
+        try setUp()
+        let reason = "rpc error: code = PermissionDenied desc = etcdserver: permission denied"
+        let c = try BlockingClient(port: server.port)
+        c.connection.metadata = [("token", try token(server, "alice", "apw"))]
+        let w = WatchStreamClient(c.connection)
+        w.create("app/", rangeEnd: "app0", watchID: 7)
+        w.create("app/alice/", rangeEnd: "app/alice0", watchID: 8)
+        w.create("secret", watchID: 9)
+        c.runUntil(seconds: 10) { w.responses.count >= 3 }
+        // Refused at create with etcd's words, for the id asked for.
+        let denied = w.responses.first { $0.watchID == 9 }
+        #expect(denied?.created == true && denied?.canceled == true && denied?.cancelReason == reason)
+        _ = try asUser("root:rootpw", "put", "app/x", "1")
+        c.runUntil(seconds: 10) { w.eventCount >= 1 }
+        #expect(w.eventCount == 1)
+
+        // Losing the role that grants app/ ends watch 7, not watch 8 (alice still writes app/alice/).
+        _ = try asUser("root:rootpw", "user", "revoke-role", "alice", "app-reader")
+        c.runUntil(seconds: 10) { w.responses.contains { $0.watchID == 7 && $0.canceled } }
+        #expect(w.responses.first { $0.watchID == 7 && $0.canceled }?.cancelReason == reason)
+        _ = try asUser("root:rootpw", "put", "app/y", "2")
+        _ = try asUser("root:rootpw", "put", "app/alice/z", "3")
+        c.runUntil(seconds: 10) { w.eventCount >= 2 }
+        #expect(w.events.map { String(decoding: $0.kv.key, as: UTF8.self) } == ["app/x", "app/alice/z"])
+
+        // Deleting the user ends the rest.
+        _ = try asUser("root:rootpw", "user", "delete", "alice")
+        c.runUntil(seconds: 10) { w.responses.contains { $0.watchID == 8 && $0.canceled } }
+        #expect(w.responses.first { $0.watchID == 8 && $0.canceled }?.cancelReason == reason)
+    }
+
     @Test func leasesNeedWriteOnTheirKeys() throws {
         try setUp()
         _ = try ctl.ok("--user", "root:rootpw", "user", "add", "bob:bpw")
@@ -187,6 +221,14 @@ import VigilTesting
                 401, #"{"error":"etcdserver: invalid auth token","code":16,"message":"etcdserver: invalid auth token"}"#
             ))
         #expect(try post(server, "/v3/kv/range", #"{"key":"\#(key)"}"#, token: "forged.1").0 == 401)
+        // grpc-gateway clients may send the token as `Grpc-Metadata-Token`.
+        let fresh = try self.token(server, "alice", "apw")
+        let viaMetadata = try runCommand(
+            try #require(which("curl")),
+            [
+                "-s", "-H", "Grpc-Metadata-Token: \(fresh)", "\(server.url)/v3/kv/range", "-d", #"{"key":"\#(key)"}"#,
+            ])
+        #expect(viaMetadata.stdout.contains(#""kvs""#), "\(viaMetadata.output)")
     }
 
     /// Hostile input to the Auth service: each gets a clear error, never a crash, and the server

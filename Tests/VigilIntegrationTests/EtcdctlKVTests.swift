@@ -55,6 +55,10 @@ func b64(_ s: String) -> String { Data(s.utf8).base64EncodedString() }
             try ctl.ok("get", "k", "--prefix", "--sort-by", "MODIFY", "--order", "DESCEND", "--keys-only")
                 == "k3\n\nk2\n\nk1\n\n")
         #expect(try ctl.ok("get", "--prefix", "", "--keys-only", "--consistency=s") == "k1\n\nk2\n\nk3\n\nl1\n\n")
+        // Ties keep key order, descending too (as etcd's reversed sort leaves them).
+        #expect(
+            try ctl.ok("get", "", "--from-key", "--sort-by", "VERSION", "--order", "DESCEND", "--keys-only")
+                == "k1\n\nk2\n\nk3\n\nl1\n\n")
     }
 
     @Test func historyReadsAndCompaction() throws {

@@ -280,6 +280,23 @@ import VigilTesting
     @Test func healthVersionMetrics() throws {
         let health = try runCommand(curlPath, ["-s", "\(server.url)/health"])
         #expect(health.stdout == #"{"health":"true"}"#)
+        let serializable = try runCommand(curlPath, ["-s", "\(server.url)/health?serializable=true&exclude=NOSPACE"])
+        #expect(serializable.stdout == #"{"health":"true"}"#)
+        let post = try runCommand(curlPath, ["-s", "-w", "%{http_code}", "-X", "POST", "\(server.url)/health"])
+        #expect(post.stdout == "Method Not Allowed\n405")
+        // etcd 3.5/3.6's probes.
+        func get(_ path: String) throws -> String {
+            try runCommand(curlPath, ["-s", "-w", "%{http_code}", "\(server.url)\(path)"]).stdout
+        }
+        #expect(try get("/livez") == "ok\n200")
+        #expect(try get("/readyz") == "ok\n200")
+        #expect(try get("/livez?verbose") == "[+]serializable_read ok\nlivez check passed\n200")
+        #expect(
+            try get("/readyz?verbose&exclude=linearizable_read")
+                == "[+]data_corruption ok\n[+]serializable_read ok\nreadyz check passed\n200")
+        #expect(try get("/readyz/data_corruption?verbose") == "[+]data_corruption ok\nreadyz check passed\n200")
+        #expect(try get("/readyz?exclude=nope").hasSuffix("no matches for \"nope\"\n400"))
+        #expect(try get("/livez/nope").hasSuffix("404"))
         let version = try runCommand(curlPath, ["-s", "\(server.url)/version"])
         #expect(json(version.stdout)?["etcdserver"] as? String == "3.4.23")
         #expect(json(version.stdout)?["etcdcluster"] as? String == "3.4.0")
@@ -306,5 +323,7 @@ import VigilTesting
         #expect(metrics.stdout.contains("vigil_lease_total 0"))
         #expect(metrics.stdout.contains("etcd_debugging_mvcc_current_revision "))
         #expect(metrics.stdout.contains("etcd_debugging_mvcc_watcher_total "))
+        #expect(metrics.stdout.contains("etcd_server_health_success 2\n"))
+        #expect(metrics.stdout.contains("etcd_server_health_failures 0\n"))
     }
 }

@@ -120,6 +120,9 @@ import VigilTesting
         #expect(r.responses.count == 3)
         #expect(r.responses[1].responseRange.kvs.first?.value == Data("me".utf8), "reads see earlier writes")
         #expect(r.responses[2].responseTxn.succeeded, "nested compares are decided before any op runs")
+        // As etcd: the nested txn's header is there but empty; its ops' headers carry the revision.
+        #expect(r.responses[2].responseTxn.hasHeader && r.responses[2].responseTxn.header.revision == 0)
+        #expect(r.responses[2].responseTxn.responses[0].responsePut.header.revision == 2)
         // A put twice on the same key across levels is refused.
         txn.success = [put("k", "1"), innerOp]
         inner.success = [put("k", "2")]
