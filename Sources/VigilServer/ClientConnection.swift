@@ -29,15 +29,20 @@ final class ClientConnection: ByteStreamDelegate {
     private var mode: Mode = .sniffing([])
     private var flushScheduled = false
 
-    init(stream: any ByteStream, tls: TLSStream?, server: VigilServerCore) {
+    /// A `--listen-metrics-urls` connection: only the health and metrics endpoints.
+    private let metricsOnly: Bool
+
+    init(stream: any ByteStream, tls: TLSStream?, server: VigilServerCore, metricsOnly: Bool = false) {
         self.tcp = stream
         self.tls = tls
         self.server = server
+        self.metricsOnly = metricsOnly
     }
 
     /// Plain HTTP requests go to the server's endpoints, through etcd's Common Name guard when
     /// the client presented a certificate with one.
     private var plainHandler: any HTTPHandler {
+        if metricsOnly { return server.metricsEndpoints }
         guard let cn = tls?.peerCommonName, !cn.isEmpty else { return server.plain }
         if let g = commonNameGuard { return g }
         let g = CommonNameGuard(core: server)
@@ -110,7 +115,8 @@ final class ClientConnection: ByteStreamDelegate {
             session: session, handler: plainHandler, maxBodyBytes: server.plainBodyLimit, needsFlush: flush)
         let grpc = GRPCConnection(
             session: session, maxMessageBytes: server.limits.maxReceiveMessageBytes,
-            route: { [unowned server] path in server.route(path) }, others: plain, needsFlush: flush)
+            route: { [unowned server, metricsOnly] path in metricsOnly ? nil : server.route(path) }, others: plain,
+            needsFlush: flush)
         // etcd's CN auth: only with --client-cert-auth, for gRPC calls without a token.
         if server.config.clientTLS.clientCertAuth { grpc.peerCommonName = tls?.peerCommonName }
         mode = .http2(session, grpc, plain)

@@ -76,6 +76,9 @@ public struct Configuration: Sendable {
     public var cipherSuites: [String] = []
     /// The `--peer-*` TLS flags: checked at start (a single member has no peer traffic).
     public var peerTLS = TLSFiles()
+    /// `--listen-metrics-urls`: more listeners serving only `/metrics`, `/health`, `/livez` and
+    /// `/readyz` (plain HTTP, or HTTPS with the client certificate).
+    public var listenMetricsURLs: [String] = []
     /// A TLS handshake must finish within this time.
     public var tlsHandshakeTimeoutMs: UInt64 = 10_000
 
@@ -94,7 +97,14 @@ public struct Configuration: Sendable {
     /// The addresses to listen on, from `--listen-client-urls`; an `https://` URL needs a
     /// certificate (`--cert-file`/`--key-file` or `--auto-tls`).
     public func listenAddresses() throws -> [ListenAddress] {
-        try listenClientURLs.map { url in
+        try addresses(listenClientURLs)
+    }
+
+    /// The `--listen-metrics-urls` addresses.
+    public func metricsAddresses() throws -> [ListenAddress] { try addresses(listenMetricsURLs) }
+
+    private func addresses(_ urls: [String]) throws -> [ListenAddress] {
+        try urls.map { url in
             let a = try Self.parseURL(url)
             if a.secure && clientTLS.certFile == nil && !clientTLS.autoTLS {
                 throw ConfigurationError(

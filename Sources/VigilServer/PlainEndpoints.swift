@@ -131,6 +131,23 @@ final class PlainEndpoints: HTTPHandler {
     }
 }
 
+/// The `--listen-metrics-urls` listeners' endpoints: metrics and health only, as etcd serves there.
+final class MetricsEndpoints: HTTPHandler {
+    private unowned let core: VigilServerCore
+
+    init(core: VigilServerCore) { self.core = core }
+
+    func handle(_ request: HTTPRequest, _ out: any HTTPResponder) {
+        let p = request.path
+        guard p == "/metrics" || p == "/health" || p.hasPrefix("/livez") || p.hasPrefix("/readyz") else {
+            return out.respond(PlainEndpoints.textError(404, "404 page not found"))
+        }
+        out.respond(core.plain.plain(request))
+    }
+
+    func response(for refusal: HTTPRefusal) -> HTTPResponse { core.plain.response(for: refusal) }
+}
+
 /// A query string's parameters (percent-decoded; repeated names kept in order).
 struct Query {
     private var pairs: [(String, String)] = []

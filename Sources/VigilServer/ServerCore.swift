@@ -40,6 +40,8 @@ final class VigilServerCore {
     var metrics = ServerMetrics()
     /// Plain HTTP (gateway and endpoints) for both transports.
     private(set) lazy var plain = PlainEndpoints(core: self)
+    /// The `--listen-metrics-urls` endpoints.
+    private(set) lazy var metricsEndpoints = MetricsEndpoints(core: self)
     /// The HTTP/2 connections' shared output buffer (see `ClientConnection.flush`).
     var output: [UInt8] = []
     private(set) var listeners: [TCPListener] = []
@@ -109,11 +111,22 @@ final class VigilServerCore {
             listeners.append(l)
             ports.append(l.port)
         }
+        for a in try config.metricsAddresses() {
+            let l = try TCPListener(loop: loop, host: a.host, port: a.port) { [unowned self] tcp in
+                accept(tcp, secure: a.secure, metricsOnly: true)
+            }
+            listeners.append(l)
+            metricsPorts.append(l.port)
+            logger.info("serving metrics", metadata: ["address": "\(a.host):\(l.port)"])
+        }
         background = BackgroundWork(core: self, autoCompaction: autoCompaction)
         return ports
     }
 
-    private func accept(_ tcp: TCPConnection, secure: Bool) {
+    /// Ports of the `--listen-metrics-urls` listeners.
+    private(set) var metricsPorts: [Int] = []
+
+    private func accept(_ tcp: TCPConnection, secure: Bool, metricsOnly: Bool = false) {
         var stream: any ByteStream = tcp
         var tlsStream: TLSStream?
         if secure, let tls {
@@ -130,7 +143,7 @@ final class VigilServerCore {
                 return
             }
         }
-        let c = ClientConnection(stream: stream, tls: tlsStream, server: self)
+        let c = ClientConnection(stream: stream, tls: tlsStream, server: self, metricsOnly: metricsOnly)
         connections[ObjectIdentifier(c)] = c
         c.start()
     }
@@ -180,7 +193,7 @@ final class VigilServerCore {
     static func makeTLS(_ config: Configuration, logger: Logger) throws -> TLSContext? {
         let addresses = try config.listenAddresses()
         if !config.peerTLS.isEmpty { _ = try tlsContext(config.peerTLS, [], dir: config.dataDir + "/fixtures/peer") }
-        let secure = addresses.filter(\.secure)
+        let secure = addresses.filter(\.secure) + (try config.metricsAddresses()).filter(\.secure)
         guard !secure.isEmpty else {
             if !config.clientTLS.isEmpty {
                 logger.warning("TLS files are given but no --listen-client-urls is https://: serving plaintext only")

@@ -11,6 +11,11 @@ import VigilCore
 /// (for embedding) and returns once the listeners are bound. Other threads reach the loop only
 /// through `submit`, one wakeup.
 public final class VigilServer: @unchecked Sendable {
+    /// Vigil's own version.
+    public static let version = "0.7.0"
+    /// The etcd version Vigil answers as (Status, `/version`, `--version`).
+    public static var etcdVersion: String { EtcdServices.serverVersion }
+
     public let configuration: Configuration
     private let logger: Logger
     /// Guards `inbox`, `wakeup` and `stopLoop` (touched from any thread).

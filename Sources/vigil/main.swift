@@ -90,6 +90,23 @@ struct VigilCommand: ParsableCommand {
     var bcryptCost: Int?
     @Flag(name: .customLong("unsafe-no-fsync"), help: "Disables fsync: unsafe, for tests only.")
     var unsafeNoFsync = false
+    @Option(
+        name: .customLong("config-file"),
+        help: "Path to etcd's YAML configuration file; other flags and ETCD_* variables are then ignored, as etcd does."
+    )
+    var configFile: String?
+    @Option(name: .customLong("logger"), help: "capnslog (text lines, the default) or zap (etcd's JSON lines).")
+    var logger: String?
+    @Option(
+        name: .customLong("log-outputs"),
+        help: "Where logs go: default, stderr, stdout, or file paths (comma-separated).")
+    var logOutputs: String?
+    @Option(
+        name: .customLong("listen-metrics-urls"),
+        help: "Comma-separated URLs to serve /metrics and /health (and /livez, /readyz) on, beside the client URLs.")
+    var listenMetricsURLs: String?
+    @Flag(name: .customLong("version"), help: "Print the version and exit.")
+    var version = false
 
     // TLS, as etcd's flags.
     @Option(name: .customLong("cert-file"), help: "Path to the client server TLS cert file.")
@@ -124,14 +141,28 @@ struct VigilCommand: ParsableCommand {
     @Option(name: .customLong("tls-handshake-timeout"), help: "Seconds a TLS handshake may take (default 10).")
     var tlsHandshakeTimeout: Double?
 
+    /// A setting: the flag, else its `ETCD_*` variable; with `--config-file`, the file's key alone
+    /// (etcd ignores flags and variables then).
     private func value(_ flag: String?, _ env: String) -> String? {
-        flag ?? ProcessInfo.processInfo.environment[env]
+        if let file = settingsFile { return file[ConfigFile.key(forEnvironment: env)] }
+        return flag ?? ProcessInfo.processInfo.environment[env]
+    }
+
+    /// A numeric setting, checked for type wherever it came from.
+    private func number<T: LosslessStringConvertible>(_ flag: T?, _ env: String, as: T.Type) throws -> T? {
+        let raw: String?
+        if settingsFile != nil || flag == nil { raw = value(nil, env) } else { return flag }
+        guard let raw else { return nil }
+        guard let v = T(raw) else {
+            throw ValidationError("invalid value \"\(raw)\" for --\(ConfigFile.key(forEnvironment: env))")
+        }
+        return v
     }
 
     /// A boolean flag, or its `ETCD_*` variable ("true"/"false", as Go parses them).
     private func boolean(_ flag: Bool, _ env: String) throws -> Bool {
-        if flag { return true }
-        guard let v = ProcessInfo.processInfo.environment[env] else { return false }
+        if flag && settingsFile == nil { return true }
+        guard let v = value(nil, env) else { return false }
         switch v.lowercased() {
         case "1", "t", "true": return true
         case "0", "f", "false", "": return false
@@ -143,7 +174,20 @@ struct VigilCommand: ParsableCommand {
         s.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) }.filter { !$0.isEmpty }
     }
 
+    /// The settings of `--config-file`, flattened to flag names (read by `loadConfigFile`).
+    var settingsFile: [String: String]? {
+        get { FileSettings.shared.values }
+        nonmutating set { FileSettings.shared.values = newValue }
+    }
+
+    /// Reads `--config-file` (or `ETCD_CONFIG_FILE`), if given.
+    func loadConfigFile() throws {
+        guard let path = configFile ?? ProcessInfo.processInfo.environment["ETCD_CONFIG_FILE"] else { return }
+        settingsFile = try ConfigFile.load(path)
+    }
+
     func makeConfiguration() throws -> Configuration {
+        try loadConfigFile()
         var c = Configuration()
         if let v = value(name, "ETCD_NAME") { c.name = v }
         if let v = value(dataDir, "ETCD_DATA_DIR") { c.dataDir = v }
@@ -161,19 +205,19 @@ struct VigilCommand: ParsableCommand {
                     "--initial-cluster must list only this member (\(c.name)): Vigil is a single-member server")
             }
         }
-        if let v = maxRequestBytes ?? value(nil, "ETCD_MAX_REQUEST_BYTES").flatMap(Int.init) {
+        if let v = try number(maxRequestBytes, "ETCD_MAX_REQUEST_BYTES", as: Int.self) {
             guard v > 0 else { throw ValidationError("--max-request-bytes must be positive") }
             c.limits.maxRequestBytes = v
         }
-        if let v = maxTxnOps ?? value(nil, "ETCD_MAX_TXN_OPS").flatMap(Int.init) {
+        if let v = try number(maxTxnOps, "ETCD_MAX_TXN_OPS", as: Int.self) {
             guard v > 0 else { throw ValidationError("--max-txn-ops must be positive") }
             c.limits.maxTxnOps = v
         }
-        if let v = maxConcurrentStreams ?? value(nil, "ETCD_MAX_CONCURRENT_STREAMS").flatMap(UInt32.init) {
+        if let v = try number(maxConcurrentStreams, "ETCD_MAX_CONCURRENT_STREAMS", as: UInt32.self) {
             guard v > 0 else { throw ValidationError("--max-concurrent-streams must be positive") }
             c.maxConcurrentStreams = v
         }
-        if let v = quotaBackendBytes ?? value(nil, "ETCD_QUOTA_BACKEND_BYTES").flatMap(Int64.init) {
+        if let v = try number(quotaBackendBytes, "ETCD_QUOTA_BACKEND_BYTES", as: Int64.self) {
             c.quotaBackendBytes = v
         }
         if let v = value(watchProgressNotifyInterval, "ETCD_EXPERIMENTAL_WATCH_PROGRESS_NOTIFY_INTERVAL") {
@@ -183,23 +227,23 @@ struct VigilCommand: ParsableCommand {
             }
             c.watchProgressNotifyIntervalMs = ms
         }
-        if let v = watchRingMaxEvents {
+        if let v = try number(watchRingMaxEvents, "ETCD_WATCH_RING_MAX_EVENTS", as: Int.self) {
             guard v > 0 else { throw ValidationError("--watch-ring-max-events must be positive") }
             c.watch.ringMaxEvents = v
         }
-        if let v = watchRingMaxBytes {
+        if let v = try number(watchRingMaxBytes, "ETCD_WATCH_RING_MAX_BYTES", as: Int.self) {
             guard v > 0 else { throw ValidationError("--watch-ring-max-bytes must be positive") }
             c.watch.ringMaxBytes = v
         }
-        if let v = watchStreamQueueBytes {
+        if let v = try number(watchStreamQueueBytes, "ETCD_WATCH_STREAM_QUEUE_BYTES", as: Int.self) {
             guard v > 0 else { throw ValidationError("--watch-stream-queue-bytes must be positive") }
             c.watch.streamQueueLimit = v
         }
-        if let v = httpReadTimeout {
+        if let v = try number(httpReadTimeout, "ETCD_HTTP_READ_TIMEOUT", as: Double.self) {
             guard v > 0 else { throw ValidationError("--http-read-timeout must be positive") }
             c.httpReadTimeoutMs = UInt64(v * 1000)
         }
-        c.restoreSnapshot = restoreSnapshot
+        c.restoreSnapshot = value(restoreSnapshot, "ETCD_RESTORE_SNAPSHOT")
         if let v = value(authToken, "ETCD_AUTH_TOKEN") { try c.setAuthToken(v) }
         c.clientTLS.certFile = value(certFile, "ETCD_CERT_FILE")
         c.clientTLS.keyFile = value(keyFile, "ETCD_KEY_FILE")
@@ -220,15 +264,15 @@ struct VigilCommand: ParsableCommand {
         if (c.peerTLS.certFile == nil) != (c.peerTLS.keyFile == nil) {
             throw ValidationError("--peer-cert-file and --peer-key-file must be given together")
         }
-        if let v = tlsHandshakeTimeout {
+        if let v = try number(tlsHandshakeTimeout, "ETCD_TLS_HANDSHAKE_TIMEOUT", as: Double.self) {
             guard v > 0 else { throw ValidationError("--tls-handshake-timeout must be positive") }
             c.tlsHandshakeTimeoutMs = UInt64(v * 1000)
         }
-        if let v = authTokenTTL ?? value(nil, "ETCD_AUTH_TOKEN_TTL").flatMap(Int.init) {
+        if let v = try number(authTokenTTL, "ETCD_AUTH_TOKEN_TTL", as: Int.self) {
             guard v > 0 else { throw ValidationError("--auth-token-ttl must be positive") }
             c.auth.tokenTTLSeconds = v
         }
-        if let v = bcryptCost ?? value(nil, "ETCD_BCRYPT_COST").flatMap(Int.init) {
+        if let v = try number(bcryptCost, "ETCD_BCRYPT_COST", as: Int.self) {
             guard (4...31).contains(v) else { throw ValidationError("--bcrypt-cost must be between 4 and 31") }
             c.auth.bcryptCost = v
         }
@@ -236,13 +280,14 @@ struct VigilCommand: ParsableCommand {
         c.autoCompactionMode =
             value(autoCompactionMode, "ETCD_AUTO_COMPACTION_MODE")
             ?? (c.autoCompactionRetention == "0" ? "" : "periodic")
-        if let v = autoCompactionCheckInterval {
+        if let v = value(autoCompactionCheckInterval, "ETCD_AUTO_COMPACTION_CHECK_INTERVAL") {
             guard let ms = Self.durationMs(v), ms > 0 else {
                 throw ValidationError("invalid --auto-compaction-check-interval \(v)")
             }
             c.autoCompactionCheckMs = ms
         }
-        c.unsafeNoFsync = unsafeNoFsync || ProcessInfo.processInfo.environment["ETCD_UNSAFE_NO_FSYNC"] == "true"
+        c.unsafeNoFsync = try boolean(unsafeNoFsync, "ETCD_UNSAFE_NO_FSYNC")
+        if let v = value(listenMetricsURLs, "ETCD_LISTEN_METRICS_URLS") { c.listenMetricsURLs = Self.list(v) }
         _ = try c.listenAddresses()
         return c
     }
@@ -261,12 +306,28 @@ struct VigilCommand: ParsableCommand {
     }
 
     func run() throws {
+        if version {
+            print(VersionText.text)
+            return
+        }
         let config = try makeConfiguration()
         let level = try logLevelValue()
-        LoggingSystem.bootstrap { label in
-            var h = StreamLogHandler.standardError(label: label)
-            h.logLevel = level
-            return h
+        let outputs = try LogOutputs.open(value(logOutputs, "ETCD_LOG_OUTPUTS").map(Self.list) ?? ["default"])
+        switch value(logger, "ETCD_LOGGER") ?? "capnslog" {
+        case "zap":
+            LoggingSystem.bootstrap { label in
+                var h = ZapJSONLogHandler(label: label, outputs: outputs)
+                h.logLevel = level
+                return h
+            }
+        case "capnslog":
+            LoggingSystem.bootstrap { label in
+                var h = StreamLogHandler.standardError(label: label)
+                h.logLevel = level
+                return h
+            }
+        case let other:
+            throw ValidationError("unknown --logger \(other): capnslog or zap")
         }
         // Buffers of 128 KiB and more (the watch hub's tables, large responses) get their own
         // mappings and go back to the system when freed. glibc's default raises this threshold
@@ -277,6 +338,16 @@ struct VigilCommand: ParsableCommand {
         #endif
         let logger = Logger(label: "vigil")
         logger.info("starting vigil", metadata: ["name": "\(config.name)", "data-dir": "\(config.dataDir)"])
+        if let file = configFile ?? ProcessInfo.processInfo.environment["ETCD_CONFIG_FILE"] {
+            logger.info(
+                "Loading server configuration from \"\(file)\". Other configuration command line flags and environment variables will be ignored if provided."
+            )
+        }
+        for (flag, value) in IgnoredFlags.seen {
+            logger.notice(
+                "flag ignored: a single-member Vigil has no Raft, WAL or profiler",
+                metadata: ["flag": "--\(flag)", "value": "\(value)"])
+        }
         try VigilServer(configuration: config, logger: logger).run()
     }
 }
@@ -285,7 +356,7 @@ struct VigilCommand: ParsableCommand {
 /// `--client-cert-auth=true`); ArgumentParser's flags take no value, so those are rewritten.
 func goBooleanFlags(_ args: [String]) -> [String] {
     let booleans: Set<String> = [
-        "client-cert-auth", "auto-tls", "peer-client-cert-auth", "peer-auto-tls", "unsafe-no-fsync",
+        "client-cert-auth", "auto-tls", "peer-client-cert-auth", "peer-auto-tls", "unsafe-no-fsync", "version",
     ]
     return args.compactMap { a in
         guard a.hasPrefix("-"), let eq = a.firstIndex(of: "=") else { return a }
@@ -300,4 +371,10 @@ func goBooleanFlags(_ args: [String]) -> [String] {
 }
 
 EventLoop.preferShortTurns()
-VigilCommand.main(goBooleanFlags(Array(CommandLine.arguments.dropFirst())))
+do {
+    let args = try IgnoredFlags.extract(goBooleanFlags(Array(CommandLine.arguments.dropFirst())))
+    VigilCommand.main(args)
+} catch {
+    FileHandle.standardError.write(Data("Error: \(error)\n".utf8))
+    exit(64)
+}
