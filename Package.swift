@@ -35,7 +35,7 @@ let package = Package(
         .target(name: "LMDBBackend", dependencies: ["CLMDB", "MVCC"]),
         .target(name: "Passwords", dependencies: ["CCrypt"]),
         // TLS on the loop (memory BIOs) and JWT signatures, with OpenSSL.
-        .target(name: "TLS", dependencies: ["COpenSSL", "EventLoop"]),
+        .target(name: "TLS", dependencies: ["COpenSSL", "EventLoop", "VigilCore"]),
 
         // Deterministic core: no C, no protobuf, no clock of its own.
         .target(name: "VigilCore"),
@@ -72,7 +72,7 @@ let package = Package(
         .executableTarget(
             name: "vigil",
             dependencies: [
-                "VigilServer", "EventLoop", "CMalloc",
+                "VigilServer", "VigilCore", "EventLoop", "CMalloc",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "Yams", package: "Yams"),

@@ -1,5 +1,6 @@
 import COpenSSL
 import Foundation
+import VigilCore
 
 /// etcd's JWT tokens (`--auth-token jwt,pub-key=…,priv-key=…,sign-method=…,ttl=…`): a JWS in
 /// compact form with etcd's claims `username`, `revision` and `exp`, signed and checked with
@@ -81,7 +82,7 @@ public final class JWTSigner: @unchecked Sendable {
     public func sign(username: String, revision: UInt64, now: Date = Date()) -> String? {
         guard let privateKey else { return nil }
         let exp = Int64(now.timeIntervalSince1970) + Int64(ttlSeconds)
-        let claims = "{\"exp\":\(exp),\"revision\":\(revision),\"username\":\(Self.jsonString(username))}"
+        let claims = "{\"exp\":\(exp),\"revision\":\(revision),\"username\":\(JSONText.quote(username))}"
         let input = encodedHeader + "." + Self.base64URL(Array(claims.utf8))
         guard let sig = signature(Array(input.utf8), key: privateKey) else { return nil }
         return input + "." + Self.base64URL(sig)
@@ -207,26 +208,6 @@ public final class JWTSigner: @unchecked Sendable {
         var t = s.replacingOccurrences(of: "-", with: "+").replacingOccurrences(of: "_", with: "/")
         while t.count % 4 != 0 { t += "=" }
         return Data(base64Encoded: t).map { Array($0) }
-    }
-
-    static func jsonString(_ s: String) -> String {
-        var out = "\""
-        for u in s.unicodeScalars {
-            switch u {
-            case "\"": out += "\\\""
-            case "\\": out += "\\\\"
-            case "\n": out += "\\n"
-            case "\r": out += "\\r"
-            case "\t": out += "\\t"
-            default:
-                if u.value < 0x20 {
-                    out += String(format: "\\u%04x", u.value)
-                } else {
-                    out.unicodeScalars.append(u)
-                }
-            }
-        }
-        return out + "\""
     }
 
     /// etcd's option string after `jwt,`: `pub-key=…,priv-key=…,sign-method=…,ttl=…`.
