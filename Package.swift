@@ -44,6 +44,8 @@ let package = Package(
         .target(name: "WatchHub", dependencies: ["MVCC", "IntervalTree", "VigilCore"]),
         .target(name: "Lease", dependencies: ["VigilCore"]),
         .target(name: "Auth", dependencies: ["VigilCore"]),
+        // bbolt's file format (etcd's snapshots), in Swift.
+        .target(name: "Bolt"),
 
         // Protocol layers.
         .target(name: "GRPC", dependencies: ["HTTP2", "VigilCore"]),
@@ -51,7 +53,7 @@ let package = Package(
         .target(
             name: "EtcdAPI",
             dependencies: [
-                "EtcdProto", "MVCC", "GRPC", "WatchHub", "Lease", "Auth", "VigilCore",
+                "EtcdProto", "MVCC", "GRPC", "WatchHub", "Lease", "Auth", "VigilCore", "Bolt",
                 .product(name: "SwiftProtobuf", package: "swift-protobuf"),
             ]),
         .target(
@@ -66,7 +68,7 @@ let package = Package(
             name: "VigilServer",
             dependencies: [
                 "EtcdAPI", "EtcdProto", "Gateway", "Auth", "Passwords", "WatchHub", "EventLoop", "HTTPCore", "HTTP1",
-                "HTTP2", "TLS", "CMalloc",
+                "HTTP2", "TLS", "CMalloc", "Bolt",
                 "GRPC", "LMDBBackend", "MVCC", "VigilCore", .product(name: "Logging", package: "swift-log"),
             ]),
         .executableTarget(
@@ -125,6 +127,7 @@ let package = Package(
             ], path: "Examples/config-push", exclude: ["README.md"]),
 
         .testTarget(name: "MVCCTests", dependencies: ["MVCC"]),
+        .testTarget(name: "BoltTests", dependencies: ["Bolt"]),
         .testTarget(name: "WatchHubTests", dependencies: ["WatchHub", "IntervalTree", "MVCC"]),
         .testTarget(name: "GRPCTests", dependencies: ["GRPC"]),
         .testTarget(name: "EventLoopTests", dependencies: ["EventLoop"]),
@@ -142,7 +145,7 @@ let package = Package(
         .testTarget(
             name: "VigilIntegrationTests",
             dependencies: [
-                "VigilTesting", "EtcdProto", "GRPC", "MVCC", "FuzzHarness", "VigilServer",
+                "VigilTesting", "EtcdProto", "GRPC", "MVCC", "FuzzHarness", "VigilServer", "Bolt",
                 .product(name: "Logging", package: "swift-log"), "VigilCore",
                 .product(name: "SwiftProtobuf", package: "swift-protobuf"),
             ]),

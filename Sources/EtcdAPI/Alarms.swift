@@ -22,7 +22,7 @@ public final class Alarms {
         }
     }
 
-    private static func name(_ t: Etcdserverpb_AlarmType) -> String { "alarm/\(t)" }
+    static func name(_ t: Etcdserverpb_AlarmType) -> String { "alarm/\(t)" }
 
     public func isActive(_ t: Etcdserverpb_AlarmType) -> Bool { active.contains { $0.alarm == t } }
 

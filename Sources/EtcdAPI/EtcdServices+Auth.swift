@@ -244,7 +244,7 @@ final class AuthRecordsInStore: AuthRecords {
     }
 
     /// The backend name of a user's or role's record.
-    private static func blobName(_ prefix: String, _ name: String) -> String {
+    static func blobName(_ prefix: String, _ name: String) -> String {
         var h = SHA256()
         h.update(Array(name.utf8))
         return prefix + h.finish().map { String($0, radix: 16).leftPadded(to: 2) }.joined()

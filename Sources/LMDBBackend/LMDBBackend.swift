@@ -66,12 +66,14 @@ public final class LMDBBackend: Backend, @unchecked Sendable {
                 throw error
             }
         } catch {
+            // Closed once: a throwing init still runs deinit, which would close it again.
             mdb_env_close(env)
+            env = nil
             throw error
         }
     }
 
-    deinit { mdb_env_close(env) }
+    deinit { if env != nil { mdb_env_close(env) } }
 
     public func load() throws -> (records: [Record], meta: [String: Int64]) {
         var txn: OpaquePointer?

@@ -1,8 +1,10 @@
+import Bolt
 import EtcdAPI
 import EventLoop
 import Foundation
 import LMDBBackend
 import Logging
+import MVCC
 import VigilCore
 
 /// Maintenance's view of the LMDB backend: its sizes, and the copies (defragment, hash, snapshot)
@@ -13,6 +15,8 @@ final class BackendMaintenance: MaintenanceBackend {
     private unowned let commits: CommitCoordinator
     private let logger: Logger
     private let snapshotDirectory: String
+    /// This member as the snapshot's `members` bucket names it (set once the services exist).
+    var identity: (() -> MemberIdentity)?
 
     init(loop: EventLoop, backend: LMDBBackend, commits: CommitCoordinator, logger: Logger, snapshotDirectory: String) {
         self.loop = loop
@@ -49,38 +53,103 @@ final class BackendMaintenance: MaintenanceBackend {
         commits.exclusive({ result.value = Result { try backend.hash() } }, done: { done(result.value) })
     }
 
+    /// A snapshot in etcd's format (a bbolt file with etcd's buckets), made off the loop from one
+    /// consistent read of the backend, with no commit in flight.
     func snapshot(_ done: @escaping (Result<String, any Error>) -> Void) {
         let backend = self.backend
         let file = snapshotDirectory + "/snapshot-\(UInt64.random(in: 0...UInt64.max)).db"
         let result = Handoff<Result<String, any Error>>(.failure(EtcdError.notCapable))
+        guard let identity = identity?() else { return done(.failure(EtcdError.notCapable)) }
+        let clusterVersion = EtcdServices.clusterVersion
         commits.exclusive(
             {
                 result.value = Result {
-                    try backend.copy(to: file)
+                    let (records, meta) = try backend.load()
+                    let buckets = try EtcdSnapshot.buckets(
+                        records: records, meta: meta, blobs: try backend.loadBlobs(), identity: identity,
+                        clusterVersion: clusterVersion)
+                    try Bolt.write(buckets, to: file)
                     return file
                 }
             }, done: { done(result.value) })
     }
 }
 
-/// Puts a snapshot file in place as the data file of an empty member directory (`--restore-snapshot`);
-/// a trailing SHA-256 (as the Snapshot stream ends) is checked and dropped.
+/// `--restore-snapshot`: starts an empty member directory from a snapshot, an etcd one (bbolt,
+/// from a real etcd or from Vigil: revisions, keys, leases, users and roles kept) or one of
+/// Vigil's older LMDB copies. A trailing SHA-256 (as etcd's and Vigil's Snapshot streams end) must
+/// match. The member directory is built aside and moved into place only when whole: a refused
+/// file leaves the data directory as it was.
 enum SnapshotRestore {
-    static func restore(snapshot: String, into member: String, logger: Logger) throws {
+    struct Refused: Error, CustomStringConvertible {
+        let description: String
+    }
+
+    static func restore(snapshot: String, into member: String, mapSize: Int, logger: Logger) throws {
         let target = member + "/data.mdb"
         if FileManager.default.fileExists(atPath: target) {
             logger.warning(
                 "--restore-snapshot ignored: the data directory already holds data", metadata: ["file": "\(target)"])
             return
         }
-        var data = try Data(contentsOf: URL(fileURLWithPath: snapshot))
-        if data.count > 32 {
+        let data: Data
+        do { data = try Data(contentsOf: URL(fileURLWithPath: snapshot), options: .alwaysMapped) } catch {
+            throw Refused(description: "cannot read snapshot \(snapshot): \(error.localizedDescription)")
+        }
+        // etcd's rule: a file whose size is a multiple of 512 plus 32 ends with a SHA-256 of the rest.
+        var length = data.count
+        if data.count % 512 == 32 {
             var sha = SHA256()
             sha.update(data.prefix(data.count - 32))
-            if Data(sha.finish()) == data.suffix(32) { data = data.prefix(data.count - 32) }
+            let expected = Array(data.suffix(32)), got = sha.finish()
+            guard expected == got else {
+                throw Refused(
+                    description:
+                        "snapshot \(snapshot) failed its integrity check: expected sha256 \(hex(expected)), got \(hex(got))"
+                )
+            }
+            length -= 32
         }
-        try FileManager.default.createDirectory(atPath: member, withIntermediateDirectories: true)
-        try data.write(to: URL(fileURLWithPath: target))
-        logger.info("restored snapshot", metadata: ["file": "\(snapshot)", "bytes": "\(data.count)"])
+        let building = member + ".restoring"
+        try? FileManager.default.removeItem(atPath: building)
+        do {
+            try FileManager.default.createDirectory(atPath: building, withIntermediateDirectories: true)
+            if length >= 20 && Bolt.Reader.isBolt(data) {
+                try restoreBolt(snapshot, into: building, mapSize: mapSize, logger: logger)
+            } else {
+                try data.prefix(length).write(to: URL(fileURLWithPath: building + "/data.mdb"))
+                _ = try LMDBBackend(path: building, mapSize: mapSize).load()
+            }
+            try? FileManager.default.removeItem(atPath: member)
+            try FileManager.default.moveItem(atPath: building, toPath: member)
+        } catch {
+            try? FileManager.default.removeItem(atPath: building)
+            if error is Refused || error is EtcdSnapshot.Refused || error is Bolt.FormatError { throw error }
+            throw Refused(description: "cannot restore snapshot \(snapshot): \(error)")
+        }
+        logger.info("restored snapshot", metadata: ["file": "\(snapshot)", "bytes": "\(length)"])
     }
+
+    private static func restoreBolt(_ snapshot: String, into dir: String, mapSize: Int, logger: Logger) throws {
+        let reader = try Bolt.Reader(path: snapshot)
+        let started = Date()
+        let content = try EtcdSnapshot.read(reader) { n in
+            logger.info("restoring snapshot", metadata: ["records": "\(n)", "file": "\(snapshot)"])
+        }
+        let backend = try LMDBBackend(path: dir, mapSize: mapSize)
+        var batch = WriteBatch()
+        batch.records = content.records
+        batch.meta = content.meta
+        batch.blobs = content.blobs.mapValues { Optional($0) }
+        batch.revision = content.meta[MetaKey.currentRevision] ?? 1
+        try backend.commit(batch)
+        logger.info(
+            "restored an etcd snapshot",
+            metadata: [
+                "records": "\(content.records.count)", "revision": "\(batch.revision)",
+                "took_s": "\(String(format: "%.1f", Date().timeIntervalSince(started)))",
+            ])
+    }
+
+    private static func hex(_ b: [UInt8]) -> String { b.map { String(format: "%02x", $0) }.joined() }
 }

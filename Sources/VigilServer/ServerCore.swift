@@ -66,7 +66,9 @@ final class VigilServerCore {
         let dir = config.dataDir
         try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
         if let snap = config.restoreSnapshot {
-            try SnapshotRestore.restore(snapshot: snap, into: dir + "/member", logger: logger)
+            try SnapshotRestore.restore(
+                snapshot: snap, into: dir + "/member", mapSize: Int(max(config.effectiveQuota * 2, 8 << 30)),
+                logger: logger)
         }
         let mapSize = Int(max(config.effectiveQuota * 2, 8 << 30))
         backend = try LMDBBackend(path: dir + "/member", mapSize: mapSize, noSync: config.unsafeNoFsync)
@@ -92,6 +94,7 @@ final class VigilServerCore {
                 offload: { work, done in ThreadPool.submit(on: loop, work: work, done: done) },
                 hasher: BcryptHasher(), restored: RestoredState(meta: meta, blobs: blobs), watch: watch,
                 auth: config.auth))
+        maintenance.identity = { [unowned services] in services.context.identity }
         loop.measureTurns { [unowned self] ns in metrics.turn(nanoseconds: ns) }
         logger.info(
             "store loaded",
