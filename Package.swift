@@ -53,7 +53,7 @@ let package = Package(
         .target(
             name: "EtcdAPI",
             dependencies: [
-                "EtcdProto", "MVCC", "GRPC", "WatchHub", "Lease", "Auth", "VigilCore", "Bolt",
+                "EtcdProto", "MVCC", "GRPC", "WatchHub", "Lease", "Auth", "VigilCore", "Bolt", "COpenSSL",
                 .product(name: "SwiftProtobuf", package: "swift-protobuf"),
             ]),
         .target(

@@ -55,115 +55,187 @@ public enum Bolt {
 // MARK: - Writing
 
 extension Bolt {
-    /// Writes `buckets` (top-level, sorted here) as a bbolt file to `path`.
+    /// Writes `buckets` (top-level; entries sorted here) as a bbolt file to `path`.
     public static func write(_ buckets: [Bucket], to path: String, pageSize: Int = 4096) throws {
-        var w = Writer(pageSize: pageSize)
-        let data = try w.file(buckets)
-        guard FileManager.default.createFile(atPath: path, contents: data) else {
-            throw FormatError("cannot write \(path)")
-        }
+        let w = try FileWriter(path: path, pageSize: pageSize)
+        for b in buckets { try w.bucket(b) }
+        try w.finish()
     }
 
-    struct Writer {
+    /// Writes a bbolt file as it goes: each bucket's leaves go to the file as they fill, so a bucket
+    /// of any size takes memory only for its branch levels. Top-level buckets are written one after
+    /// another; `finish` writes the root bucket and the metas.
+    public final class FileWriter {
         let pageSize: Int
-        /// Pages after the two metas and the freelist, as laid out.
-        var body: [UInt8] = []
-        var nextPage: UInt64 = 3
+        private let handle: FileHandle
+        private var pending: [UInt8] = []
+        private var nextPage: UInt64 = 3
+        /// Top-level buckets written: name → root page.
+        private var roots: [(name: [UInt8], page: UInt64)] = []
+        // The bucket being written.
+        private var current: [UInt8]?
+        private var level: [(firstKey: [UInt8], page: UInt64)] = []
+        private var chunk: [(key: [UInt8], value: [UInt8], flags: UInt32)] = []
+        private var chunkSize = Bolt.pageHeaderSize
+        private var lastKey: [UInt8]?
 
-        init(pageSize: Int) { self.pageSize = pageSize }
-
-        mutating func file(_ buckets: [Bucket]) throws -> Data {
-            let root = try writeBucket(Bucket(name: [], buckets: buckets))
-            var out = [UInt8](repeating: 0, count: 3 * pageSize)
-            for (i, txid) in [(0, UInt64(1)), (1, UInt64(2))] {
-                let base = i * pageSize
-                put64(&out, base, UInt64(i))
-                put16(&out, base + 8, Bolt.metaFlag)
-                let m = base + Bolt.pageHeaderSize
-                put32(&out, m, Bolt.magic)
-                put32(&out, m + 4, Bolt.version)
-                put32(&out, m + 8, UInt32(pageSize))
-                put32(&out, m + 12, 0)
-                put64(&out, m + 16, root)  // root bucket: root page
-                put64(&out, m + 24, 0)  // and sequence
-                put64(&out, m + 32, 2)  // freelist page
-                put64(&out, m + 40, nextPage)  // high-water mark
-                put64(&out, m + 48, txid)
-                let sum = out.withUnsafeBytes { Bolt.fnv64a(UnsafeRawBufferPointer(rebasing: $0[m..<(m + 56)])) }
-                put64(&out, m + 56, sum)
-            }
-            // Page 2: an empty freelist.
-            put64(&out, 2 * pageSize, 2)
-            put16(&out, 2 * pageSize + 8, Bolt.freelistFlag)
-            return Data(out + body)
+        public init(path: String, pageSize: Int = 4096) throws {
+            guard FileManager.default.createFile(atPath: path, contents: nil),
+                let h = FileHandle(forWritingAtPath: path)
+            else { throw FormatError("cannot create \(path)") }
+            handle = h
+            self.pageSize = pageSize
+            pending = [UInt8](repeating: 0, count: 3 * pageSize)  // the metas and the freelist, written last
         }
 
-        /// Writes a bucket's tree (its nested buckets first) and returns its root page.
-        mutating func writeBucket(_ b: Bucket) throws -> UInt64 {
-            var elements: [(key: [UInt8], value: [UInt8], flags: UInt32)] = []
-            for nested in b.buckets {
-                let root = try writeBucket(nested)
-                var header = [UInt8](repeating: 0, count: 16)
-                put64(&header, 0, root)
-                elements.append((nested.name, header, Bolt.bucketLeafFlag))
+        deinit { try? handle.close() }
+
+        /// Writes a whole bucket (entries sorted here; nested buckets written first).
+        public func bucket(_ b: Bucket) throws {
+            precondition(current == nil, "a bucket is being written")
+            roots.append((b.name, try tree(b)))
+        }
+
+        private func tree(_ b: Bucket) throws -> UInt64 {
+            var elements = b.entries.map { ($0.key, $0.value, UInt32(0)) }
+            for n in b.buckets {
+                let saved = (current, level, chunk, chunkSize, lastKey)
+                (current, level, chunk, chunkSize, lastKey) = (nil, [], [], Bolt.pageHeaderSize, nil)
+                let root = try tree(n)
+                (current, level, chunk, chunkSize, lastKey) = saved
+                elements.append((n.name, Self.bucketHeader(root), Bolt.bucketLeafFlag))
             }
-            elements += b.entries.map { ($0.key, $0.value, UInt32(0)) }
-            elements.sort { Bolt.lessThan($0.key, $1.key) }
-            for i in elements.indices.dropFirst() where elements[i - 1].key == elements[i].key {
-                throw FormatError("duplicate key in bucket \(String(decoding: b.name, as: UTF8.self))")
+            elements.sort { Bolt.lessThan($0.0, $1.0) }
+            (current, level, chunk, chunkSize, lastKey) = (b.name, [], [], Bolt.pageHeaderSize, nil)
+            for e in elements { try add(e.0, e.1, flags: e.2) }
+            return try endTree()
+        }
+
+        /// Starts a top-level bucket whose entries come one by one, in ascending key order.
+        public func begin(_ name: String) {
+            precondition(current == nil, "a bucket is being written")
+            current = Array(name.utf8)
+            level = []
+            chunk = []
+            chunkSize = Bolt.pageHeaderSize
+            lastKey = nil
+        }
+
+        /// Adds the next entry of the bucket begun.
+        public func add(_ key: [UInt8], _ value: [UInt8], flags: UInt32 = 0) throws {
+            if let last = lastKey, !Bolt.lessThan(last, key) {
+                throw FormatError(
+                    "keys out of order (or repeated) in bucket \(String(decoding: current ?? [], as: UTF8.self))")
             }
-            // Leaves, then branch levels until one page is the root.
-            var level: [(firstKey: [UInt8], page: UInt64)] = []
-            var chunk: [(key: [UInt8], value: [UInt8], flags: UInt32)] = []
-            var size = Bolt.pageHeaderSize
-            for e in elements {
-                let n = Bolt.elementSize + e.key.count + e.value.count
-                if !chunk.isEmpty && size + n > pageSize {
-                    level.append((chunk[0].key, writeLeaf(chunk)))
-                    chunk = []
-                    size = Bolt.pageHeaderSize
-                }
-                chunk.append(e)
-                size += n
+            lastKey = key
+            let n = Bolt.elementSize + key.count + value.count
+            if !chunk.isEmpty && chunkSize + n > pageSize {
+                level.append((chunk[0].key, try writeLeaf(chunk)))
+                chunk = []
+                chunkSize = Bolt.pageHeaderSize
             }
-            if !chunk.isEmpty || level.isEmpty { level.append((chunk.first?.key ?? [], writeLeaf(chunk))) }
+            chunk.append((key, value, flags))
+            chunkSize += n
+        }
+
+        /// Ends the bucket begun.
+        public func end() throws {
+            let name = current ?? []
+            roots.append((name, try endTree()))
+        }
+
+        private func endTree() throws -> UInt64 {
+            if !chunk.isEmpty || level.isEmpty { level.append((chunk.first?.key ?? [], try writeLeaf(chunk))) }
+            chunk = []
             while level.count > 1 {
                 var next: [(firstKey: [UInt8], page: UInt64)] = []
                 var group: [(firstKey: [UInt8], page: UInt64)] = []
-                size = Bolt.pageHeaderSize
+                var size = Bolt.pageHeaderSize
                 for c in level {
                     let n = Bolt.elementSize + c.firstKey.count
                     if group.count >= 2 && size + n > pageSize {
-                        next.append((group[0].firstKey, writeBranch(group)))
+                        next.append((group[0].firstKey, try writeBranch(group)))
                         group = []
                         size = Bolt.pageHeaderSize
                     }
                     group.append(c)
                     size += n
                 }
-                next.append((group[0].firstKey, writeBranch(group)))
+                next.append((group[0].firstKey, try writeBranch(group)))
                 level = next
             }
-            return level[0].page
+            let root = level[0].page
+            (current, level, chunkSize, lastKey) = (nil, [], Bolt.pageHeaderSize, nil)
+            return root
+        }
+
+        /// Writes the root bucket and the metas; the file is complete.
+        public func finish() throws {
+            precondition(current == nil, "a bucket is still being written")
+            var names = roots.map { (key: $0.name, value: Self.bucketHeader($0.page), flags: Bolt.bucketLeafFlag) }
+            names.sort { Bolt.lessThan($0.key, $1.key) }
+            for i in names.indices.dropFirst() where names[i - 1].key == names[i].key {
+                throw FormatError("bucket \(String(decoding: names[i].key, as: UTF8.self)) written twice")
+            }
+            (level, chunk, chunkSize, lastKey) = ([], [], Bolt.pageHeaderSize, nil)
+            current = []
+            for n in names { try add(n.key, n.value, flags: n.flags) }
+            let root = try endTree()
+            try flush(force: true)
+            var head = [UInt8](repeating: 0, count: 3 * pageSize)
+            for (i, txid) in [(0, UInt64(1)), (1, UInt64(2))] {
+                let base = i * pageSize
+                put64(&head, base, UInt64(i))
+                put16(&head, base + 8, Bolt.metaFlag)
+                let m = base + Bolt.pageHeaderSize
+                put32(&head, m, Bolt.magic)
+                put32(&head, m + 4, Bolt.version)
+                put32(&head, m + 8, UInt32(pageSize))
+                put64(&head, m + 16, root)  // root bucket: root page (sequence 0)
+                put64(&head, m + 32, 2)  // freelist page
+                put64(&head, m + 40, nextPage)  // high-water mark
+                put64(&head, m + 48, txid)
+                let sum = head.withUnsafeBytes { Bolt.fnv64a(UnsafeRawBufferPointer(rebasing: $0[m..<(m + 56)])) }
+                put64(&head, m + 56, sum)
+            }
+            put64(&head, 2 * pageSize, 2)  // an empty freelist
+            put16(&head, 2 * pageSize + 8, Bolt.freelistFlag)
+            try handle.seek(toOffset: 0)
+            try handle.write(contentsOf: head)
+            try handle.synchronize()
+            try handle.close()
+        }
+
+        static func bucketHeader(_ root: UInt64) -> [UInt8] {
+            var h = [UInt8](repeating: 0, count: 16)
+            put64(&h, 0, root)
+            return h
+        }
+
+        private func flush(force: Bool = false) throws {
+            guard force || pending.count >= 1 << 20 else { return }
+            try handle.write(contentsOf: pending)
+            pending.removeAll(keepingCapacity: true)
         }
 
         /// Appends one node (with overflow pages as needed) and returns its page id.
-        mutating func appendNode(flags: UInt16, count: Int, content: [UInt8]) -> UInt64 {
+        private func appendNode(flags: UInt16, count: Int, content: [UInt8]) throws -> UInt64 {
             let total = Bolt.pageHeaderSize + content.count
             let pages = max(1, (total + pageSize - 1) / pageSize)
             let id = nextPage
             nextPage += UInt64(pages)
-            var node = [UInt8](repeating: 0, count: pages * pageSize)
-            put64(&node, 0, id)
-            put16(&node, 8, flags)
-            put16(&node, 10, UInt16(count))
-            put32(&node, 12, UInt32(pages - 1))
-            node.replaceSubrange(Bolt.pageHeaderSize..<total, with: content)
-            body += node
+            let at = pending.count
+            pending += [UInt8](repeating: 0, count: pages * pageSize)
+            put64(&pending, at, id)
+            put16(&pending, at + 8, flags)
+            put16(&pending, at + 10, UInt16(count))
+            put32(&pending, at + 12, UInt32(pages - 1))
+            pending.replaceSubrange((at + Bolt.pageHeaderSize)..<(at + total), with: content)
+            try flush()
             return id
         }
 
-        mutating func writeLeaf(_ elements: [(key: [UInt8], value: [UInt8], flags: UInt32)]) -> UInt64 {
+        private func writeLeaf(_ elements: [(key: [UInt8], value: [UInt8], flags: UInt32)]) throws -> UInt64 {
             var content = [UInt8](repeating: 0, count: elements.count * Bolt.elementSize)
             for (i, e) in elements.enumerated() {
                 let at = i * Bolt.elementSize
@@ -174,10 +246,10 @@ extension Bolt {
                 content += e.key
                 content += e.value
             }
-            return appendNode(flags: Bolt.leafFlag, count: elements.count, content: content)
+            return try appendNode(flags: Bolt.leafFlag, count: elements.count, content: content)
         }
 
-        mutating func writeBranch(_ children: [(firstKey: [UInt8], page: UInt64)]) -> UInt64 {
+        private func writeBranch(_ children: [(firstKey: [UInt8], page: UInt64)]) throws -> UInt64 {
             var content = [UInt8](repeating: 0, count: children.count * Bolt.elementSize)
             for (i, c) in children.enumerated() {
                 let at = i * Bolt.elementSize
@@ -186,7 +258,7 @@ extension Bolt {
                 put64(&content, at + 8, c.page)
                 content += c.firstKey
             }
-            return appendNode(flags: Bolt.branchFlag, count: children.count, content: content)
+            return try appendNode(flags: Bolt.branchFlag, count: children.count, content: content)
         }
     }
 }

@@ -22,30 +22,77 @@ public enum EtcdSnapshot {
         "key", "meta", "lease", "auth", "authUsers", "authRoles", "alarm", "members", "members_removed", "cluster",
     ]
 
-    /// etcd's bucket contents for a backend's records, meta entries and blobs.
+    /// Writes a backend as etcd's snapshot file: the `key` bucket streamed from `records` (which
+    /// calls its argument with every record, in revision order), then the small buckets.
+    public static func write(
+        to path: String, records: ((Record) throws -> Void) throws -> Void, meta: [String: Int64],
+        blobs: [String: [UInt8]], identity: MemberIdentity, clusterVersion: String
+    ) throws {
+        let w = try Bolt.FileWriter(path: path)
+        w.begin("key")
+        var maxRev: Int64 = 1
+        try records { r in
+            let e = try keyEntry(r)
+            try w.add(e.key, e.value)
+            maxRev = max(maxRev, r.rev.main)
+        }
+        try w.end()
+        for b in try smallBuckets(
+            meta: meta, blobs: blobs, identity: identity, clusterVersion: clusterVersion, maxRev: maxRev)
+        {
+            try w.bucket(b)
+        }
+        try w.finish()
+    }
+
+    /// A record as etcd's `key` bucket holds it. The `mvccpb.KeyValue` is encoded here (fields 1 to
+    /// 6 in order, zeros left out, as protobuf encoders do): this runs once per record of a
+    /// snapshot, and a general encoder costs several times more.
+    static func keyEntry(_ r: Record) throws -> (key: [UInt8], value: [UInt8]) {
+        var k = revisionBytes(r.rev)
+        var v: [UInt8] = []
+        v.reserveCapacity(r.key.count + (r.kv?.value.count ?? 0) + 40)
+        func bytes(_ field: UInt8, _ b: [UInt8]) {
+            guard !b.isEmpty else { return }
+            v.append(field << 3 | 2)
+            varint(UInt64(b.count), &v)
+            v += b
+        }
+        func int(_ field: UInt8, _ n: Int64) {
+            guard n != 0 else { return }
+            v.append(field << 3)
+            varint(UInt64(bitPattern: n), &v)
+        }
+        bytes(1, r.key)
+        if let kv = r.kv {
+            int(2, kv.createRevision)
+            int(3, kv.modRevision)
+            int(4, kv.version)
+            bytes(5, kv.value)
+            int(6, kv.lease)
+        } else {
+            k.append(UInt8(ascii: "t"))
+        }
+        return (k, v)
+    }
+
+    /// etcd's bucket contents for a backend's records, meta entries and blobs (all in memory).
     public static func buckets(
         records: [Record], meta: [String: Int64], blobs: [String: [UInt8]], identity: MemberIdentity,
         clusterVersion: String
     ) throws -> [Bolt.Bucket] {
-        var key: [(key: [UInt8], value: [UInt8])] = []
-        key.reserveCapacity(records.count)
-        var maxRev: Int64 = 1
-        for r in records {
-            var kv = Mvccpb_KeyValue()
-            kv.key = Data(r.key)
-            var k = revisionBytes(r.rev)
-            if let v = r.kv {
-                kv.createRevision = v.createRevision
-                kv.modRevision = v.modRevision
-                kv.version = v.version
-                kv.value = Data(v.value)
-                kv.lease = v.lease
-            } else {
-                k.append(UInt8(ascii: "t"))
-            }
-            key.append((k, try kv.serializedBytes()))
-            maxRev = max(maxRev, r.rev.main)
-        }
+        let key = try records.map(keyEntry)
+        let maxRev = records.map(\.rev.main).max() ?? 1
+        return [Bolt.Bucket("key", key)]
+            + (try smallBuckets(
+                meta: meta, blobs: blobs, identity: identity, clusterVersion: clusterVersion, maxRev: maxRev))
+    }
+
+    /// Every bucket but `key`.
+    static func smallBuckets(
+        meta: [String: Int64], blobs: [String: [UInt8]], identity: MemberIdentity, clusterVersion: String,
+        maxRev: Int64
+    ) throws -> [Bolt.Bucket] {
         var metaBucket: [(key: [UInt8], value: [UInt8])] = [
             (Array("consistent_index".utf8), bigEndian(UInt64(max(meta[MetaKey.currentRevision] ?? maxRev, maxRev))))
         ]
@@ -85,7 +132,7 @@ public enum EtcdSnapshot {
         let memberJSON =
             "{\"id\":\(identity.memberID),\"peerURLs\":\(jsonList(identity.peerURLs)),\"name\":\(jsonList([identity.name]).dropFirst().dropLast()),\"clientURLs\":\(jsonList(identity.clientURLs))}"
         return [
-            Bolt.Bucket("key", key), Bolt.Bucket("meta", metaBucket), Bolt.Bucket("lease", leases),
+            Bolt.Bucket("meta", metaBucket), Bolt.Bucket("lease", leases),
             Bolt.Bucket("auth", auth), Bolt.Bucket("authUsers", users), Bolt.Bucket("authRoles", roles),
             Bolt.Bucket("alarm", alarms),
             Bolt.Bucket("members", [(Array(String(identity.memberID, radix: 16).utf8), Array(memberJSON.utf8))]),
@@ -105,8 +152,19 @@ public enum EtcdSnapshot {
         public let description: String
     }
 
-    /// Reads an etcd (or Vigil) bbolt snapshot; `progress` hears the records read so far, now and then.
+    /// Reads an etcd (or Vigil) bbolt snapshot, keeping its records in memory.
     public static func read(_ reader: Bolt.Reader, progress: (Int) -> Void = { _ in }) throws -> Content {
+        var records: [Record] = []
+        var c = try read(reader, records: { records.append($0) }, progress: progress)
+        c.records = records
+        return c
+    }
+
+    /// Reads an etcd (or Vigil) bbolt snapshot: each record goes to `records` in revision order
+    /// (the returned content has none); `progress` hears the count read so far, now and then.
+    public static func read(
+        _ reader: Bolt.Reader, records sink: (Record) throws -> Void, progress: (Int) -> Void = { _ in }
+    ) throws -> Content {
         let names = try reader.bucketNames().map { String(decoding: $0, as: UTF8.self) }
         let unknown = names.filter { !knownBuckets.contains($0) }
         guard unknown.isEmpty else {
@@ -118,6 +176,7 @@ public enum EtcdSnapshot {
         }
         var c = Content()
         var maxRev: Int64 = 1
+        var count = 0
         try reader.forEach(in: "key") { k, v in
             guard k.count == 17 || (k.count == 18 && k[17] == UInt8(ascii: "t")), k[8] == UInt8(ascii: "_") else {
                 throw Refused(description: "damaged key bucket: a revision of \(k.count) bytes")
@@ -134,11 +193,12 @@ public enum EtcdSnapshot {
                 : KeyValue(
                     key: kv.key.bytes, createRevision: kv.createRevision, modRevision: kv.modRevision,
                     version: kv.version, value: kv.value.bytes, lease: kv.lease)
-            c.records.append(Record(rev: rev, key: kv.key.bytes, kv: value))
+            try sink(Record(rev: rev, key: kv.key.bytes, kv: value))
             maxRev = max(maxRev, rev.main)
-            if c.records.count % 100_000 == 0 { progress(c.records.count) }
+            count += 1
+            if count % 100_000 == 0 { progress(count) }
         }
-        progress(c.records.count)
+        progress(count)
         c.meta[MetaKey.currentRevision] = maxRev
         try reader.forEach(in: "meta") { k, v in
             if k == Array("finishedCompactRev".utf8), v.count >= 8 {

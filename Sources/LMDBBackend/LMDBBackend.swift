@@ -75,29 +75,49 @@ public final class LMDBBackend: Backend, @unchecked Sendable {
 
     deinit { if env != nil { mdb_env_close(env) } }
 
+    /// Flushes everything committed to disk (for an environment opened with `noSync`).
+    public func sync() throws { try check(mdb_env_sync(env, 1)) }
+
+    /// Every record and meta entry (at start: nothing writes meanwhile).
     public func load() throws -> (records: [Record], meta: [String: Int64]) {
+        var records: [Record] = []
+        try forEachRecord { records.append($0) }
+        return (records, try loadMeta())
+    }
+
+    /// Calls `body` with every record in revision order, from one read transaction (a consistent
+    /// view), holding one record at a time.
+    public func forEachRecord(_ body: (Record) throws -> Void) throws {
         var txn: OpaquePointer?
         try check(mdb_txn_begin(env, nil, UInt32(MDB_RDONLY), &txn))
         defer { mdb_txn_abort(txn) }
-        var records: [Record] = []
         var cursor: OpaquePointer?
         try check(mdb_cursor_open(txn, keyDB, &cursor))
+        defer { mdb_cursor_close(cursor) }
         var k = MDB_val(), v = MDB_val()
         var rc = mdb_cursor_get(cursor, &k, &v, MDB_FIRST)
         while rc == 0 {
             if let rev = Revision(bytes: UnsafeRawBufferPointer(start: k.mv_data, count: k.mv_size)),
                 let rec = RecordCodec.decode(rev: rev, UnsafeRawBufferPointer(start: v.mv_data, count: v.mv_size))
             {
-                records.append(rec)
+                try body(rec)
             }
             rc = mdb_cursor_get(cursor, &k, &v, MDB_NEXT)
         }
-        mdb_cursor_close(cursor)
         if rc != MDB_NOTFOUND { throw LMDBError(code: rc) }
+    }
 
+    /// The meta entries alone.
+    public func loadMeta() throws -> [String: Int64] {
+        var txn: OpaquePointer?
+        try check(mdb_txn_begin(env, nil, UInt32(MDB_RDONLY), &txn))
+        defer { mdb_txn_abort(txn) }
         var meta: [String: Int64] = [:]
+        var cursor: OpaquePointer?
         try check(mdb_cursor_open(txn, metaDB, &cursor))
-        rc = mdb_cursor_get(cursor, &k, &v, MDB_FIRST)
+        defer { mdb_cursor_close(cursor) }
+        var k = MDB_val(), v = MDB_val()
+        var rc = mdb_cursor_get(cursor, &k, &v, MDB_FIRST)
         while rc == 0 {
             let name = String(decoding: UnsafeRawBufferPointer(start: k.mv_data, count: k.mv_size), as: UTF8.self)
             if v.mv_size == 8 {
@@ -106,8 +126,7 @@ public final class LMDBBackend: Backend, @unchecked Sendable {
             }
             rc = mdb_cursor_get(cursor, &k, &v, MDB_NEXT)
         }
-        mdb_cursor_close(cursor)
-        return (records, meta)
+        return meta
     }
 
     /// The named byte values (see `WriteBatch.blobs`).

@@ -64,11 +64,10 @@ final class BackendMaintenance: MaintenanceBackend {
         commits.exclusive(
             {
                 result.value = Result {
-                    let (records, meta) = try backend.load()
-                    let buckets = try EtcdSnapshot.buckets(
-                        records: records, meta: meta, blobs: try backend.loadBlobs(), identity: identity,
-                        clusterVersion: clusterVersion)
-                    try Bolt.write(buckets, to: file)
+                    // Streamed: one record at a time from LMDB to the file's leaf pages.
+                    try EtcdSnapshot.write(
+                        to: file, records: { try backend.forEachRecord($0) }, meta: try backend.loadMeta(),
+                        blobs: try backend.loadBlobs(), identity: identity, clusterVersion: clusterVersion)
                     return file
                 }
             }, done: { done(result.value) })
@@ -133,20 +132,31 @@ enum SnapshotRestore {
     private static func restoreBolt(_ snapshot: String, into dir: String, mapSize: Int, logger: Logger) throws {
         let reader = try Bolt.Reader(path: snapshot)
         let started = Date()
-        let content = try EtcdSnapshot.read(reader) { n in
-            logger.info("restoring snapshot", metadata: ["records": "\(n)", "file": "\(snapshot)"])
-        }
-        let backend = try LMDBBackend(path: dir, mapSize: mapSize)
+        // Records go to LMDB in batches as they are read, so a large snapshot never sits in memory.
+        let backend = try LMDBBackend(path: dir, mapSize: mapSize, noSync: true)
         var batch = WriteBatch()
-        batch.records = content.records
+        var count = 0
+        let content = try EtcdSnapshot.read(
+            reader,
+            records: { r in
+                batch.records.append(r)
+                count += 1
+                if batch.records.count == 10_000 {
+                    batch.revision = r.rev.main
+                    try backend.commit(batch)
+                    batch.records.removeAll(keepingCapacity: true)
+                }
+            },
+            progress: { n in logger.info("restoring snapshot", metadata: ["records": "\(n)", "file": "\(snapshot)"]) })
         batch.meta = content.meta
         batch.blobs = content.blobs.mapValues { Optional($0) }
         batch.revision = content.meta[MetaKey.currentRevision] ?? 1
         try backend.commit(batch)
+        try backend.sync()
         logger.info(
             "restored an etcd snapshot",
             metadata: [
-                "records": "\(content.records.count)", "revision": "\(batch.revision)",
+                "records": "\(count)", "revision": "\(batch.revision)",
                 "took_s": "\(String(format: "%.1f", Date().timeIntervalSince(started)))",
             ])
     }
