@@ -36,11 +36,14 @@ public final class HTTP1Responder: HTTPResponder {
     }
 
     @discardableResult
-    public func startStream(status: Int, contentType: String, observer: (any HTTPStreamObserver)?) -> Bool {
+    public func startStream(
+        status: Int, contentType: String, headers: [(name: String, value: String)], observer: (any HTTPStreamObserver)?
+    ) -> Bool {
         guard !isDone, !streaming, let c = connection, !c.closed else { return false }
         streaming = true
         self.observer = observer
         var head = "HTTP/1.1 \(status) \(HTTPResponse.reason(status))\r\n"
+        for h in headers { head += "\(h.name): \(h.value)\r\n" }
         head += "Content-Type: \(contentType)\r\nTransfer-Encoding: chunked\r\n\r\n"
         c.send(Array(head.utf8), close: false)
         return true

@@ -112,10 +112,13 @@ public final class HTTP2Responder: HTTPResponder {
     }
 
     @discardableResult
-    public func startStream(status: Int, contentType: String, observer: (any HTTPStreamObserver)?) -> Bool {
+    public func startStream(
+        status: Int, contentType: String, headers: [(name: String, value: String)], observer: (any HTTPStreamObserver)?
+    ) -> Bool {
         guard !done, queue == nil else { return false }
         self.observer = observer
-        queue = session.respond(stream, headers: Self.head(status, [("content-type", contentType)]), endStream: false)
+        queue = session.respond(
+            stream, headers: Self.head(status, [("content-type", contentType)] + headers), endStream: false)
         needsFlush()
         return true
     }

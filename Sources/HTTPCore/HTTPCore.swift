@@ -86,13 +86,23 @@ public protocol HTTPResponder: AnyObject {
     /// drains and the client leaving. False if the answer could not start (already answered, or
     /// the client is gone): then the observer will hear nothing.
     @discardableResult
-    func startStream(status: Int, contentType: String, observer: (any HTTPStreamObserver)?) -> Bool
+    func startStream(
+        status: Int, contentType: String, headers: [(name: String, value: String)], observer: (any HTTPStreamObserver)?
+    ) -> Bool
     func send(_ chunk: [UInt8])
     func finish()
     /// Bytes sent that the client has not taken yet.
     var queuedBytes: Int { get }
     /// Asks for one `responseDrained` once everything sent so far has left (at once if it has).
     func notifyWhenDrained()
+}
+
+extension HTTPResponder {
+    /// Starts a streamed answer with no headers beyond the content type.
+    @discardableResult
+    public func startStream(status: Int, contentType: String, observer: (any HTTPStreamObserver)?) -> Bool {
+        startStream(status: status, contentType: contentType, headers: [], observer: observer)
+    }
 }
 
 /// Why a transport refused a request before it reached the handler.

@@ -79,6 +79,9 @@ public struct Configuration: Sendable {
     /// `--listen-metrics-urls`: more listeners serving only `/metrics`, `/health`, `/livez` and
     /// `/readyz` (plain HTTP, or HTTPS with the client certificate).
     public var listenMetricsURLs: [String] = []
+    /// `--cors`: origins the plain HTTP answers allow (etcd's default: `*`, every origin); empty:
+    /// no CORS headers.
+    public var corsOrigins: [String] = ["*"]
     /// A TLS handshake must finish within this time.
     public var tlsHandshakeTimeoutMs: UInt64 = 10_000
 

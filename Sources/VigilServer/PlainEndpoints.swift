@@ -16,8 +16,34 @@ final class PlainEndpoints: HTTPHandler {
     }
 
     func handle(_ request: HTTPRequest, _ out: any HTTPResponder) {
-        if Gateway.handles(request.path) { return gateway.handle(request, out) }
-        out.respond(plain(request))
+        // etcd's access controller: CORS headers for an allowed origin, and OPTIONS answered 200.
+        let cors = corsHeaders(request)
+        if request.method == "OPTIONS" {
+            var r = HTTPResponse(status: 200, contentType: "text/plain; charset=utf-8", body: [])
+            r.headers += cors
+            return out.respond(r)
+        }
+        let responder = cors.isEmpty ? out : CORSResponder(out, headers: cors)
+        if Gateway.handles(request.path) { return gateway.handle(request, responder) }
+        responder.respond(plain(request))
+    }
+
+    /// The CORS headers etcd adds for `--cors` (every origin when it allows `*`).
+    private func corsHeaders(_ request: HTTPRequest) -> [(name: String, value: String)] {
+        let allowed = core.config.corsOrigins
+        let origin: String
+        if allowed.contains("*") {
+            origin = "*"
+        } else if let o = request.header("origin"), allowed.contains(o) {
+            origin = o
+        } else {
+            return []
+        }
+        return [
+            ("Access-Control-Allow-Methods", "POST, GET, OPTIONS, PUT, DELETE"),
+            ("Access-Control-Allow-Origin", origin),
+            ("Access-Control-Allow-Headers", "accept, content-type, authorization"),
+        ]
     }
 
     func response(for refusal: HTTPRefusal) -> HTTPResponse {
@@ -129,6 +155,35 @@ final class PlainEndpoints: HTTPHandler {
         let text = query.has("verbose") ? lines + "\(kind) check passed\n" : "ok\n"
         return HTTPResponse(status: 200, contentType: "text/plain; charset=utf-8", body: Array(text.utf8))
     }
+}
+
+/// A responder that adds headers (CORS) to the answer, whole or streamed.
+final class CORSResponder: HTTPResponder {
+    private let inner: any HTTPResponder
+    private let headers: [(name: String, value: String)]
+
+    init(_ inner: any HTTPResponder, headers: [(name: String, value: String)]) {
+        self.inner = inner
+        self.headers = headers
+    }
+
+    func respond(_ response: HTTPResponse) {
+        var r = response
+        r.headers += headers
+        inner.respond(r)
+    }
+
+    func startStream(
+        status: Int, contentType: String, headers more: [(name: String, value: String)],
+        observer: (any HTTPStreamObserver)?
+    ) -> Bool {
+        inner.startStream(status: status, contentType: contentType, headers: headers + more, observer: observer)
+    }
+
+    func send(_ chunk: [UInt8]) { inner.send(chunk) }
+    func finish() { inner.finish() }
+    var queuedBytes: Int { inner.queuedBytes }
+    func notifyWhenDrained() { inner.notifyWhenDrained() }
 }
 
 /// The `--listen-metrics-urls` listeners' endpoints: metrics and health only, as etcd serves there.

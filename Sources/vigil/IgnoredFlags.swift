@@ -17,7 +17,7 @@ enum IgnoredFlags {
         "grpc-keepalive-min-time": .duration, "grpc-keepalive-interval": .duration,
         "grpc-keepalive-timeout": .duration, "log-package-levels": .string, "debug": .bool,
         "peer-cert-allowed-cn": .string, "experimental-peer-skip-client-san-verification": .bool,
-        "force-new-cluster": .bool, "cors": .string,
+        "force-new-cluster": .bool,
     ]
 
     /// The ignored flags seen, with their values (logged at start).

@@ -105,6 +105,10 @@ struct VigilCommand: ParsableCommand {
         name: .customLong("listen-metrics-urls"),
         help: "Comma-separated URLs to serve /metrics and /health (and /livez, /readyz) on, beside the client URLs.")
     var listenMetricsURLs: String?
+    @Option(
+        name: .customLong("cors"),
+        help: "Comma-separated origins allowed for CORS (cross-origin resource sharing); default *, every origin.")
+    var cors: String?
     @Flag(name: .customLong("version"), help: "Print the version and exit.")
     var version = false
 
@@ -288,6 +292,7 @@ struct VigilCommand: ParsableCommand {
         }
         c.unsafeNoFsync = try boolean(unsafeNoFsync, "ETCD_UNSAFE_NO_FSYNC")
         if let v = value(listenMetricsURLs, "ETCD_LISTEN_METRICS_URLS") { c.listenMetricsURLs = Self.list(v) }
+        if let v = value(cors, "ETCD_CORS") { c.corsOrigins = Self.list(v) }
         _ = try c.listenAddresses()
         return c
     }

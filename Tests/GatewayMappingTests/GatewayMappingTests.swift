@@ -25,7 +25,9 @@ final class Answer: HTTPResponder {
         body = response.body
         finished = true
     }
-    func startStream(status: Int, contentType: String, observer: (any HTTPStreamObserver)?) -> Bool {
+    func startStream(
+        status: Int, contentType: String, headers: [(name: String, value: String)], observer: (any HTTPStreamObserver)?
+    ) -> Bool {
         self.status = status
         streaming = true
         self.observer = observer
@@ -162,7 +164,10 @@ final class Harness {
         final class Gone: HTTPResponder {
             var queuedBytes: Int { 0 }
             func respond(_ response: HTTPResponse) {}
-            func startStream(status: Int, contentType: String, observer: (any HTTPStreamObserver)?) -> Bool { false }
+            func startStream(
+                status: Int, contentType: String, headers: [(name: String, value: String)],
+                observer: (any HTTPStreamObserver)?
+            ) -> Bool { false }
             func send(_ chunk: [UInt8]) {}
             func finish() {}
             func notifyWhenDrained() {}

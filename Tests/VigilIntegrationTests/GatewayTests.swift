@@ -277,6 +277,31 @@ import VigilTesting
         #expect(out.components(separatedBy: "HTTP/1.1 200 OK").count - 1 == 100)
     }
 
+    /// etcd's CORS: every origin by default (`--cors` = `*`), the listed ones otherwise; OPTIONS
+    /// answered 200; streamed answers carry the headers too.
+    @Test func corsAsEtcd() throws {
+        let h = try runCommand(curlPath, ["-si", "\(server.url)/health"]).stdout
+        #expect(h.contains("Access-Control-Allow-Origin: *\r\n"))
+        #expect(h.contains("Access-Control-Allow-Headers: accept, content-type, authorization\r\n"))
+        let options = try runCommand(curlPath, ["-si", "-X", "OPTIONS", "\(server.url)/v3/kv/range"]).stdout
+        #expect(
+            options.hasPrefix("HTTP/1.1 200")
+                && options.contains("Access-Control-Allow-Methods: POST, GET, OPTIONS, PUT, DELETE"))
+        let h2 = try runCommand(curlPath, ["-si", "--http2-prior-knowledge", "\(server.url)/v3/kv/range", "-d", "{}"])
+        #expect(h2.stdout.contains("access-control-allow-origin: *"))
+        let watch = try runCommand(
+            curlPath,
+            ["-si", "-N", "--max-time", "1", "\(server.url)/v3/watch", "-d", #"{"create_request":{"key":"YQ=="}}"#])
+        #expect(
+            watch.stdout.contains("Access-Control-Allow-Origin: *\r\n") && watch.stdout.contains(#""created":true"#))
+
+        let listed = try LiveServer(args: ["--unsafe-no-fsync", "--cors", "http://a.example,http://c.example"])
+        let a = try runCommand(curlPath, ["-si", "-H", "Origin: http://a.example", "\(listed.url)/health"]).stdout
+        #expect(a.contains("Access-Control-Allow-Origin: http://a.example\r\n"))
+        let b = try runCommand(curlPath, ["-si", "-H", "Origin: http://b.example", "\(listed.url)/health"]).stdout
+        #expect(!b.contains("Access-Control-Allow-Origin") && b.contains(#"{"health":"true"}"#))
+    }
+
     @Test func healthVersionMetrics() throws {
         let health = try runCommand(curlPath, ["-s", "\(server.url)/health"])
         #expect(health.stdout == #"{"health":"true"}"#)
