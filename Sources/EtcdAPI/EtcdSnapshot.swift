@@ -55,13 +55,13 @@ public enum EtcdSnapshot {
         func bytes(_ field: UInt8, _ b: [UInt8]) {
             guard !b.isEmpty else { return }
             v.append(field << 3 | 2)
-            varint(UInt64(b.count), &v)
+            Varint.append(UInt64(b.count), &v)
             v += b
         }
         func int(_ field: UInt8, _ n: Int64) {
             guard n != 0 else { return }
             v.append(field << 3)
-            varint(UInt64(bitPattern: n), &v)
+            Varint.append(UInt64(bitPattern: n), &v)
         }
         bytes(1, r.key)
         if let kv = r.kv {
@@ -242,9 +242,9 @@ public enum EtcdSnapshot {
     /// `leasepb.Lease{ID = 1, TTL = 2}` (RemainingTTL = 3 left out: zero).
     static func leaseProto(id: Int64, ttl: Int64) -> [UInt8] {
         var out: [UInt8] = [0x08]
-        varint(UInt64(bitPattern: id), &out)
+        Varint.append(UInt64(bitPattern: id), &out)
         out.append(0x10)
-        varint(UInt64(bitPattern: ttl), &out)
+        Varint.append(UInt64(bitPattern: ttl), &out)
         return out
     }
 
@@ -254,7 +254,7 @@ public enum EtcdSnapshot {
         while i < b.count {
             let tag = b[i]
             i += 1
-            guard tag & 7 == 0, let v = readVarint(b, &i) else { return nil }
+            guard tag & 7 == 0, let v = Varint.read(b, &i) else { return nil }
             switch tag >> 3 {
             case 1: id = Int64(bitPattern: v)
             case 2: ttl = Int64(bitPattern: v)
@@ -262,28 +262,6 @@ public enum EtcdSnapshot {
             }
         }
         return (id, ttl)
-    }
-
-    static func varint(_ v: UInt64, _ out: inout [UInt8]) {
-        var v = v
-        while v >= 0x80 {
-            out.append(UInt8(v & 0x7F) | 0x80)
-            v >>= 7
-        }
-        out.append(UInt8(v))
-    }
-
-    static func readVarint(_ b: [UInt8], _ i: inout Int) -> UInt64? {
-        var v: UInt64 = 0
-        var shift: UInt64 = 0
-        while i < b.count && shift < 64 {
-            let byte = b[i]
-            i += 1
-            v |= UInt64(byte & 0x7F) << shift
-            if byte < 0x80 { return v }
-            shift += 7
-        }
-        return nil
     }
 
     static func jsonList(_ items: [String]) -> String {

@@ -118,6 +118,7 @@ public final class EtcdServices {
     }
 
     func register(_ unary: UnaryMethod) {
+        unary.rawNames = RawNames.fields[unary.method]
         unaryMethods[unary.method.path] = unary
         routes[unary.method.path] = { _ in UnaryCall(unary) }
     }

@@ -74,6 +74,8 @@ public final class UnaryMethod {
     public let method: EtcdMethod
     public let requestType: any SwiftProtobuf.Message.Type
     let body: (_ request: any SwiftProtobuf.Message, _ info: RequestInfo, _ reply: any ReplySink) -> Void
+    /// Name fields that may hold bytes that are not UTF-8 (Auth methods; see `RawNames`).
+    var rawNames: (request: Set<Int>, response: Set<Int>)?
 
     init(
         method: EtcdMethod, requestType: any SwiftProtobuf.Message.Type,
@@ -103,6 +105,16 @@ final class UnaryCall: CallHandler, ReplySink {
         seen = true
         let req: any SwiftProtobuf.Message
         do { req = try method.requestType.init(serializedBytes: message) } catch {
+            // A name that is not UTF-8 (etcd takes names as bytes) decodes once escaped.
+            if case .invalidUTF8? = error as? BinaryDecodingError,
+                let escaped = RawNames.escapeRequest(message, method.rawNames?.request ?? []),
+                let again = try? method.requestType.init(serializedBytes: escaped)
+            {
+                self.call = call
+                method.serve(
+                    again, RequestInfo(token: call.token, commonName: call.peerCommonName, size: message.count), self)
+                return
+            }
             call.finish(EtcdError.malformedRequest.with(message: "grpc: error unmarshalling request: \(error)").status)
             return
         }
@@ -134,7 +146,8 @@ final class UnaryCall: CallHandler, ReplySink {
         answered = true
         guard let call else { return }
         do {
-            call.send(try response.serializedBytes())
+            let bytes: [UInt8] = try response.serializedBytes()
+            call.send(RawNames.unescapeResponse(bytes, method.rawNames?.response ?? []))
             call.finish(.ok)
         } catch {
             call.finish(EtcdError.internal("grpc: error while marshaling: \(error)").status)

@@ -147,6 +147,36 @@ import VigilTesting
         #expect(w.responses.first { $0.watchID == 8 && $0.canceled }?.cancelReason == reason)
     }
 
+    /// etcd takes user and role names as bytes: names that are not UTF-8 work, and come back as
+    /// the same bytes.
+    @Test func namesThatAreNotUTF8() throws {
+        let c = try BlockingClient(port: server.port)
+        func field(_ n: UInt8, _ bytes: [UInt8]) -> [UInt8] { [n << 3 | 2, UInt8(bytes.count)] + bytes }
+        let user: [UInt8] = [0xFF, 0x61, 0xC3]  // not UTF-8
+        let role: [UInt8] = [0x72, 0xFE]
+        #expect(throws: Never.self) {
+            try c.unary(EtcdMethod.userAdd.path, field(1, user) + field(2, Array("pw".utf8))).get()
+        }
+        #expect(throws: Never.self) { try c.unary(EtcdMethod.roleAdd.path, field(1, role)).get() }
+        #expect(throws: Never.self) {
+            try c.unary(EtcdMethod.userGrantRole.path, field(1, user) + field(2, role)).get()
+        }
+        // The list and the user's roles come back as the bytes sent (SwiftProtobuf would refuse
+        // to decode them: look at the raw answer).
+        let list = try c.unary(EtcdMethod.userList.path, []).get()
+        #expect(list.contains(subsequence: field(2, user)))
+        let got = try c.unary(EtcdMethod.userGet.path, field(1, user)).get()
+        #expect(got.contains(subsequence: field(2, role)))
+        let roles = try c.unary(EtcdMethod.roleList.path, []).get()
+        #expect(roles.contains(subsequence: field(2, role)))
+        // etcdctl, which sends Go strings as they are, sees the same user.
+        let bash = try runCommand(
+            "/bin/bash", ["-c", "ETCDCTL_API=3 \(ctl.binary) --endpoints=\(server.endpoint) user get $'\\xffa\\xc3'"])
+        #expect(bash.status == 0, "\(bash.output)")
+        #expect(try c.unary(EtcdMethod.userDelete.path, field(1, user)).get().count > 0)
+        if case .success = c.unary(EtcdMethod.userGet.path, field(1, user)) { Issue.record("the user is still there") }
+    }
+
     @Test func leasesNeedWriteOnTheirKeys() throws {
         try setUp()
         _ = try ctl.ok("--user", "root:rootpw", "user", "add", "bob:bpw")
@@ -356,5 +386,14 @@ import VigilTesting
         #expect((codes[.invalidArgument] ?? 0) + (codes[.resourceExhausted] ?? 0) == 2000, "\(codes)")
         #expect(worst < 1.0 * sanitizerFactor, "a put waited \(worst) s behind the flood")
         #expect(try ctl.ok("--user", "root:rootpw", "get", "k") == "k\nv\n")
+    }
+}
+
+extension Array where Element == UInt8 {
+    func contains(subsequence: [UInt8]) -> Bool {
+        guard subsequence.count <= count else { return false }
+        return (0...(count - subsequence.count)).contains {
+            self[$0..<($0 + subsequence.count)].elementsEqual(subsequence)
+        }
     }
 }
