@@ -24,6 +24,7 @@ public final class Gateway {
 
     private let services: EtcdServices
     private let watchEncoder: JSONWatchEncoder
+    private let sseEncoder: SSEWatchEncoder
     private let refused: (EtcdError.Refusal) -> Void
 
     /// - Parameter refused: hears every request refused for a limit (the server counts them).
@@ -31,6 +32,7 @@ public final class Gateway {
         self.services = services
         self.refused = refused
         watchEncoder = JSONWatchEncoder(identity: services.context.identity)
+        sseEncoder = SSEWatchEncoder(identity: services.context.identity)
     }
 
     /// Whether the gateway serves `path` (`/v3/...` or `/v3beta/...`).
@@ -66,6 +68,7 @@ public final class Gateway {
         guard let method = EtcdMethod.forGatewayPath(request.path) else {
             return out.respond(Self.errorResponse(status: 404, code: .notFound, "Not Found"))
         }
+        if method == .watch && request.method == "GET" { return sse(request, out) }
         guard request.method == "POST" else {
             return out.respond(Self.errorResponse(status: 405, code: .unimplemented, "Method Not Allowed"))
         }
@@ -194,6 +197,66 @@ public final class Gateway {
         sink.observation?.start()
     }
 
+    /// `GET /v3/watch?key=…`: a watch as Server-Sent Events. Each event is `id: <mod_revision>`,
+    /// `event: put|delete`, `data: <the event's JSON>`; progress is `event: progress` with the
+    /// revision as id; a compacted start is `event: compacted`, and the stream ends. A reconnect's
+    /// `Last-Event-ID: R` resumes from R+1.
+    private func sse(_ request: HTTPRequest, _ out: any HTTPResponder) {
+        func bad(_ message: String) { out.respond(Self.errorResponse(status: 400, code: .invalidArgument, message)) }
+        let q = HTTPQuery(request.query)
+        if q.malformed { return bad("malformed query string") }
+        let known: Set<String> = ["key", "range_end", "prefix", "start_revision", "prev_kv", "progress_notify"]
+        if let unknown = q.pairs.first(where: { !known.contains($0.name) }) {
+            return bad("unknown parameter \(unknown.name)")
+        }
+        guard let key = q.bytes("key"), !key.isEmpty else { return bad("key is required") }
+        var create = Etcdserverpb_WatchCreateRequest()
+        create.key = Data(key)
+        func flag(_ name: String) -> Bool? {
+            guard let v = q.first(name) else { return false }
+            switch v {
+            case "", "true", "1": return true
+            case "false", "0": return false
+            default: return nil
+            }
+        }
+        guard let prefix = flag("prefix"), let prevKV = flag("prev_kv"), let progress = flag("progress_notify") else {
+            return bad("prefix, prev_kv and progress_notify take true or false")
+        }
+        if let end = q.bytes("range_end") {
+            if prefix { return bad("range_end and prefix=true cannot be given together") }
+            create.rangeEnd = Data(end)
+        } else if prefix {
+            create.rangeEnd = Data(KeyRange.prefixEnd(key))
+        }
+        if let s = q.first("start_revision") {
+            guard let n = Int64(s), n >= 0 else { return bad("start_revision must be a revision") }
+            create.startRevision = n
+        }
+        if let last = request.header("last-event-id") {
+            guard let r = Int64(last.trimmingCharacters(in: .whitespaces)), r >= 0 else {
+                return bad("Last-Event-ID must be a revision")
+            }
+            guard r <= services.context.store.currentRevision else {
+                return bad("Last-Event-ID \(r) is a future revision")
+            }
+            create.startRevision = r + 1
+        }
+        create.prevKv = prevKV
+        create.progressNotify = progress
+        let token = request.header("grpc-metadata-token") ?? request.header("authorization")
+        let sink = SSEWatchSink(out, encoder: sseEncoder)
+        guard
+            out.startStream(
+                status: 200, contentType: "text/event-stream", headers: [("Cache-Control", "no-cache")], observer: sink)
+        else { return }
+        let session = services.watch.open(sink, credentials: Credentials(token: token))
+        sink.session = session
+        var req = Etcdserverpb_WatchRequest()
+        req.createRequest = create
+        session.receive(req)
+    }
+
     /// `/v3/lease/keepalive`: one answer per request in the body, then the stream ends.
     private func keepAlive(_ body: [UInt8], _ token: String?, _ out: any HTTPResponder) {
         let requests: [Etcdserverpb_LeaseKeepAliveRequest]
@@ -284,7 +347,7 @@ public final class JSONWatchEncoder: WatchEncoder {
 
 /// A gateway watch stream: the hub's JSON lines go out as chunks; drains and the client leaving
 /// come back from the transport.
-final class JSONWatchSink: WatchSink, HTTPStreamObserver {
+class JSONWatchSink: WatchSink, HTTPStreamObserver {
     let out: any HTTPResponder
     let encoder: any WatchEncoder
     var session: WatchSession?
@@ -295,7 +358,7 @@ final class JSONWatchSink: WatchSink, HTTPStreamObserver {
     }
 
     func send(_ message: [UInt8]) { out.send(message) }
-    var queuedBytes: Int { out.queuedBytes }
+    final var queuedBytes: Int { out.queuedBytes }
     func notifyWhenDrained() { out.notifyWhenDrained() }
 
     func responseDrained() { session?.drained() }
@@ -319,5 +382,43 @@ final class ObserveSink: HTTPStreamObserver {
     func responseClosed() {
         observation?.cancel()
         observation = nil
+    }
+}
+
+/// Watch responses as Server-Sent Events, made once per revision and shared by every SSE stream
+/// that receives them.
+public final class SSEWatchEncoder: WatchEncoder {
+    private let identity: MemberIdentity
+
+    public init(identity: MemberIdentity) { self.identity = identity }
+
+    public func encode(_ event: Event, prevKV: Bool) -> [UInt8] {
+        let json = (try? event.proto(prevKV: prevKV).jsonString(options: Gateway.jsonOptions)) ?? "{}"
+        let kind = event.kind == .put ? "put" : "delete"
+        return Array("id: \(event.kv.modRevision)\nevent: \(kind)\ndata: \(json)\n\n".utf8)
+    }
+
+    public func response(_ f: ResponseFields, events: [[UInt8]]) -> [UInt8] {
+        if !events.isEmpty { return events.flatMap { $0 } }
+        if f.canceled {
+            if f.compactRevision > 0 {
+                return Array("event: compacted\ndata: {\"compact_revision\":\"\(f.compactRevision)\"}\n\n".utf8)
+            }
+            return Array("event: canceled\ndata: {\"cancel_reason\":\(JSONText.quote(f.cancelReason))}\n\n".utf8)
+        }
+        if f.created { return Array(": watching from revision \(f.headerRevision + 1)\n\n".utf8) }
+        return Array("id: \(f.headerRevision)\nevent: progress\ndata: {\"revision\":\"\(f.headerRevision)\"}\n\n".utf8)
+    }
+}
+
+/// An SSE watch stream: the events go out as they are made; a compacted or cancelled watch ends it.
+final class SSEWatchSink: JSONWatchSink {
+    /// Ends the HTTP answer after a compacted or cancelled watch (its only watcher is gone). The
+    /// session is closed when the transport says the client left, never from inside the hub's send.
+    override func send(_ message: [UInt8]) {
+        out.send(message)
+        if message.starts(with: Array("event: compacted".utf8)) || message.starts(with: Array("event: canceled".utf8)) {
+            out.finish()
+        }
     }
 }

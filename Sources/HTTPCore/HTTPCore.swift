@@ -121,3 +121,63 @@ public protocol HTTPHandler: AnyObject {
     /// The answer to a request refused by the transport (the handler words it, and counts it).
     func response(for refusal: HTTPRefusal) -> HTTPResponse
 }
+
+/// A query string's parameters, percent-decoded to bytes (`+` is a space); repeated names kept in
+/// order. A malformed escape makes the query malformed.
+public struct HTTPQuery: Sendable {
+    public private(set) var pairs: [(name: String, value: [UInt8])] = []
+    /// A `%` escape that is not two hex digits, or a name that is not UTF-8.
+    public private(set) var malformed = false
+
+    public init(_ query: String) {
+        for part in query.split(separator: "&") where !part.isEmpty {
+            let kv = part.split(separator: "=", maxSplits: 1, omittingEmptySubsequences: false)
+            guard let name = Self.decode(kv[0]), let value = kv.count > 1 ? Self.decode(kv[1]) : [],
+                let n = String(validating: name, as: UTF8.self)
+            else {
+                malformed = true
+                continue
+            }
+            pairs.append((n, value))
+        }
+    }
+
+    static func decode(_ s: Substring) -> [UInt8]? {
+        var out: [UInt8] = []
+        let b = Array(s.utf8)
+        var i = 0
+        func hex(_ c: UInt8) -> UInt8? {
+            switch c {
+            case UInt8(ascii: "0")...UInt8(ascii: "9"): c - UInt8(ascii: "0")
+            case UInt8(ascii: "a")...UInt8(ascii: "f"): c - UInt8(ascii: "a") + 10
+            case UInt8(ascii: "A")...UInt8(ascii: "F"): c - UInt8(ascii: "A") + 10
+            default: nil
+            }
+        }
+        while i < b.count {
+            switch b[i] {
+            case UInt8(ascii: "%"):
+                guard i + 2 < b.count, let h = hex(b[i + 1]), let l = hex(b[i + 2]) else { return nil }
+                out.append(h << 4 | l)
+                i += 3
+            case UInt8(ascii: "+"):
+                out.append(UInt8(ascii: " "))
+                i += 1
+            default:
+                out.append(b[i])
+                i += 1
+            }
+        }
+        return out
+    }
+
+    /// Every value of `name`, as text (lossy for bytes that are not UTF-8).
+    public func all(_ name: String) -> [String] {
+        pairs.filter { $0.name == name }.map { String(decoding: $0.value, as: UTF8.self) }
+    }
+    /// The first value of `name`, as bytes.
+    public func bytes(_ name: String) -> [UInt8]? { pairs.first { $0.name == name }?.value }
+    /// The first value of `name`, as text.
+    public func first(_ name: String) -> String? { bytes(name).map { String(decoding: $0, as: UTF8.self) } }
+    public func has(_ name: String) -> Bool { pairs.contains { $0.name == name } }
+}

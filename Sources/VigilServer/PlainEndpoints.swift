@@ -73,12 +73,12 @@ final class PlainEndpoints: HTTPHandler {
         let path = request.path
         if path == "/livez" || path == "/readyz" || path.hasPrefix("/livez/") || path.hasPrefix("/readyz/") {
             guard get else { return Self.methodNotAllowed }
-            return probe(path: path, query: Query(request.query))
+            return probe(path: path, query: HTTPQuery(request.query))
         }
         switch path {
         case "/health":
             guard get else { return Self.methodNotAllowed }
-            return health(query: Query(request.query))
+            return health(query: HTTPQuery(request.query))
         case "/metrics":
             guard get else { return Self.methodNotAllowed }
             return HTTPResponse(
@@ -101,7 +101,7 @@ final class PlainEndpoints: HTTPHandler {
     /// while an alarm is active, unless the query excludes it (`?exclude=NOSPACE`, 3.5). A
     /// single member always has a leader, and its reads are local, so `?serializable=true`
     /// changes nothing here. Counted in `etcd_server_health_success` / `_failures`.
-    private func health(query: Query) -> HTTPResponse {
+    private func health(query: HTTPQuery) -> HTTPResponse {
         let excluded = Set(query.all("exclude"))
         if activeAlarms.contains(where: { !excluded.contains($0) }) {
             core.metrics.healthFailures += 1
@@ -113,7 +113,7 @@ final class PlainEndpoints: HTTPHandler {
 
     /// etcd's `/livez` and `/readyz` (3.4.29, 3.5.11): named checks, `?exclude=` or
     /// `?allowlist=` to choose them, `?verbose` to list them, and one sub-path per check.
-    private func probe(path: String, query: Query) -> HTTPResponse {
+    private func probe(path: String, query: HTTPQuery) -> HTTPResponse {
         let parts = path.split(separator: "/").map(String.init)
         let kind = parts[0]
         let checks: [(name: String, failure: String?)] =
@@ -201,22 +201,4 @@ final class MetricsEndpoints: HTTPHandler {
     }
 
     func response(for refusal: HTTPRefusal) -> HTTPResponse { core.plain.response(for: refusal) }
-}
-
-/// A query string's parameters (percent-decoded; repeated names kept in order).
-struct Query {
-    private var pairs: [(String, String)] = []
-
-    init(_ query: String) {
-        for part in query.split(separator: "&") {
-            let kv = part.split(separator: "=", maxSplits: 1, omittingEmptySubsequences: false)
-            func decode(_ s: Substring) -> String {
-                String(s).replacingOccurrences(of: "+", with: " ").removingPercentEncoding ?? String(s)
-            }
-            pairs.append((decode(kv[0]), kv.count > 1 ? decode(kv[1]) : ""))
-        }
-    }
-
-    func all(_ name: String) -> [String] { pairs.filter { $0.0 == name }.map(\.1) }
-    func has(_ name: String) -> Bool { pairs.contains { $0.0 == name } }
 }

@@ -1,0 +1,87 @@
+import Foundation
+import Testing
+import VigilTesting
+
+/// Watch over plain HTTP: `GET /v3/watch` as Server-Sent Events, with curl.
+@Suite(.serialized) struct SSEWatchTests {
+    let server: LiveServer
+    let ctl: Etcdctl
+    let curl: String
+
+    init() throws {
+        server = try LiveServer(args: ["--unsafe-no-fsync", "--experimental-watch-progress-notify-interval", "200ms"])
+        ctl = try Etcdctl(endpoint: server.endpoint)
+        curl = try #require(which("curl"))
+    }
+
+    /// GET with curl for `seconds` (or until the server ends the stream): headers and body.
+    func get(_ query: String, headers: [String] = [], seconds: String = "1") throws -> CommandResult {
+        try runCommand(
+            curl,
+            ["-si", "-N", "--max-time", seconds] + headers.flatMap { ["-H", $0] } + ["\(server.url)/v3/watch?\(query)"])
+    }
+
+    /// The (id, event) pairs of an SSE body.
+    func events(_ body: String) -> [(id: String, event: String)] {
+        body.components(separatedBy: "\n\n").compactMap { block in
+            let lines = block.split(separator: "\n")
+            guard let e = lines.first(where: { $0.hasPrefix("event: ") }) else { return nil }
+            let id = lines.first(where: { $0.hasPrefix("id: ") }).map { String($0.dropFirst(4)) } ?? ""
+            return (id, String(e.dropFirst(7)))
+        }
+    }
+
+    @Test func eventsWithRevisionIdsAndResume() throws {
+        _ = try ctl.ok("put", "a", "1")  // 2
+        _ = try ctl.ok("put", "a/x", "2")  // 3
+        _ = try ctl.ok("del", "a/x")  // 4
+        _ = try ctl.ok("put", "b", "3")  // 5: not watched
+        let r = try get("key=a&prefix=true&start_revision=1&prev_kv=true")
+        #expect(r.stdout.contains("Content-Type: text/event-stream"))
+        #expect(r.stdout.contains("Access-Control-Allow-Origin: *"))
+        let seen = events(r.stdout)
+        #expect(seen.map(\.id) == ["2", "3", "4"], "\(r.stdout)")
+        #expect(seen.map(\.event) == ["put", "put", "delete"])
+        #expect(
+            r.stdout.contains(
+                #"data: {"kv":{"key":"YS94","create_revision":"3","mod_revision":"3","version":"1","value":"Mg=="}}"#))
+        #expect(r.stdout.contains(#""prev_kv":{"key":"YS94""#), "the delete carries the previous value")
+
+        // A reconnect with Last-Event-ID resumes right after it: no gap, no duplicate.
+        let resumed = try get("key=a&prefix=true", headers: ["Last-Event-ID: 3"])
+        #expect(events(resumed.stdout).map(\.id) == ["4"])
+        // A range given as text, percent-encoded where needed.
+        _ = try ctl.ok("put", "k y", "v")  // 6
+        let spaced = try get("key=k%20y&start_revision=1")
+        #expect(events(spaced.stdout).map(\.id) == ["6"])
+    }
+
+    @Test func progressCompactionAndBadRequests() throws {
+        _ = try ctl.ok("put", "p", "1")
+        let progress = try get("key=p&progress_notify=true", seconds: "1.5")
+        #expect(events(progress.stdout).contains { $0.event == "progress" }, "\(progress.stdout)")
+
+        _ = try ctl.ok("put", "p", "2")
+        _ = try ctl.ok("put", "p", "3")
+        _ = try ctl.ok("compaction", "3")
+        // A start below the compaction: event compacted, then the stream ends (well before the timeout).
+        let started = Date()
+        let compacted = try get("key=p&start_revision=2", seconds: "5")
+        #expect(
+            compacted.stdout.contains(#"event: compacted"#) && compacted.stdout.contains(#""compact_revision":"3""#))
+        #expect(Date().timeIntervalSince(started) < 4)
+
+        for (query, headers, words) in [
+            ("", [String](), "key is required"),
+            ("key=p&colour=red", [], "unknown parameter colour"),
+            ("key=%zz", [], "malformed query string"),
+            ("key=p&prefix=maybe", [], "take true or false"),
+            ("key=p&start_revision=-1", [], "start_revision must be a revision"),
+            ("key=p", ["Last-Event-ID: abc"], "Last-Event-ID must be a revision"),
+            ("key=p", ["Last-Event-ID: 999999"], "is a future revision"),
+        ] {
+            let r = try get(query, headers: headers)
+            #expect(r.stdout.hasPrefix("HTTP/1.1 400") && r.stdout.contains(words), "\(query): \(r.stdout)")
+        }
+    }
+}
