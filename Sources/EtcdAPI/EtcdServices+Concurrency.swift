@@ -303,10 +303,7 @@ extension EtcdServices {
             )
                 throws(EtcdError) in
             guard r.hasLeader else { throw .missingLeaderKey }
-            var txn = Etcdserverpb_TxnRequest()
-            txn.compare = [createRevision(r.leader.key.bytes, is: r.leader.rev)]
-            txn.success = [putOp(r.leader.key.bytes, r.value.bytes, ignoreLease: true)]
-            inner(.txn, txn, info) { (result: Result<Etcdserverpb_TxnResponse, EtcdError>) in
+            asLeader(r.leader, putOp(r.leader.key.bytes, r.value.bytes, ignoreLease: true), info) { result in
                 switch result {
                 case .failure(let e): reply.fail(e)
                 case .success(let t) where !t.succeeded: reply.fail(.electionNotLeader)
@@ -323,10 +320,8 @@ extension EtcdServices {
             )
                 throws(EtcdError) in
             guard r.hasLeader else { throw .missingLeaderKey }
-            var txn = Etcdserverpb_TxnRequest()
-            txn.compare = [createRevision(r.leader.key.bytes, is: r.leader.rev)]
-            txn.success = [deleteOp(r.leader.key.bytes)]
-            inner(.txn, txn, info) { (result: Result<Etcdserverpb_TxnResponse, EtcdError>) in
+            // Not leading any more is no error for Resign (etcd's).
+            asLeader(r.leader, deleteOp(r.leader.key.bytes), info) { result in
                 switch result {
                 case .failure(let e): reply.fail(e)
                 case .success(let t):
@@ -352,6 +347,17 @@ extension EtcdServices {
             }
         }
         stream(.observe) { [unowned self] call in ObserveCall(services: self, credentials: call.credentials) }
+    }
+
+    /// Runs `op` if `leader` still leads (its key has the create revision it won with).
+    private func asLeader(
+        _ leader: V3electionpb_LeaderKey, _ op: Etcdserverpb_RequestOp, _ info: RequestInfo,
+        _ done: @escaping (Result<Etcdserverpb_TxnResponse, EtcdError>) -> Void
+    ) {
+        var txn = Etcdserverpb_TxnRequest()
+        txn.compare = [createRevision(leader.key.bytes, is: leader.rev)]
+        txn.success = [op]
+        inner(.txn, txn, info, done)
     }
 
     /// Follows the leader of election `name` for the caller: once started, `send` gets the current

@@ -76,18 +76,6 @@ public enum EtcdSnapshot {
         return (k, v)
     }
 
-    /// etcd's bucket contents for a backend's records, meta entries and blobs (all in memory).
-    public static func buckets(
-        records: [Record], meta: [String: Int64], blobs: [String: [UInt8]], identity: MemberIdentity,
-        clusterVersion: String
-    ) throws -> [Bolt.Bucket] {
-        let key = try records.map(keyEntry)
-        let maxRev = records.map(\.rev.main).max() ?? 1
-        return [Bolt.Bucket("key", key)]
-            + (try smallBuckets(
-                meta: meta, blobs: blobs, identity: identity, clusterVersion: clusterVersion, maxRev: maxRev))
-    }
-
     /// Every bucket but `key`.
     static func smallBuckets(
         meta: [String: Int64], blobs: [String: [UInt8]], identity: MemberIdentity, clusterVersion: String,
@@ -141,9 +129,8 @@ public enum EtcdSnapshot {
         ]
     }
 
-    /// What a backend needs from an etcd snapshot: records, meta entries and blobs.
+    /// What a backend needs from an etcd snapshot besides its records: meta entries and blobs.
     public struct Content {
-        public var records: [Record] = []
         public var meta: [String: Int64] = [:]
         public var blobs: [String: [UInt8]] = [:]
     }
@@ -152,16 +139,8 @@ public enum EtcdSnapshot {
         public let description: String
     }
 
-    /// Reads an etcd (or Vigil) bbolt snapshot, keeping its records in memory.
-    public static func read(_ reader: Bolt.Reader, progress: (Int) -> Void = { _ in }) throws -> Content {
-        var records: [Record] = []
-        var c = try read(reader, records: { records.append($0) }, progress: progress)
-        c.records = records
-        return c
-    }
-
     /// Reads an etcd (or Vigil) bbolt snapshot: each record goes to `records` in revision order
-    /// (the returned content has none); `progress` hears the count read so far, now and then.
+    /// ; `progress` hears the count read so far, now and then.
     public static func read(
         _ reader: Bolt.Reader, records sink: (Record) throws -> Void, progress: (Int) -> Void = { _ in }
     ) throws -> Content {

@@ -39,8 +39,6 @@ public final class TLSStream: ByteStream, ByteStreamDelegate {
     public private(set) var handshakeDone = false
     /// The verified client certificate's Common Name (servers with `--client-cert-auth`).
     public private(set) var peerCommonName: String?
-    /// The ALPN protocol agreed on, if any.
-    public private(set) var alpn: String?
     /// Called once if the stream is refused (then it closes).
     public var onFailure: ((Failure) -> Void)?
     /// Called once when the handshake completes.
@@ -194,12 +192,6 @@ public final class TLSStream: ByteStream, ByteStreamDelegate {
         io.pointee.handshake_done = 1
         timer?.cancel()
         timer = nil
-        var proto: UnsafePointer<UInt8>?
-        var len: UInt32 = 0
-        SSL_get0_alpn_selected(ssl, &proto, &len)
-        if let proto, len > 0 {
-            alpn = String(decoding: UnsafeBufferPointer(start: proto, count: Int(len)), as: UTF8.self)
-        }
         if context.verifiesClients, SSL_get_verify_result(ssl) == X509_V_OK, let cert = SSL_get1_peer_certificate(ssl) {
             peerCommonName = Self.commonName(cert)
             X509_free(cert)

@@ -117,8 +117,8 @@ final class ClientConnection: ByteStreamDelegate {
             session: session, maxMessageBytes: server.limits.maxReceiveMessageBytes,
             route: { [unowned server, metricsOnly] path in metricsOnly ? nil : server.route(path) }, others: plain,
             needsFlush: flush)
-        // etcd's CN auth: only with --client-cert-auth, for gRPC calls without a token.
-        if server.config.clientTLS.clientCertAuth { grpc.peerCommonName = tls?.peerCommonName }
+        // etcd's CN auth, for gRPC calls without a token (set only with --client-cert-auth).
+        grpc.peerCommonName = tls?.peerCommonName
         mode = .http2(session, grpc, plain)
         _ = bytes.withUnsafeBytes { session.receive($0) }
         flush()

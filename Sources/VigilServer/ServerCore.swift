@@ -11,10 +11,6 @@ import Passwords
 import TLS
 import VigilCore
 
-#if os(Linux)
-import CMalloc
-#endif
-
 /// A running server's parts, all confined to its loop: backend, store, group commit, services,
 /// background work, listeners and connections. Built and used on the loop only.
 ///
@@ -137,7 +133,6 @@ final class VigilServerCore {
                 let t = try TLSStream(
                     tcp: tcp, context: tls, loop: loop, handshakeTimeoutMs: config.tlsHandshakeTimeoutMs)
                 t.onFailure = { [unowned self] f in tlsFailed(f) }
-                t.onHandshake = { [unowned self] in handshakeCompleted() }
                 stream = t
                 tlsStream = t
             } catch {
@@ -149,27 +144,6 @@ final class VigilServerCore {
         let c = ClientConnection(stream: stream, tls: tlsStream, server: self, metricsOnly: metricsOnly)
         connections[ObjectIdentifier(c)] = c
         c.start()
-    }
-
-    /// TLS handshakes since the heap was last trimmed, and the pending trim.
-    private var handshakesSinceTrim = 0
-    private var trimTimer: LoopTimer?
-
-    /// A handshake allocates and frees some 50 KB while the connection's lasting state (about
-    /// 14 KB in OpenSSL) is allocated among it, so a burst of handshakes leaves free pages spread
-    /// through the heap. A second after a burst, they go back to the system (`malloc_trim`, at
-    /// most once a second, a few milliseconds for a large heap).
-    private func handshakeCompleted() {
-        handshakesSinceTrim += 1
-        guard handshakesSinceTrim >= 64, trimTimer == nil else { return }
-        trimTimer = LoopTimer(loop: loop, timeoutMs: 1000) { [unowned self] in
-            trimTimer = nil
-            handshakesSinceTrim = 0
-            #if os(Linux)
-            malloc_trim(0)
-            #endif
-        }
-        trimTimer?.unref()
     }
 
     private func tlsFailed(_ f: TLSStream.Failure) {
@@ -250,8 +224,6 @@ final class VigilServerCore {
 
     /// Stops accepting connections and the background work.
     func shutdown() {
-        trimTimer?.cancel()
-        trimTimer = nil
         for l in listeners { l.close() }
         listeners.removeAll()
         background?.stop()
