@@ -406,7 +406,8 @@ public final class SSEWatchEncoder: WatchEncoder {
             }
             return Array("event: canceled\ndata: {\"cancel_reason\":\(JSONText.quote(f.cancelReason))}\n\n".utf8)
         }
-        if f.created { return Array(": watching from revision \(f.headerRevision + 1)\n\n".utf8) }
+        // Created: a comment (the header revision is the store's, not where the watch starts).
+        if f.created { return Array(": watching at revision \(f.headerRevision)\n\n".utf8) }
         return Array("id: \(f.headerRevision)\nevent: progress\ndata: {\"revision\":\"\(f.headerRevision)\"}\n\n".utf8)
     }
 }
