@@ -69,13 +69,27 @@ extension EtcdServices {
         }
         unary(.hashKV, access: .admin) {
             (r: Etcdserverpb_HashKVRequest, _, reply: Reply<Etcdserverpb_HashKVResponse>) throws(EtcdError) in
-            var resp = Etcdserverpb_HashKVResponse()
-            do throws(MVCCError) { resp.hash = try ctx.store.hashKV(revision: r.revision) } catch {
+            let upTo: Int64
+            do throws(MVCCError) { upTo = try ctx.store.checkHashRevision(r.revision) } catch {
                 throw EtcdError.from(error)
             }
-            resp.compactRevision = max(ctx.store.compactRevision, 0)
-            resp.header = ctx.header(ctx.store.currentRevision)
-            reply.ok(resp)
+            // Off the loop, once compaction's removals and the commits up to `upTo` are done.
+            ctx.whenCompacted {
+                ctx.backend.hashKV(upTo: upTo) { result in
+                    if ctx.store.compactRevision > 0 && upTo < ctx.store.compactRevision {
+                        return reply.fail(.compacted)
+                    }
+                    switch result {
+                    case .success(let h):
+                        var resp = Etcdserverpb_HashKVResponse()
+                        resp.hash = h
+                        resp.compactRevision = max(ctx.store.compactRevision, 0)
+                        resp.header = ctx.header(ctx.store.currentRevision)
+                        reply.ok(resp)
+                    case .failure(let e): reply.fail(.internal("etcdserver: hash failed: \(e)"))
+                    }
+                }
+            }
         }
         unary(.moveLeader, access: .admin) {
             (r: Etcdserverpb_MoveLeaderRequest, _, reply: Reply<Etcdserverpb_MoveLeaderResponse>) throws(EtcdError) in

@@ -69,7 +69,7 @@ public final class KVService {
         do {
             result = try store.range(
                 r.key.bytes, r.rangeEnd.bytes, revision: r.revision, limit: fetchLimit(r),
-                countOnly: r.countOnly)
+                countOnly: r.countOnly, keysOnly: r.keysOnly)
         } catch { throw EtcdError.from(error) }
         var resp = finishRange(r, result)
         resp.header = ctx.header(store.committedRevision)
@@ -148,24 +148,24 @@ public final class KVService {
     /// Checks that a put can be applied against the state before the write (etcd's checkPut).
     private func checkPutApplicable(_ r: PutRequest, _ txn: WriteTxn) throws(EtcdError) {
         if r.ignoreValue || r.ignoreLease {
-            if txn.get(r.key.bytes) == nil { throw .keyNotFound }
+            if txn.get(r.key.bytes, withValue: false) == nil { throw .keyNotFound }
         }
         if r.lease != 0 && !leaseExists(r.lease) { throw .leaseNotFound }
     }
 
     private func applyPut(_ r: PutRequest, _ txn: WriteTxn) -> PutResponse {
         let key = r.key.bytes
-        let cur = txn.get(key)
+        let cur = r.ignoreValue || r.ignoreLease ? txn.get(key, withValue: r.ignoreValue) : nil
         let value = r.ignoreValue ? (cur?.value ?? []) : r.value.bytes
         let lease = r.ignoreLease ? (cur?.lease ?? 0) : r.lease
-        let prev = txn.put(key, value: value, lease: lease)
+        let prev = txn.put(key, value: value, lease: lease, prevValue: r.prevKv)
         var resp = PutResponse()
         if r.prevKv, let prev { resp.prevKv = prev.proto }
         return resp
     }
 
     private func applyDelete(_ r: DeleteRangeRequest, _ txn: WriteTxn) -> DeleteRangeResponse {
-        let prevs = txn.deleteRange(r.key.bytes, r.rangeEnd.bytes)
+        let prevs = txn.deleteRange(r.key.bytes, r.rangeEnd.bytes, prevValues: r.prevKv)
         var resp = DeleteRangeResponse()
         resp.deleted = Int64(prevs.count)
         if r.prevKv { resp.prevKvs = prevs.map(\.proto) }
@@ -321,10 +321,11 @@ public final class KVService {
     /// other targets compare against a zero key-value.
     private func evaluate(_ c: Compare, _ txn: WriteTxn) -> Bool {
         let kvs: [KeyValue]
+        let values = c.target == .value
         if c.rangeEnd.isEmpty {
-            kvs = txn.get(c.key.bytes).map { [$0] } ?? []
+            kvs = txn.get(c.key.bytes, withValue: values).map { [$0] } ?? []
         } else {
-            kvs = (try? txn.range(c.key.bytes, c.rangeEnd.bytes).kvs) ?? []
+            kvs = (try? txn.range(c.key.bytes, c.rangeEnd.bytes, keysOnly: !values).kvs) ?? []
         }
         if kvs.isEmpty {
             if c.target == .value { return false }
@@ -404,7 +405,7 @@ public final class KVService {
                 let result =
                     (try? txn.range(
                         q.key.bytes, q.rangeEnd.bytes, revision: q.revision, limit: fetchLimit(q),
-                        countOnly: q.countOnly)) ?? RangeResult(kvs: [], count: 0, revision: 0)
+                        countOnly: q.countOnly, keysOnly: q.keysOnly)) ?? RangeResult(kvs: [], count: 0, revision: 0)
                 var rr = finishRange(q, result)
                 rr.header.revision = result.revision
                 out.response = .responseRange(rr)

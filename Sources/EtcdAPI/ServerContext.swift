@@ -47,6 +47,13 @@ public protocol CommitGate: AnyObject {
     /// Runs `body` on the loop once everything written so far, revisions or not (e.g. lease
     /// records), is durable.
     func whenFlushed(_ body: @escaping () -> Void)
+    /// Runs `body` once everything written so far is also in the backend's B+tree (past the
+    /// write-ahead log): a physical compaction answers when the space it frees shows.
+    func whenCheckpointed(_ body: @escaping () -> Void)
+}
+
+extension CommitGate {
+    public func whenCheckpointed(_ body: @escaping () -> Void) { whenFlushed(body) }
 }
 
 /// The backend as Maintenance sees it: its sizes, and copies that run off the loop and call back
@@ -58,6 +65,9 @@ public protocol MaintenanceBackend: AnyObject {
     var dbSizeInUse: Int64 { get }
     func defragment(_ done: @escaping ((any Error)?) -> Void)
     func hash(_ done: @escaping (Result<UInt32, any Error>) -> Void)
+    /// HashKV of the history up to `revision` (the caller has waited for compaction and for the
+    /// commits up to it), computed off the loop.
+    func hashKV(upTo revision: Int64, _ done: @escaping (Result<UInt32, any Error>) -> Void)
     /// Writes a consistent copy of the store to a temporary file and gives its path (the caller
     /// deletes it).
     func snapshot(_ done: @escaping (Result<String, any Error>) -> Void)
@@ -154,7 +164,7 @@ public final class ServerContext {
     /// Runs `body` once the compaction in progress has removed its history and that is durable
     /// (at the next flush if none is in progress): a physical Compact answers then.
     public func whenCompacted(_ body: @escaping () -> Void) {
-        if store.compactionPending { compactionWaiters.append(body) } else { commits.whenFlushed(body) }
+        if store.compactionPending { compactionWaiters.append(body) } else { commits.whenCheckpointed(body) }
     }
 
     /// Removes a bounded slice of compacted history (the server calls this each loop turn while
@@ -164,7 +174,7 @@ public final class ServerContext {
         guard store.compactStep(maxRevisions: maxRevisions) else { return false }
         let waiters = compactionWaiters
         compactionWaiters = []
-        for w in waiters { commits.whenFlushed(w) }
+        for w in waiters { commits.whenCheckpointed(w) }
         return true
     }
 

@@ -138,7 +138,7 @@ final class LeaseKeyTracker: StoreObserver {
     /// Attaches the keys already in the store and observes it from now on.
     init(lessor: Lessor, store: KVStore) {
         self.lessor = lessor
-        if lessor.count > 0, let live = try? store.range([0], [0]) {
+        if lessor.count > 0, let live = try? store.range([0], [0], keysOnly: true) {
             for kv in live.kvs where kv.lease != 0 { lessor.attach(kv.key, to: kv.lease) }
         }
         store.addObserver(self)

@@ -17,12 +17,21 @@ private func check(_ rc: Int32) throws {
     if rc != 0 { throw LMDBError(code: rc) }
 }
 
-/// The durable backend on LMDB. Two databases:
+/// The durable backend: LMDB, with a write-ahead log in front. LMDB's databases:
 /// - `key`: 16-byte revision (big-endian main, sub) → encoded record (etcd's "key" bucket layout);
 /// - `meta`: name → 8-byte big-endian integer;
 /// - `blob`: name → bytes (auth users and roles).
-/// Each `commit` is one LMDB write transaction; LMDB fsyncs at commit unless `noSync`.
-public final class LMDBBackend: Backend, @unchecked Sendable {
+///
+/// With the log (`log: true`, the server's mode), `commit` appends the batch to the log and syncs
+/// it: one `fdatasync` per group commit. Logged batches reach LMDB in `checkpoint`s (one LMDB
+/// transaction for many batches), which also record the last log sequence applied
+/// (`walApplied` in `meta`); opening replays what the log holds past it. Without the log, `commit`
+/// is one LMDB transaction (tools, restores). LMDB fsyncs at its commits unless `noSync`.
+///
+/// Threads: commits, checkpoints and copies run on the thread pool (`lock` serializes LMDB's
+/// writer and environment changes; `walLock` the log and its batch list); the loop reads values
+/// (`values(at:)`) through its own read transaction, which LMDB lets run beside the writer.
+public final class LMDBBackend: Backend, ValueSource, @unchecked Sendable {
     private var env: OpaquePointer?
     private var keyDB: MDB_dbi = 0
     private var metaDB: MDB_dbi = 0
@@ -30,22 +39,64 @@ public final class LMDBBackend: Backend, @unchecked Sendable {
     public let path: String
     private let mapSize: Int
     private let flags: UInt32
-    /// Serializes use of `env` between the loop (sizes) and the thread pool (commits, defrag, copies).
+    private let noSync: Bool
+    /// Serializes LMDB's writer and environment changes (commits without the log, checkpoints,
+    /// defragment, copies, sizes).
     private let lock = NSLock()
+
+    /// The log and the batches it holds that LMDB does not have yet (guarded by `walLock`).
+    private var wal: WriteAheadLog?
+    private let walLock = NSLock()
+    private var unflushed: [(sequence: UInt64, batch: WriteBatch, bytes: Int)] = []
+    private var unflushedByteCount = 0
+    private var checkpointed: Int64 = 0
+    private var spareFailure: String?
+
+    /// The loop's read transaction (reset between reads; renewed for the next).
+    private var readTxn: OpaquePointer?
+
+    static let walAppliedName = "walApplied"
 
     /// Opens (creating if needed) the environment in directory `path`.
     /// - Parameters:
     ///   - mapSize: the largest the data file may grow to.
     ///   - noSync: skip fsync at commit (etcd's `--unsafe-no-fsync`; tests only).
-    public init(path: String, mapSize: Int, noSync: Bool = false) throws {
+    ///   - log: put the write-ahead log (directory `wal` beside the data file) in front; what it
+    ///     holds from an earlier run is applied to LMDB first.
+    public init(path: String, mapSize: Int, noSync: Bool = false, log: Bool = false) throws {
         self.path = path
         self.mapSize = mapSize
+        self.noSync = noSync
         var flags = UInt32(MDB_NOTLS)
         if noSync { flags |= UInt32(MDB_NOSYNC) }
         self.flags = flags
         mkdir(path, 0o700)
         try open()
+        if log { try openLog() }
         refreshSizes()
+    }
+
+    /// Replays the log into LMDB (one transaction), then starts it afresh.
+    private func openLog() throws {
+        let applied = UInt64(bitPattern: try readMeta()[Self.walAppliedName] ?? 0)
+        var replay: [(UInt64, WriteBatch)] = []
+        wal = try WriteAheadLog(
+            directory: path + "/wal", sync: !noSync, applied: applied,
+            replay: { sequence, payload in
+                guard let batch = BatchCodec.decode(payload) else {
+                    throw WriteAheadLog.Failure(description: "write-ahead log record \(sequence) does not decode")
+                }
+                replay.append((sequence, batch))
+            },
+            replayed: {
+                guard let last = replay.last?.0 else { return }
+                try writeTransaction { txn in
+                    for (_, batch) in replay { try apply(batch, txn) }
+                    try put(txn, metaDB, Array(Self.walAppliedName.utf8), Self.bigEndian(Int64(bitPattern: last)))
+                }
+                if noSync { try sync() }
+            })
+        checkpointed = replay.last?.1.revision ?? 0
     }
 
     private func open() throws {
@@ -78,7 +129,7 @@ public final class LMDBBackend: Backend, @unchecked Sendable {
     /// Flushes everything committed to disk (for an environment opened with `noSync`).
     public func sync() throws { try check(mdb_env_sync(env, 1)) }
 
-    /// Every record and meta entry (at start: nothing writes meanwhile).
+    /// Every record and meta entry (tests and tools: values included, all in memory).
     public func load() throws -> (records: [Record], meta: [String: Int64]) {
         var records: [Record] = []
         try forEachRecord { records.append($0) }
@@ -86,8 +137,13 @@ public final class LMDBBackend: Backend, @unchecked Sendable {
     }
 
     /// Calls `body` with every record in revision order, from one read transaction (a consistent
-    /// view), holding one record at a time.
-    public func forEachRecord(_ body: (Record) throws -> Void) throws {
+    /// view), holding one record at a time. `values` false leaves them empty (and unread: a
+    /// value's overflow pages are never touched).
+    public func forEachRecord(values: Bool = true, _ body: (Record) throws -> Void) throws {
+        try forEachRecord(values: values, upTo: Int64.max, body)
+    }
+
+    private func forEachRecord(values: Bool, upTo: Int64, _ body: (Record) throws -> Void) throws {
         var txn: OpaquePointer?
         try check(mdb_txn_begin(env, nil, UInt32(MDB_RDONLY), &txn))
         defer { mdb_txn_abort(txn) }
@@ -98,17 +154,25 @@ public final class LMDBBackend: Backend, @unchecked Sendable {
         var rc = mdb_cursor_get(cursor, &k, &v, MDB_FIRST)
         while rc == 0 {
             if let rev = Revision(bytes: UnsafeRawBufferPointer(start: k.mv_data, count: k.mv_size)),
-                let rec = RecordCodec.decode(rev: rev, UnsafeRawBufferPointer(start: v.mv_data, count: v.mv_size))
+                let rec = RecordCodec.decode(
+                    rev: rev, UnsafeRawBufferPointer(start: v.mv_data, count: v.mv_size), value: values)
             {
+                if rev.main > upTo { break }
                 try body(rec)
             }
             rc = mdb_cursor_get(cursor, &k, &v, MDB_NEXT)
         }
-        if rc != MDB_NOTFOUND { throw LMDBError(code: rc) }
+        if rc != 0 && rc != MDB_NOTFOUND { throw LMDBError(code: rc) }
     }
 
-    /// The meta entries alone.
+    /// The meta entries the store and services keep (the log's own entry left out).
     public func loadMeta() throws -> [String: Int64] {
+        var meta = try readMeta()
+        meta[Self.walAppliedName] = nil
+        return meta
+    }
+
+    private func readMeta() throws -> [String: Int64] {
         var txn: OpaquePointer?
         try check(mdb_txn_begin(env, nil, UInt32(MDB_RDONLY), &txn))
         defer { mdb_txn_abort(txn) }
@@ -149,45 +213,176 @@ public final class LMDBBackend: Backend, @unchecked Sendable {
         return out
     }
 
+    /// Makes `batch` durable: with the log, one log record and its sync (LMDB gets it at a later
+    /// checkpoint); without, one LMDB transaction.
     public func commit(_ batch: WriteBatch) throws {
+        guard wal != nil else { return try write(batch) }
+        let payload = BatchCodec.encode(batch)
+        walLock.lock()
+        defer { walLock.unlock() }
+        let sequence = try wal!.append(payload)
+        unflushed.append((sequence, batch, payload.count))
+        unflushedByteCount += payload.count
+    }
+
+    /// Writes `batch` to LMDB in one transaction (no log).
+    public func write(_ batch: WriteBatch) throws {
         lock.lock()
         defer { lock.unlock() }
+        try writeTransaction { txn in try apply(batch, txn) }
+        refreshSizes()
+    }
+
+    /// Runs `body` in an LMDB write transaction and commits it. Call with `lock` held (or alone).
+    private func writeTransaction(_ body: (OpaquePointer?) throws -> Void) throws {
         var txn: OpaquePointer?
         try check(mdb_txn_begin(env, nil, 0, &txn))
         do {
-            for r in batch.records {
-                try put(txn, keyDB, r.rev.bytes, RecordCodec.encode(r))
-            }
-            for rev in batch.removed {
-                var kb = rev.bytes
-                let rc = kb.withUnsafeMutableBytes { kp -> Int32 in
-                    var k = MDB_val(mv_size: 16, mv_data: kp.baseAddress)
-                    return mdb_del(txn, keyDB, &k, nil)
-                }
-                if rc != 0 && rc != MDB_NOTFOUND { throw LMDBError(code: rc) }
-            }
-            for (name, value) in batch.meta {
-                let u = UInt64(bitPattern: value)
-                try put(txn, metaDB, Array(name.utf8), (0..<8).map { UInt8((u >> (56 - 8 * UInt64($0))) & 0xFF) })
-            }
-            for name in batch.removedMeta { try delete(txn, metaDB, Array(name.utf8)) }
-            for (name, value) in batch.blobs {
-                if let value {
-                    try put(txn, blobDB, Array(name.utf8), value)
-                } else {
-                    try delete(txn, blobDB, Array(name.utf8))
-                }
-            }
+            try body(txn)
             try check(mdb_txn_commit(txn))
         } catch {
             mdb_txn_abort(txn)
             throw error
         }
-        refreshSizes()
+    }
+
+    private func apply(_ batch: WriteBatch, _ txn: OpaquePointer?) throws {
+        var buffer: Bytes = []
+        for r in batch.records {
+            buffer.removeAll(keepingCapacity: true)
+            RecordCodec.encode(r, into: &buffer)
+            try put(txn, keyDB, r.rev.bytes, buffer)
+        }
+        for rev in batch.removed { try delete(txn, keyDB, rev.bytes) }
+        for (name, value) in batch.meta { try put(txn, metaDB, Array(name.utf8), Self.bigEndian(value)) }
+        for name in batch.removedMeta { try delete(txn, metaDB, Array(name.utf8)) }
+        for (name, value) in batch.blobs {
+            if let value {
+                try put(txn, blobDB, Array(name.utf8), value)
+            } else {
+                try delete(txn, blobDB, Array(name.utf8))
+            }
+        }
+    }
+
+    static func bigEndian(_ value: Int64) -> Bytes {
+        let u = UInt64(bitPattern: value)
+        return (0..<8).map { UInt8((u >> (56 - 8 * UInt64($0))) & 0xFF) }
+    }
+
+    // MARK: The log's checkpoints
+
+    /// Bytes of logged batches LMDB does not have yet.
+    public var unflushedBytes: Int {
+        walLock.lock()
+        defer { walLock.unlock() }
+        return unflushedByteCount
+    }
+
+    /// The store revision LMDB holds everything up to (the store may drop values up to it).
+    public var checkpointedRevision: Int64 {
+        walLock.lock()
+        defer { walLock.unlock() }
+        return checkpointed
+    }
+
+    /// Why the log could not make its next segment ahead of need (the disk is full), if so.
+    public var logSpaceFailure: String? {
+        walLock.lock()
+        defer { walLock.unlock() }
+        return spareFailure
+    }
+
+    /// Moves every logged batch into LMDB in one transaction and retires the log segments it
+    /// covered (thread pool). On failure (a full disk) the batches stay logged and in memory.
+    public func checkpoint() throws {
+        lock.lock()
+        defer { lock.unlock() }
+        try checkpointLocked()
+    }
+
+    private func checkpointLocked() throws {
+        guard let wal else { return }
+        walLock.lock()
+        let taken = unflushed
+        let needSpare = !wal.hasSpare
+        walLock.unlock()
+        if let last = taken.last {
+            try writeTransaction { txn in
+                for entry in taken { try apply(entry.batch, txn) }
+                try put(
+                    txn, metaDB, Array(Self.walAppliedName.utf8), Self.bigEndian(Int64(bitPattern: last.sequence)))
+            }
+            walLock.lock()
+            unflushed.removeFirst(taken.count)
+            unflushedByteCount -= taken.reduce(0) { $0 + $1.bytes }
+            checkpointed = last.batch.revision
+            wal.retire(through: last.sequence)
+            walLock.unlock()
+            refreshSizes()
+        }
+        if needSpare {
+            do {
+                let spare = try wal.makeSpare()
+                walLock.lock()
+                wal.adoptSpare(spare)
+                spareFailure = nil
+                walLock.unlock()
+            } catch {
+                walLock.lock()
+                spareFailure = "\(error)"
+                walLock.unlock()
+            }
+        }
+    }
+
+    // MARK: Reads from the loop
+
+    /// The values at `revs`, read through the loop's read transaction (see `ValueSource`).
+    public func values(at revs: [Revision]) -> [Bytes] {
+        if readTxn == nil {
+            if mdb_txn_begin(env, nil, UInt32(MDB_RDONLY), &readTxn) != 0 {
+                readTxn = nil
+                return Array(repeating: [], count: revs.count)
+            }
+        } else if mdb_txn_renew(readTxn) != 0 {
+            return Array(repeating: [], count: revs.count)
+        }
+        defer { mdb_txn_reset(readTxn) }
+        var out: [Bytes] = []
+        out.reserveCapacity(revs.count)
+        var key = [UInt8](repeating: 0, count: 16)
+        for rev in revs {
+            let m = UInt64(bitPattern: rev.main), s = UInt64(bitPattern: rev.sub)
+            for i in 0..<8 {
+                key[i] = UInt8(truncatingIfNeeded: m >> (56 - 8 * UInt64(i)))
+                key[8 + i] = UInt8(truncatingIfNeeded: s >> (56 - 8 * UInt64(i)))
+            }
+            var v = MDB_val()
+            let rc = key.withUnsafeMutableBytes { kp -> Int32 in
+                var k = MDB_val(mv_size: 16, mv_data: kp.baseAddress)
+                return mdb_get(readTxn, keyDB, &k, &v)
+            }
+            if rc == 0 {
+                out.append(RecordCodec.value(UnsafeRawBufferPointer(start: v.mv_data, count: v.mv_size)))
+            } else {
+                out.append([])
+            }
+        }
+        return out
+    }
+
+    /// Ends the loop's read transaction (before the environment closes).
+    private func dropReadTransaction() {
+        if readTxn != nil {
+            mdb_txn_abort(readTxn)
+            readTxn = nil
+        }
     }
 
     private func put(_ txn: OpaquePointer?, _ dbi: MDB_dbi, _ key: Bytes, _ value: Bytes) throws {
-        var key = key, value = value
+        var key = key
+        var value = value
         try key.withUnsafeMutableBytes { kp in
             try value.withUnsafeMutableBytes { vp in
                 var k = MDB_val(mv_size: kp.count, mv_data: kp.baseAddress)
@@ -257,27 +452,59 @@ public final class LMDBBackend: Backend, @unchecked Sendable {
     }
 
     /// Rewrites the data file without free pages (etcd's defragment): a compacting copy that
-    /// replaces the file, then the environment is reopened on it.
+    /// replaces the file, then the environment is reopened on it (tools: nothing else may use
+    /// the backend meanwhile).
     public func defragment() throws {
+        try defragmentCopy()
+        try defragmentSwap()
+    }
+
+    private var defragDirectory: String { path + "/defrag" }
+
+    /// Defragment's first half (thread pool, no commit in flight): checkpoints, then writes the
+    /// compacting copy beside the data file. Readers go on meanwhile.
+    public func defragmentCopy() throws {
         lock.lock()
         defer { lock.unlock() }
-        let tmp = path + "/defrag"
+        try checkpointLocked()
+        let tmp = defragDirectory
         mkdir(tmp, 0o700)
-        defer {
+        unlink(tmp + "/data.mdb")
+        do {
+            try check(mdb_env_copy2(env, tmp, UInt32(MDB_CP_COMPACT)))
+        } catch {
             unlink(tmp + "/data.mdb")
             rmdir(tmp)
+            throw error
         }
-        try check(mdb_env_copy2(env, tmp, UInt32(MDB_CP_COMPACT)))
         let fd = Glibc.open(tmp + "/data.mdb", O_RDONLY)
         if fd >= 0 {
             fsync(fd)
             close(fd)
         }
+    }
+
+    /// Defragment's second half (on the loop, which reads values, with no commit in flight): the
+    /// copy replaces the data file and the environment is reopened on it, in milliseconds.
+    public func defragmentSwap() throws {
+        lock.lock()
+        defer { lock.unlock() }
+        let tmp = defragDirectory
+        defer {
+            unlink(tmp + "/data.mdb")
+            rmdir(tmp)
+        }
+        dropReadTransaction()
         mdb_env_close(env)
         env = nil
         guard rename(tmp + "/data.mdb", path + "/data.mdb") == 0 else {
             try open()
             throw LMDBError(code: errno)
+        }
+        let dir = Glibc.open(path, O_RDONLY)
+        if dir >= 0 {
+            fsync(dir)
+            close(dir)
         }
         try open()
         refreshSizes()
@@ -287,6 +514,7 @@ public final class LMDBBackend: Backend, @unchecked Sendable {
     public func copy(to file: String) throws {
         lock.lock()
         defer { lock.unlock() }
+        try checkpointLocked()
         let fd = Glibc.open(file, O_WRONLY | O_CREAT | O_TRUNC, 0o600)
         guard fd >= 0 else { throw LMDBError(code: errno) }
         defer { close(fd) }
@@ -298,6 +526,7 @@ public final class LMDBBackend: Backend, @unchecked Sendable {
     public func hash() throws -> UInt32 {
         lock.lock()
         defer { lock.unlock() }
+        try checkpointLocked()
         var crc = CRC32C()
         var txn: OpaquePointer?
         try check(mdb_txn_begin(env, nil, UInt32(MDB_RDONLY), &txn))
@@ -308,6 +537,11 @@ public final class LMDBBackend: Backend, @unchecked Sendable {
             var k = MDB_val(), v = MDB_val()
             var rc = mdb_cursor_get(cursor, &k, &v, MDB_FIRST)
             while rc == 0 {
+                let name = UnsafeRawBufferPointer(start: k.mv_data, count: k.mv_size)
+                if dbi == metaDB && name.elementsEqual(Self.walAppliedName.utf8) {
+                    rc = mdb_cursor_get(cursor, &k, &v, MDB_NEXT)
+                    continue
+                }
                 crc.update(UnsafeRawBufferPointer(start: k.mv_data, count: k.mv_size))
                 crc.update(UnsafeRawBufferPointer(start: v.mv_data, count: v.mv_size))
                 rc = mdb_cursor_get(cursor, &k, &v, MDB_NEXT)
@@ -318,13 +552,30 @@ public final class LMDBBackend: Backend, @unchecked Sendable {
     }
 }
 
+extension LMDBBackend {
+    /// HashKV over LMDB (thread pool): checkpoints, then hashes the records up to `upTo` in
+    /// revision order from one read transaction (`RecordHasher`), one record in memory at a time.
+    /// The caller waits for compaction's removals and the commits up to `upTo` first.
+    public func hashKV(upTo: Int64) throws -> UInt32 {
+        try checkpoint()
+        var hasher = RecordHasher()
+        try forEachRecord(values: true, upTo: upTo) { hasher.add($0) }
+        return hasher.value
+    }
+}
+
 /// The stored form of a record: flag (1 = live), varint key length, key, then for live records
 /// create revision, version and lease (8 bytes each, big-endian) and the value. The mod revision is
 /// the record's own revision.
 public enum RecordCodec {
     public static func encode(_ r: Record) -> Bytes {
         var out = Bytes()
-        out.reserveCapacity(r.key.count + (r.kv?.value.count ?? 0) + 32)
+        encode(r, into: &out)
+        return out
+    }
+
+    public static func encode(_ r: Record, into out: inout Bytes) {
+        out.reserveCapacity(out.count + r.key.count + (r.kv?.value.count ?? 0) + 32)
         out.append(r.kv == nil ? 0 : 1)
         var n = UInt64(r.key.count)
         while n >= 0x80 {
@@ -340,10 +591,27 @@ public enum RecordCodec {
             }
             out.append(contentsOf: kv.value)
         }
-        return out
     }
 
-    public static func decode(rev: Revision, _ b: UnsafeRawBufferPointer) -> Record? {
+    /// The value of a stored live record (empty for a deletion or a malformed one).
+    public static func value(_ b: UnsafeRawBufferPointer) -> Bytes {
+        guard b.count >= 2, b[0] == 1 else { return [] }
+        var i = 1
+        var len = 0, shift = 0
+        while i < b.count {
+            let c = b[i]
+            i += 1
+            len |= Int(c & 0x7F) << shift
+            if c & 0x80 == 0 { break }
+            shift += 7
+            if shift > 56 { return [] }
+        }
+        let start = i + len + 24
+        guard start <= b.count else { return [] }
+        return Bytes(UnsafeRawBufferPointer(rebasing: b[start...]))
+    }
+
+    public static func decode(rev: Revision, _ b: UnsafeRawBufferPointer, value: Bool = true) -> Record? {
         guard b.count >= 2 else { return nil }
         let live = b[0] == 1
         var i = 1
@@ -368,7 +636,7 @@ public enum RecordCodec {
         }
         let kv = KeyValue(
             key: key, createRevision: int64(i), modRevision: rev.main, version: int64(i + 8),
-            value: Bytes(b[(i + 24)...]), lease: int64(i + 16))
+            value: value ? Bytes(UnsafeRawBufferPointer(rebasing: b[(i + 24)...])) : [], lease: int64(i + 16))
         return Record(rev: rev, key: key, kv: kv)
     }
 }

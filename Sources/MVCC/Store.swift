@@ -27,11 +27,18 @@ public struct WriteBatch: Sendable {
     public init() {}
 }
 
-/// Durable storage under the store. `load` runs once at start; `commit` runs on a worker thread,
-/// one at a time, and must make the batch durable (fsync) before it returns.
+/// Durable storage under the store. `commit` runs on a worker thread, one at a time, and must make
+/// the batch durable (fsync) before it returns.
 public protocol Backend: AnyObject, Sendable {
-    func load() throws -> (records: [Record], meta: [String: Int64])
     func commit(_ batch: WriteBatch) throws
+}
+
+/// Where the values of durable records are read from once the store no longer holds them (the
+/// backend's B+tree, read through its memory map). Called on the store's thread.
+public protocol ValueSource: AnyObject {
+    /// The values stored at `revs` (each a live record the source holds), in the same order; an
+    /// empty value for one it does not hold.
+    func values(at revs: [Revision]) -> [Bytes]
 }
 
 /// Meta keys the store persists.
@@ -40,31 +47,46 @@ public enum MetaKey {
     public static let compactRevision = "compactRevision"
 }
 
-/// The history of one key: its states in revision order (nil = deleted at that revision).
-final class KeyHistory {
-    var revs: [Revision] = []
-    var states: [KeyValue?] = []
+/// One revision of a key in the index: everything but the value (`version` 0 marks a deletion).
+struct IndexEntry {
+    var rev: Revision
+    var create: Int64
+    var version: Int64
+    var lease: Int64
+    var isTombstone: Bool { version == 0 }
+}
 
-    /// The state at store revision `rev` (the last change with main ≤ rev), nil if absent.
-    func get(at rev: Int64) -> KeyValue? {
+/// The history of one key: its revisions in order, values left out (etcd's `keyIndex`).
+final class KeyHistory {
+    var entries: [IndexEntry] = []
+
+    /// The entry at store revision `rev` (the last change with main ≤ rev), nil if none.
+    @inline(__always)
+    func entry(at rev: Int64) -> IndexEntry? {
         guard let i = lastIndex(atOrBefore: rev) else { return nil }
-        return states[i]
+        return entries[i]
+    }
+
+    /// The live entry at `rev`, nil if absent or deleted.
+    @inline(__always)
+    func live(at rev: Int64) -> IndexEntry? {
+        guard let e = entry(at: rev), !e.isTombstone else { return nil }
+        return e
     }
 
     func lastIndex(atOrBefore rev: Int64) -> Int? {
-        var lo = 0, hi = revs.count
+        if let last = entries.last, last.rev.main <= rev { return entries.count - 1 }
+        var lo = 0, hi = entries.count
         while lo < hi {
             let mid = (lo + hi) / 2
-            if revs[mid].main <= rev { lo = mid + 1 } else { hi = mid }
+            if entries[mid].rev.main <= rev { lo = mid + 1 } else { hi = mid }
         }
         return lo == 0 ? nil : lo - 1
     }
 
-    var latest: KeyValue? { states.last ?? nil }
-
-    func append(_ rev: Revision, _ kv: KeyValue?) {
-        revs.append(rev)
-        states.append(kv)
+    var latest: IndexEntry? {
+        guard let e = entries.last, !e.isTombstone else { return nil }
+        return e
     }
 }
 
@@ -83,8 +105,10 @@ public struct RangeResult: Sendable {
     }
 }
 
-/// The multi-version key-value store: an in-memory index of every key's history down to the
-/// compacted revision, written through to a `Backend` by group commits.
+/// The multi-version key-value store: an in-memory index of every key's revisions down to the
+/// compacted revision (keys, revisions, versions and leases; no values), written through to a
+/// `Backend` by group commits. Values not yet in the backend's B+tree stay in memory (`recent`);
+/// the others are read from the `ValueSource` when a read needs them.
 ///
 /// Revisions: a fresh store is at revision 1; each write transaction that changes something makes
 /// one new revision. Changes are visible to writers at once (`currentRevision`), and to readers
@@ -106,35 +130,145 @@ public final class KVStore {
     private var pending = WriteBatch()
     /// Live keys at the current revision.
     public private(set) var liveKeyCount = 0
+    /// Revisions in the index (live, deleted and tombstones), for the memory figures.
+    public private(set) var indexedRevisionCount = 0
     private var observers = Observers()
+
+    /// Values the value source does not hold yet, by revision, and their revisions in order (with
+    /// `recentHead` the first still held): all of them in a store without a source.
+    private var recent: [Revision: Bytes] = [:]
+    private var recentOrder: [Revision] = []
+    private var recentHead = 0
+    /// Bytes of values in `recent`.
+    public private(set) var recentBytes = 0
+    private let source: (any ValueSource)?
 
     /// Adds an observer of every change (held weakly; see `StoreObserver`).
     public func addObserver(_ o: any StoreObserver) { observers.add(o) }
 
     public func removeObserver(_ o: any StoreObserver) { observers.remove(o) }
 
-    public init() {}
+    /// A store holding everything in memory (tests, tools).
+    public init() { source = nil }
 
-    /// Rebuilds the store from what a backend holds.
-    public init(records: [Record], meta: [String: Int64]) {
+    /// A store over a backend's records: `load` calls its argument with every record in revision
+    /// order (values not needed: later reads get them from `source`).
+    public init(
+        meta: [String: Int64], source: any ValueSource,
+        load: ((_ rev: Revision, _ key: Bytes, _ kv: KeyValue?) -> Void) throws -> Void
+    ) rethrows {
+        self.source = source
+        var maxRev: Int64 = 1
+        try load { rev, key, kv in
+            self.history(key).entries.append(Self.entry(rev, kv))
+            self.indexedRevisionCount += 1
+            maxRev = max(maxRev, rev.main)
+        }
+        finishLoading(meta: meta, maxRevision: maxRev)
+    }
+
+    /// Rebuilds an in-memory store from records (values included).
+    public convenience init(records: [Record], meta: [String: Int64]) {
+        self.init()
         var maxRev: Int64 = 1
         for r in records.sorted(by: { $0.rev < $1.rev }) {
-            let h: KeyHistory
-            if let e = index[r.key] {
-                h = e
-            } else {
-                h = KeyHistory()
-                index[r.key] = h
-            }
-            h.append(r.rev, r.kv)
+            history(r.key).entries.append(Self.entry(r.rev, r.kv))
+            indexedRevisionCount += 1
+            if let kv = r.kv { keepRecent(r.rev, kv.value) }
             maxRev = max(maxRev, r.rev.main)
         }
+        finishLoading(meta: meta, maxRevision: maxRev)
+    }
+
+    private func finishLoading(meta: [String: Int64], maxRevision: Int64) {
         keys = SortedKeys(sorted: index.keys.sorted { compareBytes($0, $1) < 0 })
         compactRevision = meta[MetaKey.compactRevision] ?? -1
-        currentRevision = max(maxRev, meta[MetaKey.currentRevision] ?? 1, compactRevision)
+        currentRevision = max(maxRevision, meta[MetaKey.currentRevision] ?? 1, compactRevision)
         committedRevision = currentRevision
         liveKeyCount = index.values.reduce(0) { $0 + ($1.latest == nil ? 0 : 1) }
     }
+
+    /// The key's history, made (unlisted in `keys`) if new.
+    private func history(_ key: Bytes) -> KeyHistory {
+        if let h = index[key] { return h }
+        let h = KeyHistory()
+        index[key] = h
+        return h
+    }
+
+    private static func entry(_ rev: Revision, _ kv: KeyValue?) -> IndexEntry {
+        guard let kv else { return IndexEntry(rev: rev, create: 0, version: 0, lease: 0) }
+        return IndexEntry(rev: rev, create: kv.createRevision, version: kv.version, lease: kv.lease)
+    }
+
+    // MARK: Values
+
+    private func keepRecent(_ rev: Revision, _ value: Bytes) {
+        recent[rev] = value
+        recentOrder.append(rev)
+        recentBytes += value.count
+    }
+
+    /// Drops the values the source now holds: every revision up to `revision` (the backend moved
+    /// them to its B+tree). A store without a source keeps them.
+    public func releaseValues(through revision: Int64) {
+        guard source != nil else { return }
+        while recentHead < recentOrder.count, recentOrder[recentHead].main <= revision {
+            if let v = recent.removeValue(forKey: recentOrder[recentHead]) { recentBytes -= v.count }
+            recentHead += 1
+        }
+        if recentHead == recentOrder.count {
+            recentOrder.removeAll(keepingCapacity: recentOrder.count < 65536)
+            recentHead = 0
+        } else if recentHead > 65536 {
+            recentOrder.removeFirst(recentHead)
+            recentHead = 0
+        }
+    }
+
+    /// Values held in memory (not yet in the source).
+    public var recentCount: Int { recent.count }
+
+    /// The key-values of `found` (each a live entry), values read from memory or, together in one
+    /// read, from the source; `withValues` false leaves them empty.
+    private func materialize(_ found: [(Bytes, IndexEntry)], withValues: Bool) -> [KeyValue] {
+        var kvs = found.map { key, e in
+            KeyValue(
+                key: key, createRevision: e.create, modRevision: e.rev.main, version: e.version,
+                value: withValues ? (recent[e.rev] ?? []) : [], lease: e.lease)
+        }
+        guard withValues, let source else { return kvs }
+        var missing: [Int] = []
+        var revs: [Revision] = []
+        for (i, (_, e)) in found.enumerated() where recent[e.rev] == nil {
+            missing.append(i)
+            revs.append(e.rev)
+        }
+        guard !revs.isEmpty else { return kvs }
+        let values = source.values(at: revs)
+        for (j, i) in missing.enumerated() where j < values.count { kvs[i].value = values[j] }
+        return kvs
+    }
+
+    private func materialize(_ key: Bytes, _ e: IndexEntry, withValue: Bool) -> KeyValue {
+        materialize([(key, e)], withValues: withValue)[0]
+    }
+
+    /// Reads the value of an event's previous key-value if the write left it for later (it was in
+    /// the source only): etcd reads `prev_kv` for a watcher at send time, at the revision before
+    /// the event. Drops the previous key-value if compaction removed it meanwhile.
+    public func loadPrevValue(_ event: inout Event) {
+        guard event.prevValuePending, let prev = event.prevKV else { return }
+        event.prevValuePending = false
+        guard let h = index[prev.key], let e = h.live(at: event.kv.modRevision - 1), e.rev.main == prev.modRevision
+        else {
+            event.prevKV = nil
+            return
+        }
+        event.prevKV = materialize(prev.key, e, withValue: true)
+    }
+
+    // MARK: Reads
 
     /// Checks a requested read revision: ≤ 0 means `latest`.
     public func resolve(revision: Int64, latest: Int64) throws(MVCCError) -> Int64 {
@@ -145,53 +279,67 @@ public final class KVStore {
     }
 
     /// Reads `[key, end)` (etcd conventions) at `revision` (≤ 0: the committed revision).
-    /// `limit` 0 = no limit; `count` is always the full count.
+    /// `limit` 0 = no limit; `count` is always the full count. `keysOnly` leaves values empty
+    /// (and unread).
     public func range(
         _ key: Bytes, _ end: Bytes, revision: Int64 = 0, limit: Int = 0,
-        countOnly: Bool = false
+        countOnly: Bool = false, keysOnly: Bool = false
     ) throws(MVCCError) -> RangeResult {
         let rev = try resolve(revision: revision, latest: committedRevision)
-        return scan(key, end, at: rev, limit: limit, countOnly: countOnly)
+        return scan(key, end, at: rev, limit: limit, countOnly: countOnly, keysOnly: keysOnly)
     }
 
-    func scan(_ key: Bytes, _ end: Bytes, at rev: Int64, limit: Int, countOnly: Bool) -> RangeResult {
-        var kvs: [KeyValue] = []
+    /// The live entries of `[key, end)` at `rev`, up to `limit` (0: all), and the full count.
+    private func liveEntries(
+        _ key: Bytes, _ end: Bytes, at rev: Int64, limit: Int, countOnly: Bool
+    )
+        -> (found: [(Bytes, IndexEntry)], count: Int)
+    {
+        var found: [(Bytes, IndexEntry)] = []
         var count = 0
         if end.isEmpty {
-            if let kv = index[key]?.get(at: rev) {
+            if let e = index[key]?.live(at: rev) {
                 count = 1
-                if !countOnly { kvs.append(kv) }
+                if !countOnly { found.append((key, e)) }
             }
-            return RangeResult(kvs: kvs, count: count, revision: rev)
+            return (found, count)
         }
         let upper: Bytes? = end == [0] ? nil : end
-        if let upper, compareBytes(upper, key) <= 0 { return RangeResult(kvs: [], count: 0, revision: rev) }
+        if let upper, compareBytes(upper, key) <= 0 { return ([], 0) }
         keys.forEach(from: key, to: upper) { k in
-            if let kv = index[k]!.get(at: rev) {
+            if let e = index[k]!.live(at: rev) {
                 count += 1
-                if !countOnly && (limit <= 0 || kvs.count < limit) { kvs.append(kv) }
+                if !countOnly && (limit <= 0 || found.count < limit) { found.append((k, e)) }
             }
             return true
         }
-        return RangeResult(kvs: kvs, count: count, revision: rev)
+        return (found, count)
+    }
+
+    func scan(
+        _ key: Bytes, _ end: Bytes, at rev: Int64, limit: Int, countOnly: Bool, keysOnly: Bool = false
+    )
+        -> RangeResult
+    {
+        let (found, count) = liveEntries(key, end, at: rev, limit: limit, countOnly: countOnly)
+        return RangeResult(kvs: materialize(found, withValues: !keysOnly), count: count, revision: rev)
     }
 
     /// The changes to keys in `[key, end)` with revisions in `from...to`, in revision order, each
-    /// with the key's previous state (if still in history). For watchers catching up from history.
-    /// Callers keep `from` ≥ the compact revision.
-    public func events(_ key: Bytes, _ end: Bytes, from: Int64, to: Int64) -> [(Revision, Event)] {
-        var out: [(Revision, Event)] = []
+    /// with the key's previous state (if still in history; its value read only if `prevValues`).
+    /// For watchers catching up from history. Callers keep `from` ≥ the compact revision.
+    public func events(
+        _ key: Bytes, _ end: Bytes, from: Int64, to: Int64, prevValues: Bool = true
+    )
+        -> [(Revision, Event)]
+    {
+        var changes: [(key: Bytes, entry: IndexEntry, prev: IndexEntry?)] = []
         func collect(_ k: Bytes, _ h: KeyHistory) {
             // First entry with main ≥ from.
             var i = (h.lastIndex(atOrBefore: from - 1) ?? -1) + 1
-            while i < h.revs.count, h.revs[i].main <= to {
-                let rev = h.revs[i]
-                let prev = i > 0 ? h.states[i - 1] : nil
-                if let kv = h.states[i] {
-                    out.append((rev, Event(kind: .put, kv: kv, prevKV: prev)))
-                } else {
-                    out.append((rev, Event(kind: .delete, kv: KeyValue(key: k, modRevision: rev.main), prevKV: prev)))
-                }
+            while i < h.entries.count, h.entries[i].rev.main <= to {
+                let prev = i > 0 && !h.entries[i - 1].isTombstone ? h.entries[i - 1] : nil
+                changes.append((k, h.entries[i], prev))
                 i += 1
             }
         }
@@ -206,9 +354,33 @@ public final class KVStore {
                 }
             }
         }
-        out.sort { $0.0 < $1.0 }
+        changes.sort { $0.entry.rev < $1.entry.rev }
+        let puts = materialize(changes.filter { !$0.entry.isTombstone }.map { ($0.key, $0.entry) }, withValues: true)
+        let withPrev = changes.compactMap { c in c.prev.map { (c.key, $0) } }
+        let prevs = materialize(withPrev, withValues: prevValues)
+        var out: [(Revision, Event)] = []
+        out.reserveCapacity(changes.count)
+        var p = 0, q = 0
+        for c in changes {
+            var prev: KeyValue?
+            if c.prev != nil {
+                prev = prevs[q]
+                q += 1
+            }
+            var event: Event
+            if c.entry.isTombstone {
+                event = Event(kind: .delete, kv: KeyValue(key: c.key, modRevision: c.entry.rev.main), prevKV: prev)
+            } else {
+                event = Event(kind: .put, kv: puts[p], prevKV: prev)
+                p += 1
+            }
+            event.prevValuePending = prev != nil && !prevValues
+            out.append((c.entry.rev, event))
+        }
         return out
     }
+
+    // MARK: Writes
 
     /// Starts a write transaction at revision `currentRevision + 1`. Only one may be open at a time.
     public func beginWrite() -> WriteTxn { WriteTxn(store: self) }
@@ -223,18 +395,28 @@ public final class KVStore {
             keys.insert(key)
         }
         let wasLive = h.latest != nil
-        h.append(rev, kv)
+        h.entries.append(Self.entry(rev, kv))
+        indexedRevisionCount += 1
+        if let kv { keepRecent(rev, kv.value) }
         liveKeyCount += (kv != nil ? 1 : 0) - (wasLive ? 1 : 0)
         pending.records.append(Record(rev: rev, key: key, kv: kv))
     }
 
-    fileprivate func latest(_ key: Bytes) -> KeyValue? { index[key]?.latest }
+    /// The key's latest live state; its value read only if `withValue` or already in memory
+    /// (`valueLoaded` says which).
+    fileprivate func latest(_ key: Bytes, withValue: Bool) -> (kv: KeyValue, valueLoaded: Bool)? {
+        guard let e = index[key]?.latest else { return nil }
+        let inMemory = recent[e.rev] != nil
+        return (materialize(key, e, withValue: withValue || inMemory), withValue || inMemory || source == nil)
+    }
 
     fileprivate func finishWrite(revision: Int64, events: [Event]) {
         currentRevision = revision
         pending.meta[MetaKey.currentRevision] = revision
         observers.forEach { $0.store(self, wrote: events, at: revision) }
     }
+
+    // MARK: Compaction
 
     /// Keys still to prune for the compaction in progress, and the revision to prune to.
     private var compactionKeys: [Bytes] = []
@@ -273,16 +455,19 @@ public final class KVStore {
                 compactionNext += 1
                 continue
             }
-            if h.states[keep] == nil { keep += 1 }
+            if h.entries[keep].isTombstone { keep += 1 }
             let n = min(keep, budget)
             if n > 0 {
-                pending.removed.append(contentsOf: h.revs[0..<n])
-                h.revs.removeFirst(n)
-                h.states.removeFirst(n)
+                for e in h.entries[0..<n] {
+                    pending.removed.append(e.rev)
+                    if let v = recent.removeValue(forKey: e.rev) { recentBytes -= v.count }
+                }
+                h.entries.removeFirst(n)
+                indexedRevisionCount -= n
                 budget -= n
             }
             guard n == keep else { continue }  // more of this key next step
-            if h.revs.isEmpty {
+            if h.entries.isEmpty {
                 index[key] = nil
                 keys.remove(key)
             }
@@ -298,6 +483,8 @@ public final class KVStore {
 
     /// Runs a compaction's removal to the end at once (tests, tools).
     public func finishCompaction() { while !compactStep(maxRevisions: Int.max / 2) {} }
+
+    // MARK: Meta and group commit
 
     /// Records a meta entry (e.g. a lease) in the next group commit.
     public func setMeta(_ name: String, _ value: Int64) {
@@ -335,41 +522,66 @@ public final class KVStore {
         observers.forEach { $0.store(self, committedThrough: revision) }
     }
 
+    // MARK: Hashes
+
     /// CRC-32C over the history kept up to `revision` (0 = current), in revision order: equal
-    /// histories (same writes, same compaction) give equal hashes (etcd's HashKV).
+    /// histories (same writes, same compaction) give equal hashes (etcd's HashKV). Reads every
+    /// value: a store over a backend hashes there instead (`RecordHasher` over its records).
     public func hashKV(revision: Int64) throws(MVCCError) -> UInt32 {
+        let upTo = try checkHashRevision(revision)
+        var found: [(Bytes, IndexEntry)] = []
+        for (key, h) in index {
+            for e in h.entries where e.rev.main <= upTo { found.append((key, e)) }
+        }
+        found.sort { $0.1.rev < $1.1.rev }
+        let live = found.filter { !$0.1.isTombstone }
+        var values = materialize(live, withValues: true).makeIterator()
+        var hasher = RecordHasher()
+        for (key, e) in found {
+            hasher.add(Record(rev: e.rev, key: key, kv: e.isTombstone ? nil : values.next()))
+        }
+        return hasher.value
+    }
+
+    /// The revision a HashKV at `revision` covers (0 = current), or its error.
+    public func checkHashRevision(_ revision: Int64) throws(MVCCError) -> Int64 {
         let upTo = revision <= 0 ? currentRevision : revision
         if upTo > currentRevision { throw .futureRevision }
         if compactRevision > 0 && upTo < compactRevision { throw .compacted }
-        var records: [(Revision, Bytes, KeyValue?)] = []
-        for (key, h) in index {
-            for (i, rev) in h.revs.enumerated() where rev.main <= upTo { records.append((rev, key, h.states[i])) }
-        }
-        records.sort { $0.0 < $1.0 }
-        var crc = CRC32C()
-        func int(_ v: Int64) {
-            var b = v.bigEndian
-            withUnsafeBytes(of: &b) { crc.update($0) }
-        }
-        for (rev, key, kv) in records {
-            crc.update(rev.bytes)
-            int(Int64(key.count))
-            crc.update(key)
-            if let kv {
-                int(kv.createRevision)
-                int(kv.version)
-                int(kv.lease)
-                int(Int64(kv.value.count))
-                crc.update(kv.value)
-            } else {
-                int(-1)
-            }
-        }
-        return crc.value
+        return upTo
     }
 
     /// Number of keys with history (live or not) in the index.
     public var indexedKeyCount: Int { keys.count }
+}
+
+/// HashKV's hash: CRC-32C over records in revision order (revision, key, and for a live record
+/// its create revision, version, lease and value; -1 for a deletion).
+public struct RecordHasher {
+    private var crc = CRC32C()
+    public init() {}
+
+    private mutating func int(_ v: Int64) {
+        var b = v.bigEndian
+        withUnsafeBytes(of: &b) { crc.update($0) }
+    }
+
+    public mutating func add(_ r: Record) {
+        crc.update(r.rev.bytes)
+        int(Int64(r.key.count))
+        crc.update(r.key)
+        if let kv = r.kv {
+            int(kv.createRevision)
+            int(kv.version)
+            int(kv.lease)
+            int(Int64(kv.value.count))
+            crc.update(kv.value)
+        } else {
+            int(-1)
+        }
+    }
+
+    public var value: UInt32 { crc.value }
 }
 
 /// A write transaction: reads see its own earlier writes; `end()` makes all its changes one
@@ -392,7 +604,7 @@ public final class WriteTxn {
     /// (checked against the store revision before this transaction).
     public func range(
         _ key: Bytes, _ end: Bytes, revision: Int64 = 0, limit: Int = 0,
-        countOnly: Bool = false
+        countOnly: Bool = false, keysOnly: Bool = false
     ) throws(MVCCError) -> RangeResult {
         let rev: Int64
         if revision <= 0 {
@@ -400,35 +612,45 @@ public final class WriteTxn {
         } else {
             rev = try store.resolve(revision: revision, latest: store.currentRevision)
         }
-        var r = store.scan(key, end, at: rev, limit: limit, countOnly: countOnly)
+        var r = store.scan(key, end, at: rev, limit: limit, countOnly: countOnly, keysOnly: keysOnly)
         r.revision = changed ? self.revision : store.currentRevision
         return r
     }
 
-    /// The key's latest state, including this transaction's writes.
-    public func get(_ key: Bytes) -> KeyValue? { store.latest(key) }
+    /// The key's latest state, including this transaction's writes (its value left empty unless
+    /// `withValue`).
+    public func get(_ key: Bytes, withValue: Bool = true) -> KeyValue? {
+        store.latest(key, withValue: withValue)?.kv
+    }
 
-    /// Writes `key`. Returns the previous state.
+    /// Writes `key`. Returns the previous state, its value read only if `prevValue` or at hand
+    /// (the event's previous value is otherwise read when a watcher needs it).
     @discardableResult
-    public func put(_ key: Bytes, value: Bytes, lease: Int64) -> KeyValue? {
-        let prev = store.latest(key)
+    public func put(_ key: Bytes, value: Bytes, lease: Int64, prevValue: Bool = false) -> KeyValue? {
+        let found = store.latest(key, withValue: prevValue)
+        let prev = found?.kv
         let kv = KeyValue(
             key: key, createRevision: prev?.createRevision ?? revision, modRevision: revision,
             version: (prev?.version ?? 0) + 1, value: value, lease: lease)
         store.apply(Revision(main: revision, sub: sub), key: key, kv: kv)
         sub += 1
-        events.append(Event(kind: .put, kv: kv, prevKV: prev))
+        var event = Event(kind: .put, kv: kv, prevKV: prev)
+        event.prevValuePending = found.map { !$0.valueLoaded } ?? false
+        events.append(event)
         return prev
     }
 
-    /// Deletes the live keys in `[key, end)`. Returns their previous states in key order.
+    /// Deletes the live keys in `[key, end)`. Returns their previous states in key order (values
+    /// read only if `prevValues`).
     @discardableResult
-    public func deleteRange(_ key: Bytes, _ end: Bytes) -> [KeyValue] {
-        let live = store.scan(key, end, at: revision, limit: 0, countOnly: false).kvs
+    public func deleteRange(_ key: Bytes, _ end: Bytes, prevValues: Bool = false) -> [KeyValue] {
+        let live = store.scan(key, end, at: revision, limit: 0, countOnly: false, keysOnly: !prevValues).kvs
         for prev in live {
             store.apply(Revision(main: revision, sub: sub), key: prev.key, kv: nil)
             sub += 1
-            events.append(Event(kind: .delete, kv: KeyValue(key: prev.key, modRevision: revision), prevKV: prev))
+            var event = Event(kind: .delete, kv: KeyValue(key: prev.key, modRevision: revision), prevKV: prev)
+            event.prevValuePending = !prevValues
+            events.append(event)
         }
         return live
     }

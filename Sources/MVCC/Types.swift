@@ -96,6 +96,9 @@ public struct Event: Equatable, Sendable {
     public var kv: KeyValue
     /// The key-value before the change, if the key existed.
     public var prevKV: KeyValue?
+    /// True while `prevKV`'s value has not been read (the store reads it when a watcher needs it:
+    /// `KVStore.loadPrevValue`).
+    public var prevValuePending = false
     public init(kind: Kind, kv: KeyValue, prevKV: KeyValue?) {
         self.kind = kind
         self.kv = kv

@@ -26,8 +26,9 @@ final class BackendMaintenance: MaintenanceBackend {
         self.snapshotDirectory = snapshotDirectory
     }
 
-    var dbSize: Int64 { Int64(backend.lastSizes.allocated) }
-    var dbSizeInUse: Int64 { Int64(backend.lastSizes.inUse) }
+    /// LMDB's file, plus the logged batches not yet checkpointed into it.
+    var dbSize: Int64 { Int64(backend.lastSizes.allocated + backend.unflushedBytes) }
+    var dbSizeInUse: Int64 { Int64(backend.lastSizes.inUse + backend.unflushedBytes) }
 
     func defragment(_ done: @escaping ((any Error)?) -> Void) {
         let backend = self.backend
@@ -35,9 +36,13 @@ final class BackendMaintenance: MaintenanceBackend {
         let started = loop.nowMilliseconds
         commits.exclusive(
             {
-                do { try backend.defragment() } catch { failure.value = error }
+                do { try backend.defragmentCopy() } catch { failure.value = error }
             },
             done: { [logger, loop] in
+                // The copy replaces the file on the loop, which reads values: a reopen, not a copy.
+                if failure.value == nil {
+                    do { try backend.defragmentSwap() } catch { failure.value = error }
+                }
                 logger.info(
                     "defragmented",
                     metadata: [
@@ -53,6 +58,16 @@ final class BackendMaintenance: MaintenanceBackend {
         commits.exclusive({ result.value = Result { try backend.hash() } }, done: { done(result.value) })
     }
 
+    /// HashKV off the loop: LMDB's records up to `revision`, read in revision order beside the
+    /// commits (the caller has waited for compaction and the commits up to `revision`).
+    func hashKV(upTo revision: Int64, _ done: @escaping (Result<UInt32, any Error>) -> Void) {
+        let backend = self.backend
+        let result = Handoff<Result<UInt32, any Error>>(.failure(EtcdError.notCapable))
+        commits.backgroundRead({ result.value = Result { try backend.hashKV(upTo: revision) } }) {
+            done(result.value)
+        }
+    }
+
     /// A snapshot in etcd's format (a bbolt file with etcd's buckets), made off the loop from one
     /// consistent read of the backend, with no commit in flight.
     func snapshot(_ done: @escaping (Result<String, any Error>) -> Void) {
@@ -64,6 +79,7 @@ final class BackendMaintenance: MaintenanceBackend {
         commits.exclusive(
             {
                 result.value = Result {
+                    try backend.checkpoint()
                     // Streamed: one record at a time from LMDB to the file's leaf pages.
                     try EtcdSnapshot.write(
                         to: file, records: { try backend.forEachRecord($0) }, meta: try backend.loadMeta(),
@@ -117,7 +133,7 @@ enum SnapshotRestore {
                 try restoreBolt(snapshot, into: building, mapSize: mapSize, logger: logger)
             } else {
                 try data.prefix(length).write(to: URL(fileURLWithPath: building + "/data.mdb"))
-                _ = try LMDBBackend(path: building, mapSize: mapSize).load()
+                try LMDBBackend(path: building, mapSize: mapSize).forEachRecord { _ in }
             }
             try? FileManager.default.removeItem(atPath: member)
             try FileManager.default.moveItem(atPath: building, toPath: member)
@@ -143,7 +159,7 @@ enum SnapshotRestore {
                 count += 1
                 if batch.records.count == 10_000 {
                     batch.revision = r.rev.main
-                    try backend.commit(batch)
+                    try backend.write(batch)
                     batch.records.removeAll(keepingCapacity: true)
                 }
             },
@@ -151,7 +167,7 @@ enum SnapshotRestore {
         batch.meta = content.meta
         batch.blobs = content.blobs.mapValues { Optional($0) }
         batch.revision = content.meta[MetaKey.currentRevision] ?? 1
-        try backend.commit(batch)
+        try backend.write(batch)
         try backend.sync()
         logger.info(
             "restored an etcd snapshot",

@@ -5,6 +5,7 @@ import Logging
 /// - removal of compacted history, a slice per turn (`--compaction-batch-revisions`);
 /// - watchers catching up from the ring or the store, a bounded step per turn;
 /// - lease expiry: checked every 100 ms, revoked 500 leases per turn while a backlog lasts;
+/// - a checkpoint of the write-ahead log into LMDB each second, when it holds anything;
 /// - periodic watch progress notifications;
 /// - auto-compaction, when configured.
 final class BackgroundWork {
@@ -12,6 +13,7 @@ final class BackgroundWork {
     private var leaseTick: LoopTimer?
     private var leaseBacklog = false
     private var progressTimer: LoopTimer?
+    private var checkpointTick: LoopTimer?
     private var autoCompactor: AutoCompactor?
     private unowned let core: VigilServerCore
 
@@ -34,6 +36,11 @@ final class BackgroundWork {
                 step: { [unowned self] in leaseBacklog = lessor.expireStep() }))
         leaseTick = LoopTimer(loop: loop, timeoutMs: 100, repeatMs: 100) { [unowned self] in leaseBacklog = true }
         leaseTick?.unref()
+        let commits = core.commits
+        checkpointTick = LoopTimer(loop: loop, timeoutMs: 1000, repeatMs: 1000) {
+            commits.checkpointIfNeeded(force: true)
+        }
+        checkpointTick?.unref()
         startProgressTimer()
         if let mode = autoCompaction {
             autoCompactor = AutoCompactor(loop: loop, services: core.services, mode: mode, logger: core.logger)
@@ -58,6 +65,8 @@ final class BackgroundWork {
         steppers.removeAll()
         leaseTick?.cancel()
         leaseTick = nil
+        checkpointTick?.cancel()
+        checkpointTick = nil
         progressTimer?.cancel()
         progressTimer = nil
         autoCompactor?.stop()

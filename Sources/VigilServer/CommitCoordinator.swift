@@ -1,6 +1,7 @@
 import Dispatch
 import EtcdAPI
 import EventLoop
+import LMDBBackend
 import Logging
 import MVCC
 
@@ -9,13 +10,28 @@ import MVCC
 /// and the store hears which revisions are durable (its observers — the watch hub — deliver them).
 /// One commit is in flight at a time; batches formed meanwhile wait and go next, together.
 ///
+/// Group commits go to the backend's write-ahead log; its checkpoints (logged batches moved into
+/// LMDB, one transaction for many) run beside them on the pool, when the log holds
+/// `checkpointBytes` or has held anything for a second, and after each one the store drops the
+/// values LMDB now holds. Commits wait while a checkpoint is behind by `checkpointBytes * 8`.
+///
 /// Durability is all it does: nothing here knows about watchers.
 final class CommitCoordinator: CommitGate {
     private let loop: EventLoop
     private let store: KVStore
-    private let backend: any Backend
+    private let backend: LMDBBackend
     private let logger: Logger
     private var inFlight = false
+    private var checkpointInFlight = false
+    private var backgroundReads = 0
+    static let checkpointBytes = 16 << 20
+    /// Checkpoints done and the bytes of log they moved (metrics).
+    private(set) var checkpoints = 0
+    private(set) var checkpointSeconds = Histogram(bounds: Histogram.diskBounds)
+    /// Called when the backend's disk space verdict changes (the NOSPACE alarm): the reason, or nil
+    /// when space is back.
+    var onSpaceFailure: ((String?) -> Void)?
+    private var lastSpaceFailure: String?
     /// Callbacks waiting for a revision, in non-decreasing revision order.
     private var waiters: [(rev: Int64, body: () -> Void)] = []
     private var waiterHead = 0
@@ -26,12 +42,90 @@ final class CommitCoordinator: CommitGate {
     /// `etcd_disk_wal_fsync_duration_seconds`.
     private(set) var commitSeconds = Histogram(bounds: Histogram.diskBounds)
 
-    init(loop: EventLoop, store: KVStore, backend: any Backend, logger: Logger) {
+    init(loop: EventLoop, store: KVStore, backend: LMDBBackend, logger: Logger) {
         self.loop = loop
         self.store = store
         self.backend = backend
         self.logger = logger
         loop.addBeforeSleep { [unowned self] in self.startCommitIfNeeded() }
+    }
+
+    /// Starts a checkpoint if the log holds enough (or `force` and it holds anything), none is in
+    /// flight and no exclusive work waits. The background timer forces one each second.
+    func checkpointIfNeeded(force: Bool = false) {
+        guard !checkpointInFlight, exclusiveWork.isEmpty else { return }
+        let pending = backend.unflushedBytes
+        guard pending >= Self.checkpointBytes || (force && (pending > 0 || backend.logSpaceFailure != nil))
+        else { return }
+        checkpointInFlight = true
+        let backend = self.backend
+        let failure = Handoff<(any Error)?>(nil)
+        let seconds = Handoff<Double>(0)
+        ThreadPool.submit(
+            on: loop,
+            work: {
+                let t0 = DispatchTime.now().uptimeNanoseconds
+                do { try backend.checkpoint() } catch { failure.value = error }
+                seconds.value = Double(DispatchTime.now().uptimeNanoseconds - t0) / 1e9
+            },
+            done: { [unowned self] in
+                checkpointInFlight = false
+                checkpointSeconds.observe(seconds.value)
+                if let error = failure.value {
+                    // The batches stay in the log and in memory; nothing acknowledged is lost.
+                    logger.error("checkpoint to LMDB failed; retrying", metadata: ["error": "\(error)"])
+                } else {
+                    checkpoints += 1
+                }
+                afterBackendWork(spaceError: failure.value.map { "\($0)" })
+                startCommitIfNeeded()
+            })
+    }
+
+    private var checkpointWaiters: [(revision: Int64, body: () -> Void)] = []
+
+    func whenCheckpointed(_ body: @escaping () -> Void) {
+        whenFlushed { [unowned self] in
+            checkpointWaiters.append((store.committedRevision, body))
+            releaseCheckpointWaiters()
+        }
+    }
+
+    private func releaseCheckpointWaiters() {
+        guard !checkpointWaiters.isEmpty else { return }
+        if backend.unflushedBytes == 0 || backend.checkpointedRevision >= checkpointWaiters.map(\.revision).max()! {
+            let ready = checkpointWaiters
+            checkpointWaiters = []
+            for w in ready { w.body() }
+        } else {
+            checkpointIfNeeded(force: true)
+        }
+    }
+
+    /// After pool work that may have moved batches into LMDB: the store drops those values, and
+    /// the disk-space verdict goes to the alarm.
+    private func afterBackendWork(spaceError: String? = nil) {
+        store.releaseValues(through: backend.checkpointedRevision)
+        let verdict = spaceError ?? backend.logSpaceFailure
+        if verdict != lastSpaceFailure {
+            lastSpaceFailure = verdict
+            onSpaceFailure?(verdict)
+        }
+        if spaceError == nil { releaseCheckpointWaiters() }
+    }
+
+    /// Runs `work` (a read of LMDB that may checkpoint first, such as HashKV) on the pool beside
+    /// commits; exclusive work waits for it.
+    func backgroundRead(_ work: @escaping @Sendable () -> Void, done: @escaping () -> Void) {
+        backgroundReads += 1
+        ThreadPool.submit(
+            on: loop, work: work,
+            done: { [unowned self] in
+                backgroundReads -= 1
+                afterBackendWork()
+                done()
+                startCommitIfNeeded()
+            })
     }
 
     func whenDurable(_ revision: Int64, _ body: @escaping () -> Void) {
@@ -76,6 +170,7 @@ final class CommitCoordinator: CommitGate {
     private func startCommitIfNeeded() {
         guard !inFlight else { return }
         if !exclusiveWork.isEmpty {
+            guard !checkpointInFlight && backgroundReads == 0 else { return }
             let job = exclusiveWork.removeFirst()
             inFlight = true
             ThreadPool.submit(
@@ -83,10 +178,13 @@ final class CommitCoordinator: CommitGate {
                 done: { [unowned self] in
                     inFlight = false
                     job.done()
+                    afterBackendWork()
                     startCommitIfNeeded()
                 })
             return
         }
+        // Back-pressure: the log may run ahead of LMDB by a bounded amount only.
+        if checkpointInFlight && backend.unflushedBytes >= Self.checkpointBytes * 8 { return }
         guard let batch = store.takeBatch() else { return }
         inFlight = true
         batchesTaken += 1
@@ -120,6 +218,7 @@ final class CommitCoordinator: CommitGate {
                     flushWaiters.removeFirst(ready.count)
                     for w in ready { w.body() }
                 }
+                checkpointIfNeeded()
                 startCommitIfNeeded()
             })
     }

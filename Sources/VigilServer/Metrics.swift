@@ -227,12 +227,13 @@ extension VigilServerCore {
         let cluster = EtcdServices.clusterVersion.split(separator: ".").prefix(2).joined(separator: ".")
         out += "# TYPE etcd_cluster_version gauge\netcd_cluster_version{cluster_version=\"\(cluster)\"} 1\n"
         for name in ["etcd_disk_backend_commit_duration_seconds", "etcd_disk_wal_fsync_duration_seconds"] {
+            let wal = name.contains("wal")
             let help =
-                name.contains("wal")
+                wal
                 ? "The latency distributions of fsync called by WAL."
                 : "The latency distributions of commit called by backend."
             out += "# HELP \(name) \(help)\n# TYPE \(name) histogram\n"
-            out += commits.commitSeconds.lines(name, labels: "")
+            out += (wal ? commits.commitSeconds : commits.checkpointSeconds).lines(name, labels: "")
         }
         out += ProcessMetrics.text()
         metric(
@@ -253,6 +254,19 @@ extension VigilServerCore {
             "Largest number of unsent bytes queued on one watch stream.",
             hub.maxQueuedBytes)
         metric("vigil_backend_commits_total", "counter", "Group commits made durable.", commits.commits)
+        metric(
+            "vigil_backend_checkpoints_total", "counter", "Checkpoints of the write-ahead log into LMDB.",
+            commits.checkpoints)
+        metric(
+            "vigil_backend_log_unapplied_bytes", "gauge", "Bytes of logged batches not yet checkpointed into LMDB.",
+            backend.unflushedBytes)
+        metric(
+            "vigil_mvcc_index_revisions", "gauge", "Revisions (key versions) held by the in-memory key index.",
+            store.indexedRevisionCount)
+        metric("vigil_mvcc_index_keys", "gauge", "Keys held by the in-memory key index.", store.indexedKeyCount)
+        metric(
+            "vigil_mvcc_recent_value_bytes", "gauge",
+            "Bytes of values held in memory until the next checkpoint moves them into LMDB.", store.recentBytes)
         let lessor = services.lessor
         metric("vigil_lease_total", "gauge", "Leases alive.", lessor.count)
         metric(

@@ -67,10 +67,14 @@ final class VigilServerCore {
                 logger: logger)
         }
         let mapSize = Int(max(config.effectiveQuota * 2, 8 << 30))
-        backend = try LMDBBackend(path: dir + "/member", mapSize: mapSize, noSync: config.unsafeNoFsync)
-        let (records, meta) = try backend.load()
+        backend = try LMDBBackend(path: dir + "/member", mapSize: mapSize, noSync: config.unsafeNoFsync, log: true)
+        let meta = try backend.loadMeta()
         let blobs = try backend.loadBlobs()
-        store = KVStore(records: records, meta: meta)
+        // The index only: values stay in LMDB until a read needs them.
+        let backend = self.backend
+        store = try KVStore(meta: meta, source: backend) { add in
+            try backend.forEachRecord(values: false) { add($0.rev, $0.key, $0.kv) }
+        }
         commits = CommitCoordinator(loop: loop, store: store, backend: backend, logger: logger)
         maintenance = BackendMaintenance(
             loop: loop, backend: backend, commits: commits, logger: logger, snapshotDirectory: dir + "/member")
@@ -91,6 +95,12 @@ final class VigilServerCore {
                 hasher: BcryptHasher(), restored: RestoredState(meta: meta, blobs: blobs), watch: watch,
                 auth: config.auth))
         maintenance.identity = { [unowned services] in services.context.identity }
+        commits.onSpaceFailure = { [unowned services, logger] reason in
+            guard let reason else { return }
+            // Writes are refused from now on, while the log still has room for those under way.
+            logger.error("disk full: raising the NOSPACE alarm", metadata: ["reason": "\(reason)"])
+            services.context.alarms.activate(.nospace)
+        }
         loop.measureTurns { [unowned self] ns in metrics.turn(nanoseconds: ns) }
         logger.info(
             "store loaded",

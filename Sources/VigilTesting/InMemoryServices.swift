@@ -12,10 +12,11 @@ public final class InMemoryServices {
     public let clock = ManualClock()
     public let services: EtcdServices
     private let commits: ImmediateCommits
-    private let backend = NoBackend()
+    private let backend: NoBackend
 
     public init(watch: WatchHubConfig = WatchHubConfig(), auth: AuthConfig = AuthConfig()) {
         commits = ImmediateCommits(store: store)
+        backend = NoBackend(store: store)
         services = EtcdServices(
             ServerDependencies(
                 store: store,
@@ -54,8 +55,13 @@ final class ImmediateCommits: CommitGate {
     }
 }
 
-/// No backend: sizes are zero and the copies are not capable.
+/// No backend: sizes are zero and the copies are not capable; HashKV hashes the store's memory.
 final class NoBackend: MaintenanceBackend {
+    private let store: KVStore
+    init(store: KVStore) { self.store = store }
+    func hashKV(upTo revision: Int64, _ done: @escaping (Result<UInt32, any Error>) -> Void) {
+        do { done(.success(try store.hashKV(revision: revision))) } catch { done(.failure(error)) }
+    }
     var dbSize: Int64 { 0 }
     var dbSizeInUse: Int64 { 0 }
     func defragment(_ done: @escaping ((any Error)?) -> Void) { done(EtcdError.notCapable) }

@@ -5,7 +5,9 @@ import MVCC
 /// numbers the distinct encoders of its streams: slot 0 is the first, gRPC's in the server).
 public final class RevisionEvents {
     public let revision: Int64
-    public let events: [Event]
+    public private(set) var events: [Event]
+    /// Reads previous values the write left unread, when a watcher with `prev_kv` needs them.
+    private let store: KVStore?
     /// Slot 0's encoded events without and with their previous key-values.
     var encoded: [[UInt8]?]
     var encodedWithPrev: [[UInt8]?]
@@ -13,9 +15,10 @@ public final class RevisionEvents {
     var otherEncodings: [Int: [[UInt8]?]] = [:]
     let approximateBytes: Int
 
-    public init(revision: Int64, events: [Event]) {
+    public init(revision: Int64, events: [Event], store: KVStore? = nil) {
         self.revision = revision
         self.events = events
+        self.store = store
         encoded = Array(repeating: nil, count: events.count)
         encodedWithPrev = Array(repeating: nil, count: events.count)
         var bytes = 64
@@ -30,6 +33,7 @@ public final class RevisionEvents {
         guard slot == 0 else { return otherEncoding(i, prevKV: prevKV, encoder, slot: slot) }
         if prevKV {
             if let e = encodedWithPrev[i] { return e }
+            loadPrev(i)
             let e = encoder.encode(events[i], prevKV: true)
             encodedWithPrev[i] = e
             return e
@@ -40,9 +44,15 @@ public final class RevisionEvents {
         return e
     }
 
+    @inline(__always)
+    private func loadPrev(_ i: Int) {
+        if events[i].prevValuePending { store?.loadPrevValue(&events[i]) }
+    }
+
     private func otherEncoding(_ i: Int, prevKV: Bool, _ encoder: any WatchEncoder, slot: Int) -> [UInt8] {
         let k = slot * 2 + (prevKV ? 1 : 0)
         if let e = otherEncodings[k]?[i] { return e }
+        if prevKV { loadPrev(i) }
         let e = encoder.encode(events[i], prevKV: prevKV)
         otherEncodings[k, default: Array(repeating: nil, count: events.count)][i] = e
         return e

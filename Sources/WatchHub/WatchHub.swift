@@ -431,7 +431,7 @@ public final class WatchHub {
 
     /// Takes the events of a new revision (not yet durable: delivered by `advance`).
     func publish(_ events: [Event], revision: Int64) {
-        ring.append(RevisionEvents(revision: revision, events: events), trimmableUpTo: delivered)
+        ring.append(RevisionEvents(revision: revision, events: events, store: store), trimmableUpTo: delivered)
     }
 
     /// Delivers every revision up to `committed` (now durable) to the synced watchers.
@@ -717,7 +717,7 @@ public final class WatchHub {
             stats.storeCatchUps += 1
             let to = min(
                 delivered, nextRev + Int64(config.catchUpRevisions) - 1, (ring.oldestRevision ?? Int64.max) - 1)
-            for (_, e) in store.events(key, end, from: nextRev, to: to) where flags.wants(e) {
+            for (_, e) in store.events(key, end, from: nextRev, to: to, prevValues: prevKV) where flags.wants(e) {
                 events.append(encoder.encode(e, prevKV: prevKV))
             }
             last = to
