@@ -26,8 +26,12 @@ The lease workloads (same way):
   leases                       100,000 leases granted: server memory per lease
   lease-expiry                 100,000 leases (TTL 2 s, one key each) expiring while reads probe the server
 The history workload:
-  compaction                   1,000,000 revisions over 10,000 keys, then Compact(physical) while reads
-                               probe the server, then Defragment
+  compaction                   1,000,000 revisions over 10,000 keys, then HashKV and Compact(physical),
+                               each while reads probe the server every millisecond, then Defragment
+The storage workload (issue 17):
+  storage                      1,000,000 durable puts of 1 KiB over 100,000 keys; the server's memory after
+                               them (VmRSS and its anonymous part); then a restart on the same data: seconds
+                               until a Range is answered, and the memory then
 The connection workload:
   connections                  2,000 new connections (8 at a time), each one Range, then 2,000 idle ones:
                                connections/s, server CPU per connection, server memory per idle connection
@@ -47,6 +51,7 @@ WORKLOADS = {
     "put": ["--workload", "put"],
     "range-l": ["--workload", "range", "--consistency", "l"],
     "range-s": ["--workload", "range", "--consistency", "s"],
+    "range-history": ["--workload", "range", "--consistency", "s", "--historic"],
     "txn": ["--workload", "txn"],
 }
 
@@ -90,6 +95,18 @@ def peak_rss_mb(pid):
 TLS_DIR = None
 
 
+def rss_now_mb(pid):
+    """VmRSS and RssAnon of a process now, in MiB."""
+    rss = anon = 0
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                rss = int(line.split()[1]) / 1024
+            elif line.startswith("RssAnon:"):
+                anon = int(line.split()[1]) / 1024
+    return rss, anon
+
+
 def tls_server_flags():
     return ["--cert-file", f"{TLS_DIR}/server.pem", "--key-file", f"{TLS_DIR}/server-key.pem"] if TLS_DIR else []
 
@@ -113,10 +130,27 @@ class Server:
                    "--initial-advertise-peer-urls", peer, "--initial-cluster", f"default={peer}",
                    "--log-level", "warn", "--logger", "zap"]
         cmd += tls_server_flags()
+        self.cmd = cmd
         self.log = open(self.dir + ".log", "w")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
         wait_port(self.port, self.proc)
         time.sleep(0.5 if kind == "etcd" else 0.1)  # etcd elects itself leader after listening
+
+    def restart(self, bench_bin):
+        """Stops the server (SIGTERM) and starts it again on the same data; returns the seconds from
+        the start until it answered a Range."""
+        self.proc.terminate()
+        self.proc.wait(60)
+        t0 = time.time()
+        self.proc = subprocess.Popen(self.cmd, stdout=self.log, stderr=subprocess.STDOUT)
+        wait_port(self.port, self.proc, timeout=300)
+        probe = [bench_bin, "--endpoint", f"127.0.0.1:{self.port}", "--workload", "range", "--total", "1",
+                 "--conns", "1", "--clients", "1", "--max-seconds", "5"] + tls_bench_flags()
+        while True:
+            r = subprocess.run(probe, capture_output=True, text=True)
+            if r.returncode == 0 and not json.loads(r.stdout.strip().splitlines()[-1])["errors"]:
+                return time.time() - t0
+            time.sleep(0.01)
 
     def stop(self):
         self.proc.terminate()
@@ -154,6 +188,8 @@ WATCH_WORKLOADS = {
     "compaction": ["--workload", "compaction", "--total", "1000000", "--key-space", "10000", "--conns", "8",
                    "--clients", "256", "--val-size", "64"],
     "connections": ["--workload", "connections", "--total", "2000", "--clients", "8", "--streams", "2000"],
+    "storage": ["--workload", "compaction", "--write-only", "--total", "1000000", "--key-space", "100000",
+                "--conns", "8", "--clients", "256", "--val-size", "1024"],
 }
 
 WATCH_COLUMNS = {
@@ -170,7 +206,16 @@ WATCH_COLUMNS = {
     "lease-expiry": [("seconds_to_expire_all", "s until all expired", "{:.1f}"),
                      ("longest_read_ms", "longest read ms", "{:.1f}"), ("left", "keys left", "{}"),
                      ("loop_turn_max_ms", "longest loop turn ms (Vigil)", "{:.1f}")],
-    "compaction": [("write_seconds", "write 1M s", "{:.1f}"), ("compact_seconds", "compact s", "{:.2f}"),
+    "storage": [("write_seconds", "write 1M s", "{:.1f}"), ("db_mb_before", "db MB", "{:.0f}"),
+                ("rss_mb_after_writes", "RSS MiB after writes", "{:.0f}"),
+                ("rss_anon_mb_after_writes", "of it anon MiB", "{:.0f}"),
+                ("restart_seconds", "restart→serving s", "{:.2f}"),
+                ("rss_mb_after_restart", "RSS MiB after restart", "{:.0f}"),
+                ("rss_anon_mb_after_restart", "of it anon MiB", "{:.0f}")],
+    "compaction": [("write_seconds", "write 1M s", "{:.1f}"),
+                   ("hashkv_seconds", "HashKV s", "{:.2f}"), ("hashkv_probe_p99_ms", "read p99 ms during HashKV", "{:.1f}"),
+                   ("hashkv_probe_max_ms", "read max ms during HashKV", "{:.1f}"),
+                   ("compact_seconds", "compact s", "{:.2f}"),
                    ("probe_p99_ms", "read p99 ms during", "{:.1f}"), ("probe_max_ms", "read max ms during", "{:.1f}"),
                    ("defrag_seconds", "defrag s", "{:.2f}"), ("db_mb_before", "db MB", "{:.1f}"),
                    ("db_mb_after_defrag", "db MB after defrag", "{:.1f}"),
@@ -187,7 +232,7 @@ COMMON_COLUMNS = [("server_cpu_total_s", "server CPU s", "{:.1f}"), ("peak_rss_m
 def columns_for(workload):
     if workload.startswith("keepalive"):
         return WATCH_COLUMNS["keepalive"]
-    if workload in ("watchers", "leases", "lease-expiry", "compaction", "connections"):
+    if workload in ("watchers", "leases", "lease-expiry", "compaction", "connections", "storage"):
         return WATCH_COLUMNS[workload]
     return WATCH_COLUMNS["watch"]
 
@@ -225,6 +270,10 @@ def run_watch(bench_bin, vigil_bin, workload, a):
                 r["loop_turn_max_ms"] = loop_turn_max_ms(server) if k == "vigil" else 0
                 r["server_cpu_total_s"] = cpu_seconds(server.proc.pid)
                 r["peak_rss_mb"] = peak_rss_mb(server.proc.pid)
+                if workload == "storage":
+                    r["restart_seconds"] = server.restart(bench_bin)
+                    rss, anon = rss_now_mb(server.proc.pid)
+                    r["rss_mb_after_restart"], r["rss_anon_mb_after_restart"] = rss, anon
                 runs.append(r)
             finally:
                 server.stop()

@@ -28,6 +28,25 @@ struct ServerProbe {
         return 0
     }
 
+    /// VmRSS and its anonymous and file-backed parts (RssAnon, RssFile) in KiB; zeros without a pid.
+    func memoryKiB() -> (rss: Int, anon: Int, file: Int) {
+        guard let pid, let s = try? String(contentsOfFile: "/proc/\(pid)/status", encoding: .utf8) else {
+            return (0, 0, 0)
+        }
+        var out = (rss: 0, anon: 0, file: 0)
+        for line in s.split(separator: "\n") {
+            let fields = line.split(whereSeparator: { $0 == " " || $0 == "\t" })
+            guard fields.count >= 2, let kib = Int(fields[1]) else { continue }
+            switch fields[0] {
+            case "VmRSS:": out.rss = kib
+            case "RssAnon:": out.anon = kib
+            case "RssFile:": out.file = kib
+            default: break
+            }
+        }
+        return out
+    }
+
     /// User + system CPU seconds, or 0 without a pid.
     func cpuSeconds() -> Double {
         guard let pid, let s = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8),

@@ -50,6 +50,8 @@ struct Bench: ParsableCommand {
     @Option(help: "watch: puts per second (0 = one put in flight, as fast as it goes).") var rate = 0.0
     @Option(help: "watch: extra streams on their own connection that stop reading.") var slowStreams = 0
     @Option(help: "The server's pid, to read its memory and CPU from /proc.") var serverPid: Int32?
+    @Flag(help: "compaction: stop after the writes (and the memory reading).") var writeOnly = false
+    @Flag(help: "range: write every key twice and read each at its first write's revision.") var historic = false
     @Option(help: "TLS: the CA file the server's certificate chains to (connects over TLS).") var cacert: String?
     @Option(help: "TLS: a client certificate.") var cert: String?
     @Option(help: "TLS: the client certificate's key.") var key: String?
@@ -121,7 +123,9 @@ struct Bench: ParsableCommand {
             return
         }
         if workload == "compaction" {
-            let result = try CompactionBench(bench: self, loop: loop, connections: connections).run()
+            let result = try CompactionBench(
+                bench: self, loop: loop, connections: connections, probe: ServerProbe(pid: serverPid)
+            ).run()
             let data = try JSONSerialization.data(withJSONObject: result, options: [.sortedKeys])
             print(String(decoding: data, as: UTF8.self))
             return
@@ -139,23 +143,31 @@ struct Bench: ParsableCommand {
             return
         }
 
-        // Prefill keys for read workloads so that ranges find something.
+        // Prefill keys for read workloads so that ranges find something. `--historic`: twice, and
+        // the ranges read each key at its first write's revision (a value the history holds).
+        var firstRevisions: [Int64] = []
         if workload == "range" {
-            var done = 0
-            var next = 0
-            func fill(_ c: GRPCClientConnection) {
-                guard next < min(keySpace, total) else { return }
-                var r = Etcdserverpb_PutRequest()
-                r.key = key(next)
-                r.value = value
-                next += 1
-                c.unary(EtcdMethod.put.path, r) { (_: Result<Etcdserverpb_PutResponse, GRPCStatus>) in
-                    done += 1
-                    if done == min(keySpace, total) { loop.stop() } else { fill(c) }
+            let keys = min(keySpace, total)
+            firstRevisions = Array(repeating: 0, count: keys)
+            for pass in 0..<(historic ? 2 : 1) {
+                var done = 0
+                var next = 0
+                func fill(_ c: GRPCClientConnection) {
+                    guard next < keys else { return }
+                    var r = Etcdserverpb_PutRequest()
+                    let k = next
+                    r.key = key(k)
+                    r.value = value
+                    next += 1
+                    c.unary(EtcdMethod.put.path, r) { (res: Result<Etcdserverpb_PutResponse, GRPCStatus>) in
+                        if pass == 0, let rev = try? res.get().header.revision { firstRevisions[k] = rev }
+                        done += 1
+                        if done == keys { loop.stop() } else { fill(c) }
+                    }
                 }
+                for i in 0..<clients { fill(connections[i % conns]) }
+                loop.run()
             }
-            for i in 0..<clients { fill(connections[i % conns]) }
-            loop.run()
         }
 
         var latencies = [Double]()
@@ -196,6 +208,7 @@ struct Bench: ParsableCommand {
                 var r = Etcdserverpb_RangeRequest()
                 r.key = key(i)
                 r.serializable = consistency == "s"
+                if historic { r.revision = firstRevisions[i % firstRevisions.count] }
                 c.unary(EtcdMethod.range.path, r) { (res: Result<Etcdserverpb_RangeResponse, GRPCStatus>) in
                     if case .failure(let e) = res { complete(e) } else { complete(nil) }
                 }

@@ -251,7 +251,9 @@ public final class LMDBBackend: Backend, ValueSource, @unchecked Sendable {
         for r in batch.records {
             buffer.removeAll(keepingCapacity: true)
             RecordCodec.encode(r, into: &buffer)
-            try put(txn, keyDB, r.rev.bytes, buffer)
+            // New revisions sort after every stored one: appended, LMDB fills its pages instead of
+            // splitting them in half (a third smaller file for 1 KiB values).
+            try put(txn, keyDB, r.rev.bytes, buffer, append: true)
         }
         for rev in batch.removed { try delete(txn, keyDB, rev.bytes) }
         for (name, value) in batch.meta { try put(txn, metaDB, Array(name.utf8), Self.bigEndian(value)) }
@@ -372,6 +374,18 @@ public final class LMDBBackend: Backend, ValueSource, @unchecked Sendable {
         return out
     }
 
+    /// Unmaps the data file's pages from this process (they stay in the page cache): after a walk
+    /// over the whole file (loading the index, HashKV, a snapshot) the process's resident memory
+    /// goes back to what it holds itself. Reads map pages again as they touch them.
+    public func releaseMappedPages() {
+        var info = MDB_envinfo()
+        guard mdb_env_info(env, &info) == 0, let base = info.me_mapaddr else { return }
+        var stat = MDB_stat()
+        mdb_env_stat(env, &stat)
+        let bytes = min(info.me_mapsize, (info.me_last_pgno + 1) * Int(stat.ms_psize))
+        madvise(base, bytes, MADV_DONTNEED)
+    }
+
     /// Ends the loop's read transaction (before the environment closes).
     private func dropReadTransaction() {
         if readTxn != nil {
@@ -380,13 +394,19 @@ public final class LMDBBackend: Backend, ValueSource, @unchecked Sendable {
         }
     }
 
-    private func put(_ txn: OpaquePointer?, _ dbi: MDB_dbi, _ key: Bytes, _ value: Bytes) throws {
+    /// `append`: try LMDB's append mode first (the key sorts after every stored one), and a plain
+    /// put if it does not.
+    private func put(_ txn: OpaquePointer?, _ dbi: MDB_dbi, _ key: Bytes, _ value: Bytes, append: Bool = false) throws {
         var key = key
         var value = value
         try key.withUnsafeMutableBytes { kp in
             try value.withUnsafeMutableBytes { vp in
                 var k = MDB_val(mv_size: kp.count, mv_data: kp.baseAddress)
                 var v = MDB_val(mv_size: vp.count, mv_data: vp.baseAddress)
+                if append {
+                    let rc = mdb_put(txn, dbi, &k, &v, UInt32(MDB_APPEND))
+                    if rc != MDB_KEYEXIST { return try check(rc) }
+                }
                 try check(mdb_put(txn, dbi, &k, &v, 0))
             }
         }
@@ -560,6 +580,7 @@ extension LMDBBackend {
         try checkpoint()
         var hasher = RecordHasher()
         try forEachRecord(values: true, upTo: upTo) { hasher.add($0) }
+        releaseMappedPages()
         return hasher.value
     }
 }

@@ -84,6 +84,7 @@ final class BackendMaintenance: MaintenanceBackend {
                     try EtcdSnapshot.write(
                         to: file, records: { try backend.forEachRecord($0) }, meta: try backend.loadMeta(),
                         blobs: try backend.loadBlobs(), identity: identity, clusterVersion: clusterVersion)
+                    backend.releaseMappedPages()
                     return file
                 }
             }, done: { done(result.value) })

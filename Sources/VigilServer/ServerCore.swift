@@ -75,6 +75,7 @@ final class VigilServerCore {
         store = try KVStore(meta: meta, source: backend) { add in
             try backend.forEachRecord(values: false) { add($0.rev, $0.key, $0.kv) }
         }
+        backend.releaseMappedPages()
         commits = CommitCoordinator(loop: loop, store: store, backend: backend, logger: logger)
         maintenance = BackendMaintenance(
             loop: loop, backend: backend, commits: commits, logger: logger, snapshotDirectory: dir + "/member")
