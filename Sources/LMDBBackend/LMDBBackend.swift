@@ -44,12 +44,18 @@ public final class LMDBBackend: Backend, ValueSource, @unchecked Sendable {
     /// defragment, copies, sizes).
     private let lock = NSLock()
 
-    /// The log and the batches it holds that LMDB does not have yet (guarded by `walLock`).
+    /// The log (its files guarded by `logLock`, held across a record's write) and the batches it
+    /// holds that LMDB does not have yet (guarded by `walLock`, only ever held briefly: the loop
+    /// reads these counts).
     private var wal: WriteAheadLog?
+    private let logLock = NSLock()
     private let walLock = NSLock()
     private var unflushed: [(sequence: UInt64, batch: WriteBatch, bytes: Int)] = []
     private var unflushedByteCount = 0
+    private var unflushedRecordCount = 0
     private var checkpointed: Int64 = 0
+    private var lastLogged: UInt64 = 0
+    private var lastCheckpointed: UInt64 = 0
     private var spareFailure: String?
 
     /// The loop's read transaction (reset between reads; renewed for the next).
@@ -218,11 +224,21 @@ public final class LMDBBackend: Backend, ValueSource, @unchecked Sendable {
     public func commit(_ batch: WriteBatch) throws {
         guard wal != nil else { return try write(batch) }
         let payload = BatchCodec.encode(batch)
+        logLock.lock()
+        let sequence: UInt64
+        do {
+            sequence = try wal!.append(payload)
+        } catch {
+            logLock.unlock()
+            throw error
+        }
+        logLock.unlock()
         walLock.lock()
         defer { walLock.unlock() }
-        let sequence = try wal!.append(payload)
         unflushed.append((sequence, batch, payload.count))
         unflushedByteCount += payload.count
+        unflushedRecordCount += batch.records.count + batch.removed.count
+        lastLogged = sequence
     }
 
     /// Writes `batch` to LMDB in one transaction (no log).
@@ -248,13 +264,7 @@ public final class LMDBBackend: Backend, ValueSource, @unchecked Sendable {
 
     private func apply(_ batch: WriteBatch, _ txn: OpaquePointer?) throws {
         var buffer: Bytes = []
-        for r in batch.records {
-            buffer.removeAll(keepingCapacity: true)
-            RecordCodec.encode(r, into: &buffer)
-            // New revisions sort after every stored one: appended, LMDB fills its pages instead of
-            // splitting them in half (a third smaller file for 1 KiB values).
-            try put(txn, keyDB, r.rev.bytes, buffer, append: true)
-        }
+        for r in batch.records { try put(record: r, txn, &buffer) }
         for rev in batch.removed { try delete(txn, keyDB, rev.bytes) }
         for (name, value) in batch.meta { try put(txn, metaDB, Array(name.utf8), Self.bigEndian(value)) }
         for name in batch.removedMeta { try delete(txn, metaDB, Array(name.utf8)) }
@@ -265,6 +275,14 @@ public final class LMDBBackend: Backend, ValueSource, @unchecked Sendable {
                 try delete(txn, blobDB, Array(name.utf8))
             }
         }
+    }
+
+    private func put(record r: Record, _ txn: OpaquePointer?, _ buffer: inout Bytes) throws {
+        buffer.removeAll(keepingCapacity: true)
+        RecordCodec.encode(r, into: &buffer)
+        // New revisions sort after every stored one: appended, LMDB fills its pages instead of
+        // splitting them in half (a third smaller file for 1 KiB values).
+        try put(txn, keyDB, r.rev.bytes, buffer, append: true)
     }
 
     static func bigEndian(_ value: Int64) -> Bytes {
@@ -279,6 +297,20 @@ public final class LMDBBackend: Backend, ValueSource, @unchecked Sendable {
         walLock.lock()
         defer { walLock.unlock() }
         return unflushedByteCount
+    }
+
+    /// Records (written or removed) in logged batches LMDB does not have yet.
+    public var unflushedRecords: Int {
+        walLock.lock()
+        defer { walLock.unlock() }
+        return unflushedRecordCount
+    }
+
+    /// The sequence numbers of the last batch logged and of the last one LMDB holds.
+    public var logSequences: (logged: UInt64, checkpointed: UInt64) {
+        walLock.lock()
+        defer { walLock.unlock() }
+        return (lastLogged, lastCheckpointed)
     }
 
     /// The store revision LMDB holds everything up to (the store may drop values up to it).
@@ -307,27 +339,74 @@ public final class LMDBBackend: Backend, ValueSource, @unchecked Sendable {
         guard let wal else { return }
         walLock.lock()
         let taken = unflushed
-        let needSpare = !wal.hasSpare
         walLock.unlock()
+        logLock.lock()
+        let needSpare = !wal.hasSpare
+        logLock.unlock()
         if let last = taken.last {
+            // Several LMDB transactions of `maxCheckpointRecords` each: the new records in order
+            // (appended), then the removed ones sorted by revision (a compaction's removals come
+            // key by key, spread over the whole file; sorted, each transaction touches a few
+            // neighbouring pages), then the meta entries, blobs and the log sequence applied.
+            // Pages one transaction frees are reused by the next, where one huge transaction
+            // would copy every page it touches and grow the file. Until the last one commits, the
+            // log still holds every batch: replaying them again over a partial checkpoint puts
+            // and removes the same records (both idempotent), in order.
+            var records: [Record] = []
+            var removed: [Revision] = []
+            for entry in taken {
+                records.append(contentsOf: entry.batch.records)
+                removed.append(contentsOf: entry.batch.removed)
+            }
+            removed.sort()
+            var buffer: Bytes = []
+            var at = 0
+            while at < records.count {
+                let end = min(records.count, at + Self.maxCheckpointRecords)
+                try writeTransaction { txn in
+                    for r in records[at..<end] { try put(record: r, txn, &buffer) }
+                }
+                at = end
+            }
+            at = 0
+            while at < removed.count {
+                let end = min(removed.count, at + Self.maxCheckpointRecords)
+                try writeTransaction { txn in
+                    for rev in removed[at..<end] { try delete(txn, keyDB, rev.bytes) }
+                }
+                at = end
+            }
             try writeTransaction { txn in
-                for entry in taken { try apply(entry.batch, txn) }
+                for entry in taken {
+                    var rest = entry.batch
+                    rest.records = []
+                    rest.removed = []
+                    try apply(rest, txn)
+                }
                 try put(
                     txn, metaDB, Array(Self.walAppliedName.utf8), Self.bigEndian(Int64(bitPattern: last.sequence)))
             }
             walLock.lock()
             unflushed.removeFirst(taken.count)
             unflushedByteCount -= taken.reduce(0) { $0 + $1.bytes }
+            unflushedRecordCount -= records.count + removed.count
             checkpointed = last.batch.revision
-            wal.retire(through: last.sequence)
+            lastCheckpointed = last.sequence
             walLock.unlock()
-            refreshSizes()
+            logLock.lock()
+            wal.retire(through: last.sequence)
+            logLock.unlock()
+            // Removals touch pages all over the file: let go of their mappings.
+            if removed.count >= Self.maxCheckpointRecords { releaseMappedPages() }
         }
+        if !taken.isEmpty { refreshSizes() }
         if needSpare {
             do {
                 let spare = try wal.makeSpare()
-                walLock.lock()
+                logLock.lock()
                 wal.adoptSpare(spare)
+                logLock.unlock()
+                walLock.lock()
                 spareFailure = nil
                 walLock.unlock()
             } catch {
@@ -337,6 +416,9 @@ public final class LMDBBackend: Backend, ValueSource, @unchecked Sendable {
             }
         }
     }
+
+    /// Records per LMDB transaction in a checkpoint.
+    static let maxCheckpointRecords = 20_000
 
     // MARK: Reads from the loop
 
@@ -378,12 +460,16 @@ public final class LMDBBackend: Backend, ValueSource, @unchecked Sendable {
     /// over the whole file (loading the index, HashKV, a snapshot) the process's resident memory
     /// goes back to what it holds itself. Reads map pages again as they touch them.
     public func releaseMappedPages() {
-        var info = MDB_envinfo()
-        guard mdb_env_info(env, &info) == 0, let base = info.me_mapaddr else { return }
-        var stat = MDB_stat()
-        mdb_env_stat(env, &stat)
-        let bytes = min(info.me_mapsize, (info.me_last_pgno + 1) * Int(stat.ms_psize))
-        madvise(base, bytes, MADV_DONTNEED)
+        // LMDB tells the map's address only for fixed maps: find it in /proc/self/maps.
+        guard let maps = try? String(contentsOfFile: "/proc/self/maps", encoding: .utf8) else { return }
+        let file = path + "/data.mdb"
+        for line in maps.split(separator: "\n") where line.hasSuffix(file) {
+            let range = line.prefix { $0 != " " }.split(separator: "-")
+            guard range.count == 2, let start = UInt(range[0], radix: 16), let end = UInt(range[1], radix: 16),
+                end > start, let base = UnsafeMutableRawPointer(bitPattern: start)
+            else { continue }
+            madvise(base, Int(end - start), MADV_DONTNEED)
+        }
     }
 
     /// Ends the loop's read transaction (before the environment closes).
@@ -481,8 +567,9 @@ public final class LMDBBackend: Backend, ValueSource, @unchecked Sendable {
 
     private var defragDirectory: String { path + "/defrag" }
 
-    /// Defragment's first half (thread pool, no commit in flight): checkpoints, then writes the
-    /// compacting copy beside the data file. Readers go on meanwhile.
+    /// Defragment's first half (thread pool, no commit in flight): checkpoints, writes the
+    /// compacting copy beside the data file, syncs it and renames it over the data file (the open
+    /// environment keeps reading the old file, whose data is the same). Readers go on meanwhile.
     public func defragmentCopy() throws {
         lock.lock()
         defer { lock.unlock() }
@@ -490,11 +577,11 @@ public final class LMDBBackend: Backend, ValueSource, @unchecked Sendable {
         let tmp = defragDirectory
         mkdir(tmp, 0o700)
         unlink(tmp + "/data.mdb")
+        defer { rmdir(tmp) }
         do {
             try check(mdb_env_copy2(env, tmp, UInt32(MDB_CP_COMPACT)))
         } catch {
             unlink(tmp + "/data.mdb")
-            rmdir(tmp)
             throw error
         }
         let fd = Glibc.open(tmp + "/data.mdb", O_RDONLY)
@@ -502,29 +589,45 @@ public final class LMDBBackend: Backend, ValueSource, @unchecked Sendable {
             fsync(fd)
             close(fd)
         }
-    }
-
-    /// Defragment's second half (on the loop, which reads values, with no commit in flight): the
-    /// copy replaces the data file and the environment is reopened on it, in milliseconds.
-    public func defragmentSwap() throws {
-        lock.lock()
-        defer { lock.unlock() }
-        let tmp = defragDirectory
-        defer {
-            unlink(tmp + "/data.mdb")
-            rmdir(tmp)
-        }
-        dropReadTransaction()
-        mdb_env_close(env)
-        env = nil
+        // The old file's mappings go now (while /proc/self/maps still names it), so that closing
+        // it on the loop is quick.
+        releaseMappedPages()
+        // Held open so that the loop's close of the environment is not the old file's last
+        // reference: freeing a large deleted file's blocks takes tens of milliseconds.
+        let old = Glibc.open(path + "/data.mdb", O_RDONLY | O_CLOEXEC)
         guard rename(tmp + "/data.mdb", path + "/data.mdb") == 0 else {
-            try open()
-            throw LMDBError(code: errno)
+            let code = errno
+            if old >= 0 { close(old) }
+            unlink(tmp + "/data.mdb")
+            throw LMDBError(code: code)
         }
+        oldFile = old
         let dir = Glibc.open(path, O_RDONLY)
         if dir >= 0 {
             fsync(dir)
             close(dir)
+        }
+        defragmented = true
+    }
+
+    /// Set between `defragmentCopy` and `defragmentSwap`.
+    private var defragmented = false
+    private var oldFile: Int32 = -1
+
+    /// Defragment's second half (on the loop, which reads values, with no commit in flight): the
+    /// environment is reopened on the new file, in a millisecond or two.
+    public func defragmentSwap() throws {
+        lock.lock()
+        defer { lock.unlock() }
+        guard defragmented else { return }
+        defragmented = false
+        dropReadTransaction()
+        mdb_env_close(env)
+        env = nil
+        if oldFile >= 0 {
+            let fd = oldFile
+            oldFile = -1
+            Thread.detachNewThread { close(fd) }
         }
         try open()
         refreshSizes()

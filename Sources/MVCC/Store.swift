@@ -209,13 +209,29 @@ public final class KVStore {
         recentBytes += value.count
     }
 
-    /// Drops the values the source now holds: every revision up to `revision` (the backend moved
-    /// them to its B+tree). A store without a source keeps them.
+    /// Lets go of the values the source now holds: every revision up to `revision` (the backend
+    /// moved them to its B+tree). They go in `releaseStep`s (a checkpoint may cover many). A store
+    /// without a source keeps them.
     public func releaseValues(through revision: Int64) {
         guard source != nil else { return }
-        while recentHead < recentOrder.count, recentOrder[recentHead].main <= revision {
+        releaseTarget = max(releaseTarget, revision)
+    }
+
+    private var releaseTarget: Int64 = 0
+
+    /// Whether values wait for `releaseStep`.
+    public var releasePending: Bool {
+        recentHead < recentOrder.count && recentOrder[recentHead].main <= releaseTarget
+    }
+
+    /// Drops up to `max` of the values `releaseValues` let go of; true when none is left.
+    @discardableResult
+    public func releaseStep(max: Int = 20_000) -> Bool {
+        var n = 0
+        while n < max, recentHead < recentOrder.count, recentOrder[recentHead].main <= releaseTarget {
             if let v = recent.removeValue(forKey: recentOrder[recentHead]) { recentBytes -= v.count }
             recentHead += 1
+            n += 1
         }
         if recentHead == recentOrder.count {
             recentOrder.removeAll(keepingCapacity: recentOrder.count < 65536)
@@ -224,6 +240,7 @@ public final class KVStore {
             recentOrder.removeFirst(recentHead)
             recentHead = 0
         }
+        return !releasePending
     }
 
     /// Values held in memory (not yet in the source).

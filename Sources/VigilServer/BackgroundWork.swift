@@ -5,7 +5,8 @@ import Logging
 /// - removal of compacted history, a slice per turn (`--compaction-batch-revisions`);
 /// - watchers catching up from the ring or the store, a bounded step per turn;
 /// - lease expiry: checked every 100 ms, revoked 500 leases per turn while a backlog lasts;
-/// - a checkpoint of the write-ahead log into LMDB each second, when it holds anything;
+/// - a checkpoint of the write-ahead log into LMDB each second, when it holds anything, and the
+///   release of the values it moved there, 20,000 per turn;
 /// - periodic watch progress notifications;
 /// - auto-compaction, when configured.
 final class BackgroundWork {
@@ -30,6 +31,7 @@ final class BackgroundWork {
             LoopStepper(
                 loop: loop, pending: { store.compactionPending }, step: { context.compactionStep(maxRevisions: batch) })
         )
+        steppers.append(LoopStepper(loop: loop, pending: { store.releasePending }, step: { store.releaseStep() }))
         steppers.append(
             LoopStepper(
                 loop: loop, pending: { [unowned self] in leaseBacklog },

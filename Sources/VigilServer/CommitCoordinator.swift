@@ -25,6 +25,10 @@ final class CommitCoordinator: CommitGate {
     private var checkpointInFlight = false
     private var backgroundReads = 0
     static let checkpointBytes = 16 << 20
+    /// Records (written or removed) that start a checkpoint: small values make many records per
+    /// byte of log, each with its own memory, and a checkpoint's release of their values is one
+    /// loop step.
+    static let checkpointRecords = 32_768
     /// Checkpoints done and the bytes of log they moved (metrics).
     private(set) var checkpoints = 0
     private(set) var checkpointSeconds = Histogram(bounds: Histogram.diskBounds)
@@ -55,8 +59,8 @@ final class CommitCoordinator: CommitGate {
     func checkpointIfNeeded(force: Bool = false) {
         guard !checkpointInFlight, exclusiveWork.isEmpty else { return }
         let pending = backend.unflushedBytes
-        guard pending >= Self.checkpointBytes || (force && (pending > 0 || backend.logSpaceFailure != nil))
-        else { return }
+        let full = pending >= Self.checkpointBytes || backend.unflushedRecords >= Self.checkpointRecords
+        guard full || (force && (pending > 0 || backend.logSpaceFailure != nil)) else { return }
         checkpointInFlight = true
         let backend = self.backend
         let failure = Handoff<(any Error)?>(nil)
@@ -82,24 +86,23 @@ final class CommitCoordinator: CommitGate {
             })
     }
 
-    private var checkpointWaiters: [(revision: Int64, body: () -> Void)] = []
+    /// Waiters for a log sequence number to be in LMDB.
+    private var checkpointWaiters: [(sequence: UInt64, body: () -> Void)] = []
 
     func whenCheckpointed(_ body: @escaping () -> Void) {
         whenFlushed { [unowned self] in
-            checkpointWaiters.append((store.committedRevision, body))
+            checkpointWaiters.append((backend.logSequences.logged, body))
             releaseCheckpointWaiters()
         }
     }
 
     private func releaseCheckpointWaiters() {
         guard !checkpointWaiters.isEmpty else { return }
-        if backend.unflushedBytes == 0 || backend.checkpointedRevision >= checkpointWaiters.map(\.revision).max()! {
-            let ready = checkpointWaiters
-            checkpointWaiters = []
-            for w in ready { w.body() }
-        } else {
-            checkpointIfNeeded(force: true)
-        }
+        let done = backend.logSequences.checkpointed
+        let ready = checkpointWaiters.filter { $0.sequence <= done }
+        checkpointWaiters.removeAll { $0.sequence <= done }
+        for w in ready { w.body() }
+        if !checkpointWaiters.isEmpty { checkpointIfNeeded(force: true) }
     }
 
     /// After pool work that may have moved batches into LMDB: the store drops those values, and
@@ -184,7 +187,12 @@ final class CommitCoordinator: CommitGate {
             return
         }
         // Back-pressure: the log may run ahead of LMDB by a bounded amount only.
-        if checkpointInFlight && backend.unflushedBytes >= Self.checkpointBytes * 8 { return }
+        if checkpointInFlight
+            && (backend.unflushedBytes >= Self.checkpointBytes * 8
+                || backend.unflushedRecords >= Self.checkpointRecords * 8)
+        {
+            return
+        }
         guard let batch = store.takeBatch() else { return }
         inFlight = true
         batchesTaken += 1

@@ -87,6 +87,7 @@ private func segments(_ dir: TempDir) -> [String] {
         try backend.checkpoint()
         #expect(backend.checkpointedRevision == store.currentRevision)
         store.releaseValues(through: backend.checkpointedRevision)
+        store.releaseStep()
         #expect(store.recentCount == 0 && store.recentBytes == 0)
         #expect(backend.unflushedBytes == 0)
         // Latest, historic and keys-only reads.
@@ -117,6 +118,7 @@ private func segments(_ dir: TempDir) -> [String] {
         try write(store, backend) { $0.put(b("a"), value: b("old"), lease: 0) }
         try backend.checkpoint()
         store.releaseValues(through: backend.checkpointedRevision)
+        store.releaseStep()
         let t = store.beginWrite()
         let prev = t.put(b("a"), value: b("new"), lease: 0)
         var events = t.end()
@@ -178,6 +180,7 @@ private func segments(_ dir: TempDir) -> [String] {
         #expect(spares.count == 1)
         #expect(backend.logSpaceFailure == nil)
         store.releaseValues(through: backend.checkpointedRevision)
+        store.releaseStep()
         #expect(try store.range(b("k1"), []).kvs.first?.value == value)
     }
 
@@ -191,6 +194,7 @@ private func segments(_ dir: TempDir) -> [String] {
             #expect(throws: LMDBError.self) { try backend.checkpoint() }
             #expect(backend.unflushedBytes > 20 << 20)
             store.releaseValues(through: backend.checkpointedRevision)
+            store.releaseStep()
             #expect(try store.range(b("k19"), []).kvs.first?.value == value, "still read from memory")
         }
         // Reopened with room: everything acknowledged is there.

@@ -255,3 +255,29 @@ private final class Recorder: StoreObserver {
         #expect(kept.log == ["wrote 2: P k", "committed 2"])
     }
 }
+
+@Suite struct Checksums {
+    /// CRC-32C's check value, and the same over every split of longer input (the eight-byte steps
+    /// and the byte tail agree).
+    @Test func crc32cMatchesTheStandardCheckValueAndIgnoresSplits() {
+        var c = CRC32C()
+        c.update(Array("123456789".utf8))
+        #expect(c.value == 0xE306_9283)
+        let data = (0..<1000).map { UInt8(truncatingIfNeeded: $0 * 7 + 3) }
+        var whole = CRC32C()
+        whole.update(data)
+        for split in [1, 3, 8, 13, 500, 999] {
+            var parts = CRC32C()
+            parts.update(Array(data[..<split]))
+            parts.update(Array(data[split...]))
+            #expect(parts.value == whole.value, "split at \(split)")
+        }
+        // Bytewise reference.
+        var ref: UInt32 = 0xFFFF_FFFF
+        for b in data {
+            ref ^= UInt32(b)
+            for _ in 0..<8 { ref = ref & 1 != 0 ? (ref >> 1) ^ 0x82F6_3B78 : ref >> 1 }
+        }
+        #expect(whole.value == ref ^ 0xFFFF_FFFF)
+    }
+}
