@@ -424,36 +424,39 @@ public final class LMDBBackend: Backend, ValueSource, @unchecked Sendable {
 
     /// The values at `revs`, read through the loop's read transaction (see `ValueSource`).
     public func values(at revs: [Revision]) -> [Bytes] {
+        guard beginRead() else { return Array(repeating: [], count: revs.count) }
+        defer { mdb_txn_reset(readTxn) }
+        return revs.map { read($0) }
+    }
+
+    public func value(at rev: Revision) -> Bytes {
+        guard beginRead() else { return [] }
+        defer { mdb_txn_reset(readTxn) }
+        return read(rev)
+    }
+
+    /// Starts (or renews) the loop's read transaction on the latest committed state.
+    private func beginRead() -> Bool {
         if readTxn == nil {
             if mdb_txn_begin(env, nil, UInt32(MDB_RDONLY), &readTxn) != 0 {
                 readTxn = nil
-                return Array(repeating: [], count: revs.count)
+                return false
             }
-        } else if mdb_txn_renew(readTxn) != 0 {
-            return Array(repeating: [], count: revs.count)
+            return true
         }
-        defer { mdb_txn_reset(readTxn) }
-        var out: [Bytes] = []
-        out.reserveCapacity(revs.count)
-        var key = [UInt8](repeating: 0, count: 16)
-        for rev in revs {
-            let m = UInt64(bitPattern: rev.main), s = UInt64(bitPattern: rev.sub)
-            for i in 0..<8 {
-                key[i] = UInt8(truncatingIfNeeded: m >> (56 - 8 * UInt64(i)))
-                key[8 + i] = UInt8(truncatingIfNeeded: s >> (56 - 8 * UInt64(i)))
-            }
+        return mdb_txn_renew(readTxn) == 0
+    }
+
+    /// One record's value through the read transaction (empty if absent).
+    private func read(_ rev: Revision) -> Bytes {
+        withUnsafeTemporaryAllocation(byteCount: 16, alignment: 8) { key in
+            key.storeBytes(of: UInt64(bitPattern: rev.main).bigEndian, toByteOffset: 0, as: UInt64.self)
+            key.storeBytes(of: UInt64(bitPattern: rev.sub).bigEndian, toByteOffset: 8, as: UInt64.self)
+            var k = MDB_val(mv_size: 16, mv_data: key.baseAddress)
             var v = MDB_val()
-            let rc = key.withUnsafeMutableBytes { kp -> Int32 in
-                var k = MDB_val(mv_size: 16, mv_data: kp.baseAddress)
-                return mdb_get(readTxn, keyDB, &k, &v)
-            }
-            if rc == 0 {
-                out.append(RecordCodec.value(UnsafeRawBufferPointer(start: v.mv_data, count: v.mv_size)))
-            } else {
-                out.append([])
-            }
+            guard mdb_get(readTxn, keyDB, &k, &v) == 0 else { return [] }
+            return RecordCodec.value(UnsafeRawBufferPointer(start: v.mv_data, count: v.mv_size))
         }
-        return out
     }
 
     /// Unmaps the data file's pages from this process (they stay in the page cache): after a walk

@@ -39,6 +39,12 @@ public protocol ValueSource: AnyObject {
     /// The values stored at `revs` (each a live record the source holds), in the same order; an
     /// empty value for one it does not hold.
     func values(at revs: [Revision]) -> [Bytes]
+    /// One value (the common single-key read).
+    func value(at rev: Revision) -> Bytes
+}
+
+extension ValueSource {
+    public func value(at rev: Revision) -> Bytes { values(at: [rev]).first ?? [] }
 }
 
 /// Meta keys the store persists.
@@ -249,20 +255,29 @@ public final class KVStore {
     /// The key-values of `found` (each a live entry), values read from memory or, together in one
     /// read, from the source; `withValues` false leaves them empty.
     private func materialize(_ found: [(Bytes, IndexEntry)], withValues: Bool) -> [KeyValue] {
-        var kvs = found.map { key, e in
-            KeyValue(
-                key: key, createRevision: e.create, modRevision: e.rev.main, version: e.version,
-                value: withValues ? (recent[e.rev] ?? []) : [], lease: e.lease)
-        }
-        guard withValues, let source else { return kvs }
+        var kvs: [KeyValue] = []
+        kvs.reserveCapacity(found.count)
         var missing: [Int] = []
-        var revs: [Revision] = []
-        for (i, (_, e)) in found.enumerated() where recent[e.rev] == nil {
-            missing.append(i)
-            revs.append(e.rev)
+        for (i, (key, e)) in found.enumerated() {
+            var value: Bytes = []
+            if withValues {
+                if let v = recent[e.rev] {
+                    value = v
+                } else if source != nil {
+                    missing.append(i)
+                }
+            }
+            kvs.append(
+                KeyValue(
+                    key: key, createRevision: e.create, modRevision: e.rev.main, version: e.version, value: value,
+                    lease: e.lease))
         }
-        guard !revs.isEmpty else { return kvs }
-        let values = source.values(at: revs)
+        guard !missing.isEmpty, let source else { return kvs }
+        if missing.count == 1 {
+            kvs[missing[0]].value = source.value(at: found[missing[0]].1.rev)
+            return kvs
+        }
+        let values = source.values(at: missing.map { found[$0].1.rev })
         for (j, i) in missing.enumerated() where j < values.count { kvs[i].value = values[j] }
         return kvs
     }
