@@ -158,6 +158,7 @@ public final class LMDBBackend: Backend, ValueSource, @unchecked Sendable {
         defer { mdb_cursor_close(cursor) }
         var k = MDB_val(), v = MDB_val()
         var rc = mdb_cursor_get(cursor, &k, &v, MDB_FIRST)
+        var scanned = 0
         while rc == 0 {
             if let rev = Revision(bytes: UnsafeRawBufferPointer(start: k.mv_data, count: k.mv_size)),
                 let rec = RecordCodec.decode(
@@ -165,6 +166,12 @@ public final class LMDBBackend: Backend, ValueSource, @unchecked Sendable {
             {
                 if rev.main > upTo { break }
                 try body(rec)
+            }
+            // A walk over the whole file maps all of it: let go of what is behind the cursor.
+            scanned += v.mv_size + 64
+            if scanned >= 64 << 20 {
+                scanned = 0
+                releaseMappedPages()
             }
             rc = mdb_cursor_get(cursor, &k, &v, MDB_NEXT)
         }
@@ -374,6 +381,7 @@ public final class LMDBBackend: Backend, ValueSource, @unchecked Sendable {
                 try writeTransaction { txn in
                     for rev in removed[at..<end] { try delete(txn, keyDB, rev.bytes) }
                 }
+                if end - at == Self.maxCheckpointRecords { releaseMappedPages() }
                 at = end
             }
             try writeTransaction { txn in
@@ -396,8 +404,6 @@ public final class LMDBBackend: Backend, ValueSource, @unchecked Sendable {
             logLock.lock()
             wal.retire(through: last.sequence)
             logLock.unlock()
-            // Removals touch pages all over the file: let go of their mappings.
-            if removed.count >= Self.maxCheckpointRecords { releaseMappedPages() }
         }
         if !taken.isEmpty { refreshSizes() }
         if needSpare {
