@@ -165,11 +165,37 @@ public final class KVStore {
     ) rethrows {
         self.source = source
         var maxRev: Int64 = 1
+        // Entries are gathered in one flat array first and each key's history is then made at
+        // its exact size: grown one entry at a time, the histories' abandoned smaller buffers
+        // would stay as scattered free memory (about 30 bytes a revision) that malloc cannot give back.
+        var ids: [Bytes: Int32] = [:]
+        var keyList: [Bytes] = []
+        var flat: [(id: Int32, entry: IndexEntry)] = []
         try load { rev, key, kv in
-            self.history(key).entries.append(Self.entry(rev, kv))
-            self.indexedRevisionCount += 1
+            let id: Int32
+            if let known = ids[key] {
+                id = known
+            } else {
+                id = Int32(keyList.count)
+                ids[key] = id
+                keyList.append(key)
+            }
+            flat.append((id, Self.entry(rev, kv)))
             maxRev = max(maxRev, rev.main)
         }
+        ids = [:]
+        var counts = [Int](repeating: 0, count: keyList.count)
+        for f in flat { counts[Int(f.id)] += 1 }
+        let histories = counts.map { n in
+            let h = KeyHistory()
+            h.entries.reserveCapacity(n)
+            return h
+        }
+        for f in flat { histories[Int(f.id)].entries.append(f.entry) }
+        indexedRevisionCount = flat.count
+        flat = []
+        index.reserveCapacity(keyList.count)
+        for (i, key) in keyList.enumerated() { index[key] = histories[i] }
         finishLoading(meta: meta, maxRevision: maxRev)
     }
 

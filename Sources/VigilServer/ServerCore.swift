@@ -1,4 +1,5 @@
 import Auth
+import CMalloc
 import EtcdAPI
 import EventLoop
 import Foundation
@@ -76,6 +77,9 @@ final class VigilServerCore {
             try backend.forEachRecord(values: false) { add($0.rev, $0.key, $0.kv) }
         }
         backend.releaseMappedPages()
+        // Loading made a garbage record per stored revision between the index's arrays: hand the
+        // freed pages back.
+        malloc_trim(0)
         commits = CommitCoordinator(loop: loop, store: store, backend: backend, logger: logger)
         maintenance = BackendMaintenance(
             loop: loop, backend: backend, commits: commits, logger: logger, snapshotDirectory: dir + "/member")
