@@ -726,27 +726,10 @@ public enum RecordCodec {
         }
     }
 
-    /// The value of a stored live record (empty for a deletion or a malformed one).
-    public static func value(_ b: UnsafeRawBufferPointer) -> Bytes {
-        guard b.count >= 2, b[0] == 1 else { return [] }
-        var i = 1
-        var len = 0, shift = 0
-        while i < b.count {
-            let c = b[i]
-            i += 1
-            len |= Int(c & 0x7F) << shift
-            if c & 0x80 == 0 { break }
-            shift += 7
-            if shift > 56 { return [] }
-        }
-        let start = i + len + 24
-        guard start <= b.count else { return [] }
-        return Bytes(UnsafeRawBufferPointer(rebasing: b[start...]))
-    }
-
-    public static func decode(rev: Revision, _ b: UnsafeRawBufferPointer, value: Bool = true) -> Record? {
+    /// Where a stored record's key starts and how long it is (after the flag byte and the varint
+    /// length), if the bytes hold that much.
+    private static func keySpan(_ b: UnsafeRawBufferPointer) -> (start: Int, count: Int)? {
         guard b.count >= 2 else { return nil }
-        let live = b[0] == 1
         var i = 1
         var len: UInt64 = 0, shift: UInt64 = 0
         while i < b.count {
@@ -757,9 +740,24 @@ public enum RecordCodec {
             shift += 7
             if shift > 63 { return nil }
         }
-        guard i + Int(len) <= b.count else { return nil }
-        let key = Bytes(b[i..<(i + Int(len))])
-        i += Int(len)
+        guard len <= UInt64(b.count - i) else { return nil }
+        return (i, Int(len))
+    }
+
+    /// The value of a stored live record (empty for a deletion or a malformed one).
+    public static func value(_ b: UnsafeRawBufferPointer) -> Bytes {
+        guard let key = keySpan(b), b[0] == 1 else { return [] }
+        let start = key.start + key.count + 24
+        guard start <= b.count else { return [] }
+        return Bytes(UnsafeRawBufferPointer(rebasing: b[start...]))
+    }
+
+    public static func decode(rev: Revision, _ b: UnsafeRawBufferPointer, value: Bool = true) -> Record? {
+        guard let span = keySpan(b) else { return nil }
+        let live = b[0] == 1
+        var i = span.start
+        let key = Bytes(b[i..<(i + span.count)])
+        i += span.count
         guard live else { return Record(rev: rev, key: key, kv: nil) }
         guard i + 24 <= b.count else { return nil }
         func int64(_ at: Int) -> Int64 {
