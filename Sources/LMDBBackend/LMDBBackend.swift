@@ -359,23 +359,35 @@ public final class LMDBBackend: Backend, ValueSource, @unchecked Sendable {
             // would copy every page it touches and grow the file. Until the last one commits, the
             // log still holds every batch: replaying them again over a partial checkpoint puts
             // and removes the same records (both idempotent), in order.
-            var records: [Record] = []
             var removed: [Revision] = []
+            var recordCount = 0
             for entry in taken {
-                records.append(contentsOf: entry.batch.records)
+                recordCount += entry.batch.records.count
                 removed.append(contentsOf: entry.batch.removed)
             }
             removed.sort()
             var buffer: Bytes = []
-            var at = 0
-            while at < records.count {
-                let end = min(records.count, at + Self.maxCheckpointRecords)
+            // The records where they are (batch by batch), `maxCheckpointRecords` a transaction.
+            var batch = 0, index = 0, written = 0
+            while written < recordCount {
                 try writeTransaction { txn in
-                    for r in records[at..<end] { try put(record: r, txn, &buffer) }
+                    var n = 0
+                    while batch < taken.count && n < Self.maxCheckpointRecords {
+                        let records = taken[batch].batch.records
+                        while index < records.count && n < Self.maxCheckpointRecords {
+                            try put(record: records[index], txn, &buffer)
+                            index += 1
+                            n += 1
+                            written += 1
+                        }
+                        if index == records.count {
+                            batch += 1
+                            index = 0
+                        }
+                    }
                 }
-                at = end
             }
-            at = 0
+            var at = 0
             while at < removed.count {
                 let end = min(removed.count, at + Self.maxCheckpointRecords)
                 try writeTransaction { txn in
@@ -397,7 +409,7 @@ public final class LMDBBackend: Backend, ValueSource, @unchecked Sendable {
             walLock.lock()
             unflushed.removeFirst(taken.count)
             unflushedByteCount -= taken.reduce(0) { $0 + $1.bytes }
-            unflushedRecordCount -= records.count + removed.count
+            unflushedRecordCount -= recordCount + removed.count
             checkpointed = last.batch.revision
             lastCheckpointed = last.sequence
             walLock.unlock()

@@ -443,10 +443,11 @@ public final class KVStore {
     /// Starts a write transaction at revision `currentRevision + 1`. Only one may be open at a time.
     public func beginWrite() -> WriteTxn { WriteTxn(store: self) }
 
-    fileprivate func apply(_ rev: Revision, key: Bytes, kv: KeyValue?) {
+    /// Appends a change to `key`'s history (`history`: the key's, if the caller looked it up).
+    fileprivate func apply(_ rev: Revision, key: Bytes, kv: KeyValue?, history: KeyHistory? = nil) {
         let h: KeyHistory
-        if let e = index[key] {
-            h = e
+        if let known = history ?? index[key] {
+            h = known
         } else {
             h = KeyHistory()
             index[key] = h
@@ -460,12 +461,23 @@ public final class KVStore {
         pending.records.append(Record(rev: rev, key: key, kv: kv))
     }
 
-    /// The key's latest live state; its value read only if `withValue` or already in memory
+    fileprivate func history(of key: Bytes) -> KeyHistory? { index[key] }
+
+    /// The latest live state in `h`; its value read only if `withValue` or already in memory
     /// (`valueLoaded` says which).
-    fileprivate func latest(_ key: Bytes, withValue: Bool) -> (kv: KeyValue, valueLoaded: Bool)? {
-        guard let e = index[key]?.latest else { return nil }
-        let inMemory = recent[e.rev] != nil
-        return (materialize(key, e, withValue: withValue || inMemory), withValue || inMemory || source == nil)
+    fileprivate func latest(_ key: Bytes, in h: KeyHistory?, withValue: Bool) -> (kv: KeyValue, valueLoaded: Bool)? {
+        guard let e = h?.latest else { return nil }
+        var value: Bytes = []
+        var loaded = true
+        if let v = recent[e.rev] {
+            value = v
+        } else if let source {
+            if withValue { value = source.value(at: e.rev) } else { loaded = false }
+        }
+        let kv = KeyValue(
+            key: key, createRevision: e.create, modRevision: e.rev.main, version: e.version, value: value,
+            lease: e.lease)
+        return (kv, loaded)
     }
 
     fileprivate func finishWrite(revision: Int64, events: [Event]) {
@@ -678,19 +690,20 @@ public final class WriteTxn {
     /// The key's latest state, including this transaction's writes (its value left empty unless
     /// `withValue`).
     public func get(_ key: Bytes, withValue: Bool = true) -> KeyValue? {
-        store.latest(key, withValue: withValue)?.kv
+        store.latest(key, in: store.history(of: key), withValue: withValue)?.kv
     }
 
     /// Writes `key`. Returns the previous state, its value read only if `prevValue` or at hand
     /// (the event's previous value is otherwise read when a watcher needs it).
     @discardableResult
     public func put(_ key: Bytes, value: Bytes, lease: Int64, prevValue: Bool = false) -> KeyValue? {
-        let found = store.latest(key, withValue: prevValue)
+        let history = store.history(of: key)
+        let found = store.latest(key, in: history, withValue: prevValue)
         let prev = found?.kv
         let kv = KeyValue(
             key: key, createRevision: prev?.createRevision ?? revision, modRevision: revision,
             version: (prev?.version ?? 0) + 1, value: value, lease: lease)
-        store.apply(Revision(main: revision, sub: sub), key: key, kv: kv)
+        store.apply(Revision(main: revision, sub: sub), key: key, kv: kv, history: history)
         sub += 1
         var event = Event(kind: .put, kv: kv, prevKV: prev)
         event.prevValuePending = found.map { !$0.valueLoaded } ?? false
