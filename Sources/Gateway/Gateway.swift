@@ -250,11 +250,37 @@ public final class Gateway {
             out.startStream(
                 status: 200, contentType: "text/event-stream", headers: [("Cache-Control", "no-cache")], observer: sink)
         else { return }
+        sseStreams.removeAll { $0.sink == nil }
+        sseStreams.append(WeakSSESink(sink: sink))
         let session = services.watch.open(sink, credentials: Credentials(token: token))
         sink.session = session
         var req = Etcdserverpb_WatchRequest()
         req.createRequest = create
         session.receive(req)
+    }
+
+    private struct WeakSSESink {
+        weak var sink: SSEWatchSink?
+    }
+    /// The open SSE streams (for their keep-alive comments).
+    private var sseStreams: [WeakSSESink] = []
+
+    /// Sends a keep-alive comment on each SSE stream that sent nothing since the last call, so
+    /// that proxies and browsers do not close idle ones (the server calls this every
+    /// `--sse-keepalive-interval`). Returns how many got one.
+    @discardableResult
+    public func keepAliveTick() -> Int {
+        sseStreams.removeAll { $0.sink == nil || $0.sink!.ended }
+        var n = 0
+        for s in sseStreams {
+            guard let sink = s.sink else { continue }
+            if !sink.sentSinceTick {
+                sink.out.send(Array(": keep-alive\n\n".utf8))
+                n += 1
+            }
+            sink.sentSinceTick = false
+        }
+        return n
     }
 
     /// `/v3/lease/keepalive`: one answer per request in the body, then the stream ends.
@@ -414,12 +440,25 @@ public final class SSEWatchEncoder: WatchEncoder {
 
 /// An SSE watch stream: the events go out as they are made; a compacted or cancelled watch ends it.
 final class SSEWatchSink: JSONWatchSink {
+    /// Whether anything went out since the last keep-alive tick.
+    var sentSinceTick = false
+    /// Whether the answer has ended (compacted, cancelled or the client gone).
+    private(set) var ended = false
+
     /// Ends the HTTP answer after a compacted or cancelled watch (its only watcher is gone). The
     /// session is closed when the transport says the client left, never from inside the hub's send.
     override func send(_ message: [UInt8]) {
+        guard !ended else { return }
         out.send(message)
+        sentSinceTick = true
         if message.starts(with: Array("event: compacted".utf8)) || message.starts(with: Array("event: canceled".utf8)) {
+            ended = true
             out.finish()
         }
+    }
+
+    override func responseClosed() {
+        ended = true
+        super.responseClosed()
     }
 }

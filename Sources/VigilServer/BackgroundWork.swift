@@ -7,7 +7,7 @@ import Logging
 /// - lease expiry: checked every 100 ms, revoked 500 leases per turn while a backlog lasts;
 /// - a checkpoint of the write-ahead log into LMDB each second, when it holds anything, and the
 ///   release of the values it moved there, 20,000 per turn;
-/// - periodic watch progress notifications;
+/// - periodic watch progress notifications, and keep-alive comments on idle SSE watch streams;
 /// - auto-compaction, when configured.
 final class BackgroundWork {
     private var steppers: [LoopStepper] = []
@@ -15,6 +15,7 @@ final class BackgroundWork {
     private var leaseBacklog = false
     private var progressTimer: LoopTimer?
     private var checkpointTick: LoopTimer?
+    private var sseKeepAliveTick: LoopTimer?
     private var autoCompactor: AutoCompactor?
     private unowned let core: VigilServerCore
 
@@ -43,6 +44,11 @@ final class BackgroundWork {
             commits.checkpointIfNeeded(force: true)
         }
         checkpointTick?.unref()
+        let interval = core.config.sseKeepAliveIntervalMs
+        sseKeepAliveTick = LoopTimer(loop: loop, timeoutMs: interval, repeatMs: interval) { [unowned core] in
+            core.plain.sseKeepAliveTick()
+        }
+        sseKeepAliveTick?.unref()
         startProgressTimer()
         if let mode = autoCompaction {
             autoCompactor = AutoCompactor(loop: loop, services: core.services, mode: mode, logger: core.logger)
@@ -69,6 +75,8 @@ final class BackgroundWork {
         leaseTick = nil
         checkpointTick?.cancel()
         checkpointTick = nil
+        sseKeepAliveTick?.cancel()
+        sseKeepAliveTick = nil
         progressTimer?.cancel()
         progressTimer = nil
         autoCompactor?.stop()

@@ -43,6 +43,8 @@ public struct Configuration: Sendable {
     public var unsafeNoFsync = false
     /// `--experimental-watch-progress-notify-interval` in milliseconds (etcd's default: 10 minutes).
     public var watchProgressNotifyIntervalMs: UInt64 = 600_000
+    /// How often idle SSE watch streams get a keep-alive comment (`--sse-keepalive-interval`).
+    public var sseKeepAliveIntervalMs: UInt64 = 15_000
     /// Revisions of compacted history removed per loop turn (a few milliseconds of work).
     public var compactionBatchRevisions = 2_500
     /// `--auto-compaction-mode` ("periodic" or "revision"; empty = off) and

@@ -15,6 +15,9 @@ final class PlainEndpoints: HTTPHandler {
         gateway = Gateway(services: core.services, refused: { [unowned core] in core.metrics.count($0) })
     }
 
+    /// Keep-alive comments on idle SSE watch streams (see `Gateway.keepAliveTick`).
+    func sseKeepAliveTick() { gateway.keepAliveTick() }
+
     func handle(_ request: HTTPRequest, _ out: any HTTPResponder) {
         // etcd's access controller: CORS headers for an allowed origin, and OPTIONS answered 200.
         let cors = corsHeaders(request)

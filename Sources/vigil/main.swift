@@ -50,6 +50,10 @@ struct VigilCommand: ParsableCommand {
         name: .customLong("experimental-watch-progress-notify-interval"),
         help: "Interval of periodic watch progress notifications, e.g. 10m, 5s, 100ms (default 10m).")
     var watchProgressNotifyInterval: String?
+    @Option(
+        name: .customLong("sse-keepalive-interval"),
+        help: "How often an idle Server-Sent Events watch stream gets a keep-alive comment (default 15s).")
+    var sseKeepAliveInterval: String?
     @Option(name: .customLong("watch-ring-max-events"), help: "Events the watch event ring keeps (default 200000).")
     var watchRingMaxEvents: Int?
     @Option(name: .customLong("watch-ring-max-bytes"), help: "Bytes the watch event ring keeps (default 64 MiB).")
@@ -230,6 +234,12 @@ struct VigilCommand: ParsableCommand {
                     "--experimental-watch-progress-notify-interval must be a duration of at least 100ms")
             }
             c.watchProgressNotifyIntervalMs = ms
+        }
+        if let v = value(sseKeepAliveInterval, "ETCD_SSE_KEEPALIVE_INTERVAL") {
+            guard let ms = Self.durationMs(v), ms >= 100 else {
+                throw ValidationError("--sse-keepalive-interval must be a duration of at least 100ms")
+            }
+            c.sseKeepAliveIntervalMs = ms
         }
         if let v = try number(watchRingMaxEvents, "ETCD_WATCH_RING_MAX_EVENTS", as: Int.self) {
             guard v > 0 else { throw ValidationError("--watch-ring-max-events must be positive") }

@@ -84,4 +84,13 @@ import VigilTesting
             #expect(r.stdout.hasPrefix("HTTP/1.1 400") && r.stdout.contains(words), "\(query): \(r.stdout)")
         }
     }
+
+    /// An idle stream gets keep-alive comments (every 300 ms here) and its events as usual; a busy
+    /// one gets none between its events.
+    @Test func idleStreamsGetKeepAliveComments() throws {
+        let quick = try LiveServer(args: ["--unsafe-no-fsync", "--sse-keepalive-interval", "300ms"])
+        let r = try runCommand(curl, ["-s", "-N", "--max-time", "1.5", "\(quick.url)/v3/watch?key=idle"])
+        let comments = r.stdout.components(separatedBy: ": keep-alive\n\n").count - 1
+        #expect(comments >= 2 && comments <= 6, "\(r.stdout)")
+    }
 }
