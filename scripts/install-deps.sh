@@ -8,7 +8,7 @@ if [ "${1:-}" = "--test" ]; then
     # etcdctl drives the integration tests, curl the gateway tests; etcd runs beside Vigil in the
     # benchmarks; openssl makes the TLS tests' certificates, PyJWT checks Vigil's JWTs, and
     # Prometheus runs etcd's dashboard and alert queries against /metrics.
-    packages+=(etcd-client etcd-server curl openssl python3-jwt python3-cryptography prometheus)
+    packages+=(etcd-client etcd-server curl openssl python3-jwt python3-cryptography python3-h2 prometheus)
 fi
 
 missing=()

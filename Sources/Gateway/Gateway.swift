@@ -35,6 +35,12 @@ public final class Gateway {
         sseEncoder = SSEWatchEncoder(identity: services.context.identity)
     }
 
+    /// Whether a request is handed over at its head, its body following as it arrives: `POST
+    /// /v3/watch`, whose body may go on carrying create, cancel and progress requests.
+    public static func streamsBody(method: String, path: String) -> Bool {
+        method == "POST" && EtcdMethod.forGatewayPath(path) == .watch
+    }
+
     /// Whether the gateway serves `path` (`/v3/...` or `/v3beta/...`).
     public static func handles(_ path: String) -> Bool {
         EtcdMethod.gatewayPrefixes.contains { path.hasPrefix($0) }
@@ -76,7 +82,9 @@ public final class Gateway {
         // as `authorization`; etcd reads `token` first.
         let token = request.header("grpc-metadata-token") ?? request.header("authorization")
         switch method {
-        case .watch: watch(request.body, token, out)
+        case .watch:
+            if let stream = request.bodyStream { return watch(stream, token, out) }
+            watch(request.body, token, out)
         case .leaseKeepAlive: keepAlive(request.body, token, out)
         case .observe: observe(request.body, token, out)
         default:
@@ -103,33 +111,9 @@ public final class Gateway {
 
     /// Splits a body holding a sequence of JSON objects (grpc-gateway's decoder loop for streams).
     static func objects(_ body: [UInt8]) -> [[UInt8]]? {
-        var out: [[UInt8]] = []
-        var depth = 0, start = -1, inString = false, escaped = false
-        for (i, b) in body.enumerated() {
-            if inString {
-                if escaped {
-                    escaped = false
-                } else if b == UInt8(ascii: "\\") {
-                    escaped = true
-                } else if b == UInt8(ascii: "\"") {
-                    inString = false
-                }
-                continue
-            }
-            switch b {
-            case UInt8(ascii: "\""): inString = true
-            case UInt8(ascii: "{"):
-                if depth == 0 { start = i }
-                depth += 1
-            case UInt8(ascii: "}"):
-                depth -= 1
-                if depth < 0 { return nil }
-                if depth == 0 { out.append(Array(body[start...i])) }
-            case UInt8(ascii: " "), UInt8(ascii: "\n"), UInt8(ascii: "\r"), UInt8(ascii: "\t"): break
-            default: if depth == 0 { return nil }
-            }
-        }
-        return depth == 0 && !inString ? out : nil
+        var splitter = JSONObjectSplitter()
+        guard let out = splitter.feed(body), splitter.isBetweenObjects else { return nil }
+        return out
     }
 
     /// A request the gateway answers itself, with `response`.
@@ -170,6 +154,57 @@ public final class Gateway {
         let session = services.watch.open(sink, credentials: Credentials(token: token))
         sink.session = session
         for r in requests { session.receive(r) }
+    }
+
+    /// `POST /v3/watch` with a body that goes on (chunked HTTP/1.1, or an h2c stream left open):
+    /// every WatchRequest in it — create, cancel, progress — is served as it arrives, each answered
+    /// as on gRPC (grpc-gateway reads only the first). Until the first request is whole, a bad body
+    /// gets the same 400 as before; after it, a bad request ends the stream with an error line.
+    private func watch(_ body: HTTPBodyStream, _ token: String?, _ out: any HTTPResponder) {
+        let sink = JSONWatchSink(out, encoder: watchEncoder)
+        var splitter = JSONObjectSplitter()
+        var started = false
+        let limit = services.context.limits.maxReceiveMessageBytes
+        func start() -> Bool {
+            guard out.startStream(status: 200, contentType: "application/json", observer: sink) else { return false }
+            started = true
+            sink.session = services.watch.open(sink, credentials: Credentials(token: token))
+            return true
+        }
+        func fail(_ status: Int, _ message: String) {
+            body.stopListening()
+            if started {
+                let m = Self.jsonString(message)
+                let reason = Self.jsonString(HTTPResponse.reason(status))
+                out.send(
+                    Array(
+                        #"{"error":{"grpc_code":3,"http_code":\#(status),"message":\#(m),"http_status":\#(reason)}}"#
+                            .utf8) + [10])
+                out.finish()
+            } else {
+                out.respond(Self.errorResponse(status: status, code: .invalidArgument, message))
+            }
+        }
+        body.listen(
+            chunk: { [weak sink] bytes in
+                guard let sink, !started || sink.session != nil else { return body.stopListening() }
+                guard let objects = splitter.feed(bytes) else { return fail(400, "malformed JSON body") }
+                if splitter.partialCount > limit { return fail(400, "watch request over \(limit) bytes") }
+                for o in objects {
+                    let r: Etcdserverpb_WatchRequest
+                    do { r = try Etcdserverpb_WatchRequest(jsonUTF8Bytes: o, options: .init()) } catch {
+                        return fail(400, "\(error)")
+                    }
+                    if !started && !start() { return body.stopListening() }
+                    sink.session?.receive(r)
+                }
+            },
+            end: {
+                // The watches go on until the client leaves; a body with no request still opens
+                // an (empty) stream, as a whole body does.
+                if !started && splitter.isBetweenObjects { _ = start() }
+                if !splitter.isBetweenObjects { fail(400, "malformed JSON body") }
+            })
     }
 
     /// `/v3/election/observe`: the leader, then each change, as `{"result":…}` lines until the
@@ -302,6 +337,56 @@ public final class Gateway {
         out.startStream(status: 200, contentType: "application/json", observer: nil)
         for a in answers { out.send(a) }
         out.finish()
+    }
+}
+
+/// Finds whole JSON objects in bytes that arrive in pieces (a streamed request body): objects
+/// back to back or separated by whitespace, as grpc-gateway's decoder reads them.
+struct JSONObjectSplitter {
+    private var partial: [UInt8] = []
+    private var depth = 0
+    private var inString = false
+    private var escaped = false
+
+    /// Whether no object is half-read.
+    var isBetweenObjects: Bool { depth == 0 && partial.isEmpty }
+    /// Bytes of the object being read.
+    var partialCount: Int { partial.count }
+
+    /// The objects `bytes` complete, or nil if they are not JSON objects.
+    mutating func feed(_ bytes: [UInt8]) -> [[UInt8]]? {
+        var out: [[UInt8]] = []
+        for b in bytes {
+            if depth > 0 { partial.append(b) }
+            if inString {
+                if escaped {
+                    escaped = false
+                } else if b == UInt8(ascii: "\\") {
+                    escaped = true
+                } else if b == UInt8(ascii: "\"") {
+                    inString = false
+                }
+                continue
+            }
+            switch b {
+            case UInt8(ascii: "\""):
+                guard depth > 0 else { return nil }
+                inString = true
+            case UInt8(ascii: "{"):
+                if depth == 0 { partial = [b] }
+                depth += 1
+            case UInt8(ascii: "}"):
+                guard depth > 0 else { return nil }
+                depth -= 1
+                if depth == 0 {
+                    out.append(partial)
+                    partial = []
+                }
+            case UInt8(ascii: " "), UInt8(ascii: "\n"), UInt8(ascii: "\r"), UInt8(ascii: "\t"): break
+            default: if depth == 0 { return nil }
+            }
+        }
+        return out
     }
 }
 

@@ -112,6 +112,8 @@ public final class HTTP1Connection {
     private var value: [UInt8] = []
     private var inValue = false
     private var body: [UInt8] = []
+    /// The body of the request being received, when its handler takes it as it arrives.
+    private var bodyStream: HTTPBodyStream?
     private var tooLarge = false
     private(set) var closed = false
 
@@ -150,6 +152,10 @@ public final class HTTP1Connection {
         }
         settings.on_body = { p, at, n in
             let me = HTTP1Connection.from(p)
+            if let stream = me.bodyStream {
+                stream.deliver(Array(HTTP1Connection.buf(at, n)))
+                return 0
+            }
             if me.body.count + n > me.maxBodyBytes {
                 me.tooLarge = true
                 return 1
@@ -180,6 +186,7 @@ public final class HTTP1Connection {
         value = []
         inValue = false
         body = []
+        bodyStream = nil
     }
 
     private func endHeader() {
@@ -198,6 +205,20 @@ public final class HTTP1Connection {
         }
         if headers.contains(where: { $0.name.lowercased() == "expect" && $0.value.lowercased() == "100-continue" }) {
             transport?.write(Array("HTTP/1.1 100 Continue\r\n\r\n".utf8), close: false)
+        }
+        // A handler that takes the body as it arrives gets the request now; the body follows.
+        let method = String(cString: http_method_str(http_method(rawValue: parser.pointee.method)))
+        let target = String(decoding: url, as: UTF8.self)
+        let path = String(target.split(separator: "?", maxSplits: 1, omittingEmptySubsequences: false)[0])
+        if let handler, handler.streamsBody(method: method, path: path) {
+            let stream = HTTPBodyStream()
+            bodyStream = stream
+            midRequest = false  // a long-lived body is not a slow request
+            queue.append(
+                (
+                    HTTPRequest(method: method, target: target, headers: headers, body: [], bodyStream: stream),
+                    http_should_keep_alive(parser) != 0
+                ))
         }
         return 0
     }
@@ -219,6 +240,11 @@ public final class HTTP1Connection {
 
     private func complete() {
         midRequest = false
+        if let stream = bodyStream {
+            bodyStream = nil
+            stream.finish()
+            return
+        }
         let method = String(cString: http_method_str(http_method(rawValue: parser.pointee.method)))
         let req = HTTPRequest(
             method: method, target: String(decoding: url, as: UTF8.self), headers: headers, body: body)

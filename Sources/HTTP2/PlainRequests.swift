@@ -10,6 +10,8 @@ public final class HTTP2PlainRequests: HTTP2SessionDelegate {
     private let maxBodyBytes: Int
     private let needsFlush: () -> Void
     private var arriving: [Int32: (headers: [HeaderField], body: [UInt8])] = [:]
+    /// Requests handed over at their head, whose bodies follow as they arrive.
+    private var streaming: [Int32: HTTPBodyStream] = [:]
     private var answering: [Int32: HTTP2Responder] = [:]
 
     /// - Parameters:
@@ -26,10 +28,41 @@ public final class HTTP2PlainRequests: HTTP2SessionDelegate {
 
     public func streamHeaders(_ stream: Int32, _ headers: [HeaderField], _ block: HeaderBlock) {
         guard block == .request else { return }
+        let (method, target, _) = Self.request(headers)
+        let path = String(target.split(separator: "?", maxSplits: 1, omittingEmptySubsequences: false)[0])
+        if let handler, handler.streamsBody(method: method, path: path) {
+            let body = HTTPBodyStream()
+            streaming[stream] = body
+            dispatch(stream, headers, body: [], bodyStream: body)
+            return
+        }
         arriving[stream] = (headers, [])
     }
 
+    /// Method, target and the other header fields of a request head.
+    private static func request(_ headers: [HeaderField]) -> (String, String, [(name: String, value: String)]) {
+        var method = "GET", target = "/"
+        var fields: [(name: String, value: String)] = []
+        for h in headers {
+            switch h.name {
+            case ":method": method = h.value
+            case ":path": target = h.value
+            default: if !h.name.hasPrefix(":") { fields.append((h.name, h.value)) }
+            }
+        }
+        return (method, target, fields)
+    }
+
+    private func dispatch(_ stream: Int32, _ headers: [HeaderField], body: [UInt8], bodyStream: HTTPBodyStream?) {
+        let (method, target, fields) = Self.request(headers)
+        let r = responder(stream)
+        guard let handler else { return r.respond(HTTPResponse(status: 404, body: [])) }
+        handler.handle(
+            HTTPRequest(method: method, target: target, headers: fields, body: body, bodyStream: bodyStream), r)
+    }
+
     public func streamData(_ stream: Int32, _ data: UnsafeRawBufferPointer) {
+        if let body = streaming[stream] { return body.deliver(Array(data)) }
         guard arriving[stream] != nil else { return }
         if arriving[stream]!.body.count + data.count > maxBodyBytes {
             arriving[stream] = nil
@@ -41,19 +74,9 @@ public final class HTTP2PlainRequests: HTTP2SessionDelegate {
     }
 
     public func streamEnded(_ stream: Int32) {
+        if let body = streaming.removeValue(forKey: stream) { return body.finish() }
         guard let (headers, body) = arriving.removeValue(forKey: stream) else { return }
-        var method = "GET", target = "/"
-        var fields: [(name: String, value: String)] = []
-        for h in headers {
-            switch h.name {
-            case ":method": method = h.value
-            case ":path": target = h.value
-            default: if !h.name.hasPrefix(":") { fields.append((h.name, h.value)) }
-            }
-        }
-        let r = responder(stream)
-        guard let handler else { return r.respond(HTTPResponse(status: 404, body: [])) }
-        handler.handle(HTTPRequest(method: method, target: target, headers: fields, body: body), r)
+        dispatch(stream, headers, body: body, bodyStream: nil)
     }
 
     private func responder(_ stream: Int32) -> HTTP2Responder {
@@ -64,6 +87,7 @@ public final class HTTP2PlainRequests: HTTP2SessionDelegate {
 
     public func streamClosed(_ stream: Int32) {
         arriving[stream] = nil
+        streaming[stream] = nil
         answering.removeValue(forKey: stream)?.closed()
     }
 

@@ -10,12 +10,19 @@ public struct HTTPRequest: Sendable {
     /// Names as sent (HTTP/2 sends them in lowercase; HTTP/1.1 in any case).
     public var headers: [(name: String, value: String)]
     public var body: [UInt8]
+    /// For a request whose handler takes its body as it arrives (`HTTPHandler.streamsBody`): the
+    /// body, chunk by chunk (`body` is then empty).
+    public var bodyStream: HTTPBodyStream?
 
-    public init(method: String, target: String, headers: [(name: String, value: String)], body: [UInt8]) {
+    public init(
+        method: String, target: String, headers: [(name: String, value: String)], body: [UInt8],
+        bodyStream: HTTPBodyStream? = nil
+    ) {
         self.method = method
         self.target = target
         self.headers = headers
         self.body = body
+        self.bodyStream = bodyStream
     }
 
     /// The path without the query string.
@@ -120,6 +127,53 @@ public protocol HTTPHandler: AnyObject {
     func handle(_ request: HTTPRequest, _ responder: any HTTPResponder)
     /// The answer to a request refused by the transport (the handler words it, and counts it).
     func response(for refusal: HTTPRefusal) -> HTTPResponse
+    /// Whether a request with this method and path is handed over as soon as its head arrives,
+    /// its body following through `HTTPRequest.bodyStream` (a watch that takes more requests).
+    func streamsBody(method: String, path: String) -> Bool
+}
+
+extension HTTPHandler {
+    public func streamsBody(method: String, path: String) -> Bool { false }
+}
+
+/// A request body arriving in chunks, on the loop. Chunks that come before the handler listens
+/// wait here; so does the end.
+public final class HTTPBodyStream: @unchecked Sendable {
+    private var pending: [[UInt8]] = []
+    private var ended = false
+    private var onChunk: (([UInt8]) -> Void)?
+    private var onEnd: (() -> Void)?
+
+    public init() {}
+
+    /// Listens: `chunk` for each piece of the body in order, then `end` once it is complete.
+    public func listen(chunk: @escaping ([UInt8]) -> Void, end: @escaping () -> Void) {
+        onChunk = chunk
+        onEnd = end
+        let waiting = pending
+        pending = []
+        for c in waiting { chunk(c) }
+        if ended { end() }
+    }
+
+    /// Stops listening (the answer ended); later chunks are dropped.
+    public func stopListening() {
+        onChunk = { _ in }
+        onEnd = {}
+        pending = []
+    }
+
+    /// The transport's side: a piece of the body.
+    public func deliver(_ bytes: [UInt8]) {
+        if let onChunk { onChunk(bytes) } else { pending.append(bytes) }
+    }
+
+    /// The transport's side: the body is complete.
+    public func finish() {
+        guard !ended else { return }
+        ended = true
+        onEnd?()
+    }
 }
 
 /// A query string's parameters, percent-decoded to bytes (`+` is a space); repeated names kept in

@@ -15,6 +15,8 @@ final class PlainEndpoints: HTTPHandler {
         gateway = Gateway(services: core.services, refused: { [unowned core] in core.metrics.count($0) })
     }
 
+    func streamsBody(method: String, path: String) -> Bool { Gateway.streamsBody(method: method, path: path) }
+
     /// Keep-alive comments on idle SSE watch streams (see `Gateway.keepAliveTick`).
     func sseKeepAliveTick() { gateway.keepAliveTick() }
 
