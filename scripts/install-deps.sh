@@ -7,8 +7,9 @@ packages=(libuv1-dev libnghttp2-dev libhttp-parser-dev liblmdb-dev libcrypt-dev 
 if [ "${1:-}" = "--test" ]; then
     # etcdctl drives the integration tests, curl the gateway tests; etcd runs beside Vigil in the
     # benchmarks; openssl makes the TLS tests' certificates, PyJWT checks Vigil's JWTs, and
-    # Prometheus runs etcd's dashboard and alert queries against /metrics.
-    packages+=(etcd-client etcd-server curl openssl python3-jwt python3-cryptography python3-h2 prometheus)
+    # Prometheus runs etcd's dashboard and alert queries against /metrics; python3-h2 is the
+    # streaming gateway watch client, Chromium runs the live page of Examples/live-config.
+    packages+=(etcd-client etcd-server curl openssl python3-jwt python3-cryptography python3-h2 prometheus chromium)
 fi
 
 missing=()

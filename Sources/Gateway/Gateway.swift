@@ -517,8 +517,9 @@ public final class SSEWatchEncoder: WatchEncoder {
             }
             return Array("event: canceled\ndata: {\"cancel_reason\":\(JSONText.quote(f.cancelReason))}\n\n".utf8)
         }
-        // Created: a comment (the header revision is the store's, not where the watch starts).
-        if f.created { return Array(": watching at revision \(f.headerRevision)\n\n".utf8) }
+        // Created: a comment (the header revision is the store's, not where the watch starts), and
+        // a reconnection delay of one second for EventSource (browsers wait three by default).
+        if f.created { return Array("retry: 1000\n: watching at revision \(f.headerRevision)\n\n".utf8) }
         return Array("id: \(f.headerRevision)\nevent: progress\ndata: {\"revision\":\"\(f.headerRevision)\"}\n\n".utf8)
     }
 }

@@ -63,9 +63,8 @@ final class BackendMaintenance: MaintenanceBackend {
     func hashKV(upTo revision: Int64, _ done: @escaping (Result<UInt32, any Error>) -> Void) {
         let backend = self.backend
         let result = Handoff<Result<UInt32, any Error>>(.failure(EtcdError.notCapable))
-        commits.backgroundRead({ result.value = Result { try backend.hashKV(upTo: revision) } }) {
-            done(result.value)
-        }
+        commits.backgroundRead(
+            { result.value = Result { try backend.hashKV(upTo: revision) } }, done: { done(result.value) })
     }
 
     /// A snapshot in etcd's format (a bbolt file with etcd's buckets), made off the loop from one
