@@ -19,6 +19,8 @@ The watch workloads (fresh servers for each round, one round by default):
   watch-slow  the same plus one stream that stops reading (its connection paused)
   watch-fanout  1,000 streams x 10 watchers each on the prefix
   watch-latency the 10,000 streams with the writer at 20 puts/s (latency without queueing)
+  watch-sse   10,000 Server-Sent Events watches on the prefix (one HTTP/1.1 connection each), the same
+              writer; Vigil only (etcd has none), printed next to Vigil's `watch` if both are asked for
   watchers    1,000,000 watchers (10,000 streams x 100 distinct keys): memory per watcher, and
               server CPU per put with 10,000 watchers and with 1,000,000
 The lease workloads (same way):
@@ -179,6 +181,7 @@ WATCH_WORKLOADS = {
                      "--prefix-watchers-per-stream", "10"],
     "watch-latency": ["--workload", "watch-latency", "--streams", "10000", "--watch-conns", "100"],
     "watch-slow": ["--workload", "watch", "--streams", "10000", "--watch-conns", "100", "--slow-streams", "1"],
+    "watch-sse": ["--workload", "watch-sse", "--streams", "10000"],
     "watchers": ["--workload", "watchers", "--streams", "10000", "--watch-conns", "100",
                  "--watchers-per-stream", "100", "--total", "2000"],
     "keepalive-1": ["--workload", "keepalive", "--streams", "1", "--total", "50000"],
@@ -256,7 +259,7 @@ def loop_turn_max_ms(server):
 def run_watch(bench_bin, vigil_bin, workload, a):
     """One watch workload against fresh servers, each alone on the machine in turn."""
     out = {}
-    for k in ("etcd", "vigil"):
+    for k in (("vigil",) if workload == "watch-sse" else ("etcd", "vigil")):
         runs = []
         for _ in range(a.watch_rounds):
             server = Server(k, vigil_bin)
@@ -315,10 +318,22 @@ def main():
              "--val-size", str(a.val_size)]
 
     watch = [w for w in a.workloads if w in WATCH_WORKLOADS]
+    results = {}
     for w in watch:
         out = run_watch(bench_bin, vigil_bin, w, a)
+        results[w] = out
         cols = columns_for(w) + COMMON_COLUMNS
         header = ["workload", "server"] + [c[1] for c in cols]
+        if w == "watch-sse":
+            # etcd has no SSE: next to Vigil's gRPC streams of the same run (`watch`), if measured.
+            lines = [[w, "vigil (SSE)"] + [fmt.format(out["vigil"][f]) for f, _, fmt in cols]]
+            if "watch" in results:
+                g = results["watch"]["vigil"]
+                lines.append(["watch", "vigil (gRPC)"] + [fmt.format(g[f]) for f, _, fmt in cols])
+                lines.append([w, "SSE/gRPC"] + ["{:.2f}x".format(out["vigil"][f] / g[f]) if g[f] else "-"
+                                                for f, _, _ in cols])
+            print_table(header, lines, a.markdown)
+            continue
         lines = [[w, k] + [fmt.format(out[k][f]) for f, _, fmt in cols] for k in ("vigil", "etcd")]
         lines.append([w, "vigil/etcd"] + ["{:.2f}x".format(out["vigil"][f] / out["etcd"][f]) if out["etcd"][f] else "-"
                                           for f, _, _ in cols])

@@ -30,7 +30,8 @@ struct Bench: ParsableCommand {
     @Option(help: "host:port of the server.") var endpoint = "127.0.0.1:2379"
     @Option(
         help: """
-            put | range | txn | watch (= watch-fanout) | watch-latency | watchers | keepalive (= lease-keepalive) \
+            put | range | txn | watch (= watch-fanout) | watch-latency | watchers | watch-sse \
+            | keepalive (= lease-keepalive) \
             | leases | lease-expiry | compaction | connections
             """) var workload = "put"
     @Option(help: "TCP connections.") var conns = 4
@@ -59,7 +60,7 @@ struct Bench: ParsableCommand {
     var port: Int { Int(endpoint.split(separator: ":").last ?? "") ?? 2379 }
 
     static let workloads: Set<String> = [
-        "put", "range", "txn", "watch", "watch-fanout", "watch-latency", "watchers",
+        "put", "range", "txn", "watch", "watch-fanout", "watch-latency", "watchers", "watch-sse",
         "keepalive", "lease-keepalive", "leases", "lease-expiry", "compaction", "connections",
     ]
 
@@ -104,12 +105,17 @@ struct Bench: ParsableCommand {
         loop.run()
         if let failedConnect { throw ValidationError("connect: \(failedConnect)") }
 
-        if ["watch", "watch-fanout", "watch-latency", "watchers"].contains(workload) {
+        if ["watch", "watch-fanout", "watch-latency", "watchers", "watch-sse"].contains(workload) {
             var me = self
             // watch-latency: the fan-out at a gentle fixed rate, so that latency is not queueing.
             if workload == "watch-latency" && rate == 0 { me.rate = 20 }
             let w = WatchBench(bench: me, loop: loop, connections: connections, probe: ServerProbe(pid: serverPid))
-            let result = workload == "watchers" ? try w.runManyWatchers() : try w.runFanout()
+            let result =
+                switch workload {
+                case "watchers": try w.runManyWatchers()
+                case "watch-sse": try w.runSSE()
+                default: try w.runFanout()
+                }
             let data = try JSONSerialization.data(withJSONObject: result, options: [.sortedKeys])
             print(String(decoding: data, as: UTF8.self))
             return
