@@ -62,6 +62,11 @@ import VigilTesting
                 "--conns", "2", "--clients", "8",
             ])
         #expect((compaction["compact_error"] as? String) == "" && number(compaction["compact_seconds"]) >= 0)
+        #expect((compaction["hashkv_error"] as? String) == "" && number(compaction["hashkv_seconds"]) > 0)
+        let sse = try bench(p, ["--workload", "watch-sse", "--streams", "20", "--total", "10", "--server-pid", pid])
+        #expect(number(sse["delivered"]) == 200 && number(sse["lost"]) == 0 && number(sse["reordered"]) == 0)
+        let history = try bench(p, ["--workload", "range", "--historic", "--total", "200", "--key-space", "50"])
+        #expect(number(history["requests"]) == 200 && number(history["errors"]) == 0)
     }
 
     @Test func microBenchmarksRun() throws {
