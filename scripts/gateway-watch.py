@@ -28,50 +28,59 @@ def out(line):
     sys.stdout.flush()
 
 
-def http1(sock, host, path, stdin):
-    sock.sendall(f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
-                 "Transfer-Encoding: chunked\r\n\r\n".encode())
-    buf = b""
-    head_done = False
-    body = b""
+def run(sock, stdin, send_piece, end_body, received):
+    """Sends each piece of standard input as it is read and hands what the server sends to
+    `received`, until it returns True or the server closes."""
     open_input = True
     while True:
         r, _, _ = select.select([sock] + ([stdin] if open_input else []), [], [])
         if stdin in r:
-            line = os.read(stdin, 65536)
-            if not line:
-                sock.sendall(b"0\r\n\r\n")
-                open_input = False
+            piece = os.read(stdin, 65536)
+            if piece:
+                send_piece(piece)
             else:
-                sock.sendall(b"%x\r\n" % len(line) + line + b"\r\n")
+                end_body()
+                open_input = False
         if sock in r:
             data = sock.recv(65536)
-            if not data:
+            if not data or received(data):
                 return
-            buf += data
-            if not head_done:
-                if b"\r\n\r\n" not in buf:
-                    continue
-                head, buf = buf.split(b"\r\n\r\n", 1)
-                out(head.split(b"\r\n", 1)[0].decode())
-                head_done = True
-            # Chunked response: take whole chunks, print whole lines.
-            ended = False
-            while b"\r\n" in buf:
-                size_line, rest = buf.split(b"\r\n", 1)
-                size = int(size_line.split(b";")[0], 16)
-                if len(rest) < size + 2:
-                    break
-                body += rest[:size]
-                buf = rest[size + 2:]
-                if size == 0:
-                    ended = True
-                    break
-            while b"\n" in body:
-                line, body = body.split(b"\n", 1)
-                out(line.decode())
-            if ended:
-                return
+
+
+def http1(sock, host, path, stdin):
+    sock.sendall(f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+                 "Transfer-Encoding: chunked\r\n\r\n".encode())
+    state = {"buf": b"", "head": False, "body": b""}
+
+    def received(data):
+        state["buf"] += data
+        if not state["head"]:
+            if b"\r\n\r\n" not in state["buf"]:
+                return False
+            head, state["buf"] = state["buf"].split(b"\r\n\r\n", 1)
+            out(head.split(b"\r\n", 1)[0].decode())
+            state["head"] = True
+        # Chunked response: take whole chunks, print whole lines.
+        ended = False
+        buf = state["buf"]
+        while b"\r\n" in buf:
+            size_line, rest = buf.split(b"\r\n", 1)
+            size = int(size_line.split(b";")[0], 16)
+            if len(rest) < size + 2:
+                break
+            state["body"] += rest[:size]
+            buf = rest[size + 2:]
+            if size == 0:
+                ended = True
+                break
+        state["buf"] = buf
+        while b"\n" in state["body"]:
+            line, state["body"] = state["body"].split(b"\n", 1)
+            out(line.decode())
+        return ended
+
+    run(sock, stdin, lambda piece: sock.sendall(b"%x\r\n" % len(piece) + piece + b"\r\n"),
+        lambda: sock.sendall(b"0\r\n\r\n"), received)
 
 
 def http2(sock, host, path, stdin):
@@ -84,33 +93,33 @@ def http2(sock, host, path, stdin):
     conn.send_headers(stream, [(":method", "POST"), (":path", path), (":scheme", "http"), (":authority", host),
                                ("content-type", "application/json")])
     sock.sendall(conn.data_to_send())
-    body = b""
-    open_input = True
-    while True:
-        r, _, _ = select.select([sock] + ([stdin] if open_input else []), [], [])
-        if stdin in r:
-            line = os.read(stdin, 65536)
-            if not line:
-                conn.end_stream(stream)
-                open_input = False
-            else:
-                conn.send_data(stream, line)
-        if sock in r:
-            data = sock.recv(65536)
-            if not data:
-                return
-            for event in conn.receive_data(data):
-                if isinstance(event, h2.events.ResponseReceived):
-                    out("HTTP/2 " + dict(event.headers).get(b":status", b"?").decode())
-                elif isinstance(event, h2.events.DataReceived):
-                    conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
-                    body += event.data
-                    while b"\n" in body:
-                        line, body = body.split(b"\n", 1)
-                        out(line.decode())
-                elif isinstance(event, (h2.events.StreamEnded, h2.events.StreamReset)):
-                    return
+    state = {"body": b""}
+
+    def send_piece(piece):
+        conn.send_data(stream, piece)
         sock.sendall(conn.data_to_send())
+
+    def end_body():
+        conn.end_stream(stream)
+        sock.sendall(conn.data_to_send())
+
+    def received(data):
+        done = False
+        for event in conn.receive_data(data):
+            if isinstance(event, h2.events.ResponseReceived):
+                out("HTTP/2 " + dict(event.headers).get(b":status", b"?").decode())
+            elif isinstance(event, h2.events.DataReceived):
+                conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                state["body"] += event.data
+                while b"\n" in state["body"]:
+                    line, state["body"] = state["body"].split(b"\n", 1)
+                    out(line.decode())
+            elif isinstance(event, (h2.events.StreamEnded, h2.events.StreamReset)):
+                done = True
+        sock.sendall(conn.data_to_send())
+        return done
+
+    run(sock, stdin, send_piece, end_body, received)
 
 
 def main():

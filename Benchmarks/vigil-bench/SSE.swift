@@ -124,29 +124,16 @@ extension WatchBench {
                 latencies.append(Double(DispatchTime.now().uptimeNanoseconds - sendTimes[s.events - 1]) / 1e6)
             }
         }
-        let expected = total * streams.count
-        let cpu0 = probe.cpuSeconds()
-        let t0 = now()
-        let w = write(
-            count: total, key: { Data("w/\($0)".utf8) }, sentAt: { sendTimes[$0] = $1 },
-            until: { delivered >= expected })
-        let seconds = Double(now() - t0) / 1e9
-        let cpu = probe.cpuSeconds() - cpu0
-        let rssEnd = probe.rssKiB()
+        var result = deliver(
+            total: total, expected: total * streams.count, sentAt: { sendTimes[$0] = $1 }, delivered: { delivered })
         latencies.sort()
-        let lost = streams.reduce(0) { $0 + max(0, total - $1.events) }
-        let dup = streams.reduce(0) { $0 + max(0, $1.events - total) }
-        let reordered = streams.reduce(0) { $0 + $1.outOfOrder }
+        result.merge(
+            figures(
+                streams: streams.map { ($0.events, $0.outOfOrder) }, perStream: total, latencies: latencies,
+                memory: (rss0, rssStreams))
+        ) { $1 }
+        result["workload"] = "watch-sse"
         for c in sockets { c.close() }
-        return [
-            "workload": "watch-sse", "streams": streams.count, "puts": total, "put_errors": w.errors,
-            "delivered": delivered, "lost": lost, "duplicated": dup, "reordered": reordered,
-            "seconds": seconds, "events_per_s": Double(delivered) / seconds,
-            "p50_ms": Self.percentile(latencies, 0.5), "p90_ms": Self.percentile(latencies, 0.9),
-            "p99_ms": Self.percentile(latencies, 0.99), "max_ms": latencies.last ?? 0,
-            "server_cpu_s": cpu, "cpu_s_per_million_events": delivered > 0 ? cpu * 1e6 / Double(delivered) : 0,
-            "rss_before_kib": rss0, "rss_streams_kib": rssStreams, "rss_end_kib": rssEnd,
-            "bytes_per_stream": Double(rssStreams - rss0) * 1024 / Double(streams.count),
-        ]
+        return result
     }
 }

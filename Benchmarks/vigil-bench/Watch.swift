@@ -213,30 +213,56 @@ struct WatchBench: Workload {
                 if idx < total { latencies.append(Double(DispatchTime.now().uptimeNanoseconds - sendTimes[idx]) / 1e6) }
             }
         }
-        let expected = total * streams.count * perStream
+        var result = deliver(
+            total: total, expected: total * streams.count * perStream, sentAt: { sendTimes[$0] = $1 },
+            delivered: { delivered })
+        latencies.sort()
+        result.merge(
+            figures(
+                streams: streams.map { ($0.events, $0.outOfOrder) }, perStream: total * perStream,
+                latencies: latencies, memory: (rss0, rssStreams))
+        ) { $1 }
+        result.merge([
+            "workload": "watch", "watchers_per_stream": perStream,
+            "slow_streams": slow.count, "slow_stream_events_before_resume": slow.reduce(0) { $0 + $1.events },
+        ]) { $1 }
+        return result
+    }
+
+    /// Puts `total` keys `w/<i>` (one in flight, or at `--rate`) until `expected` events were
+    /// delivered; the time, the server's CPU and the deliveries.
+    func deliver(
+        total: Int, expected: Int, sentAt: @escaping (Int, UInt64) -> Void, delivered: () -> Int
+    ) -> [String: Any] {
         let cpu0 = probe.cpuSeconds()
         let t0 = now()
         let w = write(
-            count: total, key: { Data("w/\($0)".utf8) }, sentAt: { sendTimes[$0] = $1 },
-            until: { delivered >= expected })
+            count: total, key: { Data("w/\($0)".utf8) }, sentAt: sentAt, until: { delivered() >= expected })
         let seconds = Double(now() - t0) / 1e9
         let cpu = probe.cpuSeconds() - cpu0
-        let rssEnd = probe.rssKiB()
-        latencies.sort()
-        let lost = streams.reduce(0) { $0 + max(0, total * perStream - $1.events) }
-        let dup = streams.reduce(0) { $0 + max(0, $1.events - total * perStream) }
-        let reordered = streams.reduce(0) { $0 + $1.outOfOrder }
+        let n = delivered()
         return [
-            "workload": "watch", "streams": streams.count, "watchers_per_stream": perStream, "puts": total,
-            "put_errors": w.errors,
-            "delivered": delivered, "lost": lost, "duplicated": dup, "reordered": reordered,
-            "seconds": seconds, "events_per_s": Double(delivered) / seconds,
+            "puts": total, "put_errors": w.errors, "delivered": n, "seconds": seconds,
+            "events_per_s": Double(n) / seconds, "server_cpu_s": cpu,
+            "cpu_s_per_million_events": n > 0 ? cpu * 1e6 / Double(n) : 0, "rss_end_kib": probe.rssKiB(),
+        ]
+    }
+
+    /// Lost, duplicated and reordered events over the streams (each should have had `perStream`),
+    /// the latency percentiles (sorted), and memory per stream.
+    func figures(
+        streams: [(events: Int, outOfOrder: Int)], perStream: Int, latencies: [Double],
+        memory: (before: Int, after: Int)
+    ) -> [String: Any] {
+        [
+            "streams": streams.count,
+            "lost": streams.reduce(0) { $0 + max(0, perStream - $1.events) },
+            "duplicated": streams.reduce(0) { $0 + max(0, $1.events - perStream) },
+            "reordered": streams.reduce(0) { $0 + $1.outOfOrder },
             "p50_ms": Self.percentile(latencies, 0.5), "p90_ms": Self.percentile(latencies, 0.9),
             "p99_ms": Self.percentile(latencies, 0.99), "max_ms": latencies.last ?? 0,
-            "server_cpu_s": cpu, "cpu_s_per_million_events": delivered > 0 ? cpu * 1e6 / Double(delivered) : 0,
-            "rss_before_kib": rss0, "rss_streams_kib": rssStreams, "rss_end_kib": rssEnd,
-            "bytes_per_stream": Double(rssStreams - rss0) * 1024 / Double(streams.count),
-            "slow_streams": slow.count, "slow_stream_events_before_resume": slow.reduce(0) { $0 + $1.events },
+            "rss_before_kib": memory.before, "rss_streams_kib": memory.after,
+            "bytes_per_stream": Double(memory.after - memory.before) * 1024 / Double(max(1, streams.count)),
         ]
     }
 
