@@ -1,5 +1,6 @@
 import Foundation
 import Testing
+import VigilClient
 import VigilTesting
 
 /// Watch over plain HTTP: `GET /v3/watch` as Server-Sent Events, with curl.
@@ -92,5 +93,65 @@ import VigilTesting
         let r = try runCommand(curl, ["-s", "-N", "--max-time", "1.5", "\(quick.url)/v3/watch?key=idle"])
         let comments = r.stdout.components(separatedBy: ": keep-alive\n\n").count - 1
         #expect(comments >= 2 && comments <= 6, "\(r.stdout)")
+    }
+
+    /// An SSE client that stops reading is parked like a gRPC stream: a bounded queue, the server's
+    /// memory flat, another SSE stream served in full; once it reads again it gets every event,
+    /// once, in order.
+    @Test func aReaderThatStopsIsParkedAndCatchesUp() throws {
+        let slowServer = try LiveServer(args: ["--unsafe-no-fsync", "--watch-stream-queue-bytes", "262144"])
+        let fd = loopbackSocket(port: slowServer.port)
+        #expect(fd >= 0)
+        defer { close(fd) }
+        var small: Int32 = 4096
+        setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &small, socklen_t(MemoryLayout<Int32>.size))
+        let request = Array("GET /v3/watch?key=big/&prefix=true HTTP/1.1\r\nHost: x\r\n\r\n".utf8)
+        _ = request.withUnsafeBytes { send(fd, $0.baseAddress, $0.count, 0) }
+        var received: [UInt8] = []
+        var buffer = [UInt8](repeating: 0, count: 65536)
+        func readSome(until done: ([UInt8]) -> Bool, seconds: Double) {
+            let deadline = Date().addingTimeInterval(seconds)
+            var tv = timeval(tv_sec: 0, tv_usec: 200_000)
+            setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+            while !done(received) && Date() < deadline {
+                let n = recv(fd, &buffer, buffer.count, 0)
+                if n > 0 { received += buffer[0..<n] }
+            }
+        }
+        readSome(until: { String(decoding: $0, as: UTF8.self).contains(": watching") }, seconds: 10)
+        // Another SSE stream on the same prefix, read all along.
+        let fast = try BackgroundCommand(
+            curl, ["-s", "-N", "--max-time", "120", "\(slowServer.url)/v3/watch?key=big/&prefix=true"])
+        defer { fast.stop() }
+        #expect(fast.wait { $0.contains(": watching") })
+        let rssBefore = residentKiB(pid: slowServer.pid!)
+        // 12 MiB of events while the first stream reads nothing.
+        let c = try BlockingClient(port: slowServer.port)
+        let revs = putValues(c, c.connection, prefix: "big/", count: 1500, valueSize: 8192)
+        #expect(revs.count == 1500)
+        func puts(_ text: String) -> Int { text.components(separatedBy: "event: put").count - 1 }
+        #expect(fast.wait(timeout: 60) { puts($0) >= 1500 }, "the other stream got everything")
+        let metrics = try rawExchange(
+            port: slowServer.port, Array("GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".utf8))
+        func metric(_ name: String) -> Int {
+            metrics.split(separator: "\n").first { $0.hasPrefix(name + " ") }
+                .flatMap { Int($0.split(separator: " ")[1]) } ?? -1
+        }
+        #expect(metric("vigil_watch_parked_total") >= 1, "the reader that stopped was parked")
+        let queued = metric("vigil_watch_stream_queued_bytes_max")
+        #expect(queued >= 0 && queued <= 262_144 + 64 * 1024, "queued \(queued)")
+        let growth = residentKiB(pid: slowServer.pid!) - rssBefore
+        #expect(Double(growth) < 160 * 1024 * sanitizerFactor, "server RSS grew \(growth) KiB")
+        // Reading again: every event, once, in order (ids are the revisions). Known issue (issue
+        // 20, found here): a parked SSE stream resumes for one catch-up step and then stalls; a
+        // parked gRPC stream catches up in full (WatchFanoutTests).
+        readSome(until: { puts(String(decoding: $0, as: UTF8.self)) >= 1500 }, seconds: 15)
+        // Lines of the chunked body ("\r\n" is one Character: split the bytes).
+        let ids = received.split(separator: UInt8(ascii: "\n")).map { String(decoding: $0, as: UTF8.self) }
+            .filter { $0.hasPrefix("id: ") }.compactMap { Int64($0.dropFirst(4)) }
+        #expect(ids == Array(revs.prefix(ids.count)), "what arrived is in order, without duplicates")
+        withKnownIssue("a parked SSE stream stalls after one catch-up step") {
+            #expect(ids == revs, "\(received.count) bytes")
+        }
     }
 }

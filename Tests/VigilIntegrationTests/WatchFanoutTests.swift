@@ -6,34 +6,34 @@ import VigilClient
 import VigilCore
 import VigilTesting
 
+/// Puts `count` values under `prefix` with `inFlight` concurrent requests; returns the revisions.
+func putValues(
+    _ c: BlockingClient, _ conn: GRPCClientConnection, prefix: String, count: Int, valueSize: Int = 16,
+    inFlight: Int = 16, whileRunning: (() -> Void)? = nil
+) -> [Int64] {
+    var revisions: [Int64] = []
+    var next = 0, done = 0
+    func issue() {
+        guard next < count else { return }
+        var p = Etcdserverpb_PutRequest()
+        p.key = Data("\(prefix)\(next % 50)".utf8)
+        p.value = Data(repeating: UInt8(ascii: "v"), count: valueSize)
+        next += 1
+        conn.unary(EtcdMethod.put.path, p) { (r: Result<Etcdserverpb_PutResponse, GRPCStatus>) in
+            if case .success(let resp) = r { revisions.append(resp.header.revision) }
+            done += 1
+            whileRunning?()
+            issue()
+        }
+    }
+    for _ in 0..<inFlight { issue() }
+    c.runUntil(seconds: 120) { done == count }
+    return revisions.sorted()
+}
+
 /// Watches through our own client against the real binary: fan-out, slow consumers, cancel and
 /// resume, progress under load.
 @Suite(.serialized) struct WatchFanoutTests {
-    /// Puts `count` values under `prefix` with `inFlight` concurrent requests; returns the revisions.
-    func write(
-        _ c: BlockingClient, _ conn: GRPCClientConnection, prefix: String, count: Int, valueSize: Int = 16,
-        inFlight: Int = 16, whileRunning: (() -> Void)? = nil
-    ) -> [Int64] {
-        var revisions: [Int64] = []
-        var next = 0, done = 0
-        func issue() {
-            guard next < count else { return }
-            var p = Etcdserverpb_PutRequest()
-            p.key = Data("\(prefix)\(next % 50)".utf8)
-            p.value = Data(repeating: UInt8(ascii: "v"), count: valueSize)
-            next += 1
-            conn.unary(EtcdMethod.put.path, p) { (r: Result<Etcdserverpb_PutResponse, GRPCStatus>) in
-                if case .success(let resp) = r { revisions.append(resp.header.revision) }
-                done += 1
-                whileRunning?()
-                issue()
-            }
-        }
-        for _ in 0..<inFlight { issue() }
-        c.runUntil(seconds: 120) { done == count }
-        return revisions.sorted()
-    }
-
     @Test func thousandStreamsGetEveryEventOnceInOrder() throws {
         let server = try LiveServer(args: ["--unsafe-no-fsync"])
         let c = try BlockingClient(port: server.port)
@@ -48,7 +48,7 @@ import VigilTesting
         c.runUntil { streams.allSatisfy { !$0.responses.isEmpty } }
         #expect(streams.allSatisfy { $0.responses.first?.created == true })
         let start = try #require(streams.first?.responses.first?.header.revision)
-        let revs = write(c, c.connection, prefix: "cfg/", count: 200)
+        let revs = putValues(c, c.connection, prefix: "cfg/", count: 200)
         #expect(revs == Array((start + 1)...(start + 200)))
         c.runUntil { streams.allSatisfy { $0.eventCount >= 200 } }
         for s in streams {
@@ -76,7 +76,7 @@ import VigilTesting
         slowConn.pauseReading()
         let rssBefore = residentKiB(pid: server.pid!)
         // 24 MiB of events while one stream reads nothing.
-        let revs = write(c, c.connection, prefix: "big/", count: 3000, valueSize: 8192)
+        let revs = putValues(c, c.connection, prefix: "big/", count: 3000, valueSize: 8192)
         c.runUntil { fast.allSatisfy { $0.eventCount >= 3000 } }
         for s in fast { #expect(s.revisions == revs, "the other streams got everything") }
         let metrics = try rawExchange(
@@ -105,13 +105,13 @@ import VigilTesting
         let s = WatchStreamClient(c.connection)
         s.create("r/", rangeEnd: "r0", prevKV: true)
         c.runUntil { !s.responses.isEmpty }
-        let first = write(c, c.connection, prefix: "r/", count: 20)
+        let first = putValues(c, c.connection, prefix: "r/", count: 20)
         c.runUntil { s.eventCount >= 20 }
         s.cancel(0)
         c.runUntil { s.responses.contains { $0.canceled } }
         let canceled = try #require(s.responses.last)
         #expect(canceled.canceled && canceled.watchID == 0)
-        let second = write(c, c.connection, prefix: "r/", count: 20)
+        let second = putValues(c, c.connection, prefix: "r/", count: 20)
         // Resume where we stopped: the events written after the cancel, none twice.
         let again = WatchStreamClient(c.connection)
         again.create("r/", rangeEnd: "r0", start: first.last! + 1)
@@ -127,7 +127,7 @@ import VigilTesting
         s.create("p/", rangeEnd: "p0")
         c.runUntil { !s.responses.isEmpty }
         var asked = 0
-        let revs = write(c, c.connection, prefix: "p/", count: 300) {
+        let revs = putValues(c, c.connection, prefix: "p/", count: 300) {
             asked += 1
             if asked % 10 == 0 { s.requestProgress() }
         }
