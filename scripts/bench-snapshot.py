@@ -110,10 +110,14 @@ def main():
         def restore_vigil(snap, name):
             d = os.path.join(work, name)
             port = bve.free_port()
-            log = open(d + ".log", "w")
+            return serve_once([vigil_bin, "--data-dir", d, "--listen-client-urls", f"http://127.0.0.1:{port}",
+                               "--restore-snapshot", snap, "--log-level", "warn"], d + ".log", port)
+
+        def serve_once(cmd, log_path, port):
+            """Starts a server, waits until it serves; its seconds to get there, peak RSS and revision."""
+            log = open(log_path, "w")
             t0 = time.time()
-            p = subprocess.Popen([vigil_bin, "--data-dir", d, "--listen-client-urls", f"http://127.0.0.1:{port}",
-                                  "--restore-snapshot", snap, "--log-level", "warn"], stdout=log, stderr=log)
+            p = subprocess.Popen(cmd, stdout=log, stderr=log)
             sampler = PeakSampler(p.pid)
             wait_serving(f"127.0.0.1:{port}", p)
             took = time.time() - t0
@@ -134,21 +138,13 @@ def main():
                            check=True, capture_output=True, env=dict(os.environ, ETCDCTL_API="3"))
             restore_s = time.time() - t0
             restore_peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-            log = open(d + ".log", "w")
-            t1 = time.time()
-            p = subprocess.Popen(["etcd", "--data-dir", d, "--name", "default",
-                                  "--listen-client-urls", f"http://127.0.0.1:{client}",
-                                  "--advertise-client-urls", f"http://127.0.0.1:{client}",
-                                  "--listen-peer-urls", f"http://127.0.0.1:{peer}",
-                                  "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer}",
-                                  "--initial-cluster", f"default=http://127.0.0.1:{peer}"], stdout=log, stderr=log)
-            sampler = PeakSampler(p.pid)
-            wait_serving(f"127.0.0.1:{client}", p)
-            start_s = time.time() - t1
-            peak = sampler.stop()
-            rev = json.loads(ctl(f"127.0.0.1:{client}", "endpoint", "status", "-w", "json"))[0]["Status"]["header"]["revision"]
-            p.terminate()
-            p.wait()
+            start_s, peak, rev = serve_once(["etcd", "--data-dir", d, "--name", "default",
+                                             "--listen-client-urls", f"http://127.0.0.1:{client}",
+                                             "--advertise-client-urls", f"http://127.0.0.1:{client}",
+                                             "--listen-peer-urls", f"http://127.0.0.1:{peer}",
+                                             "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer}",
+                                             "--initial-cluster", f"default=http://127.0.0.1:{peer}"],
+                                            d + ".log", client)
             return restore_s, restore_peak if restore_peak > before / 1024 else 0, start_s, peak, rev
 
         t, peak, rev = restore_vigil(files["vigil"], "vigil-from-vigil")

@@ -526,6 +526,9 @@ public final class SSEWatchEncoder: WatchEncoder {
 
 /// An SSE watch stream: the events go out as they are made; a compacted or cancelled watch ends it.
 final class SSEWatchSink: JSONWatchSink {
+    private static let compacted = Array("event: compacted".utf8)
+    private static let canceled = Array("event: canceled".utf8)
+
     /// Whether anything went out since the last keep-alive tick.
     var sentSinceTick = false
     /// Whether the answer has ended (compacted, cancelled or the client gone).
@@ -537,7 +540,7 @@ final class SSEWatchSink: JSONWatchSink {
         guard !ended else { return }
         out.send(message)
         sentSinceTick = true
-        if message.starts(with: Array("event: compacted".utf8)) || message.starts(with: Array("event: canceled".utf8)) {
+        if message.starts(with: Self.compacted) || message.starts(with: Self.canceled) {
             ended = true
             out.finish()
         }
