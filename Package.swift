@@ -63,12 +63,21 @@ let package = Package(
                 .product(name: "SwiftProtobuf", package: "swift-protobuf"),
             ]),
 
+        // Mirror mode: a copy of an etcd cluster's key space, followed by watch (VigilClient is
+        // its upstream connection).
+        .target(
+            name: "Mirror",
+            dependencies: [
+                "EtcdAPI", "EtcdProto", "EventLoop", "GRPC", "HTTP2", "MVCC", "TLS", "VigilClient", "VigilCore",
+                "WatchHub", .product(name: "SwiftProtobuf", package: "swift-protobuf"),
+            ]),
+
         // Wiring and the executable.
         .target(
             name: "VigilServer",
             dependencies: [
                 "EtcdAPI", "EtcdProto", "Gateway", "Auth", "Passwords", "WatchHub", "EventLoop", "HTTPCore", "HTTP1",
-                "HTTP2", "TLS", "CMalloc", "Bolt",
+                "HTTP2", "TLS", "CMalloc", "Bolt", "Mirror",
                 "GRPC", "LMDBBackend", "MVCC", "VigilCore", .product(name: "Logging", package: "swift-log"),
             ]),
         .executableTarget(

@@ -104,7 +104,7 @@ extension EtcdServices {
     func recipe<Req: SwiftProtobuf.Message, Resp: SwiftProtobuf.Message>(
         _ method: EtcdMethod, handle body: @escaping (Req, RequestInfo, Reply<Resp>) throws(EtcdError) -> Void
     ) {
-        let unary = UnaryMethod(method: method, requestType: Req.self) { any, info, sink in
+        let unary = UnaryMethod(method: method, requestType: Req.self, responseType: Resp.self) { any, info, sink in
             let reply = Reply<Resp>(sink)
             guard let req = any as? Req else { return reply.fail(.internal("grpc: wrong request type")) }
             do throws(EtcdError) { try body(req, info, reply) } catch { reply.fail(error) }

@@ -63,6 +63,16 @@ extension EtcdServices {
         stream(.leaseKeepAlive) { [unowned self] call in KeepAliveCall(services: self, credentials: call.credentials) }
     }
 
+    /// Renews a lease for a keep-alive request and answers through `done` (at once, unless
+    /// `keepAliveOverride` sends it elsewhere).
+    public func keepAlive(
+        _ r: Etcdserverpb_LeaseKeepAliveRequest, credentials: Credentials,
+        _ done: @escaping (Result<Etcdserverpb_LeaseKeepAliveResponse, EtcdError>) -> Void
+    ) {
+        if let other = keepAliveOverride { return other(r, credentials, done) }
+        done(Result { () throws(EtcdError) in try keepAlive(r, credentials: credentials) })
+    }
+
     /// Renews a lease for a keep-alive request (TTL 0: unknown or expired, not an error) once the
     /// sender may write the lease's keys.
     public func keepAlive(
@@ -96,10 +106,13 @@ final class KeepAliveCall: CallHandler {
         guard let r = try? Etcdserverpb_LeaseKeepAliveRequest(serializedBytes: message) else {
             return call.finish(EtcdError.malformedRequest.status)
         }
-        do throws(EtcdError) {
-            let resp = try services.keepAlive(r, credentials: credentials)
-            if let bytes: [UInt8] = try? resp.serializedBytes() { call.send(bytes) }
-        } catch { call.finish(error.status) }
+        services.keepAlive(r, credentials: credentials) { result in
+            guard !call.isFinished else { return }
+            switch result {
+            case .success(let resp): if let bytes: [UInt8] = try? resp.serializedBytes() { call.send(bytes) }
+            case .failure(let error): call.finish(error.status)
+            }
+        }
     }
 
     func callHalfClosed(_ call: ServerCall) { call.finish(.ok) }

@@ -104,7 +104,7 @@ public final class EtcdServices {
         handle body: @escaping (Req, Int, Reply<Resp>) throws(EtcdError) -> Void
     ) {
         precondition(method.kind == .unary, "\(method) is not unary")
-        let unary = UnaryMethod(method: method, requestType: Req.self) {
+        let unary = UnaryMethod(method: method, requestType: Req.self, responseType: Resp.self) {
             [unowned self] any, info, sink in
             let reply = Reply<Resp>(sink)
             guard let req = any as? Req else { return reply.fail(.internal("grpc: wrong request type")) }
@@ -122,6 +122,34 @@ public final class EtcdServices {
         unaryMethods[unary.method.path] = unary
         routes[unary.method.path] = { _ in UnaryCall(unary) }
     }
+
+    /// Serves a unary method another way (a mirror forwards writes upstream): `body` gets each
+    /// request, decoded as the method's request type, on both transports.
+    public func replace(
+        _ method: EtcdMethod,
+        with body: @escaping (UnaryMethod, any SwiftProtobuf.Message, RequestInfo, any ReplySink) -> Void
+    ) {
+        guard let old = unaryMethods[method.path] else { preconditionFailure("\(method) is not unary") }
+        let new = UnaryMethod(method: method, requestType: old.requestType, responseType: old.responseType) {
+            req, info, reply in body(old, req, info, reply)
+        }
+        register(new)
+    }
+
+    /// Serves a streaming method another way (a mirror relays it upstream).
+    public func replace(stream method: EtcdMethod, with make: @escaping (ServerCall) -> any CallHandler) {
+        stream(method, make)
+    }
+
+    /// Renews leases another way (a mirror sends keep-alives upstream): the gRPC stream and the
+    /// gateway both go through it.
+    public var keepAliveOverride:
+        (
+            (
+                Etcdserverpb_LeaseKeepAliveRequest, Credentials,
+                @escaping (Result<Etcdserverpb_LeaseKeepAliveResponse, EtcdError>) -> Void
+            ) -> Void
+        )?
 
     /// The Lock and Election recipes' waiters (made on first use).
     lazy var recipes = Recipes(services: self)

@@ -73,16 +73,19 @@ public struct Reply<Resp: SwiftProtobuf.Message> {
 public final class UnaryMethod {
     public let method: EtcdMethod
     public let requestType: any SwiftProtobuf.Message.Type
+    public let responseType: any SwiftProtobuf.Message.Type
     let body: (_ request: any SwiftProtobuf.Message, _ info: RequestInfo, _ reply: any ReplySink) -> Void
     /// Name fields that may hold bytes that are not UTF-8 (Auth methods; see `RawNames`).
     var rawNames: (request: Set<Int>, response: Set<Int>)?
 
     init(
         method: EtcdMethod, requestType: any SwiftProtobuf.Message.Type,
+        responseType: any SwiftProtobuf.Message.Type,
         body: @escaping (any SwiftProtobuf.Message, RequestInfo, any ReplySink) -> Void
     ) {
         self.method = method
         self.requestType = requestType
+        self.responseType = responseType
         self.body = body
     }
 

@@ -114,7 +114,14 @@ final class CallSink: WatchSink {
 /// does the work; this checks permissions and turns requests into hub calls.
 public final class WatchService {
     public let hub: WatchHub
+    let store: KVStore
     let auth: AuthStore
+    /// A check of each new watcher: a reason to refuse it, or nil (a mirror refuses ranges it
+    /// does not copy).
+    public var admission: ((WatchCreate) -> String?)?
+    /// Where history older than the store holds comes from (a mirror asks upstream), nil: none
+    /// (such a watcher is canceled as compacted). See `OlderHistory`.
+    public var olderHistory: OlderHistory?
     /// The gRPC calls' encoder, shared by all of them (so they share encoded responses).
     let grpcEncoder: GRPCWatchEncoder
 
@@ -126,6 +133,7 @@ public final class WatchService {
 
     init(context: ServerContext, config: WatchHubConfig, auth: AuthStore) {
         self.auth = auth
+        store = context.store
         grpcEncoder = GRPCWatchEncoder(identity: context.identity)
         hub = WatchHub(store: context.store, config: config, encoders: [grpcEncoder])
         auth.onChange = { [unowned self] in authChanged() }
@@ -147,6 +155,16 @@ public final class WatchService {
         WatchSession(service: self, stream: hub.openStream(sink), credentials: credentials)
     }
 }
+
+/// A source of the history before the store's first revision, for a new watcher: called with
+/// the watcher's range and options and the last revision it must supply (`through`), it sends the
+/// events from the watcher's start revision through that one, in order, with `send`, then calls
+/// `done(nil)`, or `done(compactRevision)` if that history is gone there too. It returns a function
+/// that stops it (the watcher was canceled).
+public typealias OlderHistory = (
+    _ watcher: WatchCreate, _ through: Int64, _ send: @escaping ([Event], Int64) -> Void,
+    _ done: @escaping (Int64?) -> Void
+) -> () -> Void
 
 /// A Watch call over gRPC.
 final class WatchCall: CallHandler {
@@ -217,11 +235,19 @@ public final class WatchSession {
                     return hub.reject(stream, reason: WatchService.permissionDeniedReason, watchID: c.watchID)
                 }
             }
+            if let admit = service.admission, let reason = admit(w) {
+                return hub.reject(stream, reason: reason, watchID: c.watchID)
+            }
+            let store = service.store
+            if let older = service.olderHistory, w.startRevision > 0, w.startRevision < store.compactRevision {
+                return replay(w, older, through: store.compactRevision, caller: caller)
+            }
             if let id = hub.create(stream, w), let caller, !caller.isRoot {
                 owned[id] = (caller.name, w.key, w.rangeEnd)
                 service.guarding(self, true)
             }
         case .cancelRequest(let c):
+            replays.removeValue(forKey: c.watchID)?()
             forget(c.watchID)
             hub.cancel(stream, watchID: c.watchID)
         case .progressRequest:
@@ -229,6 +255,42 @@ public final class WatchSession {
         case .none:
             break
         }
+    }
+
+    /// Replays in progress, by watch id: each stops its source.
+    private var replays: [Int64: () -> Void] = [:]
+
+    /// A watcher starting before the store's history: held in the hub from the first revision the
+    /// store has, while `older` sends what comes before; then released.
+    private func replay(_ w: WatchCreate, _ older: OlderHistory, through: Int64, caller: Caller?) {
+        let hub = service.hub
+        var held = w
+        held.startRevision = through + 1
+        guard let id = hub.create(stream, held, held: true) else { return }
+        if let caller, !caller.isRoot {
+            owned[id] = (caller.name, w.key, w.rangeEnd)
+            service.guarding(self, true)
+        }
+        var ended = false
+        let stop = older(
+            w, through,
+            { [weak self] events, header in
+                guard let self, !ended, !closed else { return }
+                hub.sendHistory(stream, watchID: id, events, headerRevision: header)
+            },
+            { [weak self] compacted in
+                guard let self, !ended else { return }
+                ended = true
+                replays[id] = nil
+                guard !closed else { return }
+                if let compacted {
+                    forget(id)
+                    hub.cancelCompacted(stream, watchID: id, revision: compacted)
+                } else {
+                    hub.release(stream, watchID: id)
+                }
+            })
+        if !ended { replays[id] = stop }
     }
 
     /// The stream's sink drained: parked watchers may resume.
@@ -241,6 +303,9 @@ public final class WatchSession {
     public func close() {
         guard !closed else { return }
         closed = true
+        let stopping = replays
+        replays.removeAll()
+        for (_, stop) in stopping { stop() }
         owned.removeAll()
         service.guarding(self, false)
         service.hub.closeStream(stream)

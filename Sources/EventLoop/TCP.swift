@@ -1,5 +1,9 @@
 import CLibUV
 
+#if canImport(Glibc)
+import Glibc
+#endif
+
 /// Accepts TCP connections on one address.
 public final class TCPListener {
     private let box = HandleBox<uv_tcp_t>()
@@ -8,15 +12,16 @@ public final class TCPListener {
     /// The port actually bound (useful with port 0).
     public private(set) var port: Int = 0
 
+    /// - Parameter reusePort: sets `SO_REUSEPORT`, so that several processes share the address
+    ///   (the kernel spreads connections over them).
     public init(
-        loop: EventLoop, host: String, port: Int, backlog: Int32 = 1024,
+        loop: EventLoop, host: String, port: Int, backlog: Int32 = 1024, reusePort: Bool = false,
         onConnection: @escaping (TCPConnection) -> Void
     ) throws {
         self.loop = loop
         self.onConnection = onConnection
-        try check(uv_tcp_init(loop.raw, box.pointer))
-        box.bind(self)
         var storage = sockaddr_storage()
+        var family = AF_INET
         let ok = withUnsafeMutablePointer(to: &storage) { p -> Int32 in
             p.withMemoryRebound(to: sockaddr_in.self, capacity: 1) { uv_ip4_addr(host, Int32(port), $0) }
         }
@@ -24,9 +29,20 @@ public final class TCPListener {
             let ok6 = withUnsafeMutablePointer(to: &storage) { p -> Int32 in
                 p.withMemoryRebound(to: sockaddr_in6.self, capacity: 1) { uv_ip6_addr(host, Int32(port), $0) }
             }
-            if ok6 != 0 {
+            if ok6 != 0 { throw UVError(code: ok6) }
+            family = AF_INET6
+        }
+        // With a family, libuv makes the socket now, so that options can be set before binding.
+        try check(uv_tcp_init_ex(loop.raw, box.pointer, UInt32(family)))
+        box.bind(self)
+        if reusePort {
+            var fd: uv_os_fd_t = -1
+            var one: Int32 = 1
+            if uv_fileno(asHandle(box.pointer), &fd) != 0
+                || setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, socklen_t(MemoryLayout<Int32>.size)) != 0
+            {
                 box.close()
-                throw UVError(code: ok6)
+                throw UVError(code: -Glibc.errno)
             }
         }
         do {

@@ -326,17 +326,25 @@ public final class Gateway {
         case .failure(let refused): return out.respond(refused.response)
         }
         var answers: [[UInt8]] = []
-        for r in requests {
-            do throws(EtcdError) {
-                answers.append(Self.resultLine(try services.keepAlive(r, credentials: Credentials(token: token))))
-            } catch {
-                if let reason = error.code.refusal { refused(reason) }
-                return out.respond(Self.errorResponse(error))
+        // One at a time, in order (a mirror's renewals answer later).
+        func next(_ i: Int) {
+            guard i < requests.count else {
+                out.startStream(status: 200, contentType: "application/json", observer: nil)
+                for a in answers { out.send(a) }
+                return out.finish()
+            }
+            services.keepAlive(requests[i], credentials: Credentials(token: token)) { [self] result in
+                switch result {
+                case .success(let resp):
+                    answers.append(Self.resultLine(resp))
+                    next(i + 1)
+                case .failure(let error):
+                    if let reason = error.code.refusal { refused(reason) }
+                    out.respond(Self.errorResponse(error))
+                }
             }
         }
-        out.startStream(status: 200, contentType: "application/json", observer: nil)
-        for a in answers { out.send(a) }
-        out.finish()
+        next(0)
     }
 }
 

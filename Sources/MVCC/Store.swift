@@ -441,7 +441,61 @@ public final class KVStore {
     // MARK: Writes
 
     /// Starts a write transaction at revision `currentRevision + 1`. Only one may be open at a time.
-    public func beginWrite() -> WriteTxn { WriteTxn(store: self) }
+    public func beginWrite() -> WriteTxn { WriteTxn(store: self, revision: currentRevision + 1) }
+
+    // MARK: Mirrored writes (revisions chosen by an upstream store)
+
+    /// Starts a write transaction at `revision`, past `currentRevision`: a mirror writes at the
+    /// revisions of the store it copies, gaps and all (the revisions between hold changes to keys
+    /// it does not copy).
+    public func beginWrite(at revision: Int64) -> WriteTxn {
+        precondition(revision > currentRevision, "mirrored revision \(revision) is not past \(currentRevision)")
+        return WriteTxn(store: self, revision: revision)
+    }
+
+    /// Moves the revision to `revision` with no change of its own (the copied store changed keys
+    /// this one does not hold); readers see it once committed, and watchers' progress with them.
+    public func advance(to revision: Int64) {
+        guard revision > currentRevision else { return }
+        currentRevision = revision
+        pending.meta[MetaKey.currentRevision] = revision
+    }
+
+    /// Loads a copied store's state at `revision` without telling the observers (nobody watched
+    /// the changes): each of `kvs` is written at its own mod revision, keeping its create
+    /// revision, version and lease, and each of `deleted` is deleted at `revision`. A key already
+    /// here must have its new mod revision past `currentRevision` (else it is skipped);
+    /// `revision` is at least every mod revision. The history before is unknown: the caller
+    /// compacts at `revision`.
+    public func loadMirrored(_ kvs: [KeyValue], deleted: [Bytes], at revision: Int64) {
+        let sorted = kvs.sorted { $0.modRevision < $1.modRevision }
+        var last: Int64 = 0
+        var sub: Int64 = 0
+        for kv in sorted {
+            // A change older than the key's last one here is not newer state: skipped.
+            guard kv.modRevision > currentRevision || index[kv.key] == nil else { continue }
+            sub = kv.modRevision == last ? sub + 1 : 0
+            last = kv.modRevision
+            apply(Revision(main: kv.modRevision, sub: sub), key: kv.key, kv: kv)
+        }
+        sub = last == revision ? sub + 1 : 0
+        for key in deleted where index[key]?.latest != nil {
+            apply(Revision(main: revision, sub: sub), key: key, kv: nil)
+            sub += 1
+        }
+        if revision > currentRevision {
+            currentRevision = revision
+            pending.meta[MetaKey.currentRevision] = revision
+        }
+    }
+
+    /// Every live key's latest state, values left out (a mirror compares it with a reload).
+    public func liveModRevisions() -> [(key: Bytes, modRevision: Int64)] {
+        var out: [(Bytes, Int64)] = []
+        out.reserveCapacity(liveKeyCount)
+        for (k, h) in index { if let e = h.latest { out.append((k, e.rev.main)) } }
+        return out
+    }
 
     /// Appends a change to `key`'s history (`history`: the key's, if the caller looked it up).
     fileprivate func apply(_ rev: Revision, key: Bytes, kv: KeyValue?, history: KeyHistory? = nil) {
@@ -663,9 +717,9 @@ public final class WriteTxn {
     private var sub: Int64 = 0
     public private(set) var events: [Event] = []
 
-    fileprivate init(store: KVStore) {
+    fileprivate init(store: KVStore, revision: Int64) {
         self.store = store
-        self.revision = store.currentRevision + 1
+        self.revision = revision
     }
 
     public var changed: Bool { !events.isEmpty }
@@ -709,6 +763,22 @@ public final class WriteTxn {
         event.prevValuePending = found.map { !$0.valueLoaded } ?? false
         events.append(event)
         return prev
+    }
+
+    /// Writes a copied store's state of `kv.key` as it is there (create revision, version, lease
+    /// and value), at this transaction's revision. Returns the previous state, as `put` does.
+    @discardableResult
+    public func put(mirrored kv: KeyValue) -> KeyValue? {
+        let history = store.history(of: kv.key)
+        let found = store.latest(kv.key, in: history, withValue: false)
+        var written = kv
+        written.modRevision = revision
+        store.apply(Revision(main: revision, sub: sub), key: kv.key, kv: written, history: history)
+        sub += 1
+        var event = Event(kind: .put, kv: written, prevKV: found?.kv)
+        event.prevValuePending = found.map { !$0.valueLoaded } ?? false
+        events.append(event)
+        return found?.kv
     }
 
     /// Deletes the live keys in `[key, end)`. Returns their previous states in key order (values

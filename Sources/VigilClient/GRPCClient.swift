@@ -18,6 +18,9 @@ public final class GRPCClientConnection: HTTP2SessionDelegate, ByteStreamDelegat
     public private(set) var isClosed = false
     /// Metadata sent with every call (e.g. an auth token).
     public var metadata: [HeaderField] = []
+    /// When bytes last came from the server (loop milliseconds): a peer that stopped answering
+    /// shows here.
+    public private(set) var lastReceivedMs: UInt64 = 0
     /// Called once when the connection closes.
     public var onClose: (() -> Void)?
 
@@ -26,6 +29,7 @@ public final class GRPCClientConnection: HTTP2SessionDelegate, ByteStreamDelegat
         self.tcp = stream
         self.authority = authority
         self.scheme = scheme
+        lastReceivedMs = loop.nowMilliseconds
         session.delegate = self
     }
 
@@ -61,9 +65,10 @@ public final class GRPCClientConnection: HTTP2SessionDelegate, ByteStreamDelegat
         }
     }
 
-    /// Opens a call on `path`. Messages come to `onMessage`; `onClose` gets the final status once.
+    /// Opens a call on `path` (with `metadata` besides the connection's). Messages come to
+    /// `onMessage`; `onClose` gets the final status once.
     public func open(
-        _ path: String, onMessage: @escaping ([UInt8]) -> Void,
+        _ path: String, metadata callMetadata: [HeaderField] = [], onMessage: @escaping ([UInt8]) -> Void,
         onClose: @escaping (GRPCStatus) -> Void
     ) -> ClientCall {
         let call = ClientCall(connection: self, onMessage: onMessage, onClose: onClose)
@@ -76,7 +81,7 @@ public final class GRPCClientConnection: HTTP2SessionDelegate, ByteStreamDelegat
                 (":method", "POST"), (":scheme", scheme), (":path", path),
                 (":authority", authority), ("content-type", "application/grpc"),
                 ("te", "trailers"),
-            ] + metadata
+            ] + metadata + callMetadata
         let sid = session.request(headers: headers)
         guard sid > 0 else {
             call.close(GRPCStatus(.unavailable, "cannot open stream"))
@@ -89,10 +94,14 @@ public final class GRPCClientConnection: HTTP2SessionDelegate, ByteStreamDelegat
     }
 
     /// A unary call with raw message bytes.
-    public func unary(_ path: String, _ request: [UInt8], _ done: @escaping (Result<[UInt8], GRPCStatus>) -> Void) {
+    @discardableResult
+    public func unary(
+        _ path: String, _ request: [UInt8], metadata: [HeaderField] = [],
+        _ done: @escaping (Result<[UInt8], GRPCStatus>) -> Void
+    ) -> ClientCall {
         var response: [UInt8]?
         let call = open(
-            path, onMessage: { response = $0 },
+            path, metadata: metadata, onMessage: { response = $0 },
             onClose: { status in
                 if status.code == .ok, let response {
                     done(.success(response))
@@ -104,6 +113,7 @@ public final class GRPCClientConnection: HTTP2SessionDelegate, ByteStreamDelegat
             })
         call.send(request)
         call.closeSend()
+        return call
     }
 
     /// A unary call with protobuf messages.
@@ -166,6 +176,7 @@ public final class GRPCClientConnection: HTTP2SessionDelegate, ByteStreamDelegat
     // MARK: ByteStreamDelegate
 
     public func connection(_ c: any ByteStream, received bytes: UnsafeRawBufferPointer) {
+        lastReceivedMs = loop.nowMilliseconds
         if !session.receive(bytes) {
             flush()
             tcp.close()
@@ -227,7 +238,8 @@ public final class GRPCClientConnection: HTTP2SessionDelegate, ByteStreamDelegat
 
 /// One client call: send messages, half-close, or cancel.
 public final class ClientCall {
-    weak var connection: GRPCClientConnection?
+    /// The connection the call runs on.
+    public private(set) weak var connection: GRPCClientConnection?
     var stream: Int32 = 0
     var framer = MessageFramer(maxMessageBytes: Int(Int32.max))
     var status: GRPCStatus?

@@ -61,6 +61,9 @@ public struct EtcdError: Error, Hashable, Sendable, CustomStringConvertible {
         self.message = message
     }
 
+    /// An error another etcd server answered, passed on as it came (a mirror's forwarded calls).
+    public static func relayed(_ code: GRPCCode, _ message: String) -> EtcdError { EtcdError(code, message) }
+
     /// An internal failure with its own words (gRPC INTERNAL, HTTP 500).
     public static func `internal`(_ message: String) -> EtcdError { EtcdError(.internal, message) }
 }

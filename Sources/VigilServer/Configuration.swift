@@ -90,6 +90,10 @@ public struct Configuration: Sendable {
     public init() {}
 
     /// The quota in force: 0 means etcd's default of 2 GiB.
+    /// Mirror mode (`vigil grpc-proxy start`): follow an etcd cluster instead of keeping a store
+    /// of one's own.
+    public var mirror: MirrorSettings?
+
     public var effectiveQuota: Int64 { quotaBackendBytes > 0 ? quotaBackendBytes : 2 << 30 }
 
     /// One client listener: `http://host:port` or `https://host:port`.
@@ -179,4 +183,22 @@ struct JWTIssuer: TokenIssuer {
     let signer: JWTSigner
     func issue(username: String, revision: UInt64) -> String? { signer.sign(username: username, revision: revision) }
     func check(_ token: String) -> (username: String, revision: UInt64)? { signer.verify(token) }
+}
+
+/// `vigil grpc-proxy start`'s settings: which cluster to follow, what of it, how to reach it.
+public struct MirrorSettings: Sendable {
+    /// The upstream members (`--endpoints`).
+    public var endpoints: [String]
+    /// Only keys under this prefix are copied (`--mirror-prefix`; empty: all).
+    public var prefix = ""
+    /// `SO_REUSEPORT` on the listeners, so that several mirror processes share one address.
+    public var reusePort = false
+    /// Upstream TLS (`--cacert`, `--cert`, `--key`, `--insecure-skip-tls-verify`).
+    public var caFile: String?
+    public var certFile: String?
+    public var keyFile: String?
+    public var insecureSkipVerify = false
+    public var useTLS: Bool { caFile != nil || certFile != nil || insecureSkipVerify }
+
+    public init(endpoints: [String]) { self.endpoints = endpoints }
 }

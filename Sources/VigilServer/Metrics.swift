@@ -279,6 +279,24 @@ extension VigilServerCore {
             "etcd_debugging_lease_renewed_total", "counter", "The number of renewed leases seen by the leader.",
             lessor.stats.renewed)
         metric("vigil_client_connections", "gauge", "Client connections open.", connectionCount)
+        if let mirror {
+            metric(
+                "vigil_mirror_upstream_up", "gauge", "1 while the mirror follows upstream.", mirror.isFollowing ? 1 : 0)
+            metric(
+                "vigil_mirror_lag_revisions", "gauge",
+                "Revisions upstream has reported that the mirror has not applied.",
+                mirror.lagRevisions)
+            metric(
+                "vigil_mirror_lag_seconds", "gauge",
+                "Seconds since the mirror last had every revision upstream reported.",
+                mirror.lagSeconds)
+            metric(
+                "vigil_mirror_reconnects_total", "counter", "Connections to an upstream member after the first.",
+                mirror.upstream.reconnects)
+            metric(
+                "vigil_mirror_reloads_total", "counter", "Reloads after upstream compacted past the mirror.",
+                mirror.reloads)
+        }
         #if os(Linux)
         let heap = mallinfo2()
         metric(

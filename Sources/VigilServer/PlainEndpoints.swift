@@ -108,7 +108,9 @@ final class PlainEndpoints: HTTPHandler {
     /// changes nothing here. Counted in `etcd_server_health_success` / `_failures`.
     private func health(query: HTTPQuery) -> HTTPResponse {
         let excluded = Set(query.all("exclude"))
-        if activeAlarms.contains(where: { !excluded.contains($0) }) {
+        // A mirror is healthy while it follows upstream (connected, watching) and is not far behind.
+        let mirrorDown = core.mirror.map { !$0.isFollowing || $0.lagSeconds > 10 } ?? false
+        if mirrorDown || activeAlarms.contains(where: { !excluded.contains($0) }) {
             core.metrics.healthFailures += 1
             return Self.textError(503, #"{"health":"false"}"#)
         }

@@ -8,6 +8,7 @@ import HTTP2
 import LMDBBackend
 import Logging
 import MVCC
+import Mirror
 import Passwords
 import TLS
 import VigilCore
@@ -29,6 +30,8 @@ final class VigilServerCore {
     let commits: CommitCoordinator
     let maintenance: BackendMaintenance
     let services: EtcdServices
+    /// Mirror mode's copy of the upstream cluster (nil for a standalone server).
+    let mirror: Mirror?
     var limits: Limits { config.limits }
     /// The largest plain HTTP body: JSON carries bytes in base64, so a request at the gRPC limit
     /// is allowed once encoded.
@@ -68,7 +71,12 @@ final class VigilServerCore {
                 logger: logger)
         }
         let mapSize = Int(max(config.effectiveQuota * 2, 8 << 30))
-        backend = try LMDBBackend(path: dir + "/member", mapSize: mapSize, noSync: config.unsafeNoFsync, log: true)
+        if config.mirror != nil {
+            // A mirror's copy is loaded from upstream at each start, and upstream keeps it durable.
+            try? FileManager.default.removeItem(atPath: dir + "/member")
+        }
+        backend = try LMDBBackend(
+            path: dir + "/member", mapSize: mapSize, noSync: config.unsafeNoFsync || config.mirror != nil, log: true)
         let meta = try backend.loadMeta()
         let blobs = try backend.loadBlobs()
         // The index only: values stay in LMDB until a read needs them.
@@ -85,10 +93,22 @@ final class VigilServerCore {
             loop: loop, backend: backend, commits: commits, logger: logger, snapshotDirectory: dir + "/member")
         let memberID = MemberIDs.memberID(
             peerURLs: config.initialAdvertisePeerURLs, clusterToken: config.initialClusterToken)
-        let identity = MemberIdentity(
+        var identity = MemberIdentity(
             clusterID: MemberIDs.clusterID(memberIDs: [memberID]), memberID: memberID, name: config.name,
             peerURLs: config.initialAdvertisePeerURLs,
             clientURLs: config.advertiseClientURLs ?? config.listenClientURLs)
+        // A mirror answers with its upstream's ids (asked now: the encoders keep them).
+        var mirrorSetup: (options: MirrorOptions, tls: TLSContext?)?
+        if let m = config.mirror {
+            let setup = try Self.mirrorOptions(m)
+            let ids = Mirror.identify(loop: loop, options: setup.options, tls: setup.tls) { [logger] line in
+                logger.info("mirror: \(line)")
+            }
+            identity.clusterID = ids.clusterID
+            identity.memberID = ids.memberID
+            identity.raftTerm = ids.raftTerm
+            mirrorSetup = setup
+        }
         var watch = config.watch
         watch.fragmentBytes = config.limits.maxReceiveMessageBytes
         services = EtcdServices(
@@ -106,6 +126,14 @@ final class VigilServerCore {
             logger.error("disk full: raising the NOSPACE alarm", metadata: ["reason": "\(reason)"])
             services.context.alarms.activate(.nospace)
         }
+        if let setup = mirrorSetup {
+            let mirror = Mirror(loop: loop, store: store, services: services, options: setup.options, tls: setup.tls)
+            mirror.log = { [logger] line in logger.info("mirror: \(line)") }
+            MirrorRouting.install(mirror, on: services)
+            self.mirror = mirror
+        } else {
+            mirror = nil
+        }
         loop.measureTurns { [unowned self] ns in metrics.turn(nanoseconds: ns) }
         logger.info(
             "store loaded",
@@ -119,7 +147,9 @@ final class VigilServerCore {
     func start() throws -> [Int] {
         var ports: [Int] = []
         for a in try config.listenAddresses() {
-            let l = try TCPListener(loop: loop, host: a.host, port: a.port) { [unowned self] tcp in
+            let l = try TCPListener(
+                loop: loop, host: a.host, port: a.port, reusePort: config.mirror?.reusePort ?? false
+            ) { [unowned self] tcp in
                 accept(tcp, secure: a.secure)
             }
             listeners.append(l)
@@ -135,6 +165,30 @@ final class VigilServerCore {
         }
         background = BackgroundWork(core: self, autoCompaction: autoCompaction)
         return ports
+    }
+
+    /// Mirror mode: what to follow, and the upstream TLS context.
+    private static func mirrorOptions(_ m: MirrorSettings) throws -> (options: MirrorOptions, tls: TLSContext?) {
+        var endpoints: [UpstreamEndpoint] = []
+        for e in m.endpoints {
+            guard let ep = UpstreamEndpoint.parse(e) else {
+                throw ConfigurationError("invalid endpoint \"\(e)\": expected host:port")
+            }
+            endpoints.append(ep)
+        }
+        guard !endpoints.isEmpty else { throw ConfigurationError("--endpoints names no upstream member") }
+        var options = MirrorOptions(endpoints: endpoints)
+        options.prefix = Array(m.prefix.utf8)
+        var tls: TLSContext?
+        if m.useTLS {
+            var c = TLSContext.ClientConfig()
+            c.caFile = m.caFile
+            c.certFile = m.certFile
+            c.keyFile = m.keyFile
+            c.insecureSkipVerify = m.insecureSkipVerify
+            do { tls = try TLSContext.client(c) } catch { throw ConfigurationError("upstream TLS: \(error)") }
+        }
+        return (options, tls)
     }
 
     /// Ports of the `--listen-metrics-urls` listeners.
@@ -239,6 +293,7 @@ final class VigilServerCore {
 
     /// Stops accepting connections and the background work.
     func shutdown() {
+        mirror?.stop()
         for l in listeners { l.close() }
         listeners.removeAll()
         background?.stop()

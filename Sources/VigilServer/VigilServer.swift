@@ -42,6 +42,13 @@ public final class VigilServer: @unchecked Sendable {
         signal(SIGPIPE, SIG_IGN)
         let loop = try EventLoop()
         let core = try VigilServerCore(loop: loop, config: configuration, logger: logger)
+        if let mirror = core.mirror {
+            // Serve nothing before the copy is loaded: a client would see an empty store.
+            var loaded = false
+            logger.info("mirror: loading from upstream \(mirror.options.endpoints)")
+            mirror.start { loaded = true }
+            loop.run(forAtMost: 1e9) { loaded }
+        }
         do {
             ports = try core.start()
         } catch {

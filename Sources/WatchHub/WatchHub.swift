@@ -145,6 +145,8 @@ public final class WatchHub {
     private var freeStreams: [Int32] = []
     /// Unsynced watchers and the next revision each must receive.
     private var unsynced: [Int32: Int64] = [:]
+    /// Unsynced watchers that wait for `release` (older history comes from elsewhere first).
+    private var heldWatchers: Set<Int32> = []
     /// Synced watchers created with a start revision past the delivered one, and that revision.
     private var futureStart: [Int32: Int64] = [:]
     public private(set) var stats = WatchHubStats()
@@ -280,8 +282,11 @@ public final class WatchHub {
 
     /// Handles a create request (etcd's order of checks), answering `created` before any event;
     /// the new watcher's id, nil if refused.
+    /// - Parameter held: the watcher starts unsynced at its start revision and stays there until
+    ///   `release`: another source (a mirror's upstream) first sends it older history, through
+    ///   `sendHistory`.
     @discardableResult
-    public func create(_ s: WatchStream, _ c: WatchCreate) -> Int64? {
+    public func create(_ s: WatchStream, _ c: WatchCreate, held: Bool = false) -> Int64? {
         var c = c
         if c.key.isEmpty { c.key = [0] }
         if c.startRevision < 0 { return refuse(s, .compacted) }
@@ -308,6 +313,16 @@ public final class WatchHub {
             return nil
         }
         var flags = WatcherFlags(c)
+        if held {
+            let g = groups.group(c.key, c.rangeEnd)
+            let w = watchers.add(id: id, stream: s.index, group: g, flags: flags)
+            link(w, g)
+            s.watchers.insert(id: id, w)
+            unsynced[w] = start
+            s.unsyncedCount += 1
+            heldWatchers.insert(w)
+            return id
+        }
         if start > delivered {
             flags.insert(.synced)
             if start > delivered + 1 { flags.insert(.future) }
@@ -412,8 +427,56 @@ public final class WatchHub {
         }
     }
 
+    /// Sends older history to a held watcher (its filters applied here).
+    public func sendHistory(_ s: WatchStream, watchID: Int64, _ events: [Event], headerRevision: Int64) {
+        guard let w = s.watchers[watchID], heldWatchers.contains(w), !s.closed else { return }
+        let flags = watchers.flags[Int(w)]
+        let prevKV = flags.contains(.prevKV)
+        let encoder = encoders[s.encoderSlot]
+        let encoded = events.filter { flags.wants($0) }.map { encoder.encode($0, prevKV: prevKV) }
+        guard !encoded.isEmpty else { return }
+        let f = ResponseFields(headerRevision: headerRevision, watchID: watchID)
+        if flags.contains(.fragment) { sendFragmented(s, f, encoded) } else { send(s, f, encoded) }
+    }
+
+    /// Lets a held watcher go on from its start revision, as any unsynced watcher does.
+    public func release(_ s: WatchStream, watchID: Int64) {
+        guard let w = s.watchers[watchID], heldWatchers.remove(w) != nil else { return }
+        catchUpPending = true
+    }
+
+    /// Cancels one watcher as compacted at `revision` (its older history is gone upstream).
+    public func cancelCompacted(_ s: WatchStream, watchID: Int64, revision: Int64) {
+        guard let w = s.watchers.remove(watchID) else { return }
+        remove(w, s)
+        var f = ResponseFields(headerRevision: 0, watchID: watchID)
+        f.compactRevision = revision
+        f.canceled = true
+        send(s, f)
+    }
+
+    /// Cancels every watcher as compacted at `revision` (etcd's answer to a watcher whose next
+    /// events are gone): a mirror that reloaded cannot give its watchers the changes it missed.
+    public func cancelAll(compactRevision revision: Int64) {
+        walk {
+            for ref in streams {
+                guard let s = ref?.takeUnretainedValue(), !s.closed else { continue }
+                for w in s.watchers.all {
+                    let id = watchers.id(w)
+                    var f = ResponseFields(headerRevision: 0, watchID: id)
+                    f.compactRevision = revision
+                    f.canceled = true
+                    send(s, f)
+                    s.watchers.remove(id)
+                    remove(w, s)
+                }
+            }
+        }
+    }
+
     /// Takes `w` (already out of its stream's table) out of the hub.
     private func remove(_ w: Int32, _ s: WatchStream) {
+        heldWatchers.remove(w)
         if unsynced.removeValue(forKey: w) != nil { s.unsyncedCount -= 1 }
         if watchers.flags[Int(w)].contains(.future) { futureStart[w] = nil }
         let g = watchers.group[Int(w)]
@@ -439,8 +502,19 @@ public final class WatchHub {
         walk {
             while delivered < committed {
                 let r = delivered + 1
-                if let entry = ring.entry(r) { dispatch(entry) }
-                delivered = r
+                if let entry = ring.entry(r) {
+                    dispatch(entry)
+                    delivered = r
+                    continue
+                }
+                // A gap (a mirror's revisions skip the keys it does not copy): on to the next
+                // entry, without visiting each revision between.
+                var next = committed
+                ring.forEach(from: r) { e in
+                    if e.revision <= committed { next = e.revision - 1 }
+                    return false
+                }
+                delivered = next
             }
         }
         ring.trim(upTo: delivered)
@@ -660,7 +734,7 @@ public final class WatchHub {
 
     private func catchUpWalk() {
         for w in Array(unsynced.keys) {
-            guard unsynced[w] != nil else { continue }  // removed by an earlier step
+            guard unsynced[w] != nil, !heldWatchers.contains(w) else { continue }  // removed, or held
             let s = stream(of: w)
             guard !s.closed else { continue }
             var budget = 4

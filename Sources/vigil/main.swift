@@ -387,7 +387,15 @@ func goBooleanFlags(_ args: [String]) -> [String] {
 
 EventLoop.preferShortTurns()
 do {
-    let args = try IgnoredFlags.extract(goBooleanFlags(Array(CommandLine.arguments.dropFirst())))
+    let given = Array(CommandLine.arguments.dropFirst())
+    if given.first == "grpc-proxy" {
+        guard given.count > 1, given[1] == "start" else {
+            FileHandle.standardError.write(Data("Usage: vigil grpc-proxy start [flags] (see --help)\n".utf8))
+            exit(64)
+        }
+        GRPCProxyStart.main(Array(given.dropFirst(2)))
+    }
+    let args = try IgnoredFlags.extract(goBooleanFlags(given))
     VigilCommand.main(args)
 } catch {
     FileHandle.standardError.write(Data("Error: \(error)\n".utf8))

@@ -1,0 +1,536 @@
+import EtcdAPI
+import EtcdProto
+import EventLoop
+import Foundation
+import GRPC
+import HTTP2
+import MVCC
+import SwiftProtobuf
+import TLS
+import VigilClient
+import VigilCore
+import WatchHub
+
+/// What a mirror copies and from where.
+public struct MirrorOptions: Sendable {
+    /// The upstream cluster's members.
+    public var endpoints: [UpstreamEndpoint]
+    /// Only keys under this prefix are copied (empty: every key).
+    public var prefix: [UInt8] = []
+    /// Keys per page of the loading Range.
+    public var pageSize = 1_000
+    /// How often the upstream watch is asked for progress (the liveness probe).
+    public var probeIntervalMs: UInt64 = 1_000
+    /// Silence from the upstream member for this long, with a probe outstanding, drops the
+    /// connection: a paused or partitioned member is left for another.
+    public var deadAfterMs: UInt64 = 3_000
+    /// How long a forwarded write waits for the mirror to apply its revision before failing.
+    public var applyTimeoutMs: UInt64 = 10_000
+
+    public init(endpoints: [UpstreamEndpoint]) { self.endpoints = endpoints }
+}
+
+/// A copy of an etcd cluster's key space (or of one prefix) kept in a Vigil store at the
+/// cluster's own revisions, so that reads and watches are served here, by the watch hub, as a
+/// standalone Vigil serves them; writes and the other calls go upstream (`MirrorRouting`).
+///
+/// How it follows upstream: a paginated Range, every page at one revision R, loads the state;
+/// a watch from R+1 (progress notifications on, fragments on) brings every later change, each
+/// revision applied as one write transaction at that revision (`KVStore.beginWrite(at:)`), and
+/// progress responses move the revision over changes to keys not copied. On reconnection the
+/// watch resumes at the revision after the last applied; if upstream compacted past it, the
+/// state is loaded again, the difference applied, and the watchers, which cannot be given the
+/// changes between, are canceled with the compact revision, as etcd cancels a watcher whose
+/// history is gone.
+///
+/// Everything runs on the loop.
+public final class Mirror {
+    public let options: MirrorOptions
+    let loop: EventLoop
+    let store: KVStore
+    let services: EtcdServices
+    public let upstream: Upstream
+    /// The copied range: `[key, end)`.
+    let key: [UInt8]
+    let end: [UInt8]
+    private var watchCall: ClientCall?
+    private var fragments: [Mvccpb_Event] = []
+    private var loaded = false
+    private var loading = false
+    /// Writes waiting for the mirror to apply a revision.
+    private var waiters: [(revision: Int64, deadline: UInt64, body: (Bool) -> Void)] = []
+    private var progressAsked = false
+    /// A progress revision not taken yet (see `received`).
+    private var heardProgress: Int64?
+    private var barrierQueue: [(Result<Int64, EtcdError>) -> Void] = []
+    private var barrierInFlight = false
+    private var probeTimer: LoopTimer?
+    private var onReady: (() -> Void)?
+
+    // Figures for `/metrics` and `/health`.
+    /// The highest revision upstream has reported.
+    public private(set) var upstreamRevision: Int64 = 0
+    /// When the mirror last had applied everything upstream had reported (loop ms).
+    private var currentSinceMs: UInt64 = 0
+    public private(set) var reloads = 0
+    /// Full loads and reloads, and the revision of the last one.
+    public private(set) var loadedRevision: Int64 = 0
+    /// Whether the mirror follows upstream now (loaded, and its watch open).
+    public var isFollowing: Bool { loaded && watchCall != nil && upstream.isConnected }
+    public var log: (String) -> Void = { _ in } {
+        didSet { upstream.log = log }
+    }
+
+    public init(
+        loop: EventLoop, store: KVStore, services: EtcdServices, options: MirrorOptions, tls: TLSContext? = nil
+    ) {
+        self.options = options
+        self.loop = loop
+        self.store = store
+        self.services = services
+        upstream = Upstream(loop: loop, endpoints: options.endpoints, tls: tls)
+        if options.prefix.isEmpty {
+            key = [0]
+            end = [0]
+        } else {
+            key = options.prefix
+            end = KeyRange.prefixEnd(options.prefix)
+        }
+    }
+
+    /// Connects, loads, and follows upstream from now on; `ready` runs once the first load is
+    /// applied and the watch is open.
+    public func start(ready: @escaping () -> Void) {
+        onReady = ready
+        upstream.onConnect = { [weak self] c in self?.connected(c) }
+        upstream.withConnection { _ in }
+        probeTimer = LoopTimer(loop: loop, timeoutMs: options.probeIntervalMs, repeatMs: options.probeIntervalMs) {
+            [weak self] in self?.probe()
+        }
+        probeTimer?.unref()
+    }
+
+    public func stop() {
+        probeTimer?.cancel()
+        probeTimer = nil
+        watchCall?.cancel()
+        watchCall = nil
+        upstream.stop()
+        for w in waiters { w.body(false) }
+        waiters = []
+    }
+
+    /// Lag behind upstream in revisions (0 when current).
+    public var lagRevisions: Int64 { max(0, upstreamRevision - store.currentRevision) }
+    /// Seconds since the mirror last had everything upstream reported (0 when current).
+    public var lagSeconds: Double {
+        lagRevisions == 0 ? 0 : Double(loop.nowMilliseconds - currentSinceMs) / 1000
+    }
+
+    // MARK: Following upstream
+
+    private func connected(_ c: GRPCClientConnection) {
+        watchCall = nil
+        fragments = []
+        progressAsked = false
+        heardProgress = nil
+        if loaded {
+            watch(on: c, from: store.currentRevision + 1)
+        } else {
+            load(on: c)
+        }
+    }
+
+    /// Reads the copied range page by page at one revision, then applies it: the first load, or a
+    /// reload after upstream compacted past the mirror.
+    private func load(on c: GRPCClientConnection) {
+        guard !loading else { return }
+        loading = true
+        var kvs: [KeyValue] = []
+        var revision: Int64 = 0
+        func page(from start: [UInt8]) {
+            var r = Etcdserverpb_RangeRequest()
+            r.key = Data(start)
+            r.rangeEnd = Data(end)
+            r.limit = Int64(options.pageSize)
+            r.revision = revision
+            c.unary(EtcdMethod.range.path, r) { [weak self] (result: Result<Etcdserverpb_RangeResponse, GRPCStatus>) in
+                guard let self else { return }
+                switch result {
+                case .failure(let status):
+                    loading = false
+                    // A compacted page: start again at a newer revision; anything else: another member.
+                    upstream.drop("loading failed: \(status.message)")
+                case .success(let resp):
+                    heard(resp.header)
+                    if revision == 0 { revision = resp.header.revision }
+                    for p in resp.kvs { kvs.append(Self.keyValue(p)) }
+                    if resp.more, let last = resp.kvs.last {
+                        page(from: [UInt8](last.key) + [0])
+                    } else {
+                        loading = false
+                        applyLoad(kvs, at: revision)
+                        guard !c.isClosed else { return }
+                        watch(on: c, from: revision + 1)
+                    }
+                }
+            }
+        }
+        page(from: key)
+    }
+
+    private func applyLoad(_ kvs: [KeyValue], at revision: Int64) {
+        loadedRevision = revision
+        if !loaded {
+            store.loadMirrored(kvs, deleted: [], at: revision)
+            if revision > store.compactRevision { try? store.compact(revision) }
+            loaded = true
+            log("loaded \(kvs.count) keys at upstream revision \(revision)")
+            return
+        }
+        // A reload: apply what differs, then cancel the watchers if anything did.
+        reloads += 1
+        var have: [[UInt8]: Int64] = [:]
+        for e in store.liveModRevisions() { have[e.key] = e.modRevision }
+        var changed: [KeyValue] = []
+        for kv in kvs {
+            let mine = have.removeValue(forKey: kv.key)
+            guard kv.modRevision != mine else { continue }
+            // A change the mirror missed is newer than all it applied.
+            if kv.modRevision > store.currentRevision {
+                changed.append(kv)
+            } else {
+                log("reload: \(kv.key.count)-byte key at revision \(kv.modRevision) is older than the mirror's")
+            }
+        }
+        let gone = Array(have.keys)
+        let at = max(revision, store.currentRevision)
+        if changed.isEmpty && gone.isEmpty {
+            store.advance(to: at)
+        } else {
+            store.loadMirrored(changed, deleted: gone, at: at)
+            services.watch.hub.cancelAll(compactRevision: at)
+        }
+        if at > store.compactRevision { try? store.compact(at) }
+        log("reloaded at upstream revision \(revision): \(changed.count) keys changed, \(gone.count) deleted")
+    }
+
+    /// Opens the upstream watch from `revision`. `hasleader` makes a member without a leader end
+    /// it, so that the mirror moves to another.
+    private func watch(on c: GRPCClientConnection, from revision: Int64) {
+        var call: ClientCall?
+        call = c.open(
+            EtcdMethod.watch.path, metadata: [("hasleader", "true")],
+            onMessage: { [weak self] bytes in
+                guard let self, let call, watchCall === call else { return }
+                received(bytes)
+            },
+            onClose: { [weak self] status in
+                guard let self, let call, watchCall === call else { return }
+                watchCall = nil
+                if !c.isClosed { upstream.drop("upstream watch ended: \(status.message)") }
+            })
+        watchCall = call
+        var create = Etcdserverpb_WatchCreateRequest()
+        create.key = Data(key)
+        create.rangeEnd = Data(end)
+        create.startRevision = revision
+        create.progressNotify = true
+        create.fragment = true
+        var req = Etcdserverpb_WatchRequest()
+        req.createRequest = create
+        call?.send(req)
+    }
+
+    private func received(_ bytes: [UInt8]) {
+        guard let resp = try? Etcdserverpb_WatchResponse(serializedBytes: bytes) else {
+            return upstream.drop("undecodable watch response")
+        }
+        heard(resp.header)
+        if resp.created {
+            if let ready = onReady {
+                onReady = nil
+                ready()
+            }
+            return
+        }
+        if resp.canceled {
+            watchCall?.cancel()
+            watchCall = nil
+            if resp.compactRevision > 0, let c = upstream.connection {
+                // Compacted past the mirror: load again at the current revision.
+                log(
+                    "upstream compacted at \(resp.compactRevision), past revision \(store.currentRevision + 1): reloading"
+                )
+                return load(on: c)
+            }
+            return upstream.drop("upstream watch canceled: \(resp.cancelReason)")
+        }
+        if resp.fragment {
+            fragments += resp.events
+            return
+        }
+        var events = resp.events
+        if !fragments.isEmpty {
+            events = fragments + events
+            fragments = []
+        }
+        if events.isEmpty {
+            // etcd 3.4 answers a progress request from outside the watcher's queue: events up to
+            // its revision may still come after it. A revision is taken once a later progress
+            // answer, asked after it arrived, comes back (by then the events queued before it
+            // have been sent).
+            progressAsked = false
+            if let earlier = heardProgress { store.advance(to: earlier) }
+            heardProgress = resp.header.revision > store.currentRevision ? resp.header.revision : nil
+            if heardProgress != nil && !waiters.isEmpty { askProgress() }
+        } else {
+            apply(events)
+        }
+        settle()
+    }
+
+    /// Applies upstream's events, one write transaction per revision.
+    private func apply(_ events: [Mvccpb_Event]) {
+        var i = 0
+        while i < events.count {
+            let rev = events[i].kv.modRevision
+            guard rev > store.currentRevision else {
+                log("ignoring an upstream event at revision \(rev), not past \(store.currentRevision)")
+                i += 1
+                continue
+            }
+            let txn = store.beginWrite(at: rev)
+            while i < events.count && events[i].kv.modRevision == rev {
+                let e = events[i]
+                if e.type == .delete {
+                    txn.deleteRange(e.kv.key.bytes, [])
+                } else {
+                    txn.put(mirrored: Self.keyValue(e.kv))
+                }
+                i += 1
+            }
+            txn.end()
+        }
+    }
+
+    /// Notes a header from upstream: its revision, and the ids the mirror answers with.
+    private func heard(_ h: Etcdserverpb_ResponseHeader) {
+        if h.revision > upstreamRevision { upstreamRevision = h.revision }
+    }
+
+    /// Upstream's cluster id, and the member id and raft term of the first member that answers,
+    /// asked before the services are built (every response header carries them). Runs the loop
+    /// until a member answers.
+    public static func identify(
+        loop: EventLoop, options: MirrorOptions, tls: TLSContext?, log: @escaping (String) -> Void
+    ) -> (clusterID: UInt64, memberID: UInt64, raftTerm: UInt64) {
+        let upstream = Upstream(loop: loop, endpoints: options.endpoints, tls: tls)
+        upstream.log = log
+        var found: Etcdserverpb_ResponseHeader?
+        var asking = false
+        var r = Etcdserverpb_RangeRequest()
+        r.key = Data(options.prefix.isEmpty ? [0] : options.prefix)
+        r.limit = 1
+        r.keysOnly = true
+        let bytes: [UInt8] = (try? r.serializedBytes()) ?? []
+        var failed = false
+        while found == nil {
+            if failed {
+                failed = false
+                loop.run(forAtMost: 0.5) { false }
+            }
+            if !asking {
+                asking = true
+                upstream.unary(EtcdMethod.range.path, bytes) { result in
+                    asking = false
+                    switch result {
+                    case .success(let answer):
+                        found = try? Etcdserverpb_RangeResponse(serializedBytes: answer).header
+                    case .failure(let status):
+                        log("upstream did not answer: \(status.message)")
+                        failed = true
+                        upstream.drop(status.message)
+                    }
+                }
+            }
+            loop.run(forAtMost: 0.5) { found != nil || !asking }
+        }
+        upstream.stop()
+        return (found!.clusterID, found!.memberID, found!.raftTerm)
+    }
+
+    /// Runs the writes waiting for revisions now applied; asks for progress if some still wait.
+    private func settle() {
+        if store.currentRevision >= upstreamRevision { currentSinceMs = loop.nowMilliseconds }
+        guard !waiters.isEmpty else { return }
+        let applied = store.currentRevision
+        var still: [(revision: Int64, deadline: UInt64, body: (Bool) -> Void)] = []
+        var ready: [(Bool) -> Void] = []
+        for w in waiters {
+            if w.revision <= applied { ready.append(w.body) } else { still.append(w) }
+        }
+        waiters = still
+        for body in ready { services.context.commits.whenDurable(applied) { body(true) } }
+        if !waiters.isEmpty { askProgress() }
+    }
+
+    private func askProgress() {
+        guard !progressAsked, let call = watchCall else { return }
+        progressAsked = true
+        var req = Etcdserverpb_WatchRequest()
+        req.progressRequest = Etcdserverpb_WatchProgressRequest()
+        call.send(req)
+    }
+
+    /// Each interval: ask for progress (the answer keeps the revision current), drop a member
+    /// that has said nothing for too long, and fail writes that waited too long.
+    private func probe() {
+        let now = loop.nowMilliseconds
+        if let c = upstream.connection, !c.isClosed, watchCall != nil || loading {
+            if progressAsked && now - c.lastReceivedMs > options.deadAfterMs {
+                upstream.drop("no answer for \(now - c.lastReceivedMs) ms")
+            } else if watchCall != nil {
+                progressAsked = false
+                askProgress()
+            }
+        }
+        if waiters.contains(where: { $0.deadline <= now }) {
+            let late = waiters.filter { $0.deadline <= now }
+            waiters.removeAll { $0.deadline <= now }
+            for w in late { w.body(false) }
+        }
+    }
+
+    // MARK: For the routing
+
+    /// Runs `body(true)` once the mirror has applied `revision` and it is readable here; false if
+    /// it did not within `applyTimeoutMs`.
+    public func whenApplied(_ revision: Int64, _ body: @escaping (Bool) -> Void) {
+        if revision <= store.currentRevision {
+            return services.context.commits.whenDurable(revision) { body(true) }
+        }
+        waiters.append((revision, loop.nowMilliseconds + options.applyTimeoutMs, body))
+        askProgress()
+    }
+
+    /// A linearizable point: learns upstream's current revision with one linearizable read and
+    /// waits until the mirror has applied it. Reads that arrive while one is in flight share the
+    /// next one.
+    public func barrier(_ body: @escaping (Result<Int64, EtcdError>) -> Void) {
+        barrierQueue.append(body)
+        if !barrierInFlight { runBarrier() }
+    }
+
+    private func runBarrier() {
+        let batch = barrierQueue
+        barrierQueue = []
+        barrierInFlight = true
+        var r = Etcdserverpb_RangeRequest()
+        r.key = Data(key == [0] ? [0] : key)
+        r.limit = 1
+        r.keysOnly = true
+        let bytes: [UInt8] = (try? r.serializedBytes()) ?? []
+        upstream.unary(EtcdMethod.range.path, bytes) { [weak self] result in
+            guard let self else { return }
+            barrierInFlight = false
+            if !barrierQueue.isEmpty { runBarrier() }
+            switch result {
+            case .failure(let status):
+                for b in batch { b(.failure(.relayed(status.code, status.message))) }
+            case .success(let resp):
+                let rev = Self.headerRevision(resp)
+                if rev > upstreamRevision { upstreamRevision = rev }
+                whenApplied(rev) { ok in
+                    for b in batch { b(ok ? .success(rev) : .failure(Self.notApplied(rev))) }
+                }
+            }
+        }
+    }
+
+    static func notApplied(_ rev: Int64) -> EtcdError {
+        .relayed(.unavailable, "vigil mirror: revision \(rev) not applied yet (upstream unreachable?)")
+    }
+
+    /// Whether the mirror holds `[key, end)` (etcd's range forms: `end` empty for one key, "\0"
+    /// for every key from `key`).
+    public func covers(key k: [UInt8], end e: [UInt8]) -> Bool {
+        if options.prefix.isEmpty { return true }
+        let p = options.prefix
+        guard k.count >= p.count, Array(k[0..<p.count]) == p else { return false }
+        if e.isEmpty { return true }
+        if e == [0] { return false }
+        return compareBytes(e, end) <= 0
+    }
+
+    // MARK: Helpers
+
+    static func keyValue(_ p: Mvccpb_KeyValue) -> KeyValue {
+        KeyValue(
+            key: p.key.bytes, createRevision: p.createRevision, modRevision: p.modRevision, version: p.version,
+            value: p.value.bytes, lease: p.lease)
+    }
+
+    /// The `header.revision` of any etcd response (field 1, its field 3), read from the wire
+    /// without knowing the message type; 0 if absent.
+    static func headerRevision(_ bytes: [UInt8]) -> Int64 {
+        guard let header = field(1, in: bytes[...]), let rev = varintField(3, in: header) else { return 0 }
+        return Int64(bitPattern: rev)
+    }
+
+    private static func varint(_ b: ArraySlice<UInt8>, _ i: inout Int) -> UInt64? {
+        var v: UInt64 = 0
+        var shift: UInt64 = 0
+        while i < b.endIndex {
+            let byte = b[i]
+            i += 1
+            v |= UInt64(byte & 0x7f) << shift
+            if byte & 0x80 == 0 { return v }
+            shift += 7
+            if shift > 63 { return nil }
+        }
+        return nil
+    }
+
+    /// Walks fields; `body` gets (number, wire type, value range or varint) and returns true to stop.
+    private static func walk(
+        _ b: ArraySlice<UInt8>, _ body: (UInt64, UInt64, Range<Int>?, UInt64) -> Bool
+    ) {
+        var i = b.startIndex
+        while i < b.endIndex {
+            guard let tag = varint(b, &i) else { return }
+            let number = tag >> 3
+            switch tag & 7 {
+            case 0:
+                guard let v = varint(b, &i) else { return }
+                if body(number, 0, nil, v) { return }
+            case 1: i += 8
+            case 5: i += 4
+            case 2:
+                guard let n = varint(b, &i), n <= UInt64(b.endIndex - i) else { return }
+                let r = i..<(i + Int(n))
+                i += Int(n)
+                if body(number, 2, r, 0) { return }
+            default: return
+            }
+        }
+    }
+
+    private static func field(_ n: UInt64, in b: ArraySlice<UInt8>) -> ArraySlice<UInt8>? {
+        var found: ArraySlice<UInt8>?
+        walk(b) { number, type, range, _ in
+            if number == n, type == 2, let range { found = b[range] }
+            return found != nil
+        }
+        return found
+    }
+
+    private static func varintField(_ n: UInt64, in b: ArraySlice<UInt8>) -> UInt64? {
+        var found: UInt64?
+        walk(b) { number, type, _, v in
+            if number == n, type == 0 { found = v }
+            return found != nil
+        }
+        return found
+    }
+}

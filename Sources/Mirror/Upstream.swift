@@ -1,0 +1,169 @@
+import EventLoop
+import GRPC
+import HTTP2
+import TLS
+import VigilClient
+
+/// One member of the upstream cluster: where to dial it.
+public struct UpstreamEndpoint: Sendable, Equatable, CustomStringConvertible {
+    public var host: String
+    public var port: Int
+    public init(host: String, port: Int) {
+        self.host = host
+        self.port = port
+    }
+
+    /// `host:port`, `http://host:port` or `https://host:port` (etcd's `--endpoints` forms).
+    public static func parse(_ s: String) -> UpstreamEndpoint? {
+        var rest = Substring(s)
+        for scheme in ["http://", "https://"] where rest.hasPrefix(scheme) { rest = rest.dropFirst(scheme.count) }
+        if let slash = rest.firstIndex(of: "/") { rest = rest[..<slash] }
+        guard let colon = rest.lastIndex(of: ":"), let port = Int(rest[rest.index(after: colon)...]), port > 0,
+            port < 65536
+        else { return nil }
+        var host = String(rest[..<colon])
+        if host.hasPrefix("[") && host.hasSuffix("]") { host = String(host.dropFirst().dropLast()) }
+        if host == "localhost" { host = "127.0.0.1" }
+        return host.isEmpty ? nil : UpstreamEndpoint(host: host, port: port)
+    }
+
+    public var description: String { "\(host):\(port)" }
+}
+
+/// The connection to the upstream cluster: one member at a time. When it is lost, or stops
+/// answering (`checkAlive`), the next member is dialled, with a growing pause once every member
+/// has failed in a row. Calls made while no connection is up wait for the next one; they fail
+/// with UNAVAILABLE if a whole round of members fails.
+public final class Upstream {
+    let loop: EventLoop
+    let endpoints: [UpstreamEndpoint]
+    let tls: TLSContext?
+    public private(set) var connection: GRPCClientConnection?
+    /// The member connected to (or last tried).
+    public private(set) var endpoint: UpstreamEndpoint
+    private var nextIndex = 0
+    private var dialing = false
+    private var failuresInRow = 0
+    private var waiting: [(GRPCClientConnection?) -> Void] = []
+    private var retryTimer: LoopTimer?
+    private var stopped = false
+    /// Called on the loop each time a connection is up (the mirror resumes its watch there).
+    var onConnect: ((GRPCClientConnection) -> Void)?
+    /// Connections made after the first.
+    public private(set) var reconnects = 0
+    private var connectedOnce = false
+    /// Why the last attempt or connection failed, for logs and `/health`.
+    public private(set) var lastError = ""
+    var log: (String) -> Void = { _ in }
+
+    init(loop: EventLoop, endpoints: [UpstreamEndpoint], tls: TLSContext?) {
+        precondition(!endpoints.isEmpty)
+        self.loop = loop
+        self.endpoints = endpoints
+        self.tls = tls
+        endpoint = endpoints[0]
+    }
+
+    /// Runs `body` with the connection once one is up (nil: a whole round of members failed).
+    func withConnection(_ body: @escaping (GRPCClientConnection?) -> Void) {
+        if let c = connection, !c.isClosed { return body(c) }
+        waiting.append(body)
+        dial()
+    }
+
+    /// A unary call upstream with raw messages.
+    func unary(
+        _ path: String, _ request: [UInt8], metadata: [HeaderField] = [],
+        _ done: @escaping (Result<[UInt8], GRPCStatus>) -> Void
+    ) {
+        withConnection { c in
+            guard let c else { return done(.failure(Self.unreachable)) }
+            c.unary(path, request, metadata: metadata, done)
+        }
+    }
+
+    static let unreachable = GRPCStatus(.unavailable, "vigil mirror: no upstream member is reachable")
+
+    /// Drops the connection (it failed, or answers nothing): calls on it end with UNAVAILABLE and
+    /// the next member is dialled.
+    func drop(_ why: String) {
+        lastError = why
+        log("dropping upstream connection to \(endpoint): \(why)")
+        connection?.close()
+    }
+
+    func stop() {
+        stopped = true
+        retryTimer?.cancel()
+        retryTimer = nil
+        connection?.close()
+        let w = waiting
+        waiting = []
+        for body in w { body(nil) }
+    }
+
+    private func dial() {
+        guard !dialing, !stopped, connection == nil || connection!.isClosed else { return }
+        dialing = true
+        let ep = endpoints[nextIndex % endpoints.count]
+        nextIndex += 1
+        endpoint = ep
+        GRPCClientConnection.connect(loop: loop, host: ep.host, port: ep.port, tls: tls) { [weak self] result in
+            guard let self else { return }
+            dialing = false
+            switch result {
+            case .failure(let e):
+                failed("cannot connect to \(ep): \(e)")
+            case .success(let c):
+                if stopped { return c.close() }
+                failuresInRow = 0
+                connection = c
+                if connectedOnce { reconnects += 1 }
+                connectedOnce = true
+                log("connected to upstream member \(ep)")
+                let since = loop.nowMilliseconds
+                c.onClose = { [weak self, weak c] in
+                    guard let self, let c, connection === c else { return }
+                    connection = nil
+                    // A member that takes connections but drops them at once (no leader) counts
+                    // as failed: the pause between attempts grows.
+                    if loop.nowMilliseconds - since < 2_000 { failuresInRow += 1 }
+                    if lastError.isEmpty { lastError = "connection to \(ep) closed" }
+                    log("upstream connection to \(ep) closed")
+                    retry()
+                }
+                onConnect?(c)
+                let w = waiting
+                waiting = []
+                for body in w { body(c) }
+            }
+        }
+    }
+
+    private func failed(_ why: String) {
+        lastError = why
+        failuresInRow += 1
+        log(why)
+        if failuresInRow % endpoints.count == 0 {
+            // A whole round failed: calls waiting give up; the dialling goes on, slower.
+            let w = waiting
+            waiting = []
+            for body in w { body(nil) }
+        }
+        retry()
+    }
+
+    private func retry() {
+        guard !stopped, retryTimer == nil else { return }
+        let rounds = failuresInRow / endpoints.count
+        let pause: UInt64 = failuresInRow == 0 ? 0 : min(50 << min(rounds, 5), 1_000)
+        retryTimer = LoopTimer(loop: loop, timeoutMs: pause) { [weak self] in
+            guard let self else { return }
+            retryTimer = nil
+            dial()
+        }
+    }
+
+    /// Whether a connection is up.
+    public var isConnected: Bool { connection.map { !$0.isClosed } ?? false }
+}

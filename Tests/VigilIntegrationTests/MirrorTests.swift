@@ -1,0 +1,249 @@
+import Foundation
+import Testing
+import VigilTesting
+
+/// Mirror mode (`vigil grpc-proxy start`) in front of a real 3-member etcd 3.4 cluster on
+/// loopback, driven by the real etcdctl: answers as etcd's, reads of writes made directly to a
+/// member, a watch that loses nothing while members die, pause and restart, upstream compaction
+/// past the mirror, and a client moving between two mirrors.
+@Suite(.serialized) struct MirrorTests {
+    let cluster: EtcdCluster
+    let direct: Etcdctl
+
+    init() throws {
+        cluster = try EtcdCluster()
+        direct = try Etcdctl(endpoint: cluster.endpoints)
+    }
+
+    /// The JSON etcdctl prints, without the header (its member id names the member asked).
+    static func body(_ json: String) -> String {
+        guard let r = json.range(of: #""raft_term":\d+\}"#, options: .regularExpression) else { return json }
+        return String(json[r.upperBound...])
+    }
+
+    @Test func answersAsEtcdDoes() throws {
+        let mirror = try LiveMirror(upstream: cluster.endpoints)
+        let via = try Etcdctl(endpoint: mirror.endpoint)
+        _ = try direct.ok("put", "a", "1")
+        // Writes through the mirror are read back at once, through it and directly.
+        let put = try via.ok("put", "b", "2", "-w", "json")
+        #expect(put.contains("\"revision\""))
+        #expect(try via.ok("get", "b") == "b\n2\n")
+        #expect(try direct.ok("get", "b") == "b\n2\n")
+        // The same answers, byte for byte past the header, for reads of every shape.
+        for args in [
+            ["get", "a", "-w", "json"], ["get", "", "--from-key", "-w", "json"],
+            ["get", "a", "c", "--limit", "1", "-w", "json"], ["get", "a", "--prefix", "--keys-only", "-w", "json"],
+            ["get", "", "--from-key", "--sort-by", "MODIFY", "--order", "DESCEND", "-w", "json"],
+            ["get", "a", "--consistency", "s", "-w", "json"], ["get", "b", "--rev", "2", "-w", "json"],
+        ] {
+            let mine = try via.run(args)
+            let theirs = try direct.run(args)
+            #expect(mine.status == theirs.status, "\(args)")
+            #expect(Self.body(mine.stdout) == Self.body(theirs.stdout), "\(args)")
+        }
+        // A txn, with its answer.
+        let txn = "value(\"a\") = \"1\"\n\nput a 11\nget a\n\ndel b\n\n"
+        #expect(try via.run(["txn"], stdin: txn).stdout == "SUCCESS\n\nOK\n\na\n11\n")
+        #expect(try direct.ok("get", "a") == "a\n11\n")
+        // Errors keep etcd's code and words (etcd's own grpc-proxy turns some into Unknown).
+        for args in [
+            ["put", "", "x"], ["put", "k", "v", "--lease", "1234"], ["get", "a", "--rev", "999999"],
+            ["del", ""], ["lease", "revoke", "77"], ["compaction", "999999"],
+        ] {
+            let mine = try via.run(args)
+            let theirs = try direct.run(args)
+            #expect(mine.status != 0, "\(args)")
+            let last = { (s: String) in s.split(separator: "\n").last.map(String.init) ?? "" }
+            #expect(last(mine.stderr) == last(theirs.stderr), "\(args): \(mine.stderr) vs \(theirs.stderr)")
+        }
+        // Leases: granted, kept alive, their keys gone with them, all through the mirror.
+        let grant = try via.ok("lease", "grant", "60")
+        let id = try #require(grant.split(separator: " ").dropFirst().first.map(String.init))
+        _ = try via.ok("put", "leased", "x", "--lease", id)
+        #expect(try via.ok("lease", "keep-alive", "--once", id).contains("keepalived with TTL"))
+        #expect(try direct.ok("lease", "timetolive", id, "--keys").contains("leased"))
+        _ = try via.ok("lease", "revoke", id)
+        #expect(try via.ok("get", "leased") == "")
+        // Other services go upstream: the members are listed as etcd lists them.
+        #expect(try via.ok("member", "list").split(separator: "\n").count == 3)
+    }
+
+    @Test func readsSeeWritesMadeDirectlyToAMember() throws {
+        let mirror = try LiveMirror(upstream: cluster.endpoints)
+        let via = try Etcdctl(endpoint: mirror.endpoint)
+        for i in 0..<20 {
+            // Written to one member, read at once (linearizable) through the mirror.
+            let member = try Etcdctl(endpoint: cluster.members[i % 3].endpoint)
+            _ = try member.ok("put", "direct", "\(i)")
+            #expect(try via.ok("get", "direct") == "direct\n\(i)\n")
+        }
+        // Serializable reads are local and catch up without being asked.
+        _ = try direct.ok("put", "s", "1")
+        var seen = ""
+        for _ in 0..<50 where seen != "s\n1\n" {
+            seen = try via.ok("get", "s", "--consistency", "s")
+            usleep(20_000)
+        }
+        #expect(seen == "s\n1\n")
+    }
+
+    /// Puts `count` keys `prefix0…` through the cluster (etcdctl picks a live member), retrying each
+    /// until it lands.
+    func putMany(_ prefix: String, _ range: Range<Int>, during: ((Int) -> Void)? = nil) throws {
+        for i in range {
+            during?(i)
+            var done = false
+            for _ in 0..<100 where !done {
+                done = try direct.run(["put", "\(prefix)\(i)", "\(i)"]).status == 0
+                if !done { usleep(100_000) }
+            }
+            #expect(done, "put \(prefix)\(i)")
+        }
+    }
+
+    @Test func watchLosesNothingWhileMembersDiePauseAndRestart() throws {
+        let mirror = try LiveMirror(upstream: cluster.endpoints)
+        let via = try Etcdctl(endpoint: mirror.endpoint)
+        let start = try direct.ok("get", "f/", "-w", "json")
+        let startRevision = try #require(Self.headerRevision(start))
+        let watch = try via.background(["watch", "f/", "--prefix", "-w", "json"])
+        usleep(400_000)
+        try putMany("f/", 0..<60) { i in
+            switch i {
+            case 10:
+                // The member the mirror follows (the first it reached) dies.
+                cluster.kill(0)
+            case 20:
+                try? cluster.start(0)
+            case 30:
+                // A member stops answering without closing anything.
+                cluster.pause(1)
+            case 40:
+                cluster.resume(1)
+            case 45:
+                // The whole cluster goes down and comes back.
+                for m in 0..<3 { cluster.kill(m) }
+                for m in 0..<3 { try? cluster.start(m) }
+                try? cluster.waitHealthy()
+            default: break
+            }
+        }
+        // etcd's own history of the prefix is the truth: a put that timed out against the paused
+        // member may still land when it resumes, so the keys alone are not.
+        let truth = try direct.background(["watch", "f/", "--prefix", "--rev", "\(startRevision + 1)", "-w", "json"])
+        #expect(truth.wait(timeout: 30) { Self.jsonRevisions($0).count >= 60 })
+        usleep(500_000)
+        let expected = Self.jsonRevisions(truth.stop())
+        #expect(watch.wait(timeout: 30) { Self.jsonRevisions($0).count >= expected.count })
+        let got = Self.jsonRevisions(watch.stop())
+        #expect(got == expected, "lost, duplicated or reordered")
+        #expect(Set(got).count == got.count && got == got.sorted())
+        #expect(mirror.log.contains("connected to upstream member"))
+        // And the copy holds them all.
+        #expect(try via.ok("get", "f/", "--prefix", "-w", "json").contains("\"count\":60"))
+    }
+
+    @Test func upstreamCompactionPastTheMirrorReloadsIt() throws {
+        // A mirror that can reach only the first member.
+        let mirror = try LiveMirror(upstream: cluster.members[0].endpoint)
+        let via = try Etcdctl(endpoint: mirror.endpoint)
+        _ = try direct.ok("put", "r/kept", "1")
+        _ = try direct.ok("put", "r/gone", "1")
+        let watch = try via.background(["watch", "r/", "--prefix"])
+        usleep(400_000)
+        cluster.kill(0)
+        let others = try Etcdctl(endpoint: "\(cluster.members[1].endpoint),\(cluster.members[2].endpoint)")
+        // The first writes may meet an election (the killed member may have led).
+        func retried(_ args: String...) throws -> String {
+            for _ in 0..<50 {
+                let r = try others.run(args)
+                if r.status == 0 { return r.stdout }
+                usleep(100_000)
+            }
+            return try others.ok(args[0])
+        }
+        _ = try retried("put", "r/new", "2")
+        _ = try retried("del", "r/gone")
+        let rev = try retried("put", "r/kept", "3", "-w", "json")
+        let revision = try #require(Self.headerRevision(rev))
+        _ = try retried("compaction", "\(revision)")
+        try cluster.start(0)
+        // The mirror resumes past its last revision, finds it compacted, loads again.
+        var state = ""
+        for _ in 0..<100 where state != "r/kept\n3\nr/new\n2\n" {
+            state = try via.ok("get", "r/", "--prefix", "--consistency", "s")
+            usleep(100_000)
+        }
+        #expect(state == "r/kept\n3\nr/new\n2\n")
+        #expect(mirror.log.contains("reloaded at upstream revision"))
+        // Its watchers could not be given what happened meanwhile: canceled as etcd cancels them.
+        #expect(watch.wait(timeout: 10) { $0.contains("compacted") })
+        _ = watch.stop()
+    }
+
+    @Test func aClientMovesBetweenTwoMirrors() throws {
+        let first = try LiveMirror(upstream: cluster.endpoints)
+        let viaFirst = try Etcdctl(endpoint: first.endpoint)
+        let w1 = try viaFirst.background(["watch", "m/", "--prefix", "-w", "json"])
+        usleep(400_000)
+        try putMany("m/", 0..<10)
+        #expect(w1.wait { Self.jsonRevisions($0).count >= 10 })
+        let seen = Self.jsonRevisions(w1.stop())
+        let last = try #require(seen.last)
+        try putMany("m/", 10..<20)
+        // A second mirror, started after all that: it holds no history before its load, so the
+        // client's resume from its last revision is replayed from upstream, then joins the live stream.
+        let second = try LiveMirror(upstream: cluster.endpoints)
+        let viaSecond = try Etcdctl(endpoint: second.endpoint)
+        let w2 = try viaSecond.background(["watch", "m/", "--prefix", "--rev", "\(last + 1)", "-w", "json"])
+        #expect(w2.wait { Self.jsonRevisions($0).count >= 10 })
+        try putMany("m/", 20..<25)
+        #expect(w2.wait { Self.jsonRevisions($0).count >= 15 })
+        let resumed = Self.jsonRevisions(w2.stop())
+        let all = seen + resumed
+        #expect(all.count == 25)
+        #expect(all == all.sorted() && Set(all).count == all.count, "\(all)")
+    }
+
+    /// The header revision in etcdctl's JSON output.
+    static func headerRevision(_ json: String) -> Int64? {
+        guard let r = json.range(of: #""revision":\d+"#, options: .regularExpression) else { return nil }
+        return Int64(json[r].dropFirst(11))
+    }
+
+    /// The mod revisions of the events in etcdctl's JSON watch output.
+    static func jsonRevisions(_ out: String) -> [Int64] {
+        var revs: [Int64] = []
+        var rest = Substring(out)
+        while let r = rest.range(of: #""mod_revision":"#) {
+            rest = rest[r.upperBound...]
+            if let n = Int64(rest.prefix { $0.isNumber }) { revs.append(n) }
+        }
+        return revs
+    }
+
+    @Test func gatewayHealthAndMetrics() throws {
+        let mirror = try LiveMirror(upstream: cluster.endpoints)
+        let put = try runCommand(
+            "/usr/bin/curl",
+            ["-s", "-X", "POST", "http://\(mirror.endpoint)/v3/kv/put", "-d", #"{"key":"Zw==","value":"MQ=="}"#])
+        #expect(put.stdout.contains("\"revision\""), "\(put.output)")
+        #expect(try direct.ok("get", "g") == "g\n1\n")
+        let health = try runCommand("/usr/bin/curl", ["-s", "http://\(mirror.endpoint)/health"])
+        #expect(health.stdout == #"{"health":"true"}"#)
+        let metrics = try runCommand("/usr/bin/curl", ["-s", "http://\(mirror.endpoint)/metrics"]).stdout
+        for name in ["vigil_mirror_lag_revisions", "vigil_mirror_reconnects_total", "vigil_mirror_reloads_total"] {
+            #expect(metrics.contains(name), "\(name)")
+        }
+        // Upstream gone: /health says so.
+        for m in 0..<3 { cluster.kill(m) }
+        var unhealthy = false
+        for _ in 0..<50 where !unhealthy {
+            unhealthy = try runCommand("/usr/bin/curl", ["-s", "http://\(mirror.endpoint)/health"]).stdout
+                .hasPrefix(#"{"health":"false"}"#)
+            usleep(200_000)
+        }
+        #expect(unhealthy)
+    }
+}
