@@ -146,6 +146,7 @@ struct WatchBench: Workload {
         let writer = connections[0]
         let value = Data(repeating: UInt8(ascii: "v"), count: bench.valSize)
         var next = 0, errors = 0, inFlight = false
+        var retry: LoopTimer?
         let start = now()
         let interval = bench.rate > 0 ? UInt64(1e9 / bench.rate) : 0
         func issue() {
@@ -157,8 +158,19 @@ struct WatchBench: Workload {
             sentAt(next, now())
             next += 1
             inFlight = true
+            send(p)
+        }
+        // With --retry-puts a failed put is sent again (50 ms later) until it lands; its send
+        // time stays the first one, so its latency spans the outage.
+        func send(_ p: Etcdserverpb_PutRequest) {
             writer.unary(EtcdMethod.put.path, p) { (r: Result<Etcdserverpb_PutResponse, GRPCStatus>) in
-                if case .failure = r { errors += 1 }
+                if case .failure = r {
+                    errors += 1
+                    if bench.retryPuts {
+                        retry = LoopTimer(loop: loop, timeoutMs: 50) { send(p) }
+                        return
+                    }
+                }
                 inFlight = false
                 issue()
             }

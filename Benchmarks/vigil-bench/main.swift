@@ -51,6 +51,7 @@ struct Bench: ParsableCommand {
     @Option(help: "watch: puts per second (0 = one put in flight, as fast as it goes).") var rate = 0.0
     @Option(help: "watch: extra streams on their own connection that stop reading.") var slowStreams = 0
     @Option(help: "The server's pid, to read its memory and CPU from /proc.") var serverPid: Int32?
+    @Flag(help: "watch: send a failed put again until it lands (a leader killed under load).") var retryPuts = false
     @Flag(help: "compaction: stop after the writes (and the memory reading).") var writeOnly = false
     @Flag(help: "range: write every key twice and read each at its first write's revision.") var historic = false
     @Option(help: "TLS: the CA file the server's certificate chains to (connects over TLS).") var cacert: String?
