@@ -129,6 +129,8 @@ let package = Package(
         .executableTarget(
             name: "EmbeddedExample", dependencies: ["VigilServer"], path: "Examples/embedded", exclude: ["README.md"]),
         .executableTarget(
+            name: "SidecarExample", dependencies: ["VigilServer"], path: "Examples/sidecar", exclude: ["README.md"]),
+        .executableTarget(
             name: "ConfigPushExample",
             dependencies: [
                 "VigilServer", "VigilClient", "EventLoop", "GRPC", "EtcdProto", "VigilCore",

@@ -395,11 +395,46 @@ public final class Mirror {
                 askProgress()
             }
         }
+        probes += 1
+        if probes % Self.compactionCheckProbes == 0 { followCompaction() }
         if waiters.contains(where: { $0.deadline <= now }) {
             let late = waiters.filter { $0.deadline <= now }
             waiters.removeAll { $0.deadline <= now }
             for w in late { w.body(false) }
         }
+    }
+
+    private var probes = 0
+    /// Upstream's compaction is looked for every this many probes (a minute by default).
+    static let compactionCheckProbes = 60
+
+    /// Compacts the copy where upstream compacted (its history is gone there: the copy need not
+    /// keep it). etcd 3.4 reports its compact revision to a watch that starts before it: one such
+    /// watch on an empty range, canceled at once.
+    private func followCompaction() {
+        guard loaded, let c = upstream.connection, !c.isClosed else { return }
+        var call: ClientCall?
+        call = c.open(
+            EtcdMethod.watch.path,
+            onMessage: { [weak self] bytes in
+                guard let self, let resp = try? Etcdserverpb_WatchResponse(serializedBytes: bytes) else { return }
+                if resp.canceled || !resp.created || resp.compactRevision > 0 { call?.cancel() }
+                let c = resp.compactRevision
+                if c > store.compactRevision && c <= store.currentRevision {
+                    log("following upstream's compaction at revision \(c)")
+                    try? store.compact(c)
+                }
+            }, onClose: { _ in call = nil })
+        var create = Etcdserverpb_WatchCreateRequest()
+        create.key = Data([0])
+        create.rangeEnd = Data([0, 0])
+        create.startRevision = 1
+        var req = Etcdserverpb_WatchRequest()
+        req.createRequest = create
+        call?.send(req)
+        // Not compacted: created, then history from 1 (none on this range): cancel after a moment.
+        let pending = call
+        _ = LoopTimer(loop: loop, timeoutMs: 2_000) { pending?.cancel() }
     }
 
     // MARK: For the routing

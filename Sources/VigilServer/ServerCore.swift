@@ -30,6 +30,8 @@ final class VigilServerCore {
     let commits: CommitCoordinator
     let maintenance: BackendMaintenance
     let services: EtcdServices
+    /// In-process watches (`VigilServer.watch`), held here (the store holds observers weakly).
+    var localWatches: [ObjectIdentifier: LocalWatch] = [:]
     /// Mirror mode's copy of the upstream cluster (nil for a standalone server).
     let mirror: Mirror?
     var limits: Limits { config.limits }

@@ -3,6 +3,8 @@ import EtcdProto
 import EventLoop
 import Foundation
 import Logging
+import MVCC
+import SwiftProtobuf
 import VigilCore
 
 /// A Vigil server: an etcd v3–compatible key-value store on one libuv loop.
@@ -184,29 +186,113 @@ public final class VigilServer: @unchecked Sendable {
         return try result.value.get()
     }
 
-    /// Writes `key` from inside the process (for embedding programs); waits until it is durable.
-    /// Returns the revision of the write.
+    /// Writes `key` from inside the process (for embedding programs); waits until it is durable
+    /// (in mirror mode: until upstream has it and the mirror applied it). Returns the revision of
+    /// the write.
     public func put(_ key: [UInt8], _ value: [UInt8]) throws -> Int64 {
         var req = Etcdserverpb_PutRequest()
         req.key = Data(key)
         req.value = Data(value)
-        return try onLoop { core, answer in
-            do throws(EtcdError) {
-                let (resp, rev) = try core.services.kv.put(req)
-                core.commits.whenDurable(rev) { answer(.success(resp.header.revision)) }
-            } catch {
-                answer(.failure(error))
-            }
-        }
+        let resp: Etcdserverpb_PutResponse = try call(.put, req)
+        return resp.header.revision
     }
 
-    /// Reads `key` at the latest durable revision (for embedding programs).
+    /// Reads `key`, linearizably (for embedding programs).
     public func get(_ key: [UInt8]) throws -> [UInt8]? {
         var req = Etcdserverpb_RangeRequest()
         req.key = Data(key)
-        return try onLoop { core, answer in
-            answer(
-                Result { () throws(EtcdError) in try core.services.kv.range(req).kvs.first.map { [UInt8]($0.value) } })
+        let resp: Etcdserverpb_RangeResponse = try call(.range, req)
+        return resp.kvs.first.map { [UInt8]($0.value) }
+    }
+
+    /// Runs a unary method as a client's request would run (a mirror forwards writes).
+    private func call<Req: SwiftProtobuf.Message, Resp: SwiftProtobuf.Message>(
+        _ method: EtcdMethod, _ req: Req
+    ) throws -> Resp {
+        try onLoop { core, answer in
+            guard let m = core.services.unary(method) else { return answer(.failure(.internal("no \(method)"))) }
+            m.serve(
+                req, RequestInfo(token: nil, size: (try? req.serializedBytes() as [UInt8])?.count ?? 0),
+                AnswerSink { result in
+                    answer(result.flatMap { ($0 as? Resp).map { .success($0) } ?? .failure(.internal("bad answer")) })
+                })
         }
+    }
+
+    /// Calls `handler` with every change to a key under `prefix` (empty: every key) once it is
+    /// durable, in revision order, on the server's loop thread (keep it short). Returns a handle
+    /// whose `cancel()` stops it. In mirror mode these are upstream's changes, at its revisions.
+    public func watch(
+        prefix: [UInt8], _ handler: @escaping @Sendable (WatchEvent) -> Void
+    ) throws -> LocalWatchHandle {
+        let id: ObjectIdentifier = try onLoop { core, answer in
+            let w = LocalWatch(prefix: prefix, handler: handler)
+            core.store.addObserver(w)
+            core.localWatches[ObjectIdentifier(w)] = w
+            answer(.success(ObjectIdentifier(w)))
+        }
+        return LocalWatchHandle { [weak self] in
+            self?.submit { [weak self] in
+                guard let core = self?.core?.value, let w = core.localWatches.removeValue(forKey: id) else { return }
+                core.store.removeObserver(w)
+            }
+        }
+    }
+}
+
+/// A unary method's answer, handed to a closure.
+private final class AnswerSink: ReplySink {
+    let done: (Result<any SwiftProtobuf.Message, EtcdError>) -> Void
+    init(_ done: @escaping (Result<any SwiftProtobuf.Message, EtcdError>) -> Void) { self.done = done }
+    func ok(_ response: any SwiftProtobuf.Message) { done(.success(response)) }
+    func fail(_ error: EtcdError) { done(.failure(error)) }
+}
+
+/// A change seen by an in-process watch.
+public struct WatchEvent: Sendable {
+    public enum Kind: Sendable { case put, delete }
+    public var kind: Kind
+    public var key: [UInt8]
+    /// The new value (empty for a delete).
+    public var value: [UInt8]
+    /// The revision of the change.
+    public var revision: Int64
+    /// The key's version after it (0 after a delete).
+    public var version: Int64
+}
+
+/// Stops an in-process watch.
+public final class LocalWatchHandle: Sendable {
+    private let stop: @Sendable () -> Void
+    init(_ stop: @escaping @Sendable () -> Void) { self.stop = stop }
+    public func cancel() { stop() }
+}
+
+/// An in-process watcher: the store's changes under a prefix, held until durable.
+final class LocalWatch: StoreObserver {
+    private let prefix: [UInt8]
+    private let handler: (WatchEvent) -> Void
+    private var pending: [WatchEvent] = []
+
+    init(prefix: [UInt8], handler: @escaping (WatchEvent) -> Void) {
+        self.prefix = prefix
+        self.handler = handler
+    }
+
+    func store(_ store: KVStore, wrote events: [Event], at revision: Int64) {
+        for e in events where e.kv.key.starts(with: prefix) {
+            pending.append(
+                WatchEvent(
+                    kind: e.kind == .put ? .put : .delete, key: e.kv.key, value: e.kv.value, revision: revision,
+                    version: e.kv.version))
+        }
+    }
+
+    func store(_ store: KVStore, committedThrough revision: Int64) {
+        guard !pending.isEmpty else { return }
+        let n = pending.firstIndex { $0.revision > revision } ?? pending.count
+        let ready = pending[..<n]
+        pending.removeFirst(n)
+        for e in ready { handler(e) }
     }
 }

@@ -246,4 +246,34 @@ import VigilTesting
         }
         #expect(unhealthy)
     }
+
+    @Test func sidecarExampleReactsToChanges() throws {
+        _ = try direct.ok("put", "config/greeting", "hello")
+        _ = try direct.ok("put", "elsewhere", "not mirrored")
+        let dir = URL(fileURLWithPath: try vigilBinary()).deletingLastPathComponent()
+        let sidecar = try BackgroundCommand(
+            dir.appendingPathComponent("SidecarExample").path,
+            ["--endpoints", cluster.endpoints, "--prefix", "config/", "--seconds", "20"])
+        #expect(sidecar.wait(timeout: 30) { $0.contains("config/greeting is hello") })
+        _ = try direct.ok("put", "config/a", "1")
+        _ = try direct.ok("put", "other/b", "2")
+        _ = try direct.ok("del", "config/greeting")
+        #expect(sidecar.wait(timeout: 10) { $0.contains("DELETE config/greeting") })
+        let out = sidecar.stop()
+        #expect(out.contains("PUT config/a = 1"))
+        #expect(!out.contains("other/b") && !out.contains("elsewhere"))
+    }
+
+    @Test func mirrorsShareOneAddressWithReusePort() throws {
+        let port = freePort()
+        let one = try LiveMirror(upstream: cluster.endpoints, port: port, args: ["--reuse-port"])
+        let two = try LiveMirror(upstream: cluster.endpoints, port: port, args: ["--reuse-port"])
+        let via = try Etcdctl(endpoint: "127.0.0.1:\(port)")
+        _ = try direct.ok("put", "shared", "1")
+        for _ in 0..<10 { #expect(try via.ok("get", "shared") == "shared\n1\n") }
+        // Either can go: the other still serves the address.
+        one.stop()
+        #expect(try via.ok("get", "shared") == "shared\n1\n")
+        _ = two
+    }
 }
