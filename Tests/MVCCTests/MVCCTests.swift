@@ -281,3 +281,54 @@ private final class Recorder: StoreObserver {
         #expect(whole.value == ref ^ 0xFFFF_FFFF)
     }
 }
+
+/// A mirror's writes: at the revisions of the store it copies, gaps and all.
+@Suite struct MirroredWrites {
+    @Test func loadKeepsUpstreamRevisionsAndWritesGoOnAtTheirs() throws {
+        let s = KVStore()
+        s.loadMirrored(
+            [
+                KeyValue(key: b("a"), createRevision: 3, modRevision: 7, version: 2, value: b("1"), lease: 0),
+                KeyValue(key: b("b"), createRevision: 9, modRevision: 9, version: 1, value: b("2"), lease: 5),
+            ], deleted: [], at: 12)
+        try s.compact(12)
+        s.markCommitted(12)
+        #expect(s.currentRevision == 12)
+        let a = try #require(try s.range(b("a"), []).kvs.first)
+        #expect(a.createRevision == 3 && a.modRevision == 7 && a.version == 2)
+        #expect(try s.range(b("b"), []).kvs.first?.lease == 5)
+        #expect(throws: MVCCError.compacted) { try s.range(b("a"), [], revision: 11) }
+        // The next upstream change is at 20: the store's revision jumps there.
+        let t = s.beginWrite(at: 20)
+        t.put(mirrored: KeyValue(key: b("a"), createRevision: 3, modRevision: 20, version: 3, value: b("x"), lease: 0))
+        t.deleteRange(b("b"), [])
+        #expect(t.end().map(\.kv.modRevision) == [20, 20])
+        s.markCommitted(20)
+        #expect(try s.range(b("a"), []).kvs.first?.version == 3)
+        #expect(try s.range(b("b"), []).kvs.isEmpty)
+        #expect(try s.range(b("b"), [], revision: 19).kvs.count == 1)
+        // Progress without a change of its own.
+        s.advance(to: 25)
+        #expect(s.currentRevision == 25)
+        #expect(s.takeBatch()?.revision == 25)
+    }
+
+    @Test func reloadAppliesTheDifferenceOnly() throws {
+        let s = KVStore()
+        s.loadMirrored(
+            [
+                KeyValue(key: b("kept"), createRevision: 2, modRevision: 2, version: 1, value: b("1"), lease: 0),
+                KeyValue(key: b("gone"), createRevision: 3, modRevision: 3, version: 1, value: b("1"), lease: 0),
+            ], deleted: [], at: 4)
+        // Reloaded at 10: "kept" changed at 8, "new" made at 9, "gone" deleted somewhere before 10.
+        s.loadMirrored(
+            [
+                KeyValue(key: b("kept"), createRevision: 2, modRevision: 8, version: 2, value: b("2"), lease: 0),
+                KeyValue(key: b("new"), createRevision: 9, modRevision: 9, version: 1, value: b("n"), lease: 0),
+            ], deleted: [b("gone")], at: 10)
+        s.markCommitted(10)
+        #expect(try s.range(b("a"), b("z")).kvs.map { String(decoding: $0.value, as: UTF8.self) } == ["2", "n"])
+        #expect(s.liveModRevisions().count == 2)
+        #expect(s.currentRevision == 10)
+    }
+}

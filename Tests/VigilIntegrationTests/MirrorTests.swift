@@ -1,5 +1,8 @@
+import EtcdProto
 import Foundation
+import GRPC
 import Testing
+import VigilCore
 import VigilTesting
 
 /// Mirror mode (`vigil grpc-proxy start`) in front of a real 3-member etcd 3.4 cluster on
@@ -65,6 +68,29 @@ import VigilTesting
         #expect(try direct.ok("lease", "timetolive", id, "--keys").contains("leased"))
         _ = try via.ok("lease", "revoke", id)
         #expect(try via.ok("get", "leased") == "")
+        // A nested txn (it makes etcd's own grpc-proxy panic) answers as etcd answers it.
+        var inner = Etcdserverpb_TxnRequest()
+        var nestedPut = Etcdserverpb_PutRequest()
+        nestedPut.key = Data("nested".utf8)
+        nestedPut.value = Data("1".utf8)
+        var op = Etcdserverpb_RequestOp()
+        op.requestPut = nestedPut
+        inner.success = [op]
+        var outer = Etcdserverpb_TxnRequest()
+        var nested = Etcdserverpb_RequestOp()
+        nested.requestTxn = inner
+        outer.success = [nested]
+        let viaClient = try BlockingClient(port: mirror.port)
+        let answer = try viaClient.call(EtcdMethod.txn.path, outer, as: Etcdserverpb_TxnResponse.self).get()
+        #expect(answer.succeeded && answer.responses.count == 1)
+        #expect(try direct.ok("get", "nested") == "nested\n1\n")
+        // Too many ops: etcd's InvalidArgument, not grpc-proxy's Unknown.
+        var big = Etcdserverpb_TxnRequest()
+        big.success = Array(repeating: op, count: 129)
+        let refused = viaClient.call(EtcdMethod.txn.path, big, as: Etcdserverpb_TxnResponse.self)
+        #expect(throws: GRPCStatus(.invalidArgument, "etcdserver: too many operations in txn request")) {
+            try refused.get()
+        }
         // Other services go upstream: the members are listed as etcd lists them.
         #expect(try via.ok("member", "list").split(separator: "\n").count == 3)
     }

@@ -459,3 +459,47 @@ func texts(_ s: TestSink) -> [String] { s.messages.map { String(decoding: $0, as
         #expect(groups.arenaCompactions > 0)
     }
 }
+
+/// Watchers a mirror holds while older history comes from upstream, and revision gaps.
+@Suite struct HeldWatcherTests {
+    @Test func heldWatcherGetsOlderHistoryThenTheStoresWithoutGapOrRepeat() {
+        let h = Harness()
+        h.put("k", "1")  // 2
+        h.put("k", "2")  // 3
+        let sink = TestSink()
+        let s = h.hub.openStream(sink)
+        var w = WatchCreate(key: b("k"))
+        w.startRevision = 3  // the store's part starts at 3; older history comes from elsewhere
+        let id = h.hub.create(s, w, held: true)!
+        h.hub.catchUp()
+        h.put("k", "3")  // 4: not delivered while held
+        #expect(texts(sink) == ["3|0|C|"])
+        let older = Event(
+            kind: .put,
+            kv: KeyValue(key: b("k"), createRevision: 1, modRevision: 1, version: 1, value: b("0"), lease: 0),
+            prevKV: nil)
+        h.hub.sendHistory(s, watchID: id, [older], headerRevision: 2)
+        h.hub.release(s, watchID: id)
+        h.hub.catchUp()
+        h.put("k", "4")  // 5: live
+        #expect(texts(sink) == ["3|0|C|", "2|0||P:k=0@1", "4|0||P:k=2@3,P:k=3@4", "5|0||P:k=4@5"])
+    }
+
+    @Test func revisionGapsAndCancelAll() {
+        let h = Harness()
+        let sink = TestSink()
+        let s = h.hub.openStream(sink)
+        h.hub.create(s, WatchCreate(key: b("k")))
+        // A mirror's revisions skip what it does not copy.
+        let t = h.store.beginWrite(at: 1_000_000)
+        t.put(b("k"), value: b("v"), lease: 0)
+        t.end()
+        h.store.markCommitted(1_000_000)
+        h.store.advance(to: 2_000_000)
+        h.store.markCommitted(2_000_000)
+        h.hub.cancelAll(compactRevision: 2_000_000)
+        h.put("k", "after")
+        #expect(texts(sink) == ["1|0|C|", "1000000|0||P:k=v@1000000", "0|0|XK2000000|"])
+        #expect(h.hub.watcherCount == 0)
+    }
+}
