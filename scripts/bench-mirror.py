@@ -22,36 +22,17 @@ are read from the proxy's process (CPU from /proc/<pid>/stat, memory from VmRSS)
 
 Needs: Debian's etcd-server (etcd and its grpc-proxy), a release build of vigil and vigil-bench.
 """
-import argparse, json, os, shutil, signal, socket, statistics, subprocess, sys, tempfile, threading, time
+import argparse, importlib.util, json, os, shutil, subprocess, sys, tempfile, threading, time
 import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port, proc, timeout=30):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"process exited early ({proc.args[0]})")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"port {port} not listening")
-
-
-def cpu_seconds(pid):
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+# The helpers bench-vs-etcd.py already has: ports, /proc readings, stopping a server.
+_spec = importlib.util.spec_from_file_location("bench_vs_etcd", os.path.join(ROOT, "scripts", "bench-vs-etcd.py"))
+bench_vs_etcd = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench_vs_etcd)
+free_port, wait_port, cpu_seconds = bench_vs_etcd.free_port, bench_vs_etcd.wait_port, bench_vs_etcd.cpu_seconds
 
 
 def rss_kib(pid):
@@ -144,15 +125,7 @@ class Proxy:
         wait_port(self.port, self.proc)
         time.sleep(0.5)
 
-    def stop(self):
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-        self.log.close()
-        shutil.rmtree(self.dir, ignore_errors=True)
-        os.unlink(self.dir + ".log")
+    stop = bench_vs_etcd.Server.stop
 
 
 LOADS = {

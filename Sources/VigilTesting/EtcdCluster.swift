@@ -144,22 +144,7 @@ public final class LiveMirror: @unchecked Sendable {
     }
 
     public func start() throws {
-        let log = open(logPath, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0o644)
-        let null = devNull()
-        defer {
-            close(log)
-            close(null)
-        }
-        let p = try ChildProcess(
-            try vigilBinary(), args, environment: environment(with: [:]), stdin: null, stdout: log, stderr: log)
-        process = p
-        let deadline = Date().addingTimeInterval(30)
-        while Date() < deadline {
-            if !p.isRunning { throw ProcessFailure(description: "vigil mirror exited early:\n" + self.log) }
-            if self.log.contains("ready to serve client requests") { return }
-            usleep(20_000)
-        }
-        throw ProcessFailure(description: "vigil mirror not ready after 30s:\n" + self.log)
+        process = try startLogging(try vigilBinary(), args, logPath: logPath, truncate: false, what: "vigil mirror")
     }
 
     public var log: String { (try? String(contentsOfFile: logPath, encoding: .utf8)) ?? "" }

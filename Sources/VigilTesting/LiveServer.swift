@@ -117,29 +117,12 @@ public final class LiveServer: @unchecked Sendable {
 
     /// (Re)starts the process on the same port and data directory.
     public func start() throws {
-        let log = open(logPath, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
-        let null = devNull()
-        defer {
-            close(log)
-            close(null)
-        }
-        guard log >= 0 else { throw ProcessFailure(description: "cannot open \(logPath)") }
-        let p = try ChildProcess(
+        process = try startLogging(
             try vigilBinary(),
             [
                 "--data-dir", dataDir, "--listen-client-urls", ([url] + alsoListen).joined(separator: ","),
                 "--log-level", "info",
-            ]
-                + extraArgs,
-            environment: environment(with: [:]), stdin: null, stdout: log, stderr: log)
-        process = p
-        let deadline = Date().addingTimeInterval(30)
-        while Date() < deadline {
-            if !p.isRunning { throw ProcessFailure(description: "vigil exited early:\n" + self.log) }
-            if self.log.contains("ready to serve client requests") { return }
-            usleep(20_000)
-        }
-        throw ProcessFailure(description: "vigil not ready after 30s:\n" + self.log)
+            ] + extraArgs, logPath: logPath, truncate: true, what: "vigil")
     }
 
     /// Everything the server logged.
@@ -170,6 +153,35 @@ public final class LiveServer: @unchecked Sendable {
         try? FileManager.default.removeItem(atPath: dataDir)
         try? FileManager.default.removeItem(atPath: logPath)
     }
+}
+
+/// Starts `executable` with its output in `logPath` (emptied first, or appended to) and waits (30 s
+/// at most) until it logs that it is ready to serve.
+func startLogging(
+    _ executable: String, _ args: [String], logPath: String, truncate: Bool, what: String
+) throws -> ChildProcess {
+    let log = open(logPath, O_WRONLY | O_CREAT | (truncate ? O_TRUNC : O_APPEND) | O_CLOEXEC, 0o644)
+    let null = devNull()
+    defer {
+        close(log)
+        close(null)
+    }
+    guard log >= 0 else { throw ProcessFailure(description: "cannot open \(logPath)") }
+    // Only what this start logs counts (the file keeps earlier runs' lines).
+    let skip = lseek(log, 0, SEEK_END)
+    let p = try ChildProcess(
+        executable, args, environment: environment(with: [:]), stdin: null, stdout: log, stderr: log)
+    let text = {
+        let all = (try? Data(contentsOf: URL(fileURLWithPath: logPath))) ?? Data()
+        return String(decoding: all.dropFirst(Int(max(0, skip))), as: UTF8.self)
+    }
+    let deadline = Date().addingTimeInterval(30)
+    while Date() < deadline {
+        if !p.isRunning { throw ProcessFailure(description: "\(what) exited early:\n" + text()) }
+        if text().contains("ready to serve client requests") { return p }
+        usleep(20_000)
+    }
+    throw ProcessFailure(description: "\(what) not ready after 30s:\n" + text())
 }
 
 /// Runs the real `etcdctl` (v3 API) against a server.
