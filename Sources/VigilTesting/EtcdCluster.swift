@@ -16,6 +16,11 @@ public final class EtcdCluster: @unchecked Sendable {
 
     public let members: [Member]
     public let dir: String
+    /// The test certificates' directory when the members serve clients over TLS (client
+    /// certificates required).
+    public let tlsDir: String?
+    /// etcdctl's flags for the members (the CA and a client certificate with TLS).
+    public var clientFlags: [String] { tlsDir.map { TestCertificates.clientFlags($0) } ?? [] }
     private var processes: [ChildProcess?]
     private let binary: String
 
@@ -23,11 +28,12 @@ public final class EtcdCluster: @unchecked Sendable {
     public var endpoints: String { members.map(\.endpoint).joined(separator: ",") }
 
     /// Starts the members and waits until the cluster answers a linearizable read.
-    public init(size: Int = 3) throws {
+    public init(size: Int = 3, tls: Bool = false) throws {
         guard let etcd = which("etcd") else {
             throw ProcessFailure(description: "etcd is installed by scripts/install-deps.sh --test")
         }
         binary = etcd
+        tlsDir = tls ? try TestCertificates.directory() : nil
         dir = NSTemporaryDirectory() + "vigil-etcd-cluster-\(UUID().uuidString)"
         try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
         members = (1...size).map { Member(name: "m\($0)", clientPort: freePort(), peerPort: freePort()) }
@@ -39,6 +45,7 @@ public final class EtcdCluster: @unchecked Sendable {
     /// Starts member `i` (again, on its data directory, after a kill or stop).
     public func start(_ i: Int, fresh: Bool = false) throws {
         let m = members[i]
+        let scheme = tlsDir == nil ? "http" : "https"
         let initial = members.map { "\($0.name)=http://127.0.0.1:\($0.peerPort)" }.joined(separator: ",")
         let log = open("\(dir)/\(m.name).log", O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0o644)
         let null = devNull()
@@ -50,14 +57,14 @@ public final class EtcdCluster: @unchecked Sendable {
             binary,
             [
                 "--name", m.name, "--data-dir", "\(dir)/\(m.name)",
-                "--listen-client-urls", "http://127.0.0.1:\(m.clientPort)",
-                "--advertise-client-urls", "http://127.0.0.1:\(m.clientPort)",
+                "--listen-client-urls", "\(scheme)://127.0.0.1:\(m.clientPort)",
+                "--advertise-client-urls", "\(scheme)://127.0.0.1:\(m.clientPort)",
                 "--listen-peer-urls", "http://127.0.0.1:\(m.peerPort)",
                 "--initial-advertise-peer-urls", "http://127.0.0.1:\(m.peerPort)",
                 "--initial-cluster", initial, "--initial-cluster-token", "vigil-test",
                 "--initial-cluster-state", fresh ? "new" : "existing",
                 "--heartbeat-interval", "50", "--election-timeout", "500", "--unsafe-no-fsync",
-            ],
+            ] + (tlsDir.map { TestCertificates.serverFlags($0) } ?? []),
             environment: environment(with: ["ETCD_UNSUPPORTED_ARCH": ""]), stdin: null, stdout: log, stderr: log)
     }
 
@@ -76,7 +83,7 @@ public final class EtcdCluster: @unchecked Sendable {
     public func leader() throws -> Int? {
         let r = try runCommand(
             which("etcdctl") ?? "/usr/bin/etcdctl",
-            ["--endpoints", endpoints, "endpoint", "status", "-w", "json", "--command-timeout", "2s"],
+            ["--endpoints", endpoints, "endpoint", "status", "-w", "json", "--command-timeout", "2s"] + clientFlags,
             environment: ["ETCDCTL_API": "3"])
         for (i, m) in members.enumerated() {
             // Each status line names its endpoint, then the leader's id; the member whose own id is the leader's.
@@ -100,7 +107,7 @@ public final class EtcdCluster: @unchecked Sendable {
         while Date() < deadline {
             let r = try runCommand(
                 which("etcdctl") ?? "/usr/bin/etcdctl",
-                ["--endpoints", endpoints, "get", "health-probe", "--command-timeout", "1s"],
+                ["--endpoints", endpoints, "get", "health-probe", "--command-timeout", "1s"] + clientFlags,
                 environment: ["ETCDCTL_API": "3"])
             if r.status == 0 { return }
             usleep(100_000)

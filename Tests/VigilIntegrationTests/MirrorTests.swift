@@ -302,4 +302,26 @@ import VigilTesting
         #expect(try via.ok("get", "shared") == "shared\n1\n")
         _ = two
     }
+
+    @Test func followsAClusterOverTLS() throws {
+        let secure = try EtcdCluster(tls: true)
+        let dir = try #require(secure.tlsDir)
+        let member = try Etcdctl(endpoint: secure.endpoints, flags: secure.clientFlags)
+        _ = try member.ok("put", "tls/a", "1")
+        // The mirror dials the members over TLS with a client certificate; its own clients use
+        // plaintext on loopback.
+        let mirror = try LiveMirror(
+            upstream: secure.endpoints,
+            args: [
+                "--cacert", dir + "/ca.pem", "--cert", dir + "/client-root.pem", "--key", dir + "/client-root-key.pem",
+            ])
+        let via = try Etcdctl(endpoint: mirror.endpoint)
+        #expect(try via.ok("get", "tls/a") == "tls/a\n1\n")
+        let watch = try via.background(["watch", "tls/", "--prefix"])
+        usleep(400_000)
+        _ = try via.ok("put", "tls/b", "2")
+        _ = try member.ok("put", "tls/c", "3")
+        #expect(watch.wait { $0.contains("tls/c\n3") })
+        #expect(watch.stop() == "PUT\ntls/b\n2\nPUT\ntls/c\n3\n")
+    }
 }
