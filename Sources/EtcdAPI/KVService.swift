@@ -135,13 +135,13 @@ public final class KVService {
 
     // MARK: Put / DeleteRange
 
-    func validatePut(_ r: PutRequest) throws(EtcdError) {
+    public func validatePut(_ r: PutRequest) throws(EtcdError) {
         guard !r.key.isEmpty else { throw .emptyKey }
         if r.ignoreValue && !r.value.isEmpty { throw .valueProvided }
         if r.ignoreLease && r.lease != 0 { throw .leaseProvided }
     }
 
-    func validateDelete(_ r: DeleteRangeRequest) throws(EtcdError) {
+    public func validateDelete(_ r: DeleteRangeRequest) throws(EtcdError) {
         guard !r.key.isEmpty else { throw .emptyKey }
     }
 
@@ -235,7 +235,7 @@ public final class KVService {
 
     /// The checks etcd's API layer makes before anything else (auth included): op counts, empty
     /// keys, unset ops, put flags, duplicate keys.
-    func validate(txn r: TxnRequest) throws(EtcdError) {
+    public func validate(txn r: TxnRequest) throws(EtcdError) {
         try validateTxn(r, budget: ctx.limits.maxTxnOps)
         _ = try checkIntervals(r.success)
         _ = try checkIntervals(r.failure)

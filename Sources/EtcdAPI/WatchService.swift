@@ -116,9 +116,12 @@ public final class WatchService {
     public let hub: WatchHub
     let store: KVStore
     let auth: AuthStore
-    /// A check of each new watcher: a reason to refuse it, or nil (a mirror refuses ranges it
-    /// does not copy).
-    public var admission: ((WatchCreate) -> String?)?
+    /// Whether the store holds a new watcher's range (nil: every range). A mirror of one prefix
+    /// does not hold the others: such a watcher is fed entirely by `olderHistory`, with `through`
+    /// `Int64.max`.
+    public var holds: ((WatchCreate) -> Bool)?
+    /// A reason to refuse a new watcher, or nil (a mirror of a cluster with auth on refuses them).
+    public var refusal: ((WatchCreate) -> String?)?
     /// Where history older than the store holds comes from (a mirror asks upstream), nil: none
     /// (such a watcher is canceled as compacted). See `OlderHistory`.
     public var olderHistory: OlderHistory?
@@ -235,10 +238,13 @@ public final class WatchSession {
                     return hub.reject(stream, reason: WatchService.permissionDeniedReason, watchID: c.watchID)
                 }
             }
-            if let admit = service.admission, let reason = admit(w) {
+            if let refuse = service.refusal, let reason = refuse(w) {
                 return hub.reject(stream, reason: reason, watchID: c.watchID)
             }
             let store = service.store
+            if let older = service.olderHistory, let holds = service.holds, !holds(w) {
+                return replay(w, older, through: .max, caller: caller)
+            }
             if let older = service.olderHistory, w.startRevision > 0, w.startRevision < store.compactRevision {
                 return replay(w, older, through: store.compactRevision, caller: caller)
             }
@@ -265,7 +271,7 @@ public final class WatchSession {
     private func replay(_ w: WatchCreate, _ older: OlderHistory, through: Int64, caller: Caller?) {
         let hub = service.hub
         var held = w
-        held.startRevision = through + 1
+        held.startRevision = through == .max ? service.store.currentRevision + 1 : through + 1
         guard let id = hub.create(stream, held, held: true) else { return }
         if let caller, !caller.isRoot {
             owned[id] = (caller.name, w.key, w.rangeEnd)

@@ -15,8 +15,11 @@ import WatchHub
 public struct MirrorOptions: Sendable {
     /// The upstream cluster's members.
     public var endpoints: [UpstreamEndpoint]
-    /// Only keys under this prefix are copied (empty: every key).
+    /// Only keys under this prefix are copied (empty: every key). In the clients' key space (under
+    /// `namespace`).
     public var prefix: [UInt8] = []
+    /// etcd's `--namespace`: clients see upstream's keys under it as the whole key space.
+    public var namespace: [UInt8] = []
     /// Keys per page of the loading Range.
     public var pageSize = 1_000
     /// How often the upstream watch is asked for progress (the liveness probe).
@@ -50,9 +53,12 @@ public final class Mirror {
     let store: KVStore
     let services: EtcdServices
     public let upstream: Upstream
-    /// The copied range: `[key, end)`.
+    /// The copied range upstream: `[key, end)`.
     let key: [UInt8]
     let end: [UInt8]
+    /// The end of the copied prefix in the clients' key space.
+    private let localEnd: [UInt8]
+    public let namespace: Namespace
     private var watchCall: ClientCall?
     private var fragments: [Mvccpb_Event] = []
     private var loaded = false
@@ -73,6 +79,10 @@ public final class Mirror {
     /// When the mirror last had applied everything upstream had reported (loop ms).
     private var currentSinceMs: UInt64 = 0
     public private(set) var reloads = 0
+    /// Upstream has auth enabled: the copy, read without a user, must not be served (reads go
+    /// upstream with the caller's token, watches are refused). Found from anonymous calls refused
+    /// for want of a user, from a forwarded AuthEnable, and by an anonymous read every 10 probes.
+    public internal(set) var upstreamAuth = false
     /// Full loads and reloads, and the revision of the last one.
     public private(set) var loadedRevision: Int64 = 0
     /// Whether the mirror follows upstream now (loaded, and its watch open).
@@ -89,12 +99,15 @@ public final class Mirror {
         self.store = store
         self.services = services
         upstream = Upstream(loop: loop, endpoints: options.endpoints, tls: tls)
-        if options.prefix.isEmpty {
+        namespace = Namespace(options.namespace)
+        localEnd = options.prefix.isEmpty ? [] : KeyRange.prefixEnd(options.prefix)
+        let copied = namespace.key(options.prefix)
+        if copied.isEmpty {
             key = [0]
             end = [0]
         } else {
-            key = options.prefix
-            end = KeyRange.prefixEnd(options.prefix)
+            key = copied
+            end = KeyRange.prefixEnd(copied)
         }
     }
 
@@ -159,12 +172,16 @@ public final class Mirror {
                 switch result {
                 case .failure(let status):
                     loading = false
+                    if Self.refusedForAuth(status) {
+                        upstreamAuth = true
+                        log("upstream has auth enabled: a mirror cannot copy it (\(status.message)); retrying")
+                    }
                     // A compacted page: start again at a newer revision; anything else: another member.
                     upstream.drop("loading failed: \(status.message)")
                 case .success(let resp):
                     heard(resp.header)
                     if revision == 0 { revision = resp.header.revision }
-                    for p in resp.kvs { kvs.append(Self.keyValue(p)) }
+                    for p in resp.kvs { kvs.append(local(p)) }
                     if resp.more, let last = resp.kvs.last {
                         page(from: [UInt8](last.key) + [0])
                     } else {
@@ -304,9 +321,9 @@ public final class Mirror {
             while i < events.count && events[i].kv.modRevision == rev {
                 let e = events[i]
                 if e.type == .delete {
-                    txn.deleteRange(e.kv.key.bytes, [])
+                    txn.deleteRange(namespace.strip(e.kv.key.bytes), [])
                 } else {
-                    txn.put(mirrored: Self.keyValue(e.kv))
+                    txn.put(mirrored: local(e.kv))
                 }
                 i += 1
             }
@@ -330,7 +347,8 @@ public final class Mirror {
         var found: Etcdserverpb_ResponseHeader?
         var asking = false
         var r = Etcdserverpb_RangeRequest()
-        r.key = Data(options.prefix.isEmpty ? [0] : options.prefix)
+        let copied = options.namespace + options.prefix
+        r.key = Data(copied.isEmpty ? [0] : copied)
         r.limit = 1
         r.keysOnly = true
         let bytes: [UInt8] = (try? r.serializedBytes()) ?? []
@@ -397,6 +415,7 @@ public final class Mirror {
         }
         probes += 1
         if probes % Self.compactionCheckProbes == 0 { followCompaction() }
+        if probes % 10 == 0 { checkAuth() }
         if waiters.contains(where: { $0.deadline <= now }) {
             let late = waiters.filter { $0.deadline <= now }
             waiters.removeAll { $0.deadline <= now }
@@ -472,6 +491,7 @@ public final class Mirror {
             if !barrierQueue.isEmpty { runBarrier() }
             switch result {
             case .failure(let status):
+                if Self.refusedForAuth(status) { upstreamAuth = true }
                 for b in batch { b(.failure(.relayed(status.code, status.message))) }
             case .success(let resp):
                 let rev = Self.headerRevision(resp)
@@ -479,6 +499,36 @@ public final class Mirror {
                 whenApplied(rev) { ok in
                     for b in batch { b(ok ? .success(rev) : .failure(Self.notApplied(rev))) }
                 }
+            }
+        }
+    }
+
+    /// An anonymous call refused because upstream wants a user.
+    static func refusedForAuth(_ s: GRPCStatus) -> Bool {
+        [EtcdError.userEmpty, .invalidAuthToken, .permissionDenied].contains {
+            $0.message == s.message && $0.grpcCode == s.code
+        }
+    }
+
+    /// An anonymous one-key read: refused for want of a user if upstream's auth is on.
+    private func checkAuth() {
+        guard loaded, upstream.isConnected else { return }
+        var r = Etcdserverpb_RangeRequest()
+        r.key = Data(key)
+        r.limit = 1
+        r.keysOnly = true
+        r.serializable = true
+        let bytes: [UInt8] = (try? r.serializedBytes()) ?? []
+        upstream.unary(EtcdMethod.range.path, bytes) { [weak self] result in
+            guard let self else { return }
+            switch result {
+            case .success:
+                if upstreamAuth { log("upstream auth is off again: serving the copy") }
+                upstreamAuth = false
+            case .failure(let s) where Self.refusedForAuth(s):
+                if !upstreamAuth { log("upstream has auth enabled: reads go upstream, watches are refused") }
+                upstreamAuth = true
+            case .failure: break
             }
         }
     }
@@ -495,14 +545,16 @@ public final class Mirror {
         guard k.count >= p.count, Array(k[0..<p.count]) == p else { return false }
         if e.isEmpty { return true }
         if e == [0] { return false }
-        return compareBytes(e, end) <= 0
+        return compareBytes(e, localEnd) <= 0
     }
 
     // MARK: Helpers
 
-    static func keyValue(_ p: Mvccpb_KeyValue) -> KeyValue {
+    /// An upstream key-value as the clients see it (out of the namespace).
+    func local(_ p: Mvccpb_KeyValue) -> KeyValue {
         KeyValue(
-            key: p.key.bytes, createRevision: p.createRevision, modRevision: p.modRevision, version: p.version,
+            key: namespace.strip(p.key.bytes), createRevision: p.createRevision, modRevision: p.modRevision,
+            version: p.version,
             value: p.value.bytes, lease: p.lease)
     }
 

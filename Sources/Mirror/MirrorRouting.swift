@@ -22,7 +22,7 @@ public enum MirrorRouting {
         services.replace(.range) { [unowned mirror] method, request, info, reply in
             guard let r = request as? Etcdserverpb_RangeRequest else { return reply.fail(.malformedRequest) }
             if r.key.isEmpty { return reply.fail(.emptyKey) }
-            let held = mirror.covers(key: r.key.bytes, end: r.rangeEnd.bytes)
+            let held = mirror.covers(key: r.key.bytes, end: r.rangeEnd.bytes) && !mirror.upstreamAuth
             if !held || (r.revision > 0 && r.revision < store.compactRevision) {
                 return forward(mirror, method, request, info, reply)
             }
@@ -39,18 +39,27 @@ public enum MirrorRouting {
         }
         for m in EtcdMethod.all where m.kind == .unary && m != .range {
             services.replace(m) { [unowned mirror] method, request, info, reply in
+                // Under a namespace an empty key would name the namespace itself upstream: the
+                // request is checked here first, as etcd's namespace client does.
+                if !mirror.namespace.isEmpty {
+                    do throws(EtcdError) {
+                        switch request {
+                        case let r as Etcdserverpb_PutRequest: try kv.validatePut(r)
+                        case let r as Etcdserverpb_DeleteRangeRequest: try kv.validateDelete(r)
+                        case let r as Etcdserverpb_TxnRequest: try kv.validate(txn: r)
+                        default: break
+                        }
+                    } catch { return reply.fail(error) }
+                }
                 forward(mirror, method, request, info, reply)
             }
         }
-        services.watch.admission = { [unowned mirror] w in
-            mirror.covers(key: w.key, end: w.rangeEnd)
-                ? nil : "vigil mirror: this mirror holds only keys under its --mirror-prefix"
+        services.watch.holds = { [unowned mirror] w in mirror.covers(key: w.key, end: w.rangeEnd) }
+        services.watch.refusal = { [unowned mirror] _ in
+            mirror.upstreamAuth ? "vigil mirror: upstream has auth enabled; watch the cluster directly" : nil
         }
         services.watch.olderHistory = { [unowned mirror] watcher, through, send, done in
-            let replay = HistoryReplay(
-                upstream: mirror.upstream, loop: mirror.loop, watcher: watcher, through: through, send: send,
-                done: done)
-            mirror.log("replaying history from \(watcher.startRevision) through \(through) for a new watcher")
+            let replay = HistoryReplay(mirror: mirror, watcher: watcher, through: through, send: send, done: done)
             replay.start()
             return { replay.stop() }
         }
@@ -67,8 +76,9 @@ public enum MirrorRouting {
         _ mirror: Mirror, _ method: UnaryMethod, _ request: any SwiftProtobuf.Message, _ info: RequestInfo,
         _ reply: any ReplySink
     ) {
+        let ns = mirror.namespace
         let bytes: [UInt8]
-        do { bytes = try request.serializedBytes() } catch { return reply.fail(.malformedRequest) }
+        do { bytes = try ns.request(request).serializedBytes() } catch { return reply.fail(.malformedRequest) }
         let metadata: [HeaderField] = info.token.map { [("token", $0)] } ?? []
         mirror.upstream.unary(method.method.path, bytes, metadata: metadata) { [weak mirror] result in
             switch result {
@@ -77,7 +87,7 @@ public enum MirrorRouting {
             case .success(let answer):
                 guard let mirror else { return reply.fail(.stopped) }
                 let response: any SwiftProtobuf.Message
-                do { response = try method.responseType.init(serializedBytes: answer) } catch {
+                do { response = ns.response(try method.responseType.init(serializedBytes: answer)) } catch {
                     return reply.fail(.internal("vigil mirror: undecodable upstream answer: \(error)"))
                 }
                 let revision = Mirror.headerRevision(answer)
@@ -86,6 +96,8 @@ public enum MirrorRouting {
                     if method.method == .compact, let c = request as? Etcdserverpb_CompactionRequest {
                         mirror.compactHere(c.revision)
                     }
+                    if method.method == .authEnable { mirror.upstreamAuth = true }
+                    if method.method == .authDisable { mirror.upstreamAuth = false }
                     reply.ok(response)
                 }
             }
@@ -203,11 +215,14 @@ final class RelayCall: CallHandler {
 
 /// History older than a mirror holds, for one new watcher: a watch of its own upstream from the
 /// watcher's start revision, relayed up to the mirror's first revision (`through`); then the hub
-/// takes over. A lost connection resumes after the last revision relayed; a compacted start is
-/// passed on as upstream gave it.
+/// takes over. With `through` `Int64.max` (a range outside the mirror's prefix) it relays for the
+/// watcher's whole life. A lost connection resumes after the last revision relayed; a compacted
+/// start is passed on as upstream gave it.
 final class HistoryReplay {
-    private let upstream: Upstream
-    private let loop: EventLoop
+    private unowned let mirror: Mirror
+    private var upstream: Upstream { mirror.upstream }
+    private var loop: EventLoop { mirror.loop }
+    private var namespace: Namespace { mirror.namespace }
     private let watcher: WatchCreate
     private let through: Int64
     private let send: ([Event], Int64) -> Void
@@ -219,11 +234,10 @@ final class HistoryReplay {
     private var retryTimer: LoopTimer?
 
     init(
-        upstream: Upstream, loop: EventLoop, watcher: WatchCreate, through: Int64,
+        mirror: Mirror, watcher: WatchCreate, through: Int64,
         send: @escaping ([Event], Int64) -> Void, done: @escaping (Int64?) -> Void
     ) {
-        self.upstream = upstream
-        self.loop = loop
+        self.mirror = mirror
         self.watcher = watcher
         self.through = through
         self.send = send
@@ -275,8 +289,8 @@ final class HistoryReplay {
         call = made
         fragments = []
         var create = Etcdserverpb_WatchCreateRequest()
-        create.key = Data(watcher.key)
-        create.rangeEnd = Data(watcher.rangeEnd)
+        create.key = Data(namespace.key(watcher.key))
+        create.rangeEnd = Data(namespace.end(watcher.rangeEnd))
         create.startRevision = next
         create.prevKv = watcher.prevKV
         create.fragment = true
@@ -288,7 +302,7 @@ final class HistoryReplay {
     private func received(_ resp: Etcdserverpb_WatchResponse) {
         quietTimer?.cancel()
         quietTimer = nil
-        if resp.created { return waitQuiet() }
+        if resp.created { return through == .max ? () : waitQuiet() }
         if resp.canceled {
             if resp.compactRevision > 0 { return finish(resp.compactRevision) }
             call?.cancel()
@@ -309,8 +323,8 @@ final class HistoryReplay {
             }
             older.append(
                 Event(
-                    kind: e.type == .delete ? .delete : .put, kv: Mirror.keyValue(e.kv),
-                    prevKV: e.hasPrevKv ? Mirror.keyValue(e.prevKv) : nil))
+                    kind: e.type == .delete ? .delete : .put, kv: mirror.local(e.kv),
+                    prevKV: e.hasPrevKv ? mirror.local(e.prevKv) : nil))
         }
         if let last = older.last {
             next = last.kv.modRevision + 1
@@ -323,7 +337,7 @@ final class HistoryReplay {
         if passed || (!events.isEmpty && revisions < Self.etcdBatchRevisions && resp.header.revision >= through) {
             return finish(nil)
         }
-        waitQuiet()
+        if through != .max { waitQuiet() }
     }
 
     /// etcd's watchBatchMaxRevs.

@@ -191,6 +191,8 @@ public struct MirrorSettings: Sendable {
     public var endpoints: [String]
     /// Only keys under this prefix are copied (`--mirror-prefix`; empty: all).
     public var prefix = ""
+    /// etcd's `--namespace`: clients see upstream's keys under it as the whole key space.
+    public var namespace = ""
     /// `SO_REUSEPORT` on the listeners, so that several mirror processes share one address.
     public var reusePort = false
     /// Upstream TLS (`--cacert`, `--cert`, `--key`, `--insecure-skip-tls-verify`).

@@ -181,6 +181,7 @@ final class VigilServerCore {
         guard !endpoints.isEmpty else { throw ConfigurationError("--endpoints names no upstream member") }
         var options = MirrorOptions(endpoints: endpoints)
         options.prefix = Array(m.prefix.utf8)
+        options.namespace = Array(m.namespace.utf8)
         var tls: TLSContext?
         if m.useTLS {
             var c = TLSContext.ClientConfig()

@@ -25,7 +25,7 @@ struct GRPCProxyStart: ParsableCommand {
     var metricsAddr: String?
     @Option(name: .customLong("data-dir"), help: "Directory for the copy (rebuilt at each start).")
     var dataDir = "default.proxy"
-    @Option(name: .customLong("namespace"), help: "etcd's key namespace (not supported yet by Vigil: refused).")
+    @Option(name: .customLong("namespace"), help: "Serve the keys under this prefix as the whole key space.")
     var namespace: String?
     @Option(name: .customLong("mirror-prefix"), help: "Copy only keys under this prefix; others are forwarded.")
     var mirrorPrefix = ""
@@ -46,9 +46,6 @@ struct GRPCProxyStart: ParsableCommand {
     var logLevel = "info"
 
     func run() throws {
-        if namespace != nil {
-            throw ValidationError("--namespace is not supported by Vigil's mirror yet: use --mirror-prefix")
-        }
         var c = Configuration()
         c.name = "vigil-mirror"
         c.dataDir = dataDir
@@ -67,6 +64,7 @@ struct GRPCProxyStart: ParsableCommand {
             })
         guard !m.endpoints.isEmpty else { throw ValidationError("--endpoints names no member") }
         m.prefix = mirrorPrefix
+        m.namespace = namespace ?? ""
         m.reusePort = reusePort
         m.caFile = cacert
         m.certFile = cert

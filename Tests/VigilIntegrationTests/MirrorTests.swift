@@ -324,4 +324,97 @@ import VigilTesting
         #expect(watch.wait { $0.contains("tls/c\n3") })
         #expect(watch.stop() == "PUT\ntls/b\n2\nPUT\ntls/c\n3\n")
     }
+
+    @Test func namespaceAnswersAsEtcdsOwnProxyDoes() throws {
+        _ = try direct.ok("put", "ns/a", "1")
+        _ = try direct.ok("put", "ns/b", "2")
+        _ = try direct.ok("put", "outside", "x")
+        let mirror = try LiveMirror(upstream: cluster.endpoints, args: ["--namespace", "ns/"])
+        // etcd's own grpc-proxy with the same namespace is the reference.
+        let port = freePort()
+        let etcd = try #require(which("etcd"))
+        let theirs = try BackgroundCommand(
+            etcd,
+            [
+                "grpc-proxy", "start", "--endpoints", cluster.endpoints, "--listen-addr", "127.0.0.1:\(port)",
+                "--namespace", "ns/", "--data-dir", NSTemporaryDirectory() + "etcd-proxy-\(UUID().uuidString)",
+            ])
+        defer { _ = theirs.stop() }
+        let reference = try Etcdctl(endpoint: "127.0.0.1:\(port)")
+        var ready = false
+        for _ in 0..<50 where !ready {
+            ready = try reference.run(["get", "a"]).status == 0
+            if !ready { usleep(100_000) }
+        }
+        #expect(ready)
+        let via = try Etcdctl(endpoint: mirror.endpoint)
+        for args in [
+            ["get", "a", "-w", "json"], ["get", "", "--from-key", "-w", "json"], ["get", "a", "c", "-w", "json"],
+            ["get", "outside", "-w", "json"], ["get", "", "--prefix", "--keys-only", "-w", "json"],
+            ["put", "", "x"],
+        ] {
+            let mine = try via.run(args)
+            let reference = try reference.run(args)
+            #expect(mine.status == reference.status, "\(args)")
+            #expect(Self.body(mine.stdout) == Self.body(reference.stdout), "\(args)")
+        }
+        // Writes land under the namespace; their answers and watches show the clients' keys.
+        let watch = try via.background(["watch", "c"])
+        usleep(400_000)
+        #expect(try via.ok("put", "c", "3", "--prev-kv") == "OK\n")
+        #expect(try direct.ok("get", "ns/c") == "ns/c\n3\n")
+        #expect(
+            try via.run(["txn"], stdin: "value(\"a\") = \"1\"\n\nput c 4\nget c\n\n\n").stdout
+                == "SUCCESS\n\nOK\n\nc\n4\n")
+        #expect(try via.ok("del", "a", "--prev-kv") == "1\na\n1\n")
+        #expect(try direct.ok("get", "ns/a") == "")
+        #expect(watch.wait { $0.contains("c\n4") })
+        #expect(watch.stop() == "PUT\nc\n3\nPUT\nc\n4\n")
+        #expect(try direct.ok("get", "outside") == "outside\nx\n")
+    }
+
+    @Test func aPrefixMirrorForwardsWhatItDoesNotHold() throws {
+        _ = try direct.ok("put", "cfg/a", "1")
+        _ = try direct.ok("put", "other/x", "1")
+        let mirror = try LiveMirror(upstream: cluster.endpoints, args: ["--mirror-prefix", "cfg/"])
+        let via = try Etcdctl(endpoint: mirror.endpoint)
+        // Reads outside the prefix go upstream; inside they are local.
+        #expect(try via.ok("get", "other/x") == "other/x\n1\n")
+        #expect(try via.ok("get", "cfg/a") == "cfg/a\n1\n")
+        // A watch outside the prefix is relayed from upstream, one inside is the hub's, on one stream.
+        let outside = try via.background(["watch", "other/", "--prefix"])
+        let inside = try via.background(["watch", "cfg/", "--prefix"])
+        usleep(400_000)
+        _ = try direct.ok("put", "other/y", "2")
+        _ = try direct.ok("put", "cfg/b", "2")
+        _ = try direct.ok("del", "other/x")
+        #expect(outside.wait { $0.contains("DELETE") })
+        #expect(inside.wait { $0.contains("cfg/b") })
+        #expect(outside.stop() == "PUT\nother/y\n2\nDELETE\nother/x\n\n")
+        #expect(inside.stop() == "PUT\ncfg/b\n2\n")
+        // The mirror holds only the prefix.
+        #expect(try via.ok("get", "cfg/", "--prefix", "--consistency", "s", "--keys-only") == "cfg/a\n\ncfg/b\n\n")
+    }
+
+    @Test func withAuthOnUpstreamTheCopyIsNotServed() throws {
+        _ = try direct.ok("put", "secret", "s")
+        let mirror = try LiveMirror(upstream: cluster.endpoints)
+        let via = try Etcdctl(endpoint: mirror.endpoint)
+        #expect(try via.ok("get", "secret", "--consistency", "s") == "secret\ns\n")
+        _ = try via.ok("user", "add", "root:pw")
+        _ = try via.ok("auth", "enable")
+        // Reads go upstream with the caller's token: refused without a user, served with one.
+        for consistency in ["l", "s"] {
+            let anonymous = try via.run(["get", "secret", "--consistency", consistency])
+            #expect(anonymous.status != 0)
+            #expect(anonymous.stderr.contains("etcdserver: user name is empty"), "\(anonymous.stderr)")
+        }
+        #expect(try via.ok("get", "secret", "--user", "root:pw") == "secret\ns\n")
+        // Watches of the copy would skip the permission checks: refused with a reason.
+        let watch = try via.run(["watch", "secret", "--user", "root:pw"])
+        #expect(watch.output.contains("upstream has auth enabled"), "\(watch.output)")
+        // Auth off again: the copy is served again.
+        _ = try via.ok("auth", "disable", "--user", "root:pw")
+        #expect(try via.ok("get", "secret", "--consistency", "s") == "secret\ns\n")
+    }
 }
