@@ -162,12 +162,21 @@ public final class WatchService {
 /// A source of the history before the store's first revision, for a new watcher: called with
 /// the watcher's range and options and the last revision it must supply (`through`), it sends the
 /// events from the watcher's start revision through that one, in order, with `send`, then calls
-/// `done(nil)`, or `done(compactRevision)` if that history is gone there too. It returns a function
-/// that stops it (the watcher was canceled).
+/// `done` once. It returns a function that stops it (the watcher was canceled).
 public typealias OlderHistory = (
     _ watcher: WatchCreate, _ through: Int64, _ send: @escaping ([Event], Int64) -> Void,
-    _ done: @escaping (Int64?) -> Void
+    _ done: @escaping (OlderHistoryEnd) -> Void
 ) -> () -> Void
+
+/// How an `OlderHistory` ended.
+public enum OlderHistoryEnd: Sendable {
+    /// Everything through `through` was sent: the store goes on.
+    case complete
+    /// That history is gone there too, compacted at this revision.
+    case compacted(Int64)
+    /// The source refused the watcher, for this reason.
+    case canceled(String)
+}
 
 /// A Watch call over gRPC.
 final class WatchCall: CallHandler {
@@ -284,16 +293,20 @@ public final class WatchSession {
                 guard let self, !ended, !closed else { return }
                 hub.sendHistory(stream, watchID: id, events, headerRevision: header)
             },
-            { [weak self] compacted in
+            { [weak self] end in
                 guard let self, !ended else { return }
                 ended = true
                 replays[id] = nil
                 guard !closed else { return }
-                if let compacted {
-                    forget(id)
-                    hub.cancelCompacted(stream, watchID: id, revision: compacted)
-                } else {
+                switch end {
+                case .complete:
                     hub.release(stream, watchID: id)
+                case .compacted(let revision):
+                    forget(id)
+                    hub.cancelCompacted(stream, watchID: id, revision: revision)
+                case .canceled(let reason):
+                    forget(id)
+                    hub.cancel(stream, watchID: id, reason: reason)
                 }
             })
         if !ended { replays[id] = stop }

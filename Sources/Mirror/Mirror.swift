@@ -222,12 +222,10 @@ public final class Mirror {
         }
         let gone = Array(have.keys)
         let at = max(revision, store.currentRevision)
-        if changed.isEmpty && gone.isEmpty {
-            store.advance(to: at)
-        } else {
-            store.loadMirrored(changed, deleted: gone, at: at)
-            services.watch.hub.cancelAll(compactRevision: at)
-        }
+        // Whatever the difference, the revisions between are gone: a key made and deleted there
+        // shows in neither state, so every watcher is told.
+        store.loadMirrored(changed, deleted: gone, at: at)
+        services.watch.hub.cancelAll(compactRevision: at)
         if at > store.compactRevision { try? store.compact(at) }
         log("reloaded at upstream revision \(revision): \(changed.count) keys changed, \(gone.count) deleted")
     }
@@ -247,6 +245,7 @@ public final class Mirror {
                 watchCall = nil
                 if !c.isClosed { upstream.drop("upstream watch ended: \(status.message)") }
             })
+        guard let call, !call.isClosed else { return upstream.drop("cannot open the upstream watch") }
         watchCall = call
         var create = Etcdserverpb_WatchCreateRequest()
         create.key = Data(key)
@@ -256,7 +255,7 @@ public final class Mirror {
         create.fragment = true
         var req = Etcdserverpb_WatchRequest()
         req.createRequest = create
-        call?.send(req)
+        call.send(req)
     }
 
     private func received(_ bytes: [UInt8]) {
@@ -264,13 +263,7 @@ public final class Mirror {
             return upstream.drop("undecodable watch response")
         }
         heard(resp.header)
-        if resp.created {
-            if let ready = onReady {
-                onReady = nil
-                ready()
-            }
-            return
-        }
+        // A refused create comes as created and canceled at once: canceled is looked at first.
         if resp.canceled {
             watchCall?.cancel()
             watchCall = nil
@@ -281,7 +274,17 @@ public final class Mirror {
                 )
                 return load(on: c)
             }
+            if resp.cancelReason.contains("PermissionDenied") || resp.cancelReason.contains("permission denied") {
+                upstreamAuth = true
+            }
             return upstream.drop("upstream watch canceled: \(resp.cancelReason)")
+        }
+        if resp.created {
+            if let ready = onReady {
+                onReady = nil
+                ready()
+            }
+            return
         }
         if resp.fragment {
             fragments += resp.events
@@ -293,14 +296,18 @@ public final class Mirror {
             fragments = []
         }
         if events.isEmpty {
-            // etcd 3.4 answers a progress request from outside the watcher's queue: events up to
-            // its revision may still come after it. A revision is taken once a later progress
-            // answer, asked after it arrived, comes back (by then the events queued before it
-            // have been sent).
             progressAsked = false
-            if let earlier = heardProgress { store.advance(to: earlier) }
-            heardProgress = resp.header.revision > store.currentRevision ? resp.header.revision : nil
-            if heardProgress != nil && !waiters.isEmpty { askProgress() }
+            // A copy of the whole key space needs no progress: every upstream revision is a change
+            // to some key, so its event comes. A partial copy (a prefix, a namespace) needs it to
+            // move over the others' revisions. etcd 3.4 answers a progress request from outside
+            // the watcher's queue: events up to its revision may still come after it. A revision
+            // is taken once a later progress answer, asked after it arrived, comes back; an event
+            // that arrives behind the copy anyway makes it reload (`apply`).
+            if key != [0] {
+                if let earlier = heardProgress { store.advance(to: earlier) }
+                heardProgress = resp.header.revision > store.currentRevision ? resp.header.revision : nil
+                if heardProgress != nil && !waiters.isEmpty { askProgress() }
+            }
         } else {
             apply(events)
         }
@@ -313,9 +320,13 @@ public final class Mirror {
         while i < events.count {
             let rev = events[i].kv.modRevision
             guard rev > store.currentRevision else {
-                log("ignoring an upstream event at revision \(rev), not past \(store.currentRevision)")
-                i += 1
-                continue
+                // The copy moved past a revision whose events had not come yet: it cannot take
+                // them in order any more. Load again (its watchers are told, as compacted).
+                log("an upstream event at revision \(rev) came behind the copy (\(store.currentRevision)): reloading")
+                watchCall?.cancel()
+                watchCall = nil
+                if let c = upstream.connection { load(on: c) }
+                return
             }
             let txn = store.beginWrite(at: rev)
             while i < events.count && events[i].kv.modRevision == rev {
@@ -353,13 +364,19 @@ public final class Mirror {
         r.keysOnly = true
         let bytes: [UInt8] = (try? r.serializedBytes()) ?? []
         var failed = false
+        var askedAt = DispatchTime.now().uptimeNanoseconds
         while found == nil {
             if failed {
                 failed = false
                 loop.run(forAtMost: 0.5) { false }
             }
+            if asking && DispatchTime.now().uptimeNanoseconds - askedAt > options.deadAfterMs * 1_000_000 {
+                // A member that takes the connection but answers nothing (paused): the next one.
+                upstream.drop("no answer for \(options.deadAfterMs) ms")
+            }
             if !asking {
                 asking = true
+                askedAt = DispatchTime.now().uptimeNanoseconds
                 upstream.unary(EtcdMethod.range.path, bytes) { result in
                     asking = false
                     switch result {
@@ -406,7 +423,7 @@ public final class Mirror {
     private func probe() {
         let now = loop.nowMilliseconds
         if let c = upstream.connection, !c.isClosed, watchCall != nil || loading {
-            if progressAsked && now - c.lastReceivedMs > options.deadAfterMs {
+            if (progressAsked || loading) && now - c.lastReceivedMs > options.deadAfterMs {
                 upstream.drop("no answer for \(now - c.lastReceivedMs) ms")
             } else if watchCall != nil {
                 progressAsked = false

@@ -130,6 +130,10 @@ final class KeepAliveMux {
                 return done(.failure(.relayed(Upstream.unreachable.code, Upstream.unreachable.message)))
             }
             let call = stream(on: c)
+            guard !call.isClosed else {
+                self.call = nil
+                return done(.failure(.relayed(Upstream.unreachable.code, Upstream.unreachable.message)))
+            }
             pending[r.id, default: []].append(done)
             call.send(r)
         }
@@ -226,7 +230,7 @@ final class HistoryReplay {
     private let watcher: WatchCreate
     private let through: Int64
     private let send: ([Event], Int64) -> Void
-    private let done: (Int64?) -> Void
+    private let done: (OlderHistoryEnd) -> Void
     private var next: Int64
     private var call: ClientCall?
     private var fragments: [Mvccpb_Event] = []
@@ -235,7 +239,7 @@ final class HistoryReplay {
 
     init(
         mirror: Mirror, watcher: WatchCreate, through: Int64,
-        send: @escaping ([Event], Int64) -> Void, done: @escaping (Int64?) -> Void
+        send: @escaping ([Event], Int64) -> Void, done: @escaping (OlderHistoryEnd) -> Void
     ) {
         self.mirror = mirror
         self.watcher = watcher
@@ -302,11 +306,17 @@ final class HistoryReplay {
     private func received(_ resp: Etcdserverpb_WatchResponse) {
         quietTimer?.cancel()
         quietTimer = nil
-        if resp.created { return through == .max ? () : waitQuiet() }
+        // A refused create comes as created and canceled at once: canceled is looked at first.
         if resp.canceled {
-            if resp.compactRevision > 0 { return finish(resp.compactRevision) }
+            if resp.compactRevision > 0 { return finish(.compacted(resp.compactRevision)) }
+            if !resp.cancelReason.isEmpty { return finish(.canceled(resp.cancelReason)) }
             call?.cancel()
             return retry()
+        }
+        if resp.created {
+            // Resumed after a reconnection from here if no event came before.
+            if next == 0 { next = resp.header.revision + 1 }
+            return through == .max ? () : waitQuiet()
         }
         if resp.fragment {
             fragments += resp.events
@@ -328,14 +338,15 @@ final class HistoryReplay {
         }
         if let last = older.last {
             next = last.kv.modRevision + 1
-            send(older, resp.header.revision)
+            // Never a header past where the hub's own answers will start.
+            send(older, min(resp.header.revision, through))
         }
         // Done once past `through` (events come in revision order), or once a catch-up answer up
         // to `through` was etcd's last batch (it splits catch-ups at 1,000 revisions). Progress
         // answers prove nothing: etcd 3.4 gives them before a watcher has caught up.
         let revisions = Set(events.map(\.kv.modRevision)).count
         if passed || (!events.isEmpty && revisions < Self.etcdBatchRevisions && resp.header.revision >= through) {
-            return finish(nil)
+            return finish(.complete)
         }
         if through != .max { waitQuiet() }
     }
@@ -351,13 +362,13 @@ final class HistoryReplay {
         quietTimer?.cancel()
         quietTimer = LoopTimer(loop: loop, timeoutMs: Self.quietMs) { [weak self] in
             self?.quietTimer = nil
-            self?.finish(nil)
+            self?.finish(.complete)
         }
     }
 
-    private func finish(_ compacted: Int64?) {
+    private func finish(_ end: OlderHistoryEnd) {
         guard !finished else { return }
         stop()
-        done(compacted)
+        done(end)
     }
 }

@@ -116,7 +116,6 @@ public final class Upstream {
                 failed("cannot connect to \(ep): \(e)")
             case .success(let c):
                 if stopped { return c.close() }
-                failuresInRow = 0
                 connection = c
                 if connectedOnce { reconnects += 1 }
                 connectedOnce = true
@@ -126,8 +125,8 @@ public final class Upstream {
                     guard let self, let c, connection === c else { return }
                     connection = nil
                     // A member that takes connections but drops them at once (no leader) counts
-                    // as failed: the pause between attempts grows.
-                    if loop.nowMilliseconds - since < 2_000 { failuresInRow += 1 }
+                    // as failed: the pause between attempts grows until one lasts.
+                    if loop.nowMilliseconds - since < 2_000 { failuresInRow += 1 } else { failuresInRow = 0 }
                     if lastError.isEmpty { lastError = "connection to \(ep) closed" }
                     log("upstream connection to \(ep) closed")
                     retry()
