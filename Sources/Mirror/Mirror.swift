@@ -59,8 +59,7 @@ public final class Mirror {
     /// The end of the copied prefix in the clients' key space.
     private let localEnd: [UInt8]
     public let namespace: Namespace
-    private var watchCall: ClientCall?
-    private var fragments: [Mvccpb_Event] = []
+    private var watchCall: UpstreamWatch?
     private var loaded = false
     private var loading = false
     /// Writes waiting for the mirror to apply a revision.
@@ -126,8 +125,9 @@ public final class Mirror {
     public func stop() {
         probeTimer?.cancel()
         probeTimer = nil
-        watchCall?.cancel()
-        watchCall = nil
+        stopWatch()
+        compactionProbe?.cancel()
+        compactionProbe = nil
         upstream.stop()
         for w in waiters { w.body(false) }
         waiters = []
@@ -143,8 +143,7 @@ public final class Mirror {
     // MARK: Following upstream
 
     private func connected(_ c: GRPCClientConnection) {
-        watchCall = nil
-        fragments = []
+        stopWatch()
         progressAsked = false
         heardProgress = nil
         if loaded {
@@ -230,43 +229,30 @@ public final class Mirror {
         log("reloaded at upstream revision \(revision): \(changed.count) keys changed, \(gone.count) deleted")
     }
 
-    /// Opens the upstream watch from `revision`. `hasleader` makes a member without a leader end
-    /// it, so that the mirror moves to another.
+    /// Opens the upstream watch from `revision`.
     private func watch(on c: GRPCClientConnection, from revision: Int64) {
-        var call: ClientCall?
-        call = c.open(
-            EtcdMethod.watch.path, metadata: [("hasleader", "true")],
-            onMessage: { [weak self] bytes in
-                guard let self, let call, watchCall === call else { return }
-                received(bytes)
-            },
-            onClose: { [weak self] status in
-                guard let self, let call, watchCall === call else { return }
+        stopWatch()
+        watchCall = UpstreamWatch(
+            on: c, UpstreamWatch.create(key, end, from: revision, progressNotify: true),
+            onResponse: { [weak self] resp in self?.received(resp) },
+            onEnd: { [weak self] status in
+                guard let self else { return }
                 watchCall = nil
                 if !c.isClosed { upstream.drop("upstream watch ended: \(status.message)") }
             })
-        guard let call, !call.isClosed else { return upstream.drop("cannot open the upstream watch") }
-        watchCall = call
-        var create = Etcdserverpb_WatchCreateRequest()
-        create.key = Data(key)
-        create.rangeEnd = Data(end)
-        create.startRevision = revision
-        create.progressNotify = true
-        create.fragment = true
-        var req = Etcdserverpb_WatchRequest()
-        req.createRequest = create
-        call.send(req)
+        if watchCall == nil { upstream.drop("cannot open the upstream watch") }
     }
 
-    private func received(_ bytes: [UInt8]) {
-        guard let resp = try? Etcdserverpb_WatchResponse(serializedBytes: bytes) else {
-            return upstream.drop("undecodable watch response")
-        }
+    private func stopWatch() {
+        watchCall?.cancel()
+        watchCall = nil
+    }
+
+    private func received(_ resp: Etcdserverpb_WatchResponse) {
         heard(resp.header)
         // A refused create comes as created and canceled at once: canceled is looked at first.
         if resp.canceled {
-            watchCall?.cancel()
-            watchCall = nil
+            stopWatch()
             if resp.compactRevision > 0, let c = upstream.connection {
                 // Compacted past the mirror: load again at the current revision.
                 log(
@@ -286,15 +272,7 @@ public final class Mirror {
             }
             return
         }
-        if resp.fragment {
-            fragments += resp.events
-            return
-        }
-        var events = resp.events
-        if !fragments.isEmpty {
-            events = fragments + events
-            fragments = []
-        }
+        let events = resp.events
         if events.isEmpty {
             progressAsked = false
             // A copy of the whole key space needs no progress: every upstream revision is a change
@@ -323,8 +301,7 @@ public final class Mirror {
                 // The copy moved past a revision whose events had not come yet: it cannot take
                 // them in order any more. Load again (its watchers are told, as compacted).
                 log("an upstream event at revision \(rev) came behind the copy (\(store.currentRevision)): reloading")
-                watchCall?.cancel()
-                watchCall = nil
+                stopWatch()
                 if let c = upstream.connection { load(on: c) }
                 return
             }
@@ -411,11 +388,9 @@ public final class Mirror {
     }
 
     private func askProgress() {
-        guard !progressAsked, let call = watchCall else { return }
+        guard !progressAsked, let watch = watchCall else { return }
         progressAsked = true
-        var req = Etcdserverpb_WatchRequest()
-        req.progressRequest = Etcdserverpb_WatchProgressRequest()
-        call.send(req)
+        watch.requestProgress()
     }
 
     /// Each interval: ask for progress (the answer keeps the revision current), drop a member
@@ -448,30 +423,28 @@ public final class Mirror {
     /// keep it). etcd 3.4 reports its compact revision to a watch that starts before it: one such
     /// watch on an empty range, canceled at once.
     private func followCompaction() {
-        guard loaded, let c = upstream.connection, !c.isClosed else { return }
-        var call: ClientCall?
-        call = c.open(
-            EtcdMethod.watch.path,
-            onMessage: { [weak self] bytes in
-                guard let self, let resp = try? Etcdserverpb_WatchResponse(serializedBytes: bytes) else { return }
-                if resp.canceled || !resp.created || resp.compactRevision > 0 { call?.cancel() }
+        guard loaded, compactionProbe == nil, let c = upstream.connection, !c.isClosed else { return }
+        let ended = { [weak self] in
+            self?.compactionProbe?.cancel()
+            self?.compactionProbe = nil
+        }
+        compactionProbe = UpstreamWatch(
+            on: c, UpstreamWatch.create([0], [0, 0], from: 1),
+            onResponse: { [weak self] resp in
+                guard let self, !resp.created || resp.canceled else { return }
+                ended()
                 let c = resp.compactRevision
                 if c > store.compactRevision && c <= store.currentRevision {
                     log("following upstream's compaction at revision \(c)")
                     try? store.compact(c)
                 }
-            }, onClose: { _ in call = nil })
-        var create = Etcdserverpb_WatchCreateRequest()
-        create.key = Data([0])
-        create.rangeEnd = Data([0, 0])
-        create.startRevision = 1
-        var req = Etcdserverpb_WatchRequest()
-        req.createRequest = create
-        call?.send(req)
-        // Not compacted: created, then history from 1 (none on this range): cancel after a moment.
-        let pending = call
-        _ = LoopTimer(loop: loop, timeoutMs: 2_000) { pending?.cancel() }
+            }, onEnd: { _ in ended() })
+        // Not compacted: created, then history from 1 (none on this range): ended after a moment.
+        _ = LoopTimer(loop: loop, timeoutMs: 2_000) { ended() }
     }
+
+    /// The watch that finds upstream's compact revision, while it runs.
+    private var compactionProbe: UpstreamWatch?
 
     // MARK: For the routing
 
@@ -575,66 +548,10 @@ public final class Mirror {
             value: p.value.bytes, lease: p.lease)
     }
 
-    /// The `header.revision` of any etcd response (field 1, its field 3), read from the wire
-    /// without knowing the message type; 0 if absent.
+    /// The `header.revision` of any etcd response, whatever its type: every one has its header at
+    /// field 1, so it decodes as LeaseRevokeResponse, which has nothing else (the rest is kept as
+    /// unknown fields, not parsed); 0 if absent.
     static func headerRevision(_ bytes: [UInt8]) -> Int64 {
-        guard let header = field(1, in: bytes[...]), let rev = varintField(3, in: header) else { return 0 }
-        return Int64(bitPattern: rev)
-    }
-
-    private static func varint(_ b: ArraySlice<UInt8>, _ i: inout Int) -> UInt64? {
-        var v: UInt64 = 0
-        var shift: UInt64 = 0
-        while i < b.endIndex {
-            let byte = b[i]
-            i += 1
-            v |= UInt64(byte & 0x7f) << shift
-            if byte & 0x80 == 0 { return v }
-            shift += 7
-            if shift > 63 { return nil }
-        }
-        return nil
-    }
-
-    /// Walks fields; `body` gets (number, wire type, value range or varint) and returns true to stop.
-    private static func walk(
-        _ b: ArraySlice<UInt8>, _ body: (UInt64, UInt64, Range<Int>?, UInt64) -> Bool
-    ) {
-        var i = b.startIndex
-        while i < b.endIndex {
-            guard let tag = varint(b, &i) else { return }
-            let number = tag >> 3
-            switch tag & 7 {
-            case 0:
-                guard let v = varint(b, &i) else { return }
-                if body(number, 0, nil, v) { return }
-            case 1: i += 8
-            case 5: i += 4
-            case 2:
-                guard let n = varint(b, &i), n <= UInt64(b.endIndex - i) else { return }
-                let r = i..<(i + Int(n))
-                i += Int(n)
-                if body(number, 2, r, 0) { return }
-            default: return
-            }
-        }
-    }
-
-    private static func field(_ n: UInt64, in b: ArraySlice<UInt8>) -> ArraySlice<UInt8>? {
-        var found: ArraySlice<UInt8>?
-        walk(b) { number, type, range, _ in
-            if number == n, type == 2, let range { found = b[range] }
-            return found != nil
-        }
-        return found
-    }
-
-    private static func varintField(_ n: UInt64, in b: ArraySlice<UInt8>) -> UInt64? {
-        var found: UInt64?
-        walk(b) { number, type, _, v in
-            if number == n, type == 0 { found = v }
-            return found != nil
-        }
-        return found
+        (try? Etcdserverpb_LeaseRevokeResponse(serializedBytes: bytes))?.header.revision ?? 0
     }
 }

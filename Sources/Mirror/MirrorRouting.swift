@@ -232,8 +232,7 @@ final class HistoryReplay {
     private let send: ([Event], Int64) -> Void
     private let done: (OlderHistoryEnd) -> Void
     private var next: Int64
-    private var call: ClientCall?
-    private var fragments: [Mvccpb_Event] = []
+    private var call: UpstreamWatch?
     private var finished = false
     private var retryTimer: LoopTimer?
 
@@ -270,6 +269,7 @@ final class HistoryReplay {
 
     private func retry() {
         guard !finished, retryTimer == nil else { return }
+        call?.cancel()
         call = nil
         retryTimer = LoopTimer(loop: loop, timeoutMs: 200) { [weak self] in
             self?.retryTimer = nil
@@ -278,29 +278,14 @@ final class HistoryReplay {
     }
 
     private func open(on c: GRPCClientConnection) {
-        var made: ClientCall?
-        made = c.open(
-            EtcdMethod.watch.path, metadata: [("hasleader", "true")],
-            onMessage: { [weak self] bytes in
-                guard let self, call === made, let resp = try? Etcdserverpb_WatchResponse(serializedBytes: bytes)
-                else { return }
-                received(resp)
-            },
-            onClose: { [weak self] _ in
-                guard let self, call === made else { return }
-                retry()
-            })
-        call = made
-        fragments = []
-        var create = Etcdserverpb_WatchCreateRequest()
-        create.key = Data(namespace.key(watcher.key))
-        create.rangeEnd = Data(namespace.end(watcher.rangeEnd))
-        create.startRevision = next
-        create.prevKv = watcher.prevKV
-        create.fragment = true
-        var req = Etcdserverpb_WatchRequest()
-        req.createRequest = create
-        made?.send(req)
+        call = UpstreamWatch(
+            on: c,
+            UpstreamWatch.create(
+                namespace.key(watcher.key), namespace.end(watcher.rangeEnd), from: next,
+                prevKV: watcher.prevKV),
+            onResponse: { [weak self] resp in self?.received(resp) },
+            onEnd: { [weak self] _ in self?.retry() })
+        if call == nil { retry() }
     }
 
     private func received(_ resp: Etcdserverpb_WatchResponse) {
@@ -310,7 +295,6 @@ final class HistoryReplay {
         if resp.canceled {
             if resp.compactRevision > 0 { return finish(.compacted(resp.compactRevision)) }
             if !resp.cancelReason.isEmpty { return finish(.canceled(resp.cancelReason)) }
-            call?.cancel()
             return retry()
         }
         if resp.created {
@@ -318,12 +302,7 @@ final class HistoryReplay {
             if next == 0 { next = resp.header.revision + 1 }
             return through == .max ? () : waitQuiet()
         }
-        if resp.fragment {
-            fragments += resp.events
-            return
-        }
-        let events = fragments + resp.events
-        fragments = []
+        let events = resp.events
         var older: [Event] = []
         var passed = false
         for e in events {

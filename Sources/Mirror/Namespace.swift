@@ -25,7 +25,7 @@ public struct Namespace: Sendable {
 
     /// An upstream key as the client sees it.
     func strip(_ k: [UInt8]) -> [UInt8] {
-        k.starts(with: prefix) ? Array(k.dropFirst(prefix.count)) : k
+        prefix.isEmpty || !k.starts(with: prefix) ? k : Array(k.dropFirst(prefix.count))
     }
 
     private func key(_ d: Data) -> Data { Data(prefix) + d }
@@ -44,6 +44,7 @@ public struct Namespace: Sendable {
     /// A forwarded request with its keys moved into the namespace (KV requests and Lease
     /// TimeToLive; others pass as they are).
     func request(_ m: any SwiftProtobuf.Message) -> any SwiftProtobuf.Message {
+        if prefix.isEmpty { return m }
         switch m {
         case var r as Etcdserverpb_RangeRequest:
             r.key = key(r.key)
@@ -89,6 +90,7 @@ public struct Namespace: Sendable {
 
     /// An upstream answer with its keys taken out of the namespace.
     func response(_ m: any SwiftProtobuf.Message) -> any SwiftProtobuf.Message {
+        if prefix.isEmpty { return m }
         switch m {
         case var r as Etcdserverpb_RangeResponse:
             r.kvs = r.kvs.map(strip)

@@ -1,8 +1,11 @@
+import EtcdProto
 import EventLoop
+import Foundation
 import GRPC
 import HTTP2
 import TLS
 import VigilClient
+import VigilCore
 
 /// One member of the upstream cluster: where to dial it.
 public struct UpstreamEndpoint: Sendable, Equatable, CustomStringConvertible {
@@ -165,4 +168,84 @@ public final class Upstream {
 
     /// Whether a connection is up.
     public var isConnected: Bool { connection.map { !$0.isClosed } ?? false }
+}
+
+/// One watch on the upstream cluster, on a stream of its own: the create request sent, answers
+/// decoded with their fragments joined, and nothing heard after `cancel()`. `hasleader` makes a
+/// member without a leader end it, so that its owner moves to another.
+final class UpstreamWatch {
+    private var call: ClientCall?
+    private var fragments: [Mvccpb_Event] = []
+    private var onResponse: ((Etcdserverpb_WatchResponse) -> Void)?
+    private var onEnd: ((GRPCStatus) -> Void)?
+
+    /// nil if the stream could not be opened (the connection is closing).
+    init?(
+        on c: GRPCClientConnection, _ create: Etcdserverpb_WatchCreateRequest,
+        onResponse: @escaping (Etcdserverpb_WatchResponse) -> Void, onEnd: @escaping (GRPCStatus) -> Void
+    ) {
+        self.onResponse = onResponse
+        self.onEnd = onEnd
+        let opened = c.open(
+            EtcdMethod.watch.path, metadata: [("hasleader", "true")],
+            onMessage: { [weak self] bytes in self?.received(bytes) },
+            onClose: { [weak self] status in self?.ended(status) })
+        guard !opened.isClosed else { return nil }
+        call = opened
+        var req = Etcdserverpb_WatchRequest()
+        req.createRequest = create
+        opened.send(req)
+    }
+
+    /// A create request for `[key, end)` from `start`.
+    static func create(
+        _ key: [UInt8], _ end: [UInt8], from start: Int64, prevKV: Bool = false, progressNotify: Bool = false
+    ) -> Etcdserverpb_WatchCreateRequest {
+        var c = Etcdserverpb_WatchCreateRequest()
+        c.key = Data(key)
+        c.rangeEnd = Data(end)
+        c.startRevision = start
+        c.prevKv = prevKV
+        c.progressNotify = progressNotify
+        c.fragment = true
+        return c
+    }
+
+    func requestProgress() {
+        var req = Etcdserverpb_WatchRequest()
+        req.progressRequest = Etcdserverpb_WatchProgressRequest()
+        call?.send(req)
+    }
+
+    func cancel() {
+        onResponse = nil
+        onEnd = nil
+        call?.cancel()
+        call = nil
+    }
+
+    private func received(_ bytes: [UInt8]) {
+        guard let onResponse else { return }
+        guard var resp = try? Etcdserverpb_WatchResponse(serializedBytes: bytes) else {
+            let end = onEnd
+            cancel()
+            end?(GRPCStatus(.internal, "undecodable watch response"))
+            return
+        }
+        if resp.fragment {
+            fragments += resp.events
+            return
+        }
+        if !fragments.isEmpty {
+            resp.events = fragments + resp.events
+            fragments = []
+        }
+        onResponse(resp)
+    }
+
+    private func ended(_ status: GRPCStatus) {
+        guard call != nil, let end = onEnd else { return }  // nil call: failed while opening
+        cancel()
+        end(status)
+    }
 }

@@ -3,10 +3,6 @@ import Foundation
 import Logging
 import VigilServer
 
-#if os(Linux)
-import CMalloc
-#endif
-
 /// `vigil grpc-proxy start`: mirror mode, with etcd's grpc-proxy flags. Vigil follows an etcd
 /// cluster (the distributed engine) and serves its clients: reads and watches from its copy,
 /// everything else forwarded.
@@ -72,22 +68,8 @@ struct GRPCProxyStart: ParsableCommand {
         m.insecureSkipVerify = insecureSkipVerify
         if (cert == nil) != (key == nil) { throw ValidationError("--cert and --key must be given together") }
         c.mirror = m
-        let level: Logger.Level
-        switch logLevel.lowercased() {
-        case "debug": level = .debug
-        case "info": level = .info
-        case "warn", "warning": level = .warning
-        case "error": level = .error
-        case let other: throw ValidationError("unknown --log-level \(other)")
-        }
-        LoggingSystem.bootstrap { label in
-            var h = StreamLogHandler.standardError(label: label)
-            h.logLevel = level
-            return h
-        }
-        #if os(Linux)
-        mallopt(M_MMAP_THRESHOLD, 128 << 10)
-        #endif
+        bootstrapTextLogs(try parseLogLevel(logLevel))
+        keepBigBuffersMapped()
         let logger = Logger(label: "vigil-mirror")
         logger.info("starting vigil grpc-proxy (mirror mode)", metadata: ["endpoints": "\(m.endpoints)"])
         try VigilServer(configuration: c, logger: logger).run()

@@ -1,7 +1,12 @@
+import ArgumentParser
 import Foundation
 import Logging
 import VigilCore
 import VigilServer
+
+#if os(Linux)
+import CMalloc
+#endif
 
 /// `--log-outputs`: `default` / `stderr`, `stdout`, or files (appended to).
 final class LogOutputs: @unchecked Sendable {
@@ -96,6 +101,37 @@ struct ZapJSONLogHandler: LogHandler {
 }
 
 /// `vigil --version`: etcd's lines (tools read "etcd Version: …"), and Vigil's own beside them.
+/// etcd's `--log-level` names.
+func parseLogLevel(_ name: String) throws -> Logger.Level {
+    switch name.lowercased() {
+    case "debug": return .debug
+    case "info": return .info
+    case "warn", "warning": return .warning
+    case "error": return .error
+    case "panic", "fatal": return .critical
+    case let other: throw ValidationError("unknown --log-level \(other)")
+    }
+}
+
+/// Text log lines on standard error (etcd's capnslog default).
+func bootstrapTextLogs(_ level: Logger.Level) {
+    LoggingSystem.bootstrap { label in
+        var h = StreamLogHandler.standardError(label: label)
+        h.logLevel = level
+        return h
+    }
+}
+
+/// Buffers of 128 KiB and more (the watch hub's tables, large responses) get their own mappings
+/// and go back to the system when freed. glibc's default raises this threshold each time such a
+/// buffer is freed, after which big buffers come from the heap and leave holes there that the
+/// process keeps.
+func keepBigBuffersMapped() {
+    #if os(Linux)
+    mallopt(M_MMAP_THRESHOLD, 128 << 10)
+    #endif
+}
+
 enum VersionText {
     static var text: String {
         #if arch(x86_64)

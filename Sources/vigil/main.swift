@@ -309,16 +309,7 @@ struct VigilCommand: ParsableCommand {
 
     static func durationMs(_ s: String) -> UInt64? { Configuration.durationMs(s) }
 
-    func logLevelValue() throws -> Logger.Level {
-        switch value(logLevel, "ETCD_LOG_LEVEL") ?? "info" {
-        case "debug": return .debug
-        case "info": return .info
-        case "warn", "warning": return .warning
-        case "error": return .error
-        case "panic", "fatal": return .critical
-        case let other: throw ValidationError("unknown --log-level \(other)")
-        }
-    }
+    func logLevelValue() throws -> Logger.Level { try parseLogLevel(value(logLevel, "ETCD_LOG_LEVEL") ?? "info") }
 
     func run() throws {
         if version {
@@ -336,21 +327,11 @@ struct VigilCommand: ParsableCommand {
                 return h
             }
         case "capnslog":
-            LoggingSystem.bootstrap { label in
-                var h = StreamLogHandler.standardError(label: label)
-                h.logLevel = level
-                return h
-            }
+            bootstrapTextLogs(level)
         case let other:
             throw ValidationError("unknown --logger \(other): capnslog or zap")
         }
-        // Buffers of 128 KiB and more (the watch hub's tables, large responses) get their own
-        // mappings and go back to the system when freed. glibc's default raises this threshold
-        // each time such a buffer is freed, after which big buffers come from the heap and leave
-        // holes there that the process keeps.
-        #if os(Linux)
-        mallopt(M_MMAP_THRESHOLD, 128 << 10)
-        #endif
+        keepBigBuffersMapped()
         let logger = Logger(label: "vigil")
         logger.info("starting vigil", metadata: ["name": "\(config.name)", "data-dir": "\(config.dataDir)"])
         if let file = configFile ?? ProcessInfo.processInfo.environment["ETCD_CONFIG_FILE"] {
