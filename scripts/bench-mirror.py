@@ -13,6 +13,11 @@ are read from the proxy's process (CPU from /proc/<pid>/stat, memory from VmRSS)
                most watchers the upstream members held meanwhile (etcd_debugging_mvcc_watcher_total,
                summed over the members, less what they held before the proxy started)
   range-l      linearizable single-key Range through the proxy (64 in flight over 4 connections)
+  range-l-1    the same with one client, one request in flight (the latency of each read)
+  range-s      serializable single-key Range, 64 in flight
+  put-1        one client putting through the proxy (a forwarded write, then the mirror applying it)
+  copy-100k    100,000 keys of 256 B in the cluster first: seconds from the proxy's start until it
+               listens (Vigil loads its copy first), its memory then, and its first read
   leader-kill  1,000 streams on one prefix, 100 puts/s through the proxy (a failed put is sent again),
                the cluster's leader killed 3 s in and restarted 5 s later: the longest put→event time
                (the longest gap in delivered events, election included), lost/reordered/dup
@@ -121,8 +126,10 @@ class Proxy:
             cmd = ["etcd", "grpc-proxy", "start", "--endpoints", cluster.endpoints,
                    "--listen-addr", f"127.0.0.1:{self.port}", "--data-dir", self.dir + "/data"]
         self.log = open(self.dir + ".log", "w")
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
-        wait_port(self.port, self.proc)
+        t = time.time()
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, preexec_fn=None)
+        wait_port(self.port, self.proc, timeout=300)
+        self.ready_s = time.time() - t  # Vigil listens once its copy is loaded; grpc-proxy at once
         time.sleep(0.5)
 
     stop = bench_vs_etcd.Server.stop
@@ -135,6 +142,11 @@ LOADS = {
                  "--watchers-per-stream", "100", "--total", "200"],
     "range-l": ["--workload", "range", "--consistency", "l", "--total", "20000", "--conns", "4", "--clients", "64",
                 "--key-space", "1"],
+    "range-l-1": ["--workload", "range", "--consistency", "l", "--total", "5000", "--conns", "1", "--clients", "1",
+                  "--key-space", "1"],
+    "range-s": ["--workload", "range", "--consistency", "s", "--total", "20000", "--conns", "4", "--clients", "64",
+                "--key-space", "1"],
+    "put-1": ["--workload", "put", "--total", "2000", "--conns", "1", "--clients", "1"],
     "leader-kill": ["--workload", "watch", "--streams", "1000", "--watch-conns", "100", "--total", "1000",
                     "--rate", "100", "--retry-puts"],
 }
@@ -156,12 +168,35 @@ COLUMNS = {
 
 
 COLUMNS["watch-2k"] = COLUMNS["watch"]
+for _load in ("range-l-1", "range-s", "put-1"):
+    COLUMNS[_load] = COLUMNS["range-l"]
+COLUMNS["copy-100k"] = [("ready_s", "start→serving s", "{:.2f}"), ("proxy_rss_kib", "proxy RSS KiB", "{}"),
+                        ("first_get_ms", "first get ms", "{:.1f}")]
+
+
+def fill(bench_bin, cluster, n=100_000):
+    """Puts n keys of 256 bytes into the cluster, directly."""
+    first = cluster.endpoints.split(",")[0]
+    subprocess.run([bench_bin, "--endpoint", first, "--workload", "put", "--total", str(n), "--key-space", str(n),
+                    "--conns", "4", "--clients", "64", "--max-seconds", "600"], check=True, capture_output=True)
+
+
+def run_copy(proxy):
+    """How long the proxy took to serve, its memory then, and its first linearizable read."""
+    r = {"ready_s": proxy.ready_s, "proxy_rss_kib": rss_kib(proxy.proc.pid)}
+    t = time.time()
+    subprocess.run(["etcdctl", "--endpoints", f"127.0.0.1:{proxy.port}", "get", "k", "--prefix", "--limit", "1"],
+                   check=True, capture_output=True, env={**os.environ, "ETCDCTL_API": "3"})
+    r["first_get_ms"] = (time.time() - t) * 1000
+    return r
 
 
 def run(bench_bin, cluster, proxy, load, base):
+    if load == "copy-100k":
+        return run_copy(proxy)
     cmd = [bench_bin, "--endpoint", f"127.0.0.1:{proxy.port}", "--server-pid", str(proxy.proc.pid),
            "--max-seconds", "240" if load.startswith("watch") else "90"] + LOADS[load]
-    if load != "range-l":
+    if load not in ("range-l", "range-l-1", "range-s", "put-1"):
         cmd += ["--conns", "1", "--clients", "1"]
     most = [base]
     stop = threading.Event()
@@ -190,7 +225,7 @@ def run(bench_bin, cluster, proxy, load, base):
     r = json.loads(out.strip().splitlines()[-1])
     if load == "watchers":
         r["upstream_watchers"] = most[0] - base
-    if load == "range-l":
+    if load in ("range-l", "range-l-1", "range-s", "put-1"):
         r["proxy_cpu_us_per_request"] = (cpu_seconds(proxy.proc.pid) - cpu0) * 1e6 / max(1, r.get("requests", 1))
     r["proxy_rss_end_kib"] = rss_kib(proxy.proc.pid)
     return r
@@ -213,6 +248,8 @@ def main():
     for load in a.loads:
         cluster = Cluster()
         try:
+            if load == "copy-100k":
+                fill(bench_bin, cluster)
             results[load] = {}
             for kind in ("etcd", "vigil"):
                 # Upstream watchers before the proxy starts: Vigil's own mirror watch counts.
