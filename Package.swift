@@ -9,6 +9,8 @@ let package = Package(
     products: [
         .executable(name: "vigil", targets: ["vigil"]),
         .library(name: "VigilServer", targets: ["VigilServer"]),
+        // An etcd v3 client for Swift programs (async/await), for etcd and Vigil alike.
+        .library(name: "VigilClient", targets: ["VigilClient"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-protobuf.git", from: "1.28.0"),
@@ -16,6 +18,9 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-log.git", from: "1.6.0"),
         // etcd's --config-file is YAML; Yams (libyaml) parses it.
         .package(url: "https://github.com/jpsim/Yams.git", from: "5.0.1"),
+        // Swift servers' lifecycle: VigilServer is a `Service`, and `vigil` runs in a `ServiceGroup`
+        // (graceful shutdown on SIGTERM/SIGINT).
+        .package(url: "https://github.com/swift-server/swift-service-lifecycle.git", from: "2.6.0"),
     ],
     targets: [
         // System libraries: a modulemap and a one-line header each, no code.
@@ -77,8 +82,9 @@ let package = Package(
             name: "VigilServer",
             dependencies: [
                 "EtcdAPI", "EtcdProto", "Gateway", "Auth", "Passwords", "WatchHub", "EventLoop", "HTTPCore", "HTTP1",
-                "HTTP2", "TLS", "CMalloc", "Bolt", "Mirror",
+                "HTTP2", "TLS", "CMalloc", "Bolt", "Mirror", "COpenSSL",
                 "GRPC", "LMDBBackend", "MVCC", "VigilCore", .product(name: "Logging", package: "swift-log"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
             ]),
         .executableTarget(
             name: "vigil",
@@ -87,11 +93,12 @@ let package = Package(
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "Yams", package: "Yams"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
             ]),
         .target(
             name: "VigilClient",
             dependencies: [
-                "EventLoop", "HTTP2", "GRPC", "EtcdProto", "TLS",
+                "EventLoop", "HTTP2", "GRPC", "EtcdProto", "TLS", "VigilCore",
                 .product(name: "SwiftProtobuf", package: "swift-protobuf"),
             ]),
         .target(
@@ -156,7 +163,7 @@ let package = Package(
         .testTarget(
             name: "VigilIntegrationTests",
             dependencies: [
-                "VigilTesting", "EtcdProto", "GRPC", "MVCC", "FuzzHarness", "VigilServer", "Bolt",
+                "VigilTesting", "VigilClient", "EtcdProto", "GRPC", "MVCC", "FuzzHarness", "VigilServer", "Bolt",
                 .product(name: "Logging", package: "swift-log"), "VigilCore",
                 .product(name: "SwiftProtobuf", package: "swift-protobuf"),
             ]),

@@ -38,21 +38,27 @@ let ports = try server.start()  // returns once the prefix is loaded
 say("mirroring \(prefix) from \(endpoints); serving it on 127.0.0.1:\(ports[0])")
 
 // React to every change under the prefix, in revision order, once the mirror has applied it.
-let watch = try server.watch(prefix: Array(prefix.utf8)) { e in
-    let key = String(decoding: e.key, as: UTF8.self)
-    switch e.kind {
-    case .put: say("PUT \(key) = \(String(decoding: e.value, as: UTF8.self)) (revision \(e.revision))")
-    case .delete: say("DELETE \(key) (revision \(e.revision))")
+let watch = try await server.watch(.prefix(prefix))
+let follower = Task {
+    for try await batch in watch {
+        for e in batch.events {
+            switch e.kind {
+            case .put: say("PUT \(e.kv.keyString) = \(e.kv.valueString) (revision \(e.revision))")
+            case .delete: say("DELETE \(e.kv.keyString) (revision \(e.revision))")
+            }
+        }
     }
 }
 
 // Reads are local (after one linearizable round trip); writes go to the cluster.
-if let v = try server.get(Array((prefix + "greeting").utf8)) {
-    say("\(prefix)greeting is \(String(decoding: v, as: UTF8.self))")
+if let kv = try await server.get(prefix + "greeting") {
+    say("\(prefix)greeting is \(kv.valueString)")
 }
 
 let deadline = Date().addingTimeInterval(seconds)
-while Date() < deadline { Thread.sleep(forTimeInterval: min(0.1, max(0, deadline.timeIntervalSinceNow))) }
-watch.cancel()
+while Date() < deadline {
+    try await Task.sleep(for: .milliseconds(min(100, max(0, deadline.timeIntervalSinceNow * 1000))))
+}
+follower.cancel()
 server.stop()
 say("stopped")

@@ -126,7 +126,7 @@ public final class WatchService {
     /// (such a watcher is canceled as compacted). See `OlderHistory`.
     public var olderHistory: OlderHistory?
     /// The gRPC calls' encoder, shared by all of them (so they share encoded responses).
-    let grpcEncoder: GRPCWatchEncoder
+    public let grpcEncoder: GRPCWatchEncoder
 
     /// Sessions with watchers that a user (not root) created while auth was on, by identity.
     private var guarded: [ObjectIdentifier: WatchSession] = [:]

@@ -99,14 +99,14 @@ public final class Mirror {
         self.services = services
         upstream = Upstream(loop: loop, endpoints: options.endpoints, tls: tls)
         namespace = Namespace(options.namespace)
-        localEnd = options.prefix.isEmpty ? [] : KeyRange.prefixEnd(options.prefix)
+        localEnd = options.prefix.isEmpty ? [] : MVCC.KeyRange.prefixEnd(options.prefix)
         let copied = namespace.key(options.prefix)
         if copied.isEmpty {
             key = [0]
             end = [0]
         } else {
             key = copied
-            end = KeyRange.prefixEnd(copied)
+            end = MVCC.KeyRange.prefixEnd(copied)
         }
     }
 
@@ -158,7 +158,7 @@ public final class Mirror {
     private func load(on c: GRPCClientConnection) {
         guard !loading else { return }
         loading = true
-        var kvs: [KeyValue] = []
+        var kvs: [MVCC.KeyValue] = []
         var revision: Int64 = 0
         func page(from start: [UInt8]) {
             var r = Etcdserverpb_RangeRequest()
@@ -195,7 +195,7 @@ public final class Mirror {
         page(from: key)
     }
 
-    private func applyLoad(_ kvs: [KeyValue], at revision: Int64) {
+    private func applyLoad(_ kvs: [MVCC.KeyValue], at revision: Int64) {
         loadedRevision = revision
         if !loaded {
             store.loadMirrored(kvs, deleted: [], at: revision)
@@ -208,7 +208,7 @@ public final class Mirror {
         reloads += 1
         var have: [[UInt8]: Int64] = [:]
         for e in store.liveModRevisions() { have[e.key] = e.modRevision }
-        var changed: [KeyValue] = []
+        var changed: [MVCC.KeyValue] = []
         for kv in kvs {
             let mine = have.removeValue(forKey: kv.key)
             guard kv.modRevision != mine else { continue }
@@ -541,8 +541,8 @@ public final class Mirror {
     // MARK: Helpers
 
     /// An upstream key-value as the clients see it (out of the namespace).
-    func local(_ p: Mvccpb_KeyValue) -> KeyValue {
-        KeyValue(
+    func local(_ p: Mvccpb_KeyValue) -> MVCC.KeyValue {
+        MVCC.KeyValue(
             key: namespace.strip(p.key.bytes), createRevision: p.createRevision, modRevision: p.modRevision,
             version: p.version,
             value: p.value.bytes, lease: p.lease)

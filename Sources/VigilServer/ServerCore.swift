@@ -11,6 +11,7 @@ import MVCC
 import Mirror
 import Passwords
 import TLS
+import VigilClient
 import VigilCore
 
 /// A running server's parts, all confined to its loop: backend, store, group commit, services,
@@ -30,8 +31,8 @@ final class VigilServerCore {
     let commits: CommitCoordinator
     let maintenance: BackendMaintenance
     let services: EtcdServices
-    /// In-process watches (`VigilServer.watch`), held here (the store holds observers weakly).
-    var localWatches: [ObjectIdentifier: LocalWatch] = [:]
+    /// In-process watches (`VigilServer.watch`), held here until their consumer goes away.
+    var inProcessWatches: [ObjectIdentifier: InProcessWatch] = [:]
     /// Mirror mode's copy of the upstream cluster (nil for a standalone server).
     let mirror: Mirror?
     var limits: Limits { config.limits }
@@ -308,6 +309,7 @@ final class VigilServerCore {
         shutdown()
         for c in Array(connections.values) { c.close() }
         connections.removeAll()
+        for w in Array(inProcessWatches.values) { w.close() }
         commits.flushPending()
     }
 }

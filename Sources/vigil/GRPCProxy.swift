@@ -6,7 +6,7 @@ import VigilServer
 /// `vigil grpc-proxy start`: mirror mode, with etcd's grpc-proxy flags. Vigil follows an etcd
 /// cluster (the distributed engine) and serves its clients: reads and watches from its copy,
 /// everything else forwarded.
-struct GRPCProxyStart: ParsableCommand {
+struct GRPCProxyStart: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "vigil grpc-proxy start",
         abstract: "Serve an etcd cluster's clients from a copy of its key space followed by watch.")
@@ -41,7 +41,7 @@ struct GRPCProxyStart: ParsableCommand {
     @Option(name: .customLong("log-level"), help: "debug, info, warn or error.")
     var logLevel = "info"
 
-    func run() throws {
+    func run() async throws {
         var c = Configuration()
         c.name = "vigil-mirror"
         c.dataDir = dataDir
@@ -72,6 +72,6 @@ struct GRPCProxyStart: ParsableCommand {
         keepBigBuffersMapped()
         let logger = Logger(label: "vigil-mirror")
         logger.info("starting vigil grpc-proxy (mirror mode)", metadata: ["endpoints": "\(m.endpoints)"])
-        try VigilServer(configuration: c, logger: logger).run()
+        try await serve(VigilServer(configuration: c, logger: logger), logger)
     }
 }

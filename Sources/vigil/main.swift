@@ -2,6 +2,7 @@ import ArgumentParser
 import EventLoop
 import Foundation
 import Logging
+import ServiceLifecycle
 import VigilServer
 
 #if os(Linux)
@@ -11,7 +12,7 @@ import CMalloc
 /// `vigil`: flags named as etcd's, for a single member. Every flag can also come from the matching
 /// `ETCD_*` environment variable (e.g. `ETCD_DATA_DIR`), as with etcd; a flag given on the command
 /// line wins.
-struct VigilCommand: ParsableCommand {
+struct VigilCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "vigil",
         abstract: "An etcd v3-compatible key-value server with an event-streaming watch hub.")
@@ -311,7 +312,7 @@ struct VigilCommand: ParsableCommand {
 
     func logLevelValue() throws -> Logger.Level { try parseLogLevel(value(logLevel, "ETCD_LOG_LEVEL") ?? "info") }
 
-    func run() throws {
+    func run() async throws {
         if version {
             print(VersionText.text)
             return
@@ -344,8 +345,17 @@ struct VigilCommand: ParsableCommand {
                 "flag ignored: a single-member Vigil has no Raft, WAL or profiler",
                 metadata: ["flag": "--\(flag)", "value": "\(value)"])
         }
-        try VigilServer(configuration: config, logger: logger).run()
+        try await serve(VigilServer(configuration: config, logger: logger), logger)
     }
+}
+
+/// Runs the server as swift-service-lifecycle runs services: in a `ServiceGroup` that shuts it
+/// down gracefully on SIGTERM or SIGINT.
+func serve(_ server: VigilServer, _ logger: Logger) async throws {
+    let group = ServiceGroup(
+        configuration: ServiceGroupConfiguration(
+            services: [.init(service: server)], gracefulShutdownSignals: [.sigterm, .sigint], logger: logger))
+    try await group.run()
 }
 
 /// Go's flag package takes `--flag=true` and `--flag=false` for booleans (kubeadm writes
@@ -366,6 +376,21 @@ func goBooleanFlags(_ args: [String]) -> [String] {
     }
 }
 
+/// Parses `args` for `command` and runs it, as ArgumentParser's `main` does, then exits.
+func runCommand<C: AsyncParsableCommand>(_ command: C.Type, _ args: [String]) async -> Never {
+    do {
+        var parsed = try C.parseAsRoot(args)
+        if var asyncCommand = parsed as? any AsyncParsableCommand {
+            try await asyncCommand.run()
+        } else {
+            try parsed.run()
+        }
+        exit(0)
+    } catch {
+        C.exit(withError: error)
+    }
+}
+
 EventLoop.preferShortTurns()
 do {
     let given = Array(CommandLine.arguments.dropFirst())
@@ -374,10 +399,10 @@ do {
             FileHandle.standardError.write(Data("Usage: vigil grpc-proxy start [flags] (see --help)\n".utf8))
             exit(64)
         }
-        GRPCProxyStart.main(Array(given.dropFirst(2)))
+        await runCommand(GRPCProxyStart.self, Array(given.dropFirst(2)))
     }
     let args = try IgnoredFlags.extract(goBooleanFlags(given))
-    VigilCommand.main(args)
+    await runCommand(VigilCommand.self, args)
 } catch {
     FileHandle.standardError.write(Data("Error: \(error)\n".utf8))
     exit(64)

@@ -3,6 +3,7 @@ import Logging
 import Testing
 import VigilCore
 import VigilServer
+import VigilTesting
 
 /// The server as a library: a start that fails leaves nothing half-running, and calls made when
 /// the server does not serve fail at once instead of waiting for a loop that will never turn.
@@ -21,33 +22,109 @@ import VigilServer
         return l
     }
 
-    @Test func aFailedStartLeavesNothingRunningAndCallsFailAtOnce() throws {
+    @Test func aFailedStartLeavesNothingRunningAndCallsFailAtOnce() async throws {
         let first = VigilServer(configuration: configuration(port: 0), logger: quiet)
         let port = try #require(try first.start().first)
         defer {
             first.stop()
             try? FileManager.default.removeItem(atPath: first.configuration.dataDir)
         }
-        #expect(try first.put(Array("k".utf8), Array("v".utf8)) == 2)
+        #expect(try await first.put("k", "v").header.revision == 2)
 
         let second = VigilServer(configuration: configuration(port: port), logger: quiet)
         defer { try? FileManager.default.removeItem(atPath: second.configuration.dataDir) }
         #expect(throws: (any Error).self) { try second.start() }  // the port is taken
         let started = Date()
-        #expect(throws: EtcdError.stopped) { try second.put(Array("k".utf8), Array("v".utf8)) }
-        #expect(throws: EtcdError.stopped) { try second.get(Array("k".utf8)) }
+        await #expect(throws: EtcdClientError.closed) { try await second.put("k", "v") }
+        await #expect(throws: EtcdClientError.closed) { try await second.get("k") }
+        await #expect(throws: EtcdClientError.closed) { try await second.watch(.prefix("k")) }
         second.stop()
         #expect(Date().timeIntervalSince(started) < 5, "nothing waited for a loop that does not run")
-        #expect(try first.get(Array("k".utf8)) == Array("v".utf8), "the first server is unaffected")
+        #expect(try await first.get("k")?.valueString == "v", "the first server is unaffected")
     }
 
-    @Test func aBadAutoCompactionSettingFailsTheStart() {
+    @Test func aBadAutoCompactionSettingFailsTheStart() async {
         var c = configuration(port: 0)
         c.autoCompactionMode = "sometimes"
         c.autoCompactionRetention = "1h"
         let s = VigilServer(configuration: c, logger: quiet)
         defer { try? FileManager.default.removeItem(atPath: c.dataDir) }
         #expect(throws: ConfigurationError.self) { try s.start() }
-        #expect(throws: EtcdError.stopped) { try s.put(Array("k".utf8), Array("v".utf8)) }
+        await #expect(throws: EtcdClientError.closed) { try await s.put("k", "v") }
+    }
+
+    /// The value of a Prometheus counter on the server's `/metrics`.
+    private func metric(_ port: Int, _ name: String) throws -> Double {
+        let text = try rawExchange(port: port, Array("GET /metrics HTTP/1.0\r\n\r\n".utf8))
+        let line = text.split(separator: "\n").first { $0.hasPrefix(name + " ") }
+        return Double(line?.split(separator: " ").last ?? "") ?? -1
+    }
+
+    @Test func theInProcessAPIServesWithoutASocket() async throws {
+        let server = VigilServer(configuration: configuration(port: 0), logger: quiet)
+        let port = try #require(try server.start().first)
+        defer {
+            server.stop()
+            try? FileManager.default.removeItem(atPath: server.configuration.dataDir)
+        }
+        let watch = try await server.watch(.prefix("app/"), WatchOptions(prevKV: true))
+        try await server.put("app/a", "1")
+        try await server.put("app/b", "2")
+        let swap = try await server.txn(
+            Txn().when(.value("app/a", .equal, "1")).then(.put("app/a", "10"), .delete("app/b")))
+        #expect(swap.succeeded && swap.header.revision == 4)
+        var opts = RangeOptions()
+        opts.revision = 3
+        #expect(try await server.get(.prefix("app/"), opts).kvs.map(\.valueString) == ["1", "2"])
+        #expect(try await server.get("app/a")?.version == 2)
+
+        // One revision per transaction: two events at revision 4, in one batch.
+        var it = watch.makeAsyncIterator()
+        var events: [WatchEvent] = []
+        while events.count < 4, let batch = try await it.next() { events += batch.events }
+        #expect(events.map(\.revision) == [2, 3, 4, 4])
+        #expect(events[2].prevKV?.valueString == "1" && events[3].kind == .delete)
+
+        // Leases: kept alive by a task until it is cancelled, then expired with their keys.
+        let lease = try await server.grantLease(ttl: 2)
+        try await server.put("app/held", "x", PutOptions(lease: lease.id))
+        let keeper = Task { try await server.keepAlive(lease.id) }
+        try await Task.sleep(for: .seconds(3.5))
+        #expect(try await server.timeToLive(lease.id, keys: true).keys == [Array("app/held".utf8)])
+        keeper.cancel()
+        await #expect(throws: CancellationError.self) { try await keeper.value }
+        try await Task.sleep(for: .seconds(3.5))
+        #expect(try await server.get("app/held") == nil)
+        await #expect(throws: EtcdClientError.leaseExpired(lease.id)) { try await server.keepAlive(lease.id) }
+        // etcd's errors, typed.
+        await #expect(throws: EtcdClientError.rpc(code: 5, message: "etcdserver: requested lease not found")) {
+            try await server.revokeLease(lease.id)
+        }
+        // The consumer that goes away cancels its watcher on the hub.
+        #expect(try metric(port, "etcd_debugging_mvcc_watcher_total") == 1)
+        watch.cancel()
+        try await Task.sleep(for: .milliseconds(200))
+        #expect(try metric(port, "etcd_debugging_mvcc_watcher_total") == 0)
+    }
+
+    @Test func aWatchConsumerThatStopsReadingIsParkedAndCatchesUp() async throws {
+        let server = VigilServer(configuration: configuration(port: 0), logger: quiet)
+        let port = try #require(try server.start().first)
+        defer {
+            server.stop()
+            try? FileManager.default.removeItem(atPath: server.configuration.dataDir)
+        }
+        let idle = try await server.watch(.prefix("big/"))
+        let value = String(repeating: "v", count: 4096)
+        // 8 MiB of events while nobody reads: the hub parks the watcher past 1 MiB unread.
+        for i in 0..<2048 { try await server.put("big/\(i % 64)", value) }
+        #expect(try metric(port, "vigil_watch_parked_total") >= 1)
+        // Reading again, it gets every event, in order, once each.
+        var revisions: [Int64] = []
+        for try await batch in idle {
+            revisions += batch.events.map(\.revision)
+            if revisions.count >= 2048 { break }
+        }
+        #expect(revisions == Array(2...2049))
     }
 }

@@ -4,7 +4,6 @@ import Foundation
 import GRPC
 import HTTP2
 import TLS
-import VigilClient
 import VigilCore
 
 /// One member of the upstream cluster: where to dial it.
@@ -33,7 +32,7 @@ public struct UpstreamEndpoint: Sendable, Equatable, CustomStringConvertible {
     public var description: String { "\(host):\(port)" }
 }
 
-/// The connection to the upstream cluster: one member at a time. When it is lost, or stops
+/// The connection to an etcd cluster (the mirror's upstream, the EtcdClient's cluster): one member at a time. When it is lost, or stops
 /// answering (`checkAlive`), the next member is dialled, with a growing pause once every member
 /// has failed in a row. Calls made while no connection is up wait for the next one; they fail
 /// with UNAVAILABLE if a whole round of members fails.
@@ -51,15 +50,21 @@ public final class Upstream {
     private var retryTimer: LoopTimer?
     private var stopped = false
     /// Called on the loop each time a connection is up (the mirror resumes its watch there).
-    var onConnect: ((GRPCClientConnection) -> Void)?
+    public var onConnect: ((GRPCClientConnection) -> Void)?
+    /// Runs on each new connection before anything else uses it (the client authenticates there
+    /// and sets the token); a failure drops the connection, and the calls waiting for one end
+    /// with that status.
+    public var prepare: ((GRPCClientConnection, @escaping (GRPCStatus?) -> Void) -> Void)?
+    /// Why the calls that waited for a connection got none (a whole round of members failed).
+    public private(set) var failure = Upstream.unreachable
     /// Connections made after the first.
     public private(set) var reconnects = 0
     private var connectedOnce = false
     /// Why the last attempt or connection failed, for logs and `/health`.
     public private(set) var lastError = ""
-    var log: (String) -> Void = { _ in }
+    public var log: (String) -> Void = { _ in }
 
-    init(loop: EventLoop, endpoints: [UpstreamEndpoint], tls: TLSContext?) {
+    public init(loop: EventLoop, endpoints: [UpstreamEndpoint], tls: TLSContext?) {
         precondition(!endpoints.isEmpty)
         self.loop = loop
         self.endpoints = endpoints
@@ -68,34 +73,34 @@ public final class Upstream {
     }
 
     /// Runs `body` with the connection once one is up (nil: a whole round of members failed).
-    func withConnection(_ body: @escaping (GRPCClientConnection?) -> Void) {
+    public func withConnection(_ body: @escaping (GRPCClientConnection?) -> Void) {
         if let c = connection, !c.isClosed { return body(c) }
         waiting.append(body)
         dial()
     }
 
     /// A unary call upstream with raw messages.
-    func unary(
+    public func unary(
         _ path: String, _ request: [UInt8], metadata: [HeaderField] = [],
         _ done: @escaping (Result<[UInt8], GRPCStatus>) -> Void
     ) {
         withConnection { c in
-            guard let c else { return done(.failure(Self.unreachable)) }
+            guard let c else { return done(.failure(self.failure)) }
             c.unary(path, request, metadata: metadata, done)
         }
     }
 
-    static let unreachable = GRPCStatus(.unavailable, "vigil mirror: no upstream member is reachable")
+    public static let unreachable = GRPCStatus(.unavailable, "no etcd endpoint is reachable")
 
     /// Drops the connection (it failed, or answers nothing): calls on it end with UNAVAILABLE and
     /// the next member is dialled.
-    func drop(_ why: String) {
+    public func drop(_ why: String) {
         lastError = why
         log("dropping upstream connection to \(endpoint): \(why)")
         connection?.close()
     }
 
-    func stop() {
+    public func stop() {
         stopped = true
         retryTimer?.cancel()
         retryTimer = nil
@@ -119,27 +124,44 @@ public final class Upstream {
                 failed("cannot connect to \(ep): \(e)")
             case .success(let c):
                 if stopped { return c.close() }
-                connection = c
-                if connectedOnce { reconnects += 1 }
-                connectedOnce = true
-                log("connected to upstream member \(ep)")
-                let since = loop.nowMilliseconds
-                c.onClose = { [weak self, weak c] in
-                    guard let self, let c, connection === c else { return }
-                    connection = nil
-                    // A member that takes connections but drops them at once (no leader) counts
-                    // as failed: the pause between attempts grows until one lasts.
-                    if loop.nowMilliseconds - since < 2_000 { failuresInRow += 1 } else { failuresInRow = 0 }
-                    if lastError.isEmpty { lastError = "connection to \(ep) closed" }
-                    log("upstream connection to \(ep) closed")
-                    retry()
+                guard let prepare else { return connected(c, ep) }
+                prepare(c) { [weak self] error in
+                    guard let self else { return }
+                    guard let error else { return connected(c, ep) }
+                    c.close()
+                    if error.code == .unavailable { return failed("connection to \(ep) lost: \(error.message)") }
+                    lastError = error.message
+                    log("connection to \(ep) refused: \(error.message)")
+                    failure = error
+                    let w = waiting
+                    waiting = []
+                    for body in w { body(nil) }
+                    failure = Self.unreachable
                 }
-                onConnect?(c)
-                let w = waiting
-                waiting = []
-                for body in w { body(c) }
             }
         }
+    }
+
+    private func connected(_ c: GRPCClientConnection, _ ep: UpstreamEndpoint) {
+        connection = c
+        if connectedOnce { reconnects += 1 }
+        connectedOnce = true
+        log("connected to upstream member \(ep)")
+        let since = loop.nowMilliseconds
+        c.onClose = { [weak self, weak c] in
+            guard let self, let c, connection === c else { return }
+            connection = nil
+            // A member that takes connections but drops them at once (no leader) counts
+            // as failed: the pause between attempts grows until one lasts.
+            if loop.nowMilliseconds - since < 2_000 { failuresInRow += 1 } else { failuresInRow = 0 }
+            if lastError.isEmpty { lastError = "connection to \(ep) closed" }
+            log("upstream connection to \(ep) closed")
+            retry()
+        }
+        onConnect?(c)
+        let w = waiting
+        waiting = []
+        for body in w { body(c) }
     }
 
     private func failed(_ why: String) {
@@ -173,14 +195,14 @@ public final class Upstream {
 /// One watch on the upstream cluster, on a stream of its own: the create request sent, answers
 /// decoded with their fragments joined, and nothing heard after `cancel()`. `hasleader` makes a
 /// member without a leader end it, so that its owner moves to another.
-final class UpstreamWatch {
+public final class UpstreamWatch {
     private var call: ClientCall?
     private var fragments: [Mvccpb_Event] = []
     private var onResponse: ((Etcdserverpb_WatchResponse) -> Void)?
     private var onEnd: ((GRPCStatus) -> Void)?
 
     /// nil if the stream could not be opened (the connection is closing).
-    init?(
+    public init?(
         on c: GRPCClientConnection, _ create: Etcdserverpb_WatchCreateRequest,
         onResponse: @escaping (Etcdserverpb_WatchResponse) -> Void, onEnd: @escaping (GRPCStatus) -> Void
     ) {
@@ -198,7 +220,7 @@ final class UpstreamWatch {
     }
 
     /// A create request for `[key, end)` from `start`.
-    static func create(
+    public static func create(
         _ key: [UInt8], _ end: [UInt8], from start: Int64, prevKV: Bool = false, progressNotify: Bool = false
     ) -> Etcdserverpb_WatchCreateRequest {
         var c = Etcdserverpb_WatchCreateRequest()
@@ -211,13 +233,13 @@ final class UpstreamWatch {
         return c
     }
 
-    func requestProgress() {
+    public func requestProgress() {
         var req = Etcdserverpb_WatchRequest()
         req.progressRequest = Etcdserverpb_WatchProgressRequest()
         call?.send(req)
     }
 
-    func cancel() {
+    public func cancel() {
         onResponse = nil
         onEnd = nil
         call?.cancel()
