@@ -21,6 +21,8 @@ let package = Package(
         // Swift servers' lifecycle: VigilServer is a `Service`, and `vigil` runs in a `ServiceGroup`
         // (graceful shutdown on SIGTERM/SIGINT).
         .package(url: "https://github.com/swift-server/swift-service-lifecycle.git", from: "2.6.0"),
+        // The metrics facade of Swift servers: an embedding program's backend gets Vigil's metrics.
+        .package(url: "https://github.com/apple/swift-metrics.git", from: "2.4.0"),
     ],
     targets: [
         // System libraries: a modulemap and a one-line header each, no code.
@@ -85,6 +87,7 @@ let package = Package(
                 "HTTP2", "TLS", "CMalloc", "Bolt", "Mirror", "COpenSSL",
                 "GRPC", "LMDBBackend", "MVCC", "VigilCore", .product(name: "Logging", package: "swift-log"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+                .product(name: "CoreMetrics", package: "swift-metrics"),
             ]),
         .executableTarget(
             name: "vigil",
@@ -163,7 +166,10 @@ let package = Package(
         .testTarget(
             name: "VigilIntegrationTests",
             dependencies: [
-                "VigilTesting", "VigilClient", "EtcdProto", "GRPC", "MVCC", "FuzzHarness", "VigilServer", "Bolt",
+                "VigilTesting", "VigilClient",
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+                .product(name: "MetricsTestKit", package: "swift-metrics"), "EtcdProto", "GRPC", "MVCC", "FuzzHarness",
+                "VigilServer", "Bolt",
                 .product(name: "Logging", package: "swift-log"), "VigilCore",
                 .product(name: "SwiftProtobuf", package: "swift-protobuf"),
             ]),

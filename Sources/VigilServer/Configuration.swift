@@ -86,6 +86,9 @@ public struct Configuration: Sendable {
     public var corsOrigins: [String] = ["*"]
     /// A TLS handshake must finish within this time.
     public var tlsHandshakeTimeoutMs: UInt64 = 10_000
+    /// For embedding programs with a swift-metrics backend: every this many seconds the server's
+    /// metrics (those of `/metrics`) are handed to the swift-metrics facade. nil: never.
+    public var metricsExportInterval: Double?
 
     public init() {}
 

@@ -54,6 +54,8 @@ final class VigilServerCore {
     private var loggedRefusals: Set<EtcdError.Refusal> = []
     private var connections: [ObjectIdentifier: ClientConnection] = [:]
     private var background: BackgroundWork?
+    /// The swift-metrics export (`Configuration.metricsExportInterval`).
+    private(set) var metricsExport: MetricsFacadeExport?
     /// `--auto-compaction-*`, checked at start.
     private let autoCompaction: AutoCompactor.Mode?
 
@@ -167,6 +169,9 @@ final class VigilServerCore {
             logger.info("serving metrics", metadata: ["address": "\(a.host):\(l.port)"])
         }
         background = BackgroundWork(core: self, autoCompaction: autoCompaction)
+        if let every = config.metricsExportInterval {
+            metricsExport = MetricsFacadeExport(loop: loop, intervalSeconds: every) { [unowned self] in metricsText() }
+        }
         return ports
     }
 
@@ -302,6 +307,7 @@ final class VigilServerCore {
         listeners.removeAll()
         background?.stop()
         background = nil
+        metricsExport?.stop()
     }
 
     /// Closes listeners and every client connection, and starts committing what is pending.

@@ -1,5 +1,8 @@
 import Foundation
 import Logging
+import Metrics
+import MetricsTestKit
+import ServiceLifecycle
 import Testing
 import VigilCore
 import VigilServer
@@ -126,5 +129,60 @@ import VigilTesting
             if revisions.count >= 2048 { break }
         }
         #expect(revisions == Array(2...2049))
+    }
+
+    @Test func runsInAServiceGroupAndStopsGracefully() async throws {
+        let server = VigilServer(configuration: configuration(port: 0), logger: quiet)
+        defer { try? FileManager.default.removeItem(atPath: server.configuration.dataDir) }
+        let group = ServiceGroup(services: [server], logger: quiet)
+        try await withThrowingTaskGroup(of: Void.self) { tasks in
+            tasks.addTask { try await group.run() }
+            var revision: Int64 = 0
+            for _ in 0..<200 where revision == 0 {
+                revision = (try? await server.put("k", "v").header.revision) ?? 0
+                if revision == 0 { try await Task.sleep(for: .milliseconds(25)) }
+            }
+            #expect(revision == 2, "served once the group ran it")
+            await group.triggerGracefulShutdown()
+            try await tasks.next()  // the service returned: the server has stopped
+            await #expect(throws: EtcdClientError.closed) { try await server.get("k") }
+        }
+        // What was acknowledged is there after the graceful stop.
+        let again = VigilServer(configuration: server.configuration, logger: quiet)
+        try again.start(handleSignals: false)
+        #expect(try await again.get("k")?.valueString == "v")
+        again.stop()
+    }
+
+    @Test func metricsReachTheSwiftMetricsFacade() async throws {
+        let metrics = TestMetrics()
+        MetricsSystem.bootstrap(metrics)
+        var c = configuration(port: 0)
+        c.metricsExportInterval = 0.1
+        let server = VigilServer(configuration: c, logger: quiet)
+        let port = try #require(try server.start(handleSignals: false).first)
+        defer {
+            server.stop()
+            try? FileManager.default.removeItem(atPath: c.dataDir)
+        }
+        // Puts over gRPC (the request metrics count gRPC calls).
+        let client = try EtcdClient(endpoints: ["127.0.0.1:\(port)"])
+        for i in 0..<5 { try await client.put("m\(i)", "v") }
+        var puts: Int64 = 0
+        var keys: Double?
+        for _ in 0..<50 where puts < 5 || keys != 5 {
+            try await Task.sleep(for: .milliseconds(100))
+            puts = metrics.counterTotal(label: "etcd_mvcc_put_total")
+            keys = try? metrics.expectGauge("etcd_debugging_mvcc_keys_total").lastValue
+        }
+        #expect(puts == 5, "counters arrive as their increase")
+        #expect(keys == 5, "gauges as their value")
+        let handled = metrics.counterTotal(
+            label: "grpc_server_handled_total",
+            dimensions: [
+                ("grpc_code", "OK"), ("grpc_method", "Put"), ("grpc_service", "etcdserverpb.KV"),
+                ("grpc_type", "unary"),
+            ])
+        #expect(handled == 5, "with /metrics's labels as dimensions")
     }
 }
