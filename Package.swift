@@ -23,6 +23,10 @@ let package = Package(
         .package(url: "https://github.com/swift-server/swift-service-lifecycle.git", from: "2.6.0"),
         // The metrics facade of Swift servers: an embedding program's backend gets Vigil's metrics.
         .package(url: "https://github.com/apple/swift-metrics.git", from: "2.4.0"),
+        // vigil-bench's latency percentiles: HDR histograms (bounded memory, exact to 3 digits).
+        .package(url: "https://github.com/HdrHistogram/hdrhistogram-swift.git", from: "0.1.0"),
+        // DocC for the two library products (scripts/docs.sh); a plugin, built only when used.
+        .package(url: "https://github.com/swiftlang/swift-docc-plugin.git", from: "1.4.0"),
     ],
     targets: [
         // System libraries: a modulemap and a one-line header each, no code.
@@ -116,7 +120,8 @@ let package = Package(
         .executableTarget(
             name: "vigil-bench",
             dependencies: [
-                "VigilClient", "EventLoop", "GRPC", "EtcdProto", "VigilCore", "TLS",
+                "VigilClient", "VigilServer", "EventLoop", "GRPC", "EtcdProto", "VigilCore", "TLS",
+                .product(name: "Histogram", package: "hdrhistogram-swift"),
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ], path: "Benchmarks/vigil-bench"),
 

@@ -63,7 +63,7 @@ struct CompactionBench: Workload {
 
         let prober = connections.count > 1 ? connections[1] : connections[0]
         // HashKV over the whole history, while probing.
-        var hashProbes: [Double] = []
+        var hashProbes = Latencies()
         let h0 = now()
         var hashError = ""
         probing(prober, into: &hashProbes) { finished in
@@ -75,12 +75,11 @@ struct CompactionBench: Workload {
         }
         result["hashkv_seconds"] = Double(now() - h0) / 1e9
         result["hashkv_error"] = hashError
-        hashProbes.sort()
-        result["hashkv_probe_p99_ms"] = WatchBench.percentile(hashProbes, 0.99)
-        result["hashkv_probe_max_ms"] = hashProbes.last ?? 0
+        result["hashkv_probe_p99_ms"] = hashProbes.ms(0.99)
+        result["hashkv_probe_max_ms"] = hashProbes.maxMs
 
         // Compact everything but the last revision of each key, physically, while probing.
-        var probes: [Double] = []
+        var probes = Latencies()
         var c = Etcdserverpb_CompactionRequest()
         c.revision = revision
         c.physical = true
@@ -101,11 +100,10 @@ struct CompactionBench: Workload {
             as: Etcdserverpb_DefragmentResponse.self)
         let defragSeconds = Double(now() - d0) / 1e9
         let afterDefrag = status(control)
-        probes.sort()
         result.merge([
             "compact_seconds": compactSeconds, "compact_error": compactError, "probes": probes.count,
-            "probe_p50_ms": WatchBench.percentile(probes, 0.5), "probe_p99_ms": WatchBench.percentile(probes, 0.99),
-            "probe_max_ms": probes.last ?? 0, "defrag_seconds": defragSeconds,
+            "probe_p50_ms": probes.ms(0.5), "probe_p99_ms": probes.ms(0.99),
+            "probe_max_ms": probes.maxMs, "defrag_seconds": defragSeconds,
             "db_mb_after_compact": Double(afterCompact?.dbSize ?? 0) / 1e6,
             "db_mb_after_defrag": Double(afterDefrag?.dbSize ?? 0) / 1e6,
         ]) { $1 }
@@ -115,11 +113,11 @@ struct CompactionBench: Workload {
     /// Starts `work` (which calls `finished` when its answer is in) and sends one single-key Range
     /// every millisecond (one at a time) on `prober` until then, collecting their latencies in ms.
     private func probing(
-        _ prober: GRPCClientConnection, into probes: inout [Double], _ work: (@escaping () -> Void) -> Void
+        _ prober: GRPCClientConnection, into probes: inout Latencies, _ work: (@escaping () -> Void) -> Void
     ) {
         var done = false
         var inFlight = false
-        var collected: [Double] = []
+        var collected = Latencies()
         let keySpace = bench.keySpace
         let bench = self.bench
         let timer = LoopTimer(loop: loop, timeoutMs: 1, repeatMs: 1) {
@@ -129,7 +127,7 @@ struct CompactionBench: Workload {
             var r = Etcdserverpb_RangeRequest()
             r.key = bench.key(Int.random(in: 0..<keySpace))
             prober.unary(EtcdMethod.range.path, r) { (_: Result<Etcdserverpb_RangeResponse, GRPCStatus>) in
-                collected.append(Double(DispatchTime.now().uptimeNanoseconds - p0) / 1e6)
+                collected.record(ms: Double(DispatchTime.now().uptimeNanoseconds - p0) / 1e6)
                 inFlight = false
             }
         }

@@ -46,8 +46,7 @@ struct LeaseBench: Workload {
     func runKeepAlive() throws -> [String: Any] {
         let ids = grant(bench.streams, ttl: 600)
         var renewed = 0, zero = 0
-        var latencies: [Double] = []
-        latencies.reserveCapacity(bench.total)
+        var latencies = Latencies()
         var calls: [ClientCall] = []
         var sentAt = [UInt64](repeating: 0, count: ids.count)
         var sent = 0
@@ -66,7 +65,7 @@ struct LeaseBench: Workload {
                     EtcdMethod.leaseKeepAlive.path,
                     onMessage: { bytes in
                         renewed += 1
-                        latencies.append(Double(DispatchTime.now().uptimeNanoseconds - sentAt[s]) / 1e6)
+                        latencies.record(ms: Double(DispatchTime.now().uptimeNanoseconds - sentAt[s]) / 1e6)
                         if let r = try? Etcdserverpb_LeaseKeepAliveResponse(serializedBytes: bytes), r.ttl <= 0 {
                             zero += 1
                         }
@@ -79,13 +78,12 @@ struct LeaseBench: Workload {
         _ = runUntil(seconds: bench.maxSeconds) { renewed >= bench.total }
         let seconds = Double(now() - t0) / 1e9
         let cpu = probe.cpuSeconds() - cpu0
-        latencies.sort()
         for c in calls { c.cancel() }
         return [
             "workload": "keepalive", "streams": ids.count, "renewals": renewed, "expired_answers": zero,
             "seconds": seconds, "per_s": Double(renewed) / seconds,
-            "p50_ms": WatchBench.percentile(latencies, 0.5), "p90_ms": WatchBench.percentile(latencies, 0.9),
-            "p99_ms": WatchBench.percentile(latencies, 0.99), "max_ms": latencies.last ?? 0,
+            "p50_ms": latencies.ms(0.5), "p90_ms": latencies.ms(0.9),
+            "p99_ms": latencies.ms(0.99), "max_ms": latencies.maxMs,
             "cpu_us_per_renewal": renewed > 0 ? cpu * 1e6 / Double(renewed) : 0,
         ]
     }

@@ -114,19 +114,18 @@ extension WatchBench {
 
         let total = bench.total
         var sendTimes = [UInt64](repeating: 0, count: total)
-        var latencies: [Double] = []
+        var latencies = Latencies()
         let sampleEvery = max(1, total * streams.count / 20_000_000)
         var delivered = 0
         for (n, s) in streams.enumerated() {
             s.onEvent = { [unowned s] in
                 delivered += 1
                 guard n % sampleEvery == 0, s.events <= total else { return }
-                latencies.append(Double(DispatchTime.now().uptimeNanoseconds - sendTimes[s.events - 1]) / 1e6)
+                latencies.record(ms: Double(DispatchTime.now().uptimeNanoseconds - sendTimes[s.events - 1]) / 1e6)
             }
         }
         var result = deliver(
             total: total, expected: total * streams.count, sentAt: { sendTimes[$0] = $1 }, delivered: { delivered })
-        latencies.sort()
         result.merge(
             figures(
                 streams: streams.map { ($0.events, $0.outOfOrder) }, perStream: total, latencies: latencies,

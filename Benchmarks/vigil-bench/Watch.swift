@@ -182,10 +182,6 @@ struct WatchBench: Workload {
         return (Double(now() - start) / 1e9, errors)
     }
 
-    static func percentile(_ sorted: [Double], _ p: Double) -> Double {
-        sorted.isEmpty ? 0 : sorted[min(sorted.count - 1, Int(Double(sorted.count) * p))]
-    }
-
     /// 10,000 streams on one prefix, one writer.
     func runFanout() throws -> [String: Any] {
         let rss0 = probe.rssKiB()
@@ -212,8 +208,7 @@ struct WatchBench: Workload {
 
         let total = bench.total
         var sendTimes = [UInt64](repeating: 0, count: total)
-        var latencies: [Double] = []
-        latencies.reserveCapacity(min(total * streams.count, 20_000_000))
+        var latencies = Latencies()
         let sampleEvery = max(1, total * streams.count / 20_000_000)
         var delivered = 0
         for (n, s) in streams.enumerated() {
@@ -222,13 +217,12 @@ struct WatchBench: Workload {
                 guard n % sampleEvery == 0 else { return }
                 // Keys are "w/<index>".
                 let idx = Int(String(decoding: e.kv.key.dropFirst(2), as: UTF8.self)) ?? 0
-                if idx < total { latencies.append(Double(DispatchTime.now().uptimeNanoseconds - sendTimes[idx]) / 1e6) }
+                if idx < total { latencies.record(ms: Double(DispatchTime.now().uptimeNanoseconds - sendTimes[idx]) / 1e6) }
             }
         }
         var result = deliver(
             total: total, expected: total * streams.count * perStream, sentAt: { sendTimes[$0] = $1 },
             delivered: { delivered })
-        latencies.sort()
         result.merge(
             figures(
                 streams: streams.map { ($0.events, $0.outOfOrder) }, perStream: total * perStream,
@@ -261,9 +255,9 @@ struct WatchBench: Workload {
     }
 
     /// Lost, duplicated and reordered events over the streams (each should have had `perStream`),
-    /// the latency percentiles (sorted), and memory per stream.
+    /// the latency percentiles, and memory per stream.
     func figures(
-        streams: [(events: Int, outOfOrder: Int)], perStream: Int, latencies: [Double],
+        streams: [(events: Int, outOfOrder: Int)], perStream: Int, latencies: Latencies,
         memory: (before: Int, after: Int)
     ) -> [String: Any] {
         [
@@ -271,8 +265,8 @@ struct WatchBench: Workload {
             "lost": streams.reduce(0) { $0 + max(0, perStream - $1.events) },
             "duplicated": streams.reduce(0) { $0 + max(0, $1.events - perStream) },
             "reordered": streams.reduce(0) { $0 + $1.outOfOrder },
-            "p50_ms": Self.percentile(latencies, 0.5), "p90_ms": Self.percentile(latencies, 0.9),
-            "p99_ms": Self.percentile(latencies, 0.99), "max_ms": latencies.last ?? 0,
+            "p50_ms": latencies.ms(0.5), "p90_ms": latencies.ms(0.9),
+            "p99_ms": latencies.ms(0.99), "max_ms": latencies.maxMs,
             "rss_before_kib": memory.before, "rss_streams_kib": memory.after,
             "bytes_per_stream": Double(memory.after - memory.before) * 1024 / Double(max(1, streams.count)),
         ]
@@ -290,21 +284,21 @@ struct WatchBench: Workload {
             throw BenchError("phase 1 watches not created")
         }
         var delivered = 0
-        var latencies: [Double] = []
+        var latencies = Latencies()
         var sendTimes: [UInt64] = []
         for s in streams {
             s.onEvent = { e in
                 delivered += 1
                 // The value carries the put's index.
                 if let idx = Int(String(decoding: e.kv.value, as: UTF8.self)), idx < sendTimes.count {
-                    latencies.append(Double(DispatchTime.now().uptimeNanoseconds - sendTimes[idx]) / 1e6)
+                    latencies.record(ms: Double(DispatchTime.now().uptimeNanoseconds - sendTimes[idx]) / 1e6)
                 }
             }
         }
         func dispatchPhase(_ watchersPerStream: Int) -> (cpuPerPut: Double, p50: Double, p99: Double) {
             let n = bench.total
             delivered = 0
-            latencies = []
+            latencies = Latencies()
             sendTimes = [UInt64](repeating: 0, count: n)
             let writer = connections[0]
             var next = 0, inFlight = false
@@ -326,8 +320,7 @@ struct WatchBench: Workload {
             issue()
             _ = runUntil(seconds: bench.maxSeconds) { next == n && !inFlight && delivered >= n }
             let cpu = probe.cpuSeconds() - cpu0
-            latencies.sort()
-            return (cpu / Double(n), Self.percentile(latencies, 0.5), Self.percentile(latencies, 0.99))
+                return (cpu / Double(n), latencies.ms(0.5), latencies.ms(0.99))
         }
         Thread.sleep(forTimeInterval: 1)
         let few = dispatchPhase(1)

@@ -32,7 +32,9 @@ struct Bench: ParsableCommand {
         help: """
             put | range | txn | watch (= watch-fanout) | watch-latency | watchers | watch-sse \
             | keepalive (= lease-keepalive) \
-            | leases | lease-expiry | compaction | connections
+            | leases | lease-expiry | compaction | connections \
+            | client-put | client-range | client-watch (the async EtcdClient) \
+            | inprocess-watch (an embedded VigilServer's in-process watch)
             """) var workload = "put"
     @Option(help: "TCP connections.") var conns = 4
     @Option(help: "Requests in flight in total, spread over the connections.") var clients = 64
@@ -54,6 +56,8 @@ struct Bench: ParsableCommand {
     @Flag(help: "watch: send a failed put again until it lands (a leader killed under load).") var retryPuts = false
     @Flag(help: "compaction: stop after the writes (and the memory reading).") var writeOnly = false
     @Flag(help: "range: write every key twice and read each at its first write's revision.") var historic = false
+    @Option(help: "inprocess-watch: hand the metrics to the swift-metrics facade every this many seconds.")
+    var metricsExport: Double?
     @Option(help: "TLS: the CA file the server's certificate chains to (connects over TLS).") var cacert: String?
     @Option(help: "TLS: a client certificate.") var cert: String?
     @Option(help: "TLS: the client certificate's key.") var key: String?
@@ -61,6 +65,7 @@ struct Bench: ParsableCommand {
     var port: Int { Int(endpoint.split(separator: ":").last ?? "") ?? 2379 }
 
     static let workloads: Set<String> = [
+        "client-put", "client-range", "client-watch", "inprocess-watch",
         "put", "range", "txn", "watch", "watch-fanout", "watch-latency", "watchers", "watch-sse",
         "keepalive", "lease-keepalive", "leases", "lease-expiry", "compaction", "connections",
     ]
@@ -79,6 +84,18 @@ struct Bench: ParsableCommand {
     }
 
     func run() throws {
+        if workload.hasPrefix("client-") || workload == "inprocess-watch" {
+            let c = ClientBench(bench: self)
+            let result =
+                switch workload {
+                case "client-watch": try c.runWatch()
+                case "inprocess-watch": try c.runInProcessWatch()
+                default: try c.runRequests()
+                }
+            let data = try JSONSerialization.data(withJSONObject: result, options: [.sortedKeys])
+            print(String(decoding: data, as: UTF8.self))
+            return
+        }
         let parts = endpoint.split(separator: ":")
         guard parts.count == 2, let port = Int(parts[1]) else { throw ValidationError("endpoint must be host:port") }
         let host = String(parts[0])
@@ -177,11 +194,11 @@ struct Bench: ParsableCommand {
             }
         }
 
-        var latencies = [Double]()
-        latencies.reserveCapacity(total)
+        var latencies = Latencies()
         var errors = 0
         var firstError: String?
         var sent = 0, finished = 0
+        let cpu0 = ownCPUSeconds()
         let start = DispatchTime.now().uptimeNanoseconds
         let deadline = start + UInt64(maxSeconds * 1e9)
 
@@ -191,7 +208,7 @@ struct Bench: ParsableCommand {
             sent += 1
             let t0 = DispatchTime.now().uptimeNanoseconds
             let complete: (GRPCStatus?) -> Void = { err in
-                latencies.append(Double(DispatchTime.now().uptimeNanoseconds - t0) / 1e6)
+                latencies.record(ms: Double(DispatchTime.now().uptimeNanoseconds - t0) / 1e6)
                 if let err {
                     errors += 1
                     if firstError == nil { firstError = err.description }
@@ -241,20 +258,18 @@ struct Bench: ParsableCommand {
         for i in 0..<clients { issue(connections[i % conns]) }
         loop.run()
         let seconds = Double(DispatchTime.now().uptimeNanoseconds - start) / 1e9
+        let cpu = ownCPUSeconds() - cpu0
         for c in connections { c.close() }
         loop.shutdown()
         loop.drain()
 
-        latencies.sort()
-        func pct(_ p: Double) -> Double {
-            latencies.isEmpty ? 0 : latencies[min(latencies.count - 1, Int(Double(latencies.count) * p))]
-        }
+        func pct(_ p: Double) -> Double { latencies.ms(p) }
         let result: [String: Any] = [
             "workload": workload, "endpoint": endpoint, "requests": finished, "errors": errors,
             "seconds": seconds, "throughput": Double(finished) / seconds,
-            "p50_ms": pct(0.50), "p90_ms": pct(0.90), "p99_ms": pct(0.99), "max_ms": latencies.last ?? 0,
+            "p50_ms": pct(0.50), "p90_ms": pct(0.90), "p99_ms": pct(0.99), "max_ms": latencies.maxMs,
             "conns": conns, "clients": clients, "key_size": keySize, "val_size": valSize,
-            "first_error": firstError ?? "",
+            "first_error": firstError ?? "", "client_cpu_us_per_op": cpu / Double(max(1, finished)) * 1e6,
         ]
         let data = try JSONSerialization.data(withJSONObject: result, options: [.sortedKeys])
         print(String(decoding: data, as: UTF8.self))

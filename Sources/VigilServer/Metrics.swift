@@ -297,6 +297,12 @@ extension VigilServerCore {
                 "vigil_mirror_reloads_total", "counter", "Reloads after upstream compacted past the mirror.",
                 mirror.reloads)
         }
+        if let metricsExport {
+            metric(
+                "vigil_metrics_export_seconds_max", "gauge",
+                "Longest hand-over of the metrics to the swift-metrics facade (CPU time of the loop thread).",
+                Double(metricsExport.longestExportNs) / 1e9)
+        }
         #if os(Linux)
         let heap = mallinfo2()
         metric(
