@@ -17,6 +17,7 @@ test:
 	swift build
 	swift test
 	$(MAKE) format-check
+	./scripts/docs.sh
 
 # The suite once more on the same build (CI runs it twice: a flaky test shows).
 test-again:

@@ -217,7 +217,8 @@ struct ClientBench {
             let seconds = Double(DispatchTime.now().uptimeNanoseconds - start) / 1e9
             let cpu = ownCPUSeconds() - cpu0
             let result: [String: Any] = [
-                "workload": "inprocess-watch", "metrics_export_s": b.metricsExport ?? 0, "consumers": b.streams, "puts": b.total, "writers": writers,
+                "workload": "inprocess-watch", "metrics_export_s": b.metricsExport ?? 0, "consumers": b.streams,
+                "puts": b.total, "writers": writers,
                 "events": delivered, "expected": b.total * b.streams, "out_of_order": outOfOrder,
                 "seconds": seconds, "events_per_second": Double(delivered) / seconds,
                 "cpu_us_per_event": cpu / Double(max(1, delivered)) * 1e6,

@@ -217,7 +217,9 @@ struct WatchBench: Workload {
                 guard n % sampleEvery == 0 else { return }
                 // Keys are "w/<index>".
                 let idx = Int(String(decoding: e.kv.key.dropFirst(2), as: UTF8.self)) ?? 0
-                if idx < total { latencies.record(ms: Double(DispatchTime.now().uptimeNanoseconds - sendTimes[idx]) / 1e6) }
+                if idx < total {
+                    latencies.record(ms: Double(DispatchTime.now().uptimeNanoseconds - sendTimes[idx]) / 1e6)
+                }
             }
         }
         var result = deliver(
@@ -320,7 +322,7 @@ struct WatchBench: Workload {
             issue()
             _ = runUntil(seconds: bench.maxSeconds) { next == n && !inFlight && delivered >= n }
             let cpu = probe.cpuSeconds() - cpu0
-                return (cpu / Double(n), latencies.ms(0.5), latencies.ms(0.99))
+            return (cpu / Double(n), latencies.ms(0.5), latencies.ms(0.99))
         }
         Thread.sleep(forTimeInterval: 1)
         let few = dispatchPhase(1)

@@ -74,9 +74,13 @@ public final class LoopInbox: @unchecked Sendable {
         return try await withTaskCancellationHandler {
             try await withCheckedThrowingContinuation { (c: CheckedContinuation<T, any Error>) in
                 let once = ResumeOnce(c)
-                stop.onCancel = { once.resume(.failure(CancellationError())) }
+                stop.setOnCancel { once.resume(.failure(CancellationError())) }
                 let queued = submit {
-                    stop.set(body { once.resume($0) })
+                    stop.set(
+                        body { result in
+                            stop.markAnswered()
+                            once.resume(result)
+                        })
                 }
                 if !queued { once.resume(.failure(closedError)) }
                 if Task.isCancelled {
@@ -90,16 +94,29 @@ public final class LoopInbox: @unchecked Sendable {
     }
 }
 
-/// What stops a `perform`'s work, handed from the loop to a cancelling task.
+/// What stops a `perform`'s work, handed from the loop to a cancelling task. Once the work has
+/// answered, a cancellation stops nothing.
 private final class StopBox: @unchecked Sendable {
     private let lock = NSLock()
     private var stop: (() -> Void)?
     private var cancelled = false
-    var onCancel: (() -> Void)?
+    private var answered = false
+    private var onCancel: (() -> Void)?
+
+    func setOnCancel(_ f: @escaping () -> Void) { lock.withLock { onCancel = f } }
+
+    /// On the loop: the work answered.
+    func markAnswered() {
+        lock.withLock {
+            answered = true
+            stop = nil
+        }
+    }
 
     /// On the loop, once the work started.
     func set(_ s: (() -> Void)?) {
         let now = lock.withLock { () -> Bool in
+            if answered { return false }
             if cancelled { return true }
             stop = s
             return false
@@ -109,7 +126,7 @@ private final class StopBox: @unchecked Sendable {
 
     func cancel(_ inbox: LoopInbox) {
         let (first, resume) = lock.withLock { () -> (Bool, (() -> Void)?) in
-            let first = !cancelled
+            let first = !cancelled && !answered
             cancelled = true
             return (first, onCancel)
         }
@@ -148,14 +165,18 @@ public final class LoopThread: @unchecked Sendable {
     public let loop: EventLoop
     public let inbox: LoopInbox
     private let thread: Thread
-    private let stopped = DispatchSemaphore(value: 0)
+    /// Entered while the thread runs (any number of callers may wait for its end).
+    private let running = DispatchGroup()
+    private let stateLock = NSLock()
+    private var shuttingDown = false
     private var keepAlive: Wakeup?
 
     /// Starts the thread; returns once the loop runs.
     public init(name: String) throws {
         let ready = DispatchSemaphore(value: 0)
         let made = Made()
-        let stopped = stopped
+        let running = running
+        running.enter()
         thread = Thread {
             do {
                 let loop = try EventLoop()
@@ -167,11 +188,11 @@ public final class LoopThread: @unchecked Sendable {
                 made.error = error
             }
             ready.signal()
-            guard let loop = made.loop else { return }
+            guard let loop = made.loop else { return running.leave() }
             loop.run()
             loop.shutdown()
             loop.drain()
-            stopped.signal()
+            running.leave()
         }
         thread.name = name
         thread.stackSize = 4 << 20
@@ -190,17 +211,30 @@ public final class LoopThread: @unchecked Sendable {
         var error: (any Error)?
     }
 
-    /// Runs `cleanup` on the loop, then stops it and waits for the thread to end. Idempotent.
+    /// Runs `cleanup` on the loop, then stops it and waits for the thread to end (from the loop's
+    /// own thread: without waiting). The first call does it; later ones only wait.
     public func shutdown(_ cleanup: @escaping () -> Void = {}) {
-        let queued = inbox.submit { [self] in
-            cleanup()
-            inbox.close()
-            keepAlive?.close()
-            keepAlive = nil
-            loop.stop()
+        let first = stateLock.withLock { () -> Bool in
+            defer { shuttingDown = true }
+            return !shuttingDown
         }
-        if queued { stopped.wait() }
+        if first {
+            inbox.submit { [self] in
+                cleanup()
+                inbox.close()
+                keepAlive?.close()
+                keepAlive = nil
+                loop.stop()
+            }
+        }
+        if !loop.inLoop { running.wait() }
     }
+}
+
+/// A `LoopFedStream` misused.
+public enum LoopFedStreamError: Error, Sendable {
+    /// Two tasks read one stream at once (it has one consumer).
+    case concurrentReaders
 }
 
 /// Elements made on a loop and read by an async consumer, bounded by bytes: the producer sees
@@ -320,6 +354,9 @@ public final class LoopFedStream<Element: Sendable>: @unchecked Sendable {
         } else if Task.isCancelled {
             end = true
             error = CancellationError()
+        } else if waiter != nil {
+            end = true
+            error = LoopFedStreamError.concurrentReaders
         } else {
             waiter = c
         }

@@ -153,10 +153,7 @@ public final class EtcdClient: Sendable {
             (done: @escaping (Result<Bool, any Error>) -> Void) in
             let w = ClientWatch(core: core.value, create: create, stream: stream, limit: limit)
             w.start { done($0.map { true }.mapError { $0 }) }
-            return {
-                w.stop()
-                done(.failure(CancellationError()))
-            }
+            return { w.end(.closed) }
         }
         return WatchSequence(stream)
     }
@@ -165,27 +162,22 @@ public final class EtcdClient: Sendable {
 
     /// Grants a lease of `ttl` seconds (`id` 0: the server picks one).
     public func grantLease(ttl: Int64, id: Int64 = 0) async throws -> Lease {
-        var req = Etcdserverpb_LeaseGrantRequest()
-        req.ttl = ttl
-        req.id = id
-        let resp: Etcdserverpb_LeaseGrantResponse = try await call(.leaseGrant, req, retry: false)
+        let resp: Etcdserverpb_LeaseGrantResponse = try await call(
+            .leaseGrant, EtcdMessages.leaseGrant(ttl: ttl, id: id), retry: false)
         if !resp.error.isEmpty { throw EtcdClientError.rpc(code: GRPCCode.unknown.rawValue, message: resp.error) }
         return Lease(id: resp.id, ttl: resp.ttl)
     }
 
     /// Revokes a lease: its keys are deleted.
     public func revokeLease(_ id: Int64) async throws {
-        var req = Etcdserverpb_LeaseRevokeRequest()
-        req.id = id
-        let _: Etcdserverpb_LeaseRevokeResponse = try await call(.leaseRevoke, req, retry: false)
+        let _: Etcdserverpb_LeaseRevokeResponse = try await call(
+            .leaseRevoke, EtcdMessages.leaseRevoke(id), retry: false)
     }
 
     /// A lease's remaining time (and its keys, with `keys`).
     public func timeToLive(_ id: Int64, keys: Bool = false) async throws -> LeaseInfo {
-        var req = Etcdserverpb_LeaseTimeToLiveRequest()
-        req.id = id
-        req.keys = keys
-        let resp: Etcdserverpb_LeaseTimeToLiveResponse = try await call(.leaseTimeToLive, req, retry: true)
+        let resp: Etcdserverpb_LeaseTimeToLiveResponse = try await call(
+            .leaseTimeToLive, EtcdMessages.timeToLive(id, keys: keys), retry: true)
         return EtcdMessages.result(resp)
     }
 
@@ -311,7 +303,10 @@ public final class EtcdClient: Sendable {
         let bytes: [UInt8] = try request.serializedBytes()
         let core = core
         let answer: [UInt8] = try await thread.inbox.perform(closed: EtcdClientError.closed) { done in
-            core.value.unary(method.path, bytes, retry: retry) { done($0.mapError { $0 }) }
+            let call = core.value.unary(method.path, bytes, retry: retry) { done($0.mapError { $0 }) }
+            // A cancelled task cancels its call on the server too (a waiting Lock or Campaign
+            // gives up its place there).
+            return { call.cancel() }
         }
         return try Resp(serializedBytes: answer)
     }
@@ -353,7 +348,7 @@ public struct WatchSequence: AsyncSequence, Sendable {
 
     public struct AsyncIterator: AsyncIteratorProtocol {
         let handle: Handle
-        private var fragments: [Mvccpb_Event] = []
+        private var fragments = WatchFragments()
         init(handle: Handle) { self.handle = handle }
 
         public mutating func next() async throws -> WatchBatch? {
@@ -361,22 +356,19 @@ public struct WatchSequence: AsyncSequence, Sendable {
                 switch feed {
                 case .batch(let b): return b
                 case .response(let framed):
-                    guard framed.count >= 5, var resp = try? Etcdserverpb_WatchResponse(serializedBytes: framed[5...])
+                    guard framed.count >= 5, let part = try? Etcdserverpb_WatchResponse(serializedBytes: framed[5...])
                     else {
                         throw EtcdClientError.rpc(
                             code: GRPCCode.internal.rawValue, message: "undecodable watch response")
                     }
-                    if resp.compactRevision > 0 { throw EtcdClientError.compacted(revision: resp.compactRevision) }
-                    if resp.canceled { throw EtcdClientError.watchCanceled(resp.cancelReason) }
-                    if resp.created { continue }
-                    if resp.fragment {
-                        fragments += resp.events
-                        continue
+                    if part.compactRevision > 0 || part.canceled {
+                        handle.stream.cancel()  // the watch is over: let its server side go now
+                        throw part.compactRevision > 0
+                            ? EtcdClientError.compacted(revision: part.compactRevision)
+                            : EtcdClientError.watchCanceled(part.cancelReason)
                     }
-                    if !fragments.isEmpty {
-                        resp.events = fragments + resp.events
-                        fragments = []
-                    }
+                    if part.created { continue }
+                    guard let resp = fragments.join(part) else { continue }
                     return WatchBatch(header: ResponseHeader(resp.header), events: resp.events.map(WatchEvent.init))
                 }
             }
@@ -398,18 +390,19 @@ extension EtcdClientError {
 }
 
 /// The client's state on its loop: two cluster connections, one for unary calls and keep-alives,
-/// one for watches (so that a watch consumer that lags, which stops the reading of its
-/// connection, never holds up other calls).
+/// one for watches.
 final class ClientCore {
     let loop: EventLoop
     let calls: Upstream
     let watches: Upstream
     private let username: String?
     private let password: String?
-    private var closed = false
-    /// Watches that stopped the watch connection's reading until their consumer catches up.
-    private var pausing: Set<ObjectIdentifier> = []
+    private(set) var closed = false
+    /// What runs until its consumer or the client stops: watches and lease keepers.
     var live: [ObjectIdentifier: ClientWatch] = [:]
+    var keepers: [ObjectIdentifier: LeaseKeeper] = [:]
+    /// Re-authentications under way, by connection: the calls that wait for each.
+    private var authenticating: [ObjectIdentifier: [(GRPCStatus?) -> Void]] = [:]
 
     init(loop: EventLoop, endpoints: [UpstreamEndpoint], tls: TLSContext?, configuration: EtcdClient.Configuration) {
         self.loop = loop
@@ -427,70 +420,124 @@ final class ClientCore {
     func close() {
         closed = true
         for w in Array(live.values) { w.end(.closed) }
+        for k in Array(keepers.values) { k.finish(.closed) }
         calls.stop()
         watches.stop()
     }
 
-    /// Gets a token for the user and sends it with every call on `c`.
-    private func authenticate(_ c: GRPCClientConnection, _ done: @escaping (GRPCStatus?) -> Void) {
+    static let invalidToken = "etcdserver: invalid auth token"
+
+    /// Whether `s` says the token expired (simple tokens do after 5 idle minutes, JWTs at their TTL).
+    func tokenExpired(_ s: GRPCStatus) -> Bool {
+        username != nil && s.code == .unauthenticated && s.message == Self.invalidToken
+    }
+
+    /// Gets a token for the user and sends it with every call on `c` from then on; the calls that
+    /// ask while one is under way on `c` share it. The old token stays until the new one comes.
+    func authenticate(_ c: GRPCClientConnection, _ done: @escaping (GRPCStatus?) -> Void) {
+        let id = ObjectIdentifier(c)
+        if authenticating[id] != nil {
+            authenticating[id]!.append(done)
+            return
+        }
+        authenticating[id] = [done]
         var req = Etcdserverpb_AuthenticateRequest()
         req.name = username ?? ""
         req.password = password ?? ""
+        let saved = c.metadata
         c.metadata = []
-        c.unary(EtcdMethod.authenticate.path, req) { (r: Result<Etcdserverpb_AuthenticateResponse, GRPCStatus>) in
+        c.unary(EtcdMethod.authenticate.path, req) {
+            [weak self] (r: Result<Etcdserverpb_AuthenticateResponse, GRPCStatus>) in
+            var error: GRPCStatus?
             switch r {
-            case .success(let resp):
-                c.metadata = [("token", resp.token)]
-                done(nil)
-            case .failure(let s): done(s)
+            case .success(let resp): c.metadata = [("token", resp.token)]
+            case .failure(let s):
+                c.metadata = saved
+                error = s
             }
+            let waiting = self?.authenticating.removeValue(forKey: id) ?? []
+            for w in waiting { w(error) }
         }
+        c.metadata = saved
     }
 
-    static let invalidToken = "etcdserver: invalid auth token"
-
-    /// A unary call with raw bytes: repeated on the next endpoint when the connection is lost (if
-    /// `retry`), and once more after a new token when the server says the token expired.
+    /// A unary call with raw bytes. Repeated (if `retry`: reads) on the next connection when the
+    /// connection is lost, or after a pause when the server answers UNAVAILABLE (a member without
+    /// a leader is left for another); once more after a new token when the token expired.
+    /// Returns the call's handle, whose `cancel()` ends it on the server too.
+    @discardableResult
     func unary(
-        _ path: String, _ bytes: [UInt8], retry: Bool, attempt: Int = 0, reauthenticated: Bool = false,
+        _ path: String, _ bytes: [UInt8], retry: Bool, _ done: @escaping (Result<[UInt8], EtcdClientError>) -> Void
+    ) -> PendingCall {
+        let pending = PendingCall()
+        attempt(path, bytes, retry: retry, pending: pending, tries: 0, reauthenticated: false, done)
+        return pending
+    }
+
+    private func attempt(
+        _ path: String, _ bytes: [UInt8], retry: Bool, pending: PendingCall, tries: Int, reauthenticated: Bool,
         _ done: @escaping (Result<[UInt8], EtcdClientError>) -> Void
     ) {
         guard !closed else { return done(.failure(.closed)) }
+        guard !pending.cancelled else {
+            return done(.failure(.rpc(code: GRPCCode.cancelled.rawValue, message: "canceled")))
+        }
         calls.withConnection { [weak self] c in
             guard let self else { return done(.failure(.closed)) }
-            guard let c else { return done(.failure(EtcdClientError(calls.failure))) }
-            c.unary(path, bytes) { [weak self] result in
+            guard let c else { return done(.failure(closed ? .closed : EtcdClientError(calls.failure))) }
+            guard !pending.cancelled else {
+                return done(.failure(.rpc(code: GRPCCode.cancelled.rawValue, message: "canceled")))
+            }
+            pending.call = c.unary(path, bytes) { [weak self] result in
                 guard let self else { return done(.failure(.closed)) }
+                pending.call = nil
                 switch result {
                 case .success(let answer): done(.success(answer))
-                case .failure(let s)
-                where s.code == .unauthenticated && s.message == Self.invalidToken && !reauthenticated:
+                case .failure(let s) where tokenExpired(s) && !reauthenticated:
                     authenticate(c) { [weak self] error in
                         guard let self else { return done(.failure(.closed)) }
                         if let error { return done(.failure(EtcdClientError(error))) }
-                        unary(path, bytes, retry: retry, attempt: attempt, reauthenticated: true, done)
+                        attempt(path, bytes, retry: retry, pending: pending, tries: tries, reauthenticated: true, done)
                     }
-                case .failure(let s) where s.code == .unavailable && retry && attempt < 2 * calls.endpoints.count:
-                    if !c.isClosed { calls.drop(s.message) }
-                    unary(path, bytes, retry: retry, attempt: attempt + 1, reauthenticated: reauthenticated, done)
+                case .failure(let s) where s.code == .unavailable && retry && tries < 2 * calls.endpoints.count:
+                    let again: () -> Void = { [weak self] in
+                        self?.attempt(
+                            path, bytes, retry: retry, pending: pending, tries: tries + 1,
+                            reauthenticated: reauthenticated, done)
+                    }
+                    if c.isClosed { return again() }  // the next connection takes it
+                    // The member answered UNAVAILABLE ("leader changed", "request timed out"):
+                    // the connection serves the other calls still. A member without a leader is
+                    // left for another.
+                    if s.message.contains("no leader") { calls.drop(s.message) }
+                    pending.timer = LoopTimer(loop: loop, timeoutMs: 100 * UInt64(tries + 1)) { again() }
                 case .failure(let s):
                     done(.failure(closed ? .closed : EtcdClientError(s)))
                 }
             }
         }
     }
+}
 
-    func pause(_ w: ClientWatch, _ on: Bool) {
-        let id = ObjectIdentifier(w)
-        let was = !pausing.isEmpty
-        if on { pausing.insert(id) } else { pausing.remove(id) }
-        guard was != !pausing.isEmpty, let c = watches.connection else { return }
-        if pausing.isEmpty { c.resumeReading() } else { c.pauseReading() }
+/// A unary call in flight, across its attempts: cancelling it resets the current one on the server.
+final class PendingCall {
+    var call: ClientCall?
+    var timer: LoopTimer?
+    private(set) var cancelled = false
+    func cancel() {
+        cancelled = true
+        timer?.cancel()
+        timer = nil
+        call?.cancel()
+        call = nil
     }
 }
 
 /// One watch on the loop: a stream of its own on the watch connection, resumed after the last
-/// revision it delivered whenever that stream is lost.
+/// revision it delivered whenever that stream is lost. A consumer that lags more than `limit`
+/// bytes has its server watch canceled (nothing is buffered past that, and the other watches on
+/// the connection go on); once it has read down, the watch is made again from the next revision,
+/// so it gets the events it missed from the server's history.
 final class ClientWatch {
     private unowned let core: ClientCore
     private let create: Etcdserverpb_WatchCreateRequest
@@ -503,6 +550,9 @@ final class ClientWatch {
     private var retryTimer: LoopTimer?
     private var pauseMs: UInt64 = 50
     private var ended = false
+    /// Canceled on the server until the consumer reads down.
+    private var suspended = false
+    private var reauthenticated = false
 
     init(core: ClientCore, create: Etcdserverpb_WatchCreateRequest, stream: LoopFedStream<WatchFeed>, limit: Int) {
         self.core = core
@@ -517,26 +567,27 @@ final class ClientWatch {
         core.live[ObjectIdentifier(self)] = self
         stream.onCancel = { [weak self] in self?.stop() }
         stream.onDrained = { [weak self] in
-            guard let self else { return }
-            core.pause(self, false)
+            guard let self, suspended, !ended else { return }
+            suspended = false
+            open()
         }
         open()
     }
 
     private func open() {
-        guard !ended else { return }
+        guard !ended, !suspended else { return }
         core.watches.withConnection { [weak self] c in
-            guard let self, !ended else { return }
+            guard let self, !ended, !suspended, call == nil else { return }
             guard let c else {
                 // No endpoint answers: a watch not made yet fails; a running one keeps trying.
-                if created != nil { return end(EtcdClientError(core.watches.failure)) }
+                if created != nil { return end(core.closed ? .closed : EtcdClientError(core.watches.failure)) }
                 return reopen()
             }
             var req = create
             req.startRevision = next
             call = UpstreamWatch(
                 on: c, req, onResponse: { [weak self] in self?.received($0) },
-                onEnd: { [weak self] in self?.lost($0) })
+                onEnd: { [weak self, weak c] in self?.lost($0, on: c) })
             if call == nil { reopen() }
         }
     }
@@ -552,9 +603,11 @@ final class ClientWatch {
     }
 
     private func received(_ resp: Etcdserverpb_WatchResponse) {
+        guard !suspended else { return }
         if resp.created && !resp.canceled {
             if next == 0 { next = resp.header.revision + 1 }
             pauseMs = 50
+            reauthenticated = false
             let c = created
             created = nil
             c?(.success(()))
@@ -576,28 +629,41 @@ final class ClientWatch {
             .batch(WatchBatch(header: ResponseHeader(resp.header), events: resp.events.map(WatchEvent.init))),
             size: size)
         if stream.queuedBytes > limit {
-            core.pause(self, true)
+            // The consumer lags: stop the server's watch; resume from `next` once it has read down.
+            suspended = true
+            call?.cancel()
+            call = nil
             stream.notifyWhenDrained()
         }
     }
 
-    private func lost(_ status: GRPCStatus) {
+    private func lost(_ status: GRPCStatus, on c: GRPCClientConnection?) {
         call = nil
         guard !ended else { return }
+        if core.tokenExpired(status), !reauthenticated, let c, !c.isClosed {
+            reauthenticated = true
+            return core.authenticate(c) { [weak self] error in
+                guard let self else { return }
+                if let error { return end(EtcdClientError(error)) }
+                open()
+            }
+        }
         if status.code == .unavailable {
-            if let c = core.watches.connection, !c.isClosed { core.watches.drop(status.message) }
+            if let c, !c.isClosed { core.watches.drop(status.message) }
             return reopen()
         }
         end(EtcdClientError(status))
     }
 
-    /// Ends the watch: a consumer waiting hears `error`; the server's watch is canceled.
+    /// Ends the watch: the consumer hears `error` (or the caller of `watch`, if it was not made
+    /// yet); the server's watch is canceled.
     func end(_ error: EtcdClientError) {
         guard !ended else { return }
         let c = created
         created = nil
         stop()
-        if let c { c(.failure(error)) } else { stream.finish(throwing: error) }
+        stream.finish(throwing: error)
+        c?(.failure(error))
     }
 
     /// The consumer went away: cancel the server's watch.
@@ -607,13 +673,14 @@ final class ClientWatch {
         retryTimer = nil
         call?.cancel()
         call = nil
-        core.pause(self, false)
         core.live[ObjectIdentifier(self)] = nil
     }
 }
 
 /// Keeps one lease alive on a LeaseKeepAlive stream: a request a third of the way through each
-/// TTL; the stream reopened if lost. Ends with `leaseExpired` when the TTL comes back as 0.
+/// TTL; the stream reopened if lost. Ends with `leaseExpired` when the TTL comes back as 0. A
+/// connection that leaves a keep-alive unanswered for the lease's TTL is dropped (the lease may
+/// have expired on the server meanwhile: the next answer says so).
 final class LeaseKeeper {
     private unowned let core: ClientCore
     private let id: Int64
@@ -622,8 +689,11 @@ final class LeaseKeeper {
     var onTTL: ((Int64) -> Void)?
     private var call: ClientCall?
     private var timer: LoopTimer?
+    private var deadline: LoopTimer?
+    private var ttlMs: UInt64 = 10_000
     private var stopped = false
     private var lostInRow = 0
+    private var reauthenticated = false
 
     init(core: ClientCore, id: Int64, once: Bool = false, failed: @escaping (EtcdClientError) -> Void) {
         self.core = core
@@ -634,12 +704,13 @@ final class LeaseKeeper {
 
     func start() {
         guard !stopped else { return }
+        core.keepers[ObjectIdentifier(self)] = self
         core.calls.withConnection { [weak self] c in
             guard let self, !stopped else { return }
-            guard let c else { return finish(EtcdClientError(core.calls.failure)) }
+            guard let c else { return finish(core.closed ? .closed : EtcdClientError(core.calls.failure)) }
             let opened = c.open(
                 EtcdMethod.leaseKeepAlive.path, onMessage: { [weak self] in self?.received($0) },
-                onClose: { [weak self] in self?.closed($0) })
+                onClose: { [weak self, weak c] in self?.closed($0, on: c) })
             guard !opened.isClosed else { return }
             call = opened
             send()
@@ -647,15 +718,23 @@ final class LeaseKeeper {
     }
 
     private func send() {
-        var req = Etcdserverpb_LeaseKeepAliveRequest()
-        req.id = id
-        call?.send(req)
+        call?.send(EtcdMessages.keepAlive(id))
+        deadline?.cancel()
+        deadline = LoopTimer(loop: core.loop, timeoutMs: ttlMs) { [weak self] in
+            guard let self, !stopped else { return }
+            deadline = nil
+            core.calls.drop("no keep-alive answer for lease \(id) in \(ttlMs) ms")
+        }
     }
 
     private func received(_ bytes: [UInt8]) {
         guard !stopped, let resp = try? Etcdserverpb_LeaseKeepAliveResponse(serializedBytes: bytes) else { return }
+        deadline?.cancel()
+        deadline = nil
         lostInRow = 0
+        reauthenticated = false
         if resp.ttl <= 0 { return finish(.leaseExpired(id)) }
+        ttlMs = UInt64(resp.ttl) * 1000
         if once {
             let cb = onTTL
             stop()
@@ -663,15 +742,25 @@ final class LeaseKeeper {
             return
         }
         timer?.cancel()
-        timer = LoopTimer(loop: core.loop, timeoutMs: UInt64(max(resp.ttl * 1000 / 3, 500))) { [weak self] in
+        timer = LoopTimer(loop: core.loop, timeoutMs: max(ttlMs / 3, 500)) { [weak self] in
             self?.timer = nil
             self?.send()
         }
     }
 
-    private func closed(_ status: GRPCStatus) {
+    private func closed(_ status: GRPCStatus, on c: GRPCClientConnection?) {
         call = nil
+        deadline?.cancel()
+        deadline = nil
         guard !stopped else { return }
+        if core.tokenExpired(status), !reauthenticated, let c, !c.isClosed {
+            reauthenticated = true
+            return core.authenticate(c) { [weak self] error in
+                guard let self else { return }
+                if let error { return finish(EtcdClientError(error)) }
+                start()
+            }
+        }
         guard status.code == .unavailable else { return finish(EtcdClientError(status)) }
         // Lost with its connection: open the stream again (on the next endpoint, after a pause).
         lostInRow += 1
@@ -683,7 +772,8 @@ final class LeaseKeeper {
         }
     }
 
-    private func finish(_ error: EtcdClientError) {
+    /// Ends the keeper: its caller hears `error`.
+    func finish(_ error: EtcdClientError) {
         guard !stopped else { return }
         stop()
         failed(error)
@@ -693,7 +783,10 @@ final class LeaseKeeper {
         stopped = true
         timer?.cancel()
         timer = nil
+        deadline?.cancel()
+        deadline = nil
         call?.cancel()
         call = nil
+        core.keepers[ObjectIdentifier(self)] = nil
     }
 }

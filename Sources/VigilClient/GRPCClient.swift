@@ -226,7 +226,15 @@ public final class GRPCClientConnection: HTTP2SessionDelegate, ByteStreamDelegat
         }
     }
 
-    public func streamEnded(_ stream: Int32) {}
+    /// The server ended the stream (its trailers came): the call is over, whether or not we
+    /// had finished sending (a server that fails a bidirectional call ends it while the client
+    /// still has its side open; nghttp2 reports the stream closed only once both sides are).
+    public func streamEnded(_ stream: Int32) {
+        guard let call = calls.removeValue(forKey: stream) else { return }
+        let halfClosed = call.sendClosed
+        call.close(call.status ?? GRPCStatus(.internal, "stream ended without status"))
+        if !halfClosed { reset(stream) }
+    }
 
     public func streamClosed(_ stream: Int32) {
         guard let call = calls.removeValue(forKey: stream) else { return }
@@ -246,6 +254,8 @@ public final class ClientCall {
     var onMessage: (([UInt8]) -> Void)?
     private var onClose: ((GRPCStatus) -> Void)?
     public private(set) var isClosed = false
+    /// Whether our side was half-closed (`closeSend`).
+    var sendClosed = false
 
     init(
         connection: GRPCClientConnection, onMessage: @escaping ([UInt8]) -> Void,
@@ -270,6 +280,7 @@ public final class ClientCall {
     /// Half-closes: no more requests.
     public func closeSend() {
         guard !isClosed, stream > 0 else { return }
+        sendClosed = true
         connection?.finish(stream)
     }
 

@@ -506,6 +506,32 @@ public enum EtcdMessages {
         return c
     }
 
+    public static func leaseGrant(ttl: Int64, id: Int64) -> Etcdserverpb_LeaseGrantRequest {
+        var p = Etcdserverpb_LeaseGrantRequest()
+        p.ttl = ttl
+        p.id = id
+        return p
+    }
+
+    public static func leaseRevoke(_ id: Int64) -> Etcdserverpb_LeaseRevokeRequest {
+        var p = Etcdserverpb_LeaseRevokeRequest()
+        p.id = id
+        return p
+    }
+
+    public static func timeToLive(_ id: Int64, keys: Bool) -> Etcdserverpb_LeaseTimeToLiveRequest {
+        var p = Etcdserverpb_LeaseTimeToLiveRequest()
+        p.id = id
+        p.keys = keys
+        return p
+    }
+
+    public static func keepAlive(_ id: Int64) -> Etcdserverpb_LeaseKeepAliveRequest {
+        var p = Etcdserverpb_LeaseKeepAliveRequest()
+        p.id = id
+        return p
+    }
+
     public static func result(_ p: Etcdserverpb_RangeResponse) -> RangeResult {
         RangeResult(header: ResponseHeader(p.header), kvs: p.kvs.map(KeyValue.init), more: p.more, count: p.count)
     }

@@ -63,6 +63,12 @@ public final class Upstream {
     /// Why the last attempt or connection failed, for logs and `/health`.
     public private(set) var lastError = ""
     public var log: (String) -> Void = { _ in }
+    /// A connection attempt (TCP, TLS, `prepare`) that takes longer fails, and the next member
+    /// is tried (a blackholed address would otherwise hold it for the system's SYN timeout).
+    public var dialTimeoutMs: UInt64 = 5_000
+    /// Bumped at each attempt: an attempt that timed out ignores its late outcome.
+    private var attempt = 0
+    private var dialTimer: LoopTimer?
 
     public init(loop: EventLoop, endpoints: [UpstreamEndpoint], tls: TLSContext?) {
         precondition(!endpoints.isEmpty)
@@ -75,6 +81,7 @@ public final class Upstream {
     /// Runs `body` with the connection once one is up (nil: a whole round of members failed).
     public func withConnection(_ body: @escaping (GRPCClientConnection?) -> Void) {
         if let c = connection, !c.isClosed { return body(c) }
+        if stopped { return body(nil) }
         waiting.append(body)
         dial()
     }
@@ -104,6 +111,8 @@ public final class Upstream {
         stopped = true
         retryTimer?.cancel()
         retryTimer = nil
+        dialTimer?.cancel()
+        dialTimer = nil
         connection?.close()
         let w = waiting
         waiting = []
@@ -113,30 +122,59 @@ public final class Upstream {
     private func dial() {
         guard !dialing, !stopped, connection == nil || connection!.isClosed else { return }
         dialing = true
+        attempt += 1
+        let mine = attempt
         let ep = endpoints[nextIndex % endpoints.count]
         nextIndex += 1
         endpoint = ep
+        dialTimer = LoopTimer(loop: loop, timeoutMs: dialTimeoutMs) { [weak self] in
+            guard let self, attempt == mine, dialing else { return }
+            attempt += 1  // the late outcome of this attempt is ignored (and closed)
+            dialing = false
+            failed("cannot connect to \(ep): no answer in \(dialTimeoutMs) ms")
+        }
+        // The attempt ends: `c` is handed on, or closed if the attempt is over or we stopped.
+        func finish(_ c: GRPCClientConnection?, _ error: String?, refused: GRPCStatus? = nil) {
+            guard attempt == mine else {
+                c?.close()
+                return
+            }
+            dialing = false
+            dialTimer?.cancel()
+            dialTimer = nil
+            if stopped {
+                c?.close()
+                let w = waiting
+                waiting = []
+                for body in w { body(nil) }
+                return
+            }
+            if let c, error == nil { return connected(c, ep) }
+            c?.close()
+            if let refused {
+                // Refused by `prepare` (wrong password …): the calls waiting hear why.
+                lastError = refused.message
+                log("connection to \(ep) refused: \(refused.message)")
+                failure = refused
+                let w = waiting
+                waiting = []
+                for body in w { body(nil) }
+                failure = Self.unreachable
+                return
+            }
+            failed(error ?? "connection to \(ep) failed")
+        }
         GRPCClientConnection.connect(loop: loop, host: ep.host, port: ep.port, tls: tls) { [weak self] result in
             guard let self else { return }
-            dialing = false
             switch result {
             case .failure(let e):
-                failed("cannot connect to \(ep): \(e)")
+                finish(nil, "cannot connect to \(ep): \(e)")
             case .success(let c):
-                if stopped { return c.close() }
-                guard let prepare else { return connected(c, ep) }
-                prepare(c) { [weak self] error in
-                    guard let self else { return }
-                    guard let error else { return connected(c, ep) }
-                    c.close()
-                    if error.code == .unavailable { return failed("connection to \(ep) lost: \(error.message)") }
-                    lastError = error.message
-                    log("connection to \(ep) refused: \(error.message)")
-                    failure = error
-                    let w = waiting
-                    waiting = []
-                    for body in w { body(nil) }
-                    failure = Self.unreachable
+                guard attempt == mine, !stopped, let prepare else { return finish(c, nil) }
+                prepare(c) { error in
+                    guard let error else { return finish(c, nil) }
+                    if error.code == .unavailable { return finish(c, "connection to \(ep) lost: \(error.message)") }
+                    finish(c, error.message, refused: error)
                 }
             }
         }
@@ -197,7 +235,7 @@ public final class Upstream {
 /// member without a leader end it, so that its owner moves to another.
 public final class UpstreamWatch {
     private var call: ClientCall?
-    private var fragments: [Mvccpb_Event] = []
+    private var fragments = WatchFragments()
     private var onResponse: ((Etcdserverpb_WatchResponse) -> Void)?
     private var onEnd: ((GRPCStatus) -> Void)?
 
@@ -248,26 +286,37 @@ public final class UpstreamWatch {
 
     private func received(_ bytes: [UInt8]) {
         guard let onResponse else { return }
-        guard var resp = try? Etcdserverpb_WatchResponse(serializedBytes: bytes) else {
+        guard let resp = try? Etcdserverpb_WatchResponse(serializedBytes: bytes) else {
             let end = onEnd
             cancel()
             end?(GRPCStatus(.internal, "undecodable watch response"))
             return
         }
-        if resp.fragment {
-            fragments += resp.events
-            return
-        }
-        if !fragments.isEmpty {
-            resp.events = fragments + resp.events
-            fragments = []
-        }
-        onResponse(resp)
+        if let whole = fragments.join(resp) { onResponse(whole) }
     }
 
     private func ended(_ status: GRPCStatus) {
         guard call != nil, let end = onEnd else { return }  // nil call: failed while opening
         cancel()
         end(status)
+    }
+}
+
+/// Joins a watch's fragmented responses: etcd splits a revision's events over several responses
+/// marked `fragment` when they pass the request size limit.
+struct WatchFragments {
+    private var held: [Mvccpb_Event] = []
+
+    /// The whole response once its last part came; nil while parts are held.
+    mutating func join(_ part: Etcdserverpb_WatchResponse) -> Etcdserverpb_WatchResponse? {
+        if part.fragment {
+            held += part.events
+            return nil
+        }
+        guard !held.isEmpty else { return part }
+        var whole = part
+        whole.events = held + part.events
+        held = []
+        return whole
     }
 }

@@ -72,9 +72,16 @@ final class MetricsFacadeExport {
             let key = String(Substring(raw[..<space]))
             let entry = series[key] ?? makeEntry(key, types)
             switch entry.kind {
-            case .gauge(let g): g.record(value)
-            case .counter(let c): if value > entry.last { c.increment(by: Int64(value) - Int64(entry.last)) }
-            case .sum(let c): if value > entry.last { c.increment(by: value - entry.last) }
+            case .gauge(let g):
+                guard value.isFinite else { continue }
+                g.record(value)
+            case .counter(let c):
+                // Counts are whole and finite; anything else is skipped rather than trapped on.
+                guard value.isFinite, value < 9e18 else { continue }
+                if value > entry.last { c.increment(by: Int64(value) - Int64(entry.last)) }
+            case .sum(let c):
+                guard value.isFinite else { continue }
+                if value > entry.last { c.increment(by: value - entry.last) }
             }
             entry.last = value
         }

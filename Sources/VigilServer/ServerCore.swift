@@ -33,6 +33,8 @@ final class VigilServerCore {
     let services: EtcdServices
     /// In-process watches (`VigilServer.watch`), held here until their consumer goes away.
     var inProcessWatches: [ObjectIdentifier: InProcessWatch] = [:]
+    /// In-process keep-alives (`VigilServer.keepAlive`), ended with the server.
+    var inProcessKeepers: [ObjectIdentifier: LocalLeaseKeeper] = [:]
     /// Mirror mode's copy of the upstream cluster (nil for a standalone server).
     let mirror: Mirror?
     var limits: Limits { config.limits }
@@ -316,6 +318,7 @@ final class VigilServerCore {
         for c in Array(connections.values) { c.close() }
         connections.removeAll()
         for w in Array(inProcessWatches.values) { w.close() }
+        for k in Array(inProcessKeepers.values) { k.finish(.closed) }
         commits.flushPending()
     }
 }

@@ -28,8 +28,8 @@ public final class VigilServer: @unchecked Sendable {
     /// The way into the loop while it serves.
     private var inbox: LoopInbox?
     private var stopLoop: (() -> Void)?
-    private var thread: Thread?
-    private let finished = DispatchSemaphore(value: 0)
+    /// Entered while a server thread of ours runs (any number of callers may wait for its end).
+    private let running = DispatchGroup()
     /// Guarded by `lock`: a stop was asked for; the server thread ended; tasks waiting for that.
     private var stopRequested = false
     private var ended = false
@@ -151,20 +151,19 @@ public final class VigilServer: @unchecked Sendable {
                 return w
             }
             for w in waiting { w.resume() }
-            finished.signal()
+            running.leave()
         }
         t.stackSize = 8 << 20
-        thread = t
+        lock.withLock { ended = false }
+        running.enter()
         t.start()
     }
 
     /// Stops the server (from any thread) and, if it runs on its own thread, waits for it to end.
     public func stop() {
         requestStop()
-        if thread != nil {
-            finished.wait()
-            thread = nil
-        }
+        running.wait()
+        lock.withLock { stopRequested = false }  // a later start() serves again
     }
 
     /// Asks the server to stop, without waiting (from any thread).
@@ -250,31 +249,31 @@ public final class VigilServer: @unchecked Sendable {
     }
 
     public func grantLease(ttl: Int64, id: Int64 = 0) async throws -> Lease {
-        var req = Etcdserverpb_LeaseGrantRequest()
-        req.ttl = ttl
-        req.id = id
-        let resp: Etcdserverpb_LeaseGrantResponse = try await call(.leaseGrant, req)
+        let resp: Etcdserverpb_LeaseGrantResponse = try await call(
+            .leaseGrant, EtcdMessages.leaseGrant(ttl: ttl, id: id))
         return Lease(id: resp.id, ttl: resp.ttl)
     }
 
     public func revokeLease(_ id: Int64) async throws {
-        var req = Etcdserverpb_LeaseRevokeRequest()
-        req.id = id
-        let _: Etcdserverpb_LeaseRevokeResponse = try await call(.leaseRevoke, req)
+        let _: Etcdserverpb_LeaseRevokeResponse = try await call(.leaseRevoke, EtcdMessages.leaseRevoke(id))
     }
 
     public func timeToLive(_ id: Int64, keys: Bool = false) async throws -> LeaseInfo {
-        var req = Etcdserverpb_LeaseTimeToLiveRequest()
-        req.id = id
-        req.keys = keys
-        let resp: Etcdserverpb_LeaseTimeToLiveResponse = try await call(.leaseTimeToLive, req)
+        let resp: Etcdserverpb_LeaseTimeToLiveResponse = try await call(
+            .leaseTimeToLive, EtcdMessages.timeToLive(id, keys: keys))
         return EtcdMessages.result(resp)
     }
 
-    /// One keep-alive: the lease's new TTL (0: it does not exist).
+    /// One keep-alive: the lease's new TTL. Throws `EtcdClientError.leaseExpired` when the lease
+    /// is gone (as the client does).
     public func keepAliveOnce(_ id: Int64) async throws -> Int64 {
         try await perform { core, done in
-            core.keepAlive(id) { done($0.mapError { $0 }) }
+            core.keepAlive(id) { result in
+                switch result {
+                case .success(let ttl) where ttl <= 0: done(.failure(EtcdClientError.leaseExpired(id)))
+                default: done(result.mapError { $0 })
+                }
+            }
             return nil
         }
     }
@@ -283,9 +282,9 @@ public final class VigilServer: @unchecked Sendable {
     /// (`EtcdClientError.leaseExpired`): renewed on the loop a third of the way through each TTL.
     public func keepAlive(_ id: Int64) async throws {
         let _: Bool = try await perform { core, done in
-            let timer = LocalLeaseKeeper(core: core, id: id) { done(.failure($0)) }
-            timer.renew()
-            return { timer.stop() }
+            let keeper = LocalLeaseKeeper(core: core, id: id) { done(.failure($0)) }
+            keeper.renew()
+            return { keeper.stop() }
         }
     }
 
@@ -343,9 +342,9 @@ extension VigilServerCore {
     static let inProcessUser = "root"
 
     func keepAlive(_ id: Int64, _ done: @escaping (Result<Int64, EtcdClientError>) -> Void) {
-        var r = Etcdserverpb_LeaseKeepAliveRequest()
-        r.id = id
-        services.keepAlive(r, credentials: Credentials(token: nil, commonName: Self.inProcessUser)) { result in
+        services.keepAlive(
+            EtcdMessages.keepAlive(id), credentials: Credentials(token: nil, commonName: Self.inProcessUser)
+        ) { result in
             done(result.map(\.ttl).mapError { EtcdClientError($0.status) })
         }
     }
@@ -367,6 +366,7 @@ final class LocalLeaseKeeper {
 
     func renew() {
         guard !stopped else { return }
+        core.inProcessKeepers[ObjectIdentifier(self)] = self
         core.keepAlive(id) { [weak self] result in
             guard let self, !stopped else { return }
             switch result {
@@ -381,7 +381,9 @@ final class LocalLeaseKeeper {
         }
     }
 
-    private func finish(_ e: EtcdClientError) {
+    /// Ends it: its caller hears `e`.
+    func finish(_ e: EtcdClientError) {
+        guard !stopped else { return }
         stop()
         failed(e)
     }
@@ -390,6 +392,7 @@ final class LocalLeaseKeeper {
         stopped = true
         timer?.cancel()
         timer = nil
+        core.inProcessKeepers[ObjectIdentifier(self)] = nil
     }
 }
 
@@ -464,15 +467,20 @@ final class InProcessWatch: WatchSink {
 /// cancelled. The `vigil` command itself runs this way.
 extension VigilServer: Service {
     public func run() async throws {
-        let _: [Int] = try await withCheckedThrowingContinuation { c in
-            launch(handleSignals: false) { c.resume(with: $0) }
-        }
-        await withTaskCancellationOrGracefulShutdownHandler {
+        // The handler covers the start too: a mirror loading its copy stops when asked.
+        try await withTaskCancellationOrGracefulShutdownHandler {
+            do {
+                let _: [Int] = try await withCheckedThrowingContinuation { c in
+                    launch(handleSignals: false) { c.resume(with: $0) }
+                }
+            } catch {
+                await ended()
+                if lock.withLock({ stopRequested }) { return }  // stopped while starting: not a failure
+                throw error
+            }
             await ended()
         } onCancelOrGracefulShutdown: { [self] in
             requestStop()
         }
-        finished.wait()
-        thread = nil
     }
 }

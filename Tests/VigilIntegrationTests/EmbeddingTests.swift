@@ -185,4 +185,37 @@ import VigilTesting
             ])
         #expect(handled == 5, "with /metrics's labels as dimensions")
     }
+
+    @Test func stoppingEndsInProcessKeepAlivesAndWatches() async throws {
+        let server = VigilServer(configuration: configuration(port: 0), logger: quiet)
+        try server.start(handleSignals: false)
+        defer { try? FileManager.default.removeItem(atPath: server.configuration.dataDir) }
+        let lease = try await server.grantLease(ttl: 30)
+        let keeper = Task { try await server.keepAlive(lease.id) }
+        let watch = try await server.watch(.prefix("x/"))
+        let reader = Task { for try await _ in watch {} }
+        try await Task.sleep(for: .milliseconds(300))
+        let started = Date()
+        server.stop()
+        #expect(Date().timeIntervalSince(started) < 5, "stop() does not wait for the keep-alive")
+        await #expect(throws: EtcdClientError.closed) { try await keeper.value }
+        await #expect(throws: EtcdClientError.closed) { try await reader.value }
+        await #expect(throws: EtcdClientError.leaseExpired(424242)) { try await Self.gone(lease: 424242) }
+    }
+
+    /// What keepAliveOnce says of a lease that does not exist (a running server of its own).
+    private static func gone(lease: Int64) async throws {
+        var c = Configuration()
+        c.dataDir = NSTemporaryDirectory() + "vigil-embed-\(UUID().uuidString)"
+        c.listenClientURLs = ["http://127.0.0.1:0"]
+        c.unsafeNoFsync = true
+        let s = VigilServer(
+            configuration: c, logger: Logger(label: "quiet", factory: { _ in SwiftLogNoOpLogHandler() }))
+        try s.start(handleSignals: false)
+        defer {
+            s.stop()
+            try? FileManager.default.removeItem(atPath: c.dataDir)
+        }
+        _ = try await s.keepAliveOnce(lease)
+    }
 }

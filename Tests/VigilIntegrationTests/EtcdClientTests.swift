@@ -15,11 +15,11 @@ final class ClientTestServer: @unchecked Sendable {
     let endpoint: String
     let ctl: Etcdctl
 
-    init(_ kind: Kind) throws {
+    init(_ kind: Kind, vigilArgs: [String] = []) throws {
         self.kind = kind
         switch kind {
         case .vigil:
-            let s = try LiveServer(args: ["--unsafe-no-fsync"])
+            let s = try LiveServer(args: ["--unsafe-no-fsync"] + vigilArgs)
             vigil = s
             endpoint = s.endpoint
         case .etcd:
@@ -274,5 +274,89 @@ final class ClientTestServer: @unchecked Sendable {
             return false
         }
         #expect(throws: EtcdClientError.self) { try EtcdClient(endpoints: ["not an endpoint"]) }
+    }
+
+    @Test(arguments: ClientTestServer.Kind.allCases)
+    func aCancelledLockGivesUpItsPlace(_ kind: ClientTestServer.Kind) async throws {
+        let server = try ClientTestServer(kind)
+        let client = try EtcdClient(endpoints: [server.endpoint])
+        // Each locker has a lease of its own (one lease holds one place in the queue).
+        let (a, b, c) = (
+            try await client.grantLease(ttl: 60), try await client.grantLease(ttl: 60),
+            try await client.grantLease(ttl: 60)
+        )
+        let held = try await client.lock("door", lease: a.id)
+        let waiter = Task { try await client.lock("door", lease: b.id) }
+        try await Task.sleep(for: .milliseconds(300))
+        waiter.cancel()
+        await #expect(throws: CancellationError.self) { try await waiter.value }
+        try await client.unlock(held)
+        // The cancelled waiter's key is gone on the server: the next locker gets the lock now,
+        // not when the lease ends.
+        let next = Task { try await client.lock("door", lease: c.id) }
+        let deadline = Task {
+            try await Task.sleep(for: .seconds(10))
+            next.cancel()
+        }
+        let key = try await next.value
+        deadline.cancel()
+        #expect(!key.isEmpty)
+    }
+
+    @Test(arguments: ClientTestServer.Kind.allCases)
+    func aWatchNobodyReadsHoldsUpNothingAndCatchesUp(_ kind: ClientTestServer.Kind) async throws {
+        let server = try ClientTestServer(kind)
+        var config = EtcdClient.Configuration(endpoints: [server.endpoint])
+        config.watchBufferBytes = 64 * 1024
+        let client = try EtcdClient(config)
+        let idle = try await client.watch(.prefix("s/"))
+        let busy = try await client.watch(.prefix("s/"))
+        let reader = Task { try await Self.collect(busy, 600, seconds: 60) }
+        let value = String(repeating: "x", count: 1024)
+        for i in 0..<600 { try await client.put("s/\(i % 50)", value) }
+        // The other watch got everything while this one was not read (600 KiB > 64 KiB) …
+        #expect(try await reader.value.count == 600)
+        // … and a new watch can still be made on the same connection.
+        let third = try await client.watch(.key("s/0"))
+        _ = third
+        // Read now, the idle one gets every event, in order, once each (resumed from the
+        // server's history past its buffer).
+        let late = try await Self.collect(idle, 600, seconds: 60)
+        #expect(late.map(\.revision) == Array(2...601))
+    }
+
+    @Test(arguments: ClientTestServer.Kind.allCases)
+    func closingTheClientEndsItsKeepAlivesAndWatches(_ kind: ClientTestServer.Kind) async throws {
+        let server = try ClientTestServer(kind)
+        let client = try EtcdClient(endpoints: [server.endpoint])
+        let lease = try await client.grantLease(ttl: 30)
+        let keeper = Task { try await client.keepAlive(lease.id) }
+        let watch = try await client.watch(.prefix("c/"))
+        let reader = Task { for try await _ in watch {} }
+        try await Task.sleep(for: .milliseconds(300))
+        let started = Date()
+        client.close()
+        #expect(Date().timeIntervalSince(started) < 5, "close() does not wait for anything")
+        await #expect(throws: EtcdClientError.closed) { try await keeper.value }
+        await #expect(throws: EtcdClientError.closed) { try await reader.value }
+    }
+
+    @Test func anExpiredTokenIsRenewedForCallsWatchesAndKeepAlives() async throws {
+        let server = try ClientTestServer(.vigil, vigilArgs: ["--auth-token-ttl", "1"])
+        _ = try server.ctl.ok("user", "add", "root:pw")
+        _ = try server.ctl.ok("auth", "enable")
+        var config = EtcdClient.Configuration(endpoints: [server.endpoint])
+        config.username = "root"
+        config.password = "pw"
+        let client = try EtcdClient(config)
+        try await client.put("t", "1")
+        try await Task.sleep(for: .seconds(2.5))  // the token has expired
+        try await client.put("t", "2")
+        let watch = try await client.watch(.key("t"))
+        let lease = try await client.grantLease(ttl: 5)
+        try await Task.sleep(for: .seconds(2.5))
+        #expect(try await client.keepAliveOnce(lease.id) == 5)
+        try await client.put("t", "3")
+        #expect(try await Self.collect(watch, 1).first?.kv.valueString == "3")
     }
 }
