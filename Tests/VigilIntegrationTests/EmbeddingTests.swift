@@ -88,15 +88,19 @@ import VigilTesting
         #expect(events.map(\.revision) == [2, 3, 4, 4])
         #expect(events[2].prevKV?.valueString == "1" && events[3].kind == .delete)
 
-        // Leases: kept alive by a task until it is cancelled, then expired with their keys.
-        let lease = try await server.grantLease(ttl: 2)
+        // Leases: kept alive by a task until it is cancelled.
+        let lease = try await server.grantLease(ttl: 30)
         try await server.put("app/held", "x", PutOptions(lease: lease.id))
+        try await Task.sleep(for: .seconds(2.2))
         let keeper = Task { try await server.keepAlive(lease.id) }
-        try await Task.sleep(for: .seconds(3.5))
+        #expect(try await eventually { try await server.timeToLive(lease.id).ttl >= 29 })
         #expect(try await server.timeToLive(lease.id, keys: true).keys == [Array("app/held".utf8)])
         keeper.cancel()
         await #expect(throws: CancellationError.self) { try await keeper.value }
-        try await Task.sleep(for: .seconds(3.5))
+        let before = try await server.timeToLive(lease.id).ttl
+        try await Task.sleep(for: .seconds(2.2))
+        #expect(try await server.timeToLive(lease.id).ttl < before, "no renewals after the cancel")
+        try await server.revokeLease(lease.id)
         #expect(try await server.get("app/held") == nil)
         await #expect(throws: EtcdClientError.leaseExpired(lease.id)) { try await server.keepAlive(lease.id) }
         // etcd's errors, typed.
@@ -170,10 +174,10 @@ import VigilTesting
         for i in 0..<5 { try await client.put("m\(i)", "v") }
         var puts: Int64 = 0
         var keys: Double?
-        for _ in 0..<50 where puts < 5 || keys != 5 {
-            try await Task.sleep(for: .milliseconds(100))
+        _ = try await eventually {
             puts = metrics.counterTotal(label: "etcd_mvcc_put_total")
             keys = try? metrics.expectGauge("etcd_debugging_mvcc_keys_total").lastValue
+            return puts >= 5 && keys == 5
         }
         #expect(puts == 5, "counters arrive as their increase")
         #expect(keys == 5, "gauges as their value")

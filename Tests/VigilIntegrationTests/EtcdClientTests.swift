@@ -189,21 +189,26 @@ final class ClientTestServer: @unchecked Sendable {
     func leasesKeepAliveUntilCancelled(_ kind: ClientTestServer.Kind) async throws {
         let server = try ClientTestServer(kind)
         let client = try EtcdClient(endpoints: [server.endpoint])
-        let lease = try await client.grantLease(ttl: 2)
+        let lease = try await client.grantLease(ttl: 30)
         try await client.put("held", "1", PutOptions(lease: lease.id))
+        try await Task.sleep(for: .seconds(2.2))  // the remaining time falls to 27 or 28 s
         let keeper = Task { try await client.keepAlive(lease.id) }
-        try await Task.sleep(for: .seconds(3.5))
-        let alive = try await client.timeToLive(lease.id, keys: true)
-        #expect(alive.ttl > 0 && alive.keys == [Array("held".utf8)])
+        // A keep-alive brings it back to 30 s (polled: on a busy machine the keeper's task may
+        // start late).
+        #expect(try await eventually { try await client.timeToLive(lease.id).ttl >= 29 })
+        #expect(try await client.timeToLive(lease.id, keys: true).keys == [Array("held".utf8)])
         #expect(try await client.leases().contains(lease.id))
-        // Cancelling the task stops the keep-alives (a typed end, no leaked stream) …
+        // Cancelling the task stops the keep-alives (a typed end, no leaked stream): the
+        // remaining time falls again.
         keeper.cancel()
         await #expect(throws: CancellationError.self) { try await keeper.value }
-        // … and the lease expires with its key.
-        try await Task.sleep(for: .seconds(3.5))
+        let before = try await client.timeToLive(lease.id).ttl
+        try await Task.sleep(for: .seconds(2.2))
+        #expect(try await client.timeToLive(lease.id).ttl < before)
+        // A revoked lease takes its key; keeping it alive ends at once.
+        try await client.revokeLease(lease.id)
         #expect(try await client.get("held") == nil)
         #expect(try await client.timeToLive(lease.id).ttl == -1)
-        // Keeping a lease that is gone ends at once.
         await #expect(throws: EtcdClientError.leaseExpired(lease.id)) { try await client.keepAlive(lease.id) }
         let other = try await client.grantLease(ttl: 60)
         #expect(try await client.keepAliveOnce(other.id) == 60)
@@ -292,10 +297,10 @@ final class ClientTestServer: @unchecked Sendable {
         await #expect(throws: CancellationError.self) { try await waiter.value }
         try await client.unlock(held)
         // The cancelled waiter's key is gone on the server: the next locker gets the lock now,
-        // not when the lease ends.
+        // not when the waiter's lease ends (300 s).
         let next = Task { try await client.lock("door", lease: c.id) }
         let deadline = Task {
-            try await Task.sleep(for: .seconds(10))
+            try await Task.sleep(for: .seconds(60))
             next.cancel()
         }
         let key = try await next.value
@@ -353,10 +358,20 @@ final class ClientTestServer: @unchecked Sendable {
         try await Task.sleep(for: .seconds(2.5))  // the token has expired
         try await client.put("t", "2")
         let watch = try await client.watch(.key("t"))
-        let lease = try await client.grantLease(ttl: 5)
+        let lease = try await client.grantLease(ttl: 60)
         try await Task.sleep(for: .seconds(2.5))
-        #expect(try await client.keepAliveOnce(lease.id) == 5)
+        #expect(try await client.keepAliveOnce(lease.id) == 60)
         try await client.put("t", "3")
         #expect(try await Self.collect(watch, 1).first?.kv.valueString == "3")
     }
+}
+
+/// Polls `condition` every 100 ms until it holds or `seconds` pass.
+func eventually(seconds: Double = 30, _ condition: () async throws -> Bool) async throws -> Bool {
+    let deadline = Date().addingTimeInterval(seconds)
+    while Date() < deadline {
+        if try await condition() { return true }
+        try await Task.sleep(for: .milliseconds(100))
+    }
+    return try await condition()
 }
