@@ -23,6 +23,10 @@ import VigilCore
 /// Calls run on one event loop thread of the client's own (the same loop and HTTP/2 code Vigil
 /// serves with); every method may be called from any task.
 public final class EtcdClient: Sendable {
+    /// TLS settings: the CA file the servers' certificates chain to (nil: the system's), a
+    /// client certificate and its key, or no verification at all.
+    public typealias TLSConfiguration = TLSContext.ClientConfig
+
     public struct Configuration: Sendable {
         /// `host:port`, `http://host:port` or `https://host:port`, tried in turn.
         public var endpoints: [String]
@@ -30,7 +34,7 @@ public final class EtcdClient: Sendable {
         public var username: String?
         public var password: String?
         /// TLS settings (an `https://` endpoint without them uses the system's CAs).
-        public var tls: TLSContext.ClientConfig?
+        public var tls: TLSConfiguration?
         /// Bytes of watch events received and not yet read past which the client stops reading
         /// watch responses (the server then holds them), until the consumer catches up.
         public var watchBufferBytes = 4 << 20

@@ -89,11 +89,11 @@ import VigilTesting
         #expect(events[2].prevKV?.valueString == "1" && events[3].kind == .delete)
 
         // Leases: kept alive by a task until it is cancelled.
-        let lease = try await server.grantLease(ttl: 30)
+        let lease = try await server.grantLease(ttl: 600)
         try await server.put("app/held", "x", PutOptions(lease: lease.id))
         try await Task.sleep(for: .seconds(2.2))
         let keeper = Task { try await server.keepAlive(lease.id) }
-        #expect(try await eventually { try await server.timeToLive(lease.id).ttl >= 29 })
+        #expect(try await eventually { try await server.timeToLive(lease.id).ttl >= 599 })
         #expect(try await server.timeToLive(lease.id, keys: true).keys == [Array("app/held".utf8)])
         keeper.cancel()
         await #expect(throws: CancellationError.self) { try await keeper.value }
@@ -194,7 +194,8 @@ import VigilTesting
         let server = VigilServer(configuration: configuration(port: 0), logger: quiet)
         try server.start(handleSignals: false)
         defer { try? FileManager.default.removeItem(atPath: server.configuration.dataDir) }
-        let lease = try await server.grantLease(ttl: 30)
+        // A long TTL: on a busy machine the keeper's task may start late, but not after expiry.
+        let lease = try await server.grantLease(ttl: 600)
         let keeper = Task { try await server.keepAlive(lease.id) }
         let watch = try await server.watch(.prefix("x/"))
         let reader = Task { for try await _ in watch {} }

@@ -189,13 +189,13 @@ final class ClientTestServer: @unchecked Sendable {
     func leasesKeepAliveUntilCancelled(_ kind: ClientTestServer.Kind) async throws {
         let server = try ClientTestServer(kind)
         let client = try EtcdClient(endpoints: [server.endpoint])
-        let lease = try await client.grantLease(ttl: 30)
+        let lease = try await client.grantLease(ttl: 600)
         try await client.put("held", "1", PutOptions(lease: lease.id))
-        try await Task.sleep(for: .seconds(2.2))  // the remaining time falls to 27 or 28 s
+        try await Task.sleep(for: .seconds(2.2))  // the remaining time falls to 597 or 598 s
         let keeper = Task { try await client.keepAlive(lease.id) }
-        // A keep-alive brings it back to 30 s (polled: on a busy machine the keeper's task may
+        // A keep-alive brings it back to 600 s (polled: on a busy machine the keeper's task may
         // start late).
-        #expect(try await eventually { try await client.timeToLive(lease.id).ttl >= 29 })
+        #expect(try await eventually { try await client.timeToLive(lease.id).ttl >= 599 })
         #expect(try await client.timeToLive(lease.id, keys: true).keys == [Array("held".utf8)])
         #expect(try await client.leases().contains(lease.id))
         // Cancelling the task stops the keep-alives (a typed end, no leaked stream): the
@@ -334,7 +334,7 @@ final class ClientTestServer: @unchecked Sendable {
     func closingTheClientEndsItsKeepAlivesAndWatches(_ kind: ClientTestServer.Kind) async throws {
         let server = try ClientTestServer(kind)
         let client = try EtcdClient(endpoints: [server.endpoint])
-        let lease = try await client.grantLease(ttl: 30)
+        let lease = try await client.grantLease(ttl: 600)
         let keeper = Task { try await client.keepAlive(lease.id) }
         let watch = try await client.watch(.prefix("c/"))
         let reader = Task { for try await _ in watch {} }
@@ -358,11 +358,41 @@ final class ClientTestServer: @unchecked Sendable {
         try await Task.sleep(for: .seconds(2.5))  // the token has expired
         try await client.put("t", "2")
         let watch = try await client.watch(.key("t"))
-        let lease = try await client.grantLease(ttl: 60)
+        let lease = try await client.grantLease(ttl: 600)
         try await Task.sleep(for: .seconds(2.5))
-        #expect(try await client.keepAliveOnce(lease.id) == 60)
+        #expect(try await client.keepAliveOnce(lease.id) == 600)
         try await client.put("t", "3")
         #expect(try await Self.collect(watch, 1).first?.kv.valueString == "3")
+    }
+
+    @Test func talksTLSWithAClientCertificate() async throws {
+        let certs = try TestCertificates.directory()
+        let server = try LiveServer(
+            args: ["--unsafe-no-fsync"] + TestCertificates.serverFlags(certs), secure: true)
+        var tls = EtcdClient.TLSConfiguration()
+        tls.caFile = certs + "/ca.pem"
+        tls.certFile = certs + "/client-root.pem"
+        tls.keyFile = certs + "/client-root-key.pem"
+        var config = EtcdClient.Configuration(endpoints: ["https://" + server.endpoint])
+        config.tls = tls
+        let client = try EtcdClient(config)
+        try await client.put("secure", "yes")
+        #expect(try await client.get("secure")?.valueString == "yes")
+        let watch = try await client.watch(.key("secure"))
+        try await client.put("secure", "still")
+        #expect(try await Self.collect(watch, 1).first?.kv.valueString == "still")
+        // Without a client certificate the server refuses the handshake: the call says so.
+        var bare = EtcdClient.Configuration(endpoints: ["https://" + server.endpoint])
+        var caOnly = EtcdClient.TLSConfiguration()
+        caOnly.caFile = certs + "/ca.pem"
+        bare.tls = caOnly
+        let refused = try EtcdClient(bare)
+        await #expect {
+            try await refused.get("secure")
+        } throws: { e in
+            if case .unavailable = e as? EtcdClientError { return true }
+            return false
+        }
     }
 }
 
