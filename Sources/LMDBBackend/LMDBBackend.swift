@@ -327,6 +327,14 @@ public final class LMDBBackend: Backend, ValueSource, @unchecked Sendable {
         return checkpointed
     }
 
+    /// Whether the log's records go down with `O_DIRECT | O_DSYNC` (sync on, and a file system
+    /// that takes it), rather than `pwrite` and `fdatasync`.
+    public var logWritesDirect: Bool {
+        logLock.lock()
+        defer { logLock.unlock() }
+        return wal?.writesDirect ?? false
+    }
+
     /// Why the log could not make its next segment ahead of need (the disk is full), if so.
     public var logSpaceFailure: String? {
         walLock.lock()

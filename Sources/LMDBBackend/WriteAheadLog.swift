@@ -34,6 +34,7 @@ final class WriteAheadLog {
     /// Whether the current segment is written with `O_DIRECT | O_DSYNC` (else `pwrite` and
     /// `fdatasync`, or no sync at all).
     private var direct = false
+    var writesDirect: Bool { direct }
 
     struct Failure: Error, CustomStringConvertible {
         let description: String
@@ -152,15 +153,22 @@ final class WriteAheadLog {
             }
             self.spare = nil
         } else {
-            try makeFile(target, bytes: size)
+            // Written zeros: a direct write into blocks only reserved would make the file system
+            // journal their conversion at every new block.
+            try makeFile(target, bytes: size, zeroed: size == Self.segmentBytes)
         }
         syncDirectory()
-        let newFD = open(target, O_RDWR | O_CLOEXEC)
+        // With sync on: O_DIRECT | O_DSYNC where the file system takes it (tmpfs does not: then
+        // pwrite and fdatasync).
+        var newFD = sync ? open(target, O_RDWR | O_CLOEXEC | __O_DIRECT | O_DSYNC) : -1
+        let isDirect = newFD >= 0
+        if newFD < 0 { newFD = open(target, O_RDWR | O_CLOEXEC) }
         guard newFD >= 0 else {
             throw Failure(description: "cannot open \(target): \(String(cString: strerror(errno)))")
         }
         if fd >= 0 { close(fd) }
         fd = newFD
+        direct = isDirect
         segmentSize = size
         offset = 0
         segments.append((nextSequence, target))

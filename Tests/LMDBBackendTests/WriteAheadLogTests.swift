@@ -1,4 +1,5 @@
 import Foundation
+import Glibc
 import MVCC
 import Testing
 
@@ -24,6 +25,16 @@ private func write(_ store: KVStore, _ backend: LMDBBackend, _ body: (WriteTxn) 
         try backend.commit(batch)
         store.markCommitted(batch.revision)
     }
+}
+
+/// Whether files in `dir` open with O_DIRECT (tmpfs refuses it).
+private func takesDirectIO(_ dir: String) -> Bool {
+    let p = dir + "/direct-probe"
+    let fd = Glibc.open(p, O_RDWR | O_CREAT | __O_DIRECT, 0o600)
+    defer { unlink(p) }
+    guard fd >= 0 else { return false }
+    close(fd)
+    return true
 }
 
 private func segments(_ dir: TempDir) -> [String] {
@@ -210,6 +221,7 @@ private func segments(_ dir: TempDir) -> [String] {
         var expected: [String: Bytes] = [:]
         do {
             let (backend, store) = try open(dir, mapSize: 1 << 28, sync: true)
+            #expect(backend.logWritesDirect == takesDirectIO(dir.path + "/wal"))
             var generator = SystemRandomNumberGenerator()
             for i in 0..<400 {
                 let size = [0, 1, 100, 4000, 4096, 5000, 70_000][Int.random(in: 0..<7, using: &generator)]
