@@ -59,7 +59,9 @@ let package = Package(
         .target(name: "Bolt"),
 
         // Protocol layers.
-        .target(name: "GRPC", dependencies: ["HTTP2", "VigilCore"]),
+        .target(
+            name: "GRPC",
+            dependencies: ["HTTP2", "VigilCore", .product(name: "SwiftProtobuf", package: "swift-protobuf")]),
         .target(name: "EtcdProto", dependencies: [.product(name: "SwiftProtobuf", package: "swift-protobuf")]),
         .target(
             name: "EtcdAPI",

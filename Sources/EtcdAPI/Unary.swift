@@ -149,8 +149,12 @@ final class UnaryCall: CallHandler, ReplySink {
         answered = true
         guard let call else { return }
         do {
-            let bytes: [UInt8] = try response.serializedBytes()
-            call.send(RawNames.unescapeResponse(bytes, method.rawNames?.response ?? []))
+            if let raw = method.rawNames?.response, !raw.isEmpty {
+                let bytes: [UInt8] = try response.serializedBytes()
+                call.send(RawNames.unescapeResponse(bytes, raw))
+            } else {
+                call.sendFramed(try response.framedBytes())
+            }
             call.finish(.ok)
         } catch {
             call.finish(EtcdError.internal("grpc: error while marshaling: \(error)").status)

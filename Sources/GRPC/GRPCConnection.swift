@@ -48,6 +48,18 @@ public struct MessageFramer {
         return nil
     }
 
+    /// The message `bytes` holds exactly, when nothing is buffered (the usual case: a small
+    /// request in one DATA frame), taken without going through the buffer; nil otherwise (then
+    /// `append` and `next`).
+    public func whole(_ bytes: UnsafeRawBufferPointer) throws(Failure) -> [UInt8]? {
+        guard start == buffer.count, bytes.count >= 5 else { return nil }
+        let len = Int(bytes[1]) << 24 | Int(bytes[2]) << 16 | Int(bytes[3]) << 8 | Int(bytes[4])
+        guard bytes.count == 5 + len else { return nil }
+        if bytes[0] != 0 { throw .compressed }
+        if len > maxMessageBytes { throw .tooLarge(len, max: maxMessageBytes) }
+        return Array(UnsafeRawBufferPointer(rebasing: bytes[5...]))
+    }
+
     /// The length of a message's prefix (compressed flag and length).
     public static let prefixLength = 5
 
@@ -207,7 +219,7 @@ public final class ServerCall {
         guard !isFinished, let c = connection else { return }
         isFinished = true
         finalStatus = status
-        var trailers: [HeaderField] = [("grpc-status", String(status.code.rawValue))]
+        var trailers = status.code == .ok ? Self.okTrailers : [("grpc-status", String(status.code.rawValue))]
         if !status.message.isEmpty { trailers.append(("grpc-message", status.encodedMessage)) }
         if headersSent {
             c.session.finish(stream, trailers: trailers)
@@ -217,6 +229,8 @@ public final class ServerCall {
         c.needsFlush()
         ended()
     }
+
+    private static let okTrailers: [HeaderField] = [("grpc-status", "0")]
 
     private func ended() {
         let h = handler
@@ -281,6 +295,7 @@ public final class GRPCConnection: HTTP2SessionDelegate {
         var contentType = ""
         var timeout: UInt64?
         var metadata: [HeaderField] = []
+        metadata.reserveCapacity(headers.count)
         for h in headers {
             switch h.name {
             case ":path": path = h.value
@@ -315,14 +330,18 @@ public final class GRPCConnection: HTTP2SessionDelegate {
     public func streamData(_ stream: Int32, _ data: UnsafeRawBufferPointer) {
         if otherStreams.contains(stream) { return others?.streamData(stream, data) ?? () }
         guard let call = calls[stream], !call.isFinished else { return }
-        call.framer.append(data)
+        func deliver(_ msg: [UInt8]) {
+            if let c = call.counters {
+                c.received += 1
+                c.receivedBytes += msg.count
+            }
+            call.handler?.call(call, received: msg)
+        }
         do {
+            if let msg = try call.framer.whole(data) { return deliver(msg) }
+            call.framer.append(data)
             while let msg = try call.framer.next() {
-                if let c = call.counters {
-                    c.received += 1
-                    c.receivedBytes += msg.count
-                }
-                call.handler?.call(call, received: msg)
+                deliver(msg)
                 if call.isFinished { return }
             }
         } catch {

@@ -1,5 +1,9 @@
 import CNghttp2
 
+#if canImport(Glibc)
+import Glibc
+#endif
+
 /// An HTTP/2 header field as text.
 public typealias HeaderField = (name: String, value: String)
 
@@ -48,9 +52,16 @@ public final class HTTP2Session {
     public var onStreamRefused: (() -> Void)?
 
     private struct Inbound {
-        var headers: [HeaderField] = []
+        var headers: [HeaderField]
         var block: HeaderBlock
+        init(block: HeaderBlock) {
+            self.block = block
+            headers = []
+            headers.reserveCapacity(10)
+        }
     }
+    /// The strings of headers seen before, reused when they come again.
+    private var names = HeaderStrings()
     /// A stream's queued body: a class, so that queuing and reading mutate it in place (a struct
     /// in a dictionary would be copied, chunks and all, on every change). `respond` hands it out
     /// so that a caller sending many messages on one stream (a watch) reaches it without a lookup;
@@ -123,9 +134,10 @@ public final class HTTP2Session {
             let me = HTTP2Session.from(ud)
             let sid = frame!.pointee.hd.stream_id
             guard me.inbound[sid] != nil else { return 0 }
-            let n = String(decoding: UnsafeBufferPointer(start: name, count: namelen), as: UTF8.self)
-            let v = String(decoding: UnsafeBufferPointer(start: value, count: valuelen), as: UTF8.self)
-            me.inbound[sid]!.headers.append((n, v))
+            let field = me.names.field(
+                name: UnsafeBufferPointer(start: name, count: namelen),
+                value: UnsafeBufferPointer(start: value, count: valuelen))
+            me.inbound[sid]!.headers.append(field)
             return 0
         }
         nghttp2_session_callbacks_set_on_frame_recv_callback(cbs) { _, frame, ud in
@@ -410,30 +422,61 @@ public final class HTTP2Session {
     }
 
     private static func withNV<R>(_ headers: [HeaderField], _ body: (UnsafePointer<nghttp2_nv>, Int) -> R) -> R {
-        // nghttp2 copies names and values during submit, so they only need to live for the call.
+        // nghttp2 copies names and values during submit, so they only need to live for the call:
+        // on the stack (most header blocks are a few dozen bytes).
         var total = 0
         for h in headers { total += h.name.utf8.count + h.value.utf8.count }
-        let buf = UnsafeMutablePointer<UInt8>.allocate(capacity: max(total, 1))
-        defer { buf.deallocate() }
-        var nvs: [nghttp2_nv] = []
-        nvs.reserveCapacity(headers.count)
-        var off = 0
-        for h in headers {
-            let name = buf + off
-            for b in h.name.utf8 {
-                buf[off] = b
-                off += 1
+        return withUnsafeTemporaryAllocation(of: UInt8.self, capacity: max(total, 1)) { buf in
+            withUnsafeTemporaryAllocation(of: nghttp2_nv.self, capacity: max(headers.count, 1)) { nvs in
+                var off = 0
+                for (i, h) in headers.enumerated() {
+                    let name = buf.baseAddress! + off
+                    off += copyUTF8(h.name, to: buf.baseAddress! + off)
+                    let value = buf.baseAddress! + off
+                    off += copyUTF8(h.value, to: buf.baseAddress! + off)
+                    nvs[i] = nghttp2_nv(
+                        name: name, value: value, namelen: value - name, valuelen: buf.baseAddress! + off - value,
+                        flags: UInt8(NGHTTP2_NV_FLAG_NONE.rawValue))
+                }
+                return body(UnsafePointer(nvs.baseAddress!), headers.count)
             }
-            let value = buf + off
-            for b in h.value.utf8 {
-                buf[off] = b
-                off += 1
-            }
-            nvs.append(
-                nghttp2_nv(
-                    name: name, value: value, namelen: h.name.utf8.count, valuelen: h.value.utf8.count,
-                    flags: UInt8(NGHTTP2_NV_FLAG_NONE.rawValue)))
         }
-        return nvs.withUnsafeBufferPointer { body($0.baseAddress!, $0.count) }
+    }
+
+    /// Copies `s`'s UTF-8 bytes to `to`; returns how many.
+    @inline(__always)
+    private static func copyUTF8(_ s: String, to: UnsafeMutablePointer<UInt8>) -> Int {
+        var s = s
+        return s.withUTF8 { u in
+            if let b = u.baseAddress { to.update(from: b, count: u.count) }
+            return u.count
+        }
+    }
+}
+
+/// Header names and values as Strings, reusing the String of a header seen before: a gRPC
+/// connection sends the same few dozen bytes of headers on every call (path, content type, user
+/// agent), and a String of more than 15 bytes is an allocation each time it is made.
+struct HeaderStrings {
+    private static let known: [String] = [
+        ":method", ":scheme", ":path", ":authority", ":status", "content-type", "te", "user-agent",
+        "grpc-timeout", "grpc-status", "grpc-message", "grpc-encoding", "grpc-accept-encoding", "token",
+        "authorization",
+    ]
+    /// The last value seen for each known name.
+    private var values = [String](repeating: "", count: known.count)
+
+    mutating func field(name: UnsafeBufferPointer<UInt8>, value: UnsafeBufferPointer<UInt8>) -> HeaderField {
+        for (i, k) in Self.known.enumerated() where Self.equal(k, name) {
+            if !Self.equal(values[i], value) { values[i] = String(decoding: value, as: UTF8.self) }
+            return (k, values[i])
+        }
+        return (String(decoding: name, as: UTF8.self), String(decoding: value, as: UTF8.self))
+    }
+
+    private static func equal(_ s: String, _ bytes: UnsafeBufferPointer<UInt8>) -> Bool {
+        s.utf8.withContiguousStorageIfAvailable { u in
+            u.count == bytes.count && (u.isEmpty || memcmp(u.baseAddress!, bytes.baseAddress!, u.count) == 0)
+        } ?? s.utf8.elementsEqual(bytes)
     }
 }

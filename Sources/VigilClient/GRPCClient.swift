@@ -99,6 +99,15 @@ public final class GRPCClientConnection: HTTP2SessionDelegate, ByteStreamDelegat
         _ path: String, _ request: [UInt8], metadata: [HeaderField] = [],
         _ done: @escaping (Result<[UInt8], GRPCStatus>) -> Void
     ) -> ClientCall {
+        unary(path, framed: MessageFramer.frame(request), metadata: metadata, done)
+    }
+
+    /// A unary call with a request already framed (`framedBytes()`).
+    @discardableResult
+    public func unary(
+        _ path: String, framed request: [UInt8], metadata: [HeaderField] = [],
+        _ done: @escaping (Result<[UInt8], GRPCStatus>) -> Void
+    ) -> ClientCall {
         var response: [UInt8]?
         let call = open(
             path, metadata: metadata, onMessage: { response = $0 },
@@ -111,7 +120,7 @@ public final class GRPCClientConnection: HTTP2SessionDelegate, ByteStreamDelegat
                     done(.failure(status))
                 }
             })
-        call.send(request)
+        call.sendFramed(request)
         call.closeSend()
         return call
     }
@@ -120,12 +129,12 @@ public final class GRPCClientConnection: HTTP2SessionDelegate, ByteStreamDelegat
     public func unary<Req: SwiftProtobuf.Message, Resp: SwiftProtobuf.Message>(
         _ path: String, _ request: Req, _ done: @escaping (Result<Resp, GRPCStatus>) -> Void
     ) {
-        let bytes: [UInt8]
-        do { bytes = try request.serializedBytes() } catch {
+        let framed: [UInt8]
+        do { framed = try request.framedBytes() } catch {
             done(.failure(GRPCStatus(.internal, "encode: \(error)")))
             return
         }
-        unary(path, bytes) { result in
+        unary(path, framed: framed) { result in
             done(
                 result.flatMap { data in
                     do { return .success(try Resp(serializedBytes: data)) } catch {
@@ -217,8 +226,9 @@ public final class GRPCClientConnection: HTTP2SessionDelegate, ByteStreamDelegat
 
     public func streamData(_ stream: Int32, _ data: UnsafeRawBufferPointer) {
         guard let call = calls[stream] else { return }
-        call.framer.append(data)
         do {
+            if let m = try call.framer.whole(data) { return call.onMessage?(m) ?? () }
+            call.framer.append(data)
             while let m = try call.framer.next() { call.onMessage?(m) }
         } catch {
             call.status = GRPCStatus(.internal, "bad frame: \(error)")
@@ -272,9 +282,15 @@ public final class ClientCall {
         connection?.send(MessageFramer.frame(message), on: stream)
     }
 
+    /// Sends one message already framed (`framedBytes()`).
+    public func sendFramed(_ framed: [UInt8]) {
+        guard !isClosed, stream > 0 else { return }
+        connection?.send(framed, on: stream)
+    }
+
     /// Sends one protobuf request message.
     public func send(_ message: some SwiftProtobuf.Message) {
-        if let bytes: [UInt8] = try? message.serializedBytes() { send(bytes) }
+        if let framed = try? message.framedBytes() { sendFramed(framed) }
     }
 
     /// Half-closes: no more requests.

@@ -11,14 +11,14 @@ final class MeteredCall: CallHandler {
     private unowned let server: VigilServerCore
     private let started = DispatchTime.now().uptimeNanoseconds
     private var deadline: LoopTimer?
-    private let method: ServerMetrics.MethodKey
+    private let method: ServerMetrics.MethodStats
 
     init(_ inner: any CallHandler, call: ServerCall, server: VigilServerCore) {
         self.inner = inner
         self.server = server
-        method = ServerMetrics.MethodKey(call.path)
+        method = server.metrics.stats(call.path)
         server.metrics.callStarted(method)
-        call.counters = server.metrics.counters(method)
+        call.counters = method.counters
         if let ms = call.timeoutMs {
             deadline = LoopTimer(loop: server.loop, timeoutMs: ms) { [weak call] in
                 call?.finish(EtcdError.deadlineExceeded.status)

@@ -67,18 +67,26 @@ struct ServerMetrics {
             }
         }
     }
-    var started: [MethodKey: Int] = [:]
-    /// Messages and bytes by method, counted by the calls as they go.
-    var messages: [MethodKey: MessageCounters] = [:]
-
-    mutating func counters(_ k: MethodKey) -> MessageCounters {
-        if let c = messages[k] { return c }
-        let c = MessageCounters()
-        messages[k] = c
-        return c
+    /// One method's figures. A call looks its method up once, by path, when it opens.
+    final class MethodStats {
+        let key: MethodKey
+        var started = 0
+        var handled: [GRPCCode: Int] = [:]
+        var latency = Histogram()
+        /// Messages and bytes, counted by the calls as they go.
+        let counters = MessageCounters()
+        init(_ key: MethodKey) { self.key = key }
     }
-    var handled: [MethodKey: [GRPCCode: Int]] = [:]
-    var latency: [MethodKey: Histogram] = [:]
+    /// Every method a call was made on, by path.
+    private var methods: [String: MethodStats] = [:]
+
+    /// The figures of the method at `path` (made on its first call).
+    mutating func stats(_ path: String) -> MethodStats {
+        if let s = methods[path] { return s }
+        let s = MethodStats(MethodKey(path))
+        methods[path] = s
+        return s
+    }
     /// Requests refused for a limit, by reason (`vigil_requests_refused_total`).
     var refused: [EtcdError.Refusal: Int] = Dictionary(uniqueKeysWithValues: EtcdError.Refusal.allCases.map { ($0, 0) })
     var loopTurns = Histogram()
@@ -87,11 +95,11 @@ struct ServerMetrics {
     var healthFailures = 0
     var longestTurnSeconds = 0.0
 
-    mutating func callStarted(_ k: MethodKey) { started[k, default: 0] += 1 }
+    mutating func callStarted(_ s: MethodStats) { s.started += 1 }
 
-    mutating func callEnded(_ k: MethodKey, status: GRPCStatus, seconds: Double) {
-        handled[k, default: [:]][status.code, default: 0] += 1
-        latency[k, default: Histogram()].observe(seconds)
+    mutating func callEnded(_ s: MethodStats, status: GRPCStatus, seconds: Double) {
+        s.handled[status.code, default: 0] += 1
+        s.latency.observe(seconds)
         if let reason = Self.refusal(status) { refused[reason, default: 0] += 1 }
     }
 
@@ -119,16 +127,18 @@ struct ServerMetrics {
         }
         // Every method is there from the start, with every code (as go-grpc-prometheus
         // initializes them for etcd), so that queries subtracting one from another find both.
-        let keys = Set(Self.allMethods).union(started.keys).union(handled.keys)
+        var byKey: [MethodKey: MethodStats] = [:]
+        for m in methods.values { byKey[m.key] = m }
+        let keys = Set(Self.allMethods).union(byKey.keys)
             .sorted { ($0.service, $0.method) < ($1.service, $1.method) }
         out += "# HELP grpc_server_started_total Total number of RPCs started on the server.\n"
         out += "# TYPE grpc_server_started_total counter\n"
-        for k in keys { out += "grpc_server_started_total{\(labels(k))} \(started[k] ?? 0)\n" }
+        for k in keys { out += "grpc_server_started_total{\(labels(k))} \(byKey[k]?.started ?? 0)\n" }
         out +=
             "# HELP grpc_server_handled_total Total number of RPCs completed on the server, regardless of success or failure.\n"
         out += "# TYPE grpc_server_handled_total counter\n"
         for k in keys {
-            let counts = handled[k] ?? [:]
+            let counts = byKey[k]?.handled ?? [:]
             for code in GRPCCode.allCases {
                 out += "grpc_server_handled_total{grpc_code=\"\(code.name)\",\(labels(k))} \(counts[code] ?? 0)\n"
             }
@@ -136,7 +146,11 @@ struct ServerMetrics {
         out +=
             "# HELP grpc_server_handling_seconds Histogram of response latency (seconds) of gRPC that had been application-level handled by the server.\n"
         out += "# TYPE grpc_server_handling_seconds histogram\n"
-        for k in keys { if let h = latency[k] { out += h.lines("grpc_server_handling_seconds", labels: labels(k)) } }
+        for k in keys {
+            if let h = byKey[k]?.latency, h.total > 0 {
+                out += h.lines("grpc_server_handling_seconds", labels: labels(k))
+            }
+        }
         out +=
             "# HELP vigil_requests_refused_total Requests refused for a limit (size, txn ops, streams, quota, rate, read timeout).\n"
         out += "# TYPE vigil_requests_refused_total counter\n"
@@ -145,19 +159,20 @@ struct ServerMetrics {
         }
         out += "# HELP grpc_server_msg_received_total Total number of RPC stream messages received on the server.\n"
         out += "# TYPE grpc_server_msg_received_total counter\n"
-        for k in keys { out += "grpc_server_msg_received_total{\(labels(k))} \(messages[k]?.received ?? 0)\n" }
+        for k in keys { out += "grpc_server_msg_received_total{\(labels(k))} \(byKey[k]?.counters.received ?? 0)\n" }
         out += "# HELP grpc_server_msg_sent_total Total number of gRPC stream messages sent by the server.\n"
         out += "# TYPE grpc_server_msg_sent_total counter\n"
-        for k in keys { out += "grpc_server_msg_sent_total{\(labels(k))} \(messages[k]?.sent ?? 0)\n" }
+        for k in keys { out += "grpc_server_msg_sent_total{\(labels(k))} \(byKey[k]?.counters.sent ?? 0)\n" }
         out +=
             "# HELP etcd_network_client_grpc_received_bytes_total The total number of bytes received from grpc clients.\n"
         out += "# TYPE etcd_network_client_grpc_received_bytes_total counter\n"
-        out += "etcd_network_client_grpc_received_bytes_total \(messages.values.reduce(0) { $0 + $1.receivedBytes })\n"
+        out +=
+            "etcd_network_client_grpc_received_bytes_total \(methods.values.reduce(0) { $0 + $1.counters.receivedBytes })\n"
         out += "# HELP etcd_network_client_grpc_sent_bytes_total The total number of bytes sent to grpc clients.\n"
         out += "# TYPE etcd_network_client_grpc_sent_bytes_total counter\n"
-        out += "etcd_network_client_grpc_sent_bytes_total \(messages.values.reduce(0) { $0 + $1.sentBytes })\n"
+        out += "etcd_network_client_grpc_sent_bytes_total \(methods.values.reduce(0) { $0 + $1.counters.sentBytes })\n"
         func total(_ method: EtcdMethod) -> Int {
-            handled[MethodKey(method.path)]?[.ok] ?? 0
+            byKey[MethodKey(method.path)]?.handled[.ok] ?? 0
         }
         for (name, method, help) in [
             ("etcd_mvcc_range_total", EtcdMethod.range, "Total number of ranges seen by this member."),

@@ -8,9 +8,9 @@ public final class RevisionEvents {
     public private(set) var events: [Event]
     /// Reads previous values the write left unread, when a watcher with `prev_kv` needs them.
     private let store: KVStore?
-    /// Slot 0's encoded events without and with their previous key-values.
-    var encoded: [[UInt8]?]
-    var encodedWithPrev: [[UInt8]?]
+    /// Slot 0's encoded events, event `i` without its previous key-value at `2 * i` and with it
+    /// at `2 * i + 1`; made at the first encoding (a revision nobody watches costs nothing here).
+    private var encodings: [[UInt8]?] = []
     /// Other slots' encodings, by `slot * 2 + (prevKV ? 1 : 0)` (the gateway's JSON, rarely used).
     var otherEncodings: [Int: [[UInt8]?]] = [:]
     let approximateBytes: Int
@@ -19,8 +19,6 @@ public final class RevisionEvents {
         self.revision = revision
         self.events = events
         self.store = store
-        encoded = Array(repeating: nil, count: events.count)
-        encodedWithPrev = Array(repeating: nil, count: events.count)
         var bytes = 64
         for e in events {
             bytes += 48 + e.kv.key.count + e.kv.value.count + (e.prevKV.map { 48 + $0.key.count + $0.value.count } ?? 0)
@@ -31,16 +29,12 @@ public final class RevisionEvents {
     @inline(__always)
     func encoding(_ i: Int, prevKV: Bool, _ encoder: any WatchEncoder, slot: Int) -> [UInt8] {
         guard slot == 0 else { return otherEncoding(i, prevKV: prevKV, encoder, slot: slot) }
-        if prevKV {
-            if let e = encodedWithPrev[i] { return e }
-            loadPrev(i)
-            let e = encoder.encode(events[i], prevKV: true)
-            encodedWithPrev[i] = e
-            return e
-        }
-        if let e = encoded[i] { return e }
-        let e = encoder.encode(events[i], prevKV: false)
-        encoded[i] = e
+        if encodings.isEmpty { encodings = Array(repeating: nil, count: events.count * 2) }
+        let at = 2 * i + (prevKV ? 1 : 0)
+        if let e = encodings[at] { return e }
+        if prevKV { loadPrev(i) }
+        let e = encoder.encode(events[i], prevKV: prevKV)
+        encodings[at] = e
         return e
     }
 
