@@ -367,6 +367,11 @@ def main():
                 "cpu_s_per_1k": 1000 * sum(r["server_cpu_s"] for r in rs) / sum(r["requests"] for r in rs),
                 "peak_rss_mb": rss[k],
             }
+        # Each etcd round is followed at once by a Vigil round: the ratio of each such pair is
+        # less exposed to the machine's speed drifting over the run than the ratio of medians.
+        pairs = [v["throughput"] / e["throughput"] for v, e in zip(results["vigil"], results["etcd"])
+                 if e["throughput"]]
+        summary["paired_ratios"] = [round(r, 2) for r in pairs]
         rows.append((w, summary))
         print(json.dumps({"workload": w, **summary}), file=sys.stderr)
 
@@ -385,6 +390,11 @@ def main():
         lines.append([w, "vigil/etcd"] + ratio)
     if rows:
         print_table(header, lines, a.markdown)
+        for w, s in rows:
+            p = s["paired_ratios"]
+            if p:
+                print(f"{w}: vigil/etcd req/s round by round {', '.join(f'{r:.2f}x' for r in p)}; "
+                      f"median {statistics.median(p):.2f}x")
 
 
 def print_table(header, lines, markdown):

@@ -518,12 +518,16 @@ public final class KVStore {
     fileprivate func history(of key: Bytes) -> KeyHistory? { index[key] }
 
     /// The latest live state in `h`; its value read only if `withValue` or already in memory
-    /// (`valueLoaded` says which).
-    fileprivate func latest(_ key: Bytes, in h: KeyHistory?, withValue: Bool) -> (kv: KeyValue, valueLoaded: Bool)? {
+    /// (`valueLoaded` says which; `lookInMemory` false leaves it unread unless `withValue`).
+    fileprivate func latest(
+        _ key: Bytes, in h: KeyHistory?, withValue: Bool, lookInMemory: Bool = true
+    ) -> (kv: KeyValue, valueLoaded: Bool)? {
         guard let e = h?.latest else { return nil }
         var value: Bytes = []
         var loaded = true
-        if let v = recent[e.rev] {
+        if !withValue && !lookInMemory {
+            loaded = false
+        } else if let v = recent[e.rev] {
             value = v
         } else if let source {
             if withValue { value = source.value(at: e.rev) } else { loaded = false }
@@ -536,7 +540,7 @@ public final class KVStore {
 
     fileprivate func finishWrite(revision: Int64, events: [Event]) {
         currentRevision = revision
-        pending.meta[MetaKey.currentRevision] = revision
+        revisionPending = true
         observers.forEach { $0.store(self, wrote: events, at: revision) }
     }
 
@@ -628,10 +632,17 @@ public final class KVStore {
     }
 
     /// Whether something is waiting for the next group commit.
-    public var hasPending: Bool { !pending.isEmpty }
+    public var hasPending: Bool { revisionPending || !pending.isEmpty }
+    /// A write transaction ended since the last batch: the batch records the store revision (once
+    /// per batch rather than once per write).
+    private var revisionPending = false
 
     /// Hands over everything written since the last call, for one group commit.
     public func takeBatch() -> WriteBatch? {
+        if revisionPending {
+            revisionPending = false
+            pending.meta[MetaKey.currentRevision] = currentRevision
+        }
         guard !pending.isEmpty else { return nil }
         var b = pending
         b.revision = currentRevision
@@ -752,7 +763,9 @@ public final class WriteTxn {
     @discardableResult
     public func put(_ key: Bytes, value: Bytes, lease: Int64, prevValue: Bool = false) -> KeyValue? {
         let history = store.history(of: key)
-        let found = store.latest(key, in: history, withValue: prevValue)
+        // The previous value, unless asked for, is read when a watcher wants it (most puts have
+        // no watcher with prev_kv: a lookup saved per put).
+        let found = store.latest(key, in: history, withValue: prevValue, lookInMemory: false)
         let prev = found?.kv
         let kv = KeyValue(
             key: key, createRevision: prev?.createRevision ?? revision, modRevision: revision,

@@ -219,6 +219,9 @@ final class CommitCoordinator: CommitGate {
                 let took = loop.nowMilliseconds - started
                 if took > 1000 { logger.warning("slow fsync", metadata: ["took_ms": "\(took)"]) }
                 batchesDone += 1
+                // The next batch (what was written while this one was on disk) goes first, so
+                // that the disk writes it while the loop answers this one's writers.
+                startCommitIfNeeded()
                 store.markCommitted(batch.revision)  // the store's observers deliver these revisions
                 releaseWaiters()
                 let ready = flushWaiters.prefix { $0.batch <= batchesDone }
