@@ -127,15 +127,15 @@ func bootstrapTextLogs(_ level: Logger.Level) {
 /// buffer is freed, after which big buffers come from the heap and leave holes there that the
 /// process keeps.
 ///
-/// The heaps themselves keep up to 8 MiB free at their top and grow 1 MiB at a time: the loop
+/// The heaps themselves keep up to 2 MiB free at their top and grow 256 KiB at a time: the loop
 /// runs on a thread of its own, whose heap glibc otherwise shrinks (an `mprotect`) whenever 128
 /// KiB at its top is free and grows again on the next burst of requests, a few per cent of the
 /// loop's time under load.
 func keepBigBuffersMapped() {
     #if os(Linux)
     mallopt(M_MMAP_THRESHOLD, 128 << 10)
-    mallopt(M_TRIM_THRESHOLD, 8 << 20)
-    mallopt(M_TOP_PAD, 1 << 20)
+    mallopt(M_TRIM_THRESHOLD, 2 << 20)
+    mallopt(M_TOP_PAD, 256 << 10)
     #endif
 }
 
