@@ -437,8 +437,7 @@ final class ObserveCall: CallHandler {
         }
         do throws(EtcdError) {
             observation = try services.observe(name: req.name.bytes, credentials: credentials) { [weak call] resp in
-                guard let call, let bytes: [UInt8] = try? resp.serializedBytes() else { return }
-                call.send(bytes)
+                try? call?.send(resp)
             }
             observation?.start()
         } catch {

@@ -109,7 +109,7 @@ final class KeepAliveCall: CallHandler {
         services.keepAlive(r, credentials: credentials) { result in
             guard !call.isFinished else { return }
             switch result {
-            case .success(let resp): if let bytes: [UInt8] = try? resp.serializedBytes() { call.send(bytes) }
+            case .success(let resp): try? call.send(resp)
             case .failure(let error): call.finish(error.status)
             }
         }

@@ -204,7 +204,7 @@ final class SnapshotCall: CallHandler {
             if data.isEmpty {
                 var last = Etcdserverpb_SnapshotResponse()
                 last.blob = Data(sha.finish())
-                if let b: [UInt8] = try? last.serializedBytes() { call.send(b) }
+                try? call.send(last)
                 call.finish(.ok)
                 return
             }
@@ -213,7 +213,7 @@ final class SnapshotCall: CallHandler {
             var r = Etcdserverpb_SnapshotResponse()
             r.remainingBytes = remaining
             r.blob = data
-            if let b: [UInt8] = try? r.serializedBytes() { call.send(b) }
+            try? call.send(r)
         }
         call.notifyWhenDrained()
     }

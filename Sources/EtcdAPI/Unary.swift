@@ -153,7 +153,7 @@ final class UnaryCall: CallHandler, ReplySink {
                 let bytes: [UInt8] = try response.serializedBytes()
                 call.send(RawNames.unescapeResponse(bytes, raw))
             } else {
-                call.sendFramed(try response.framedBytes())
+                try call.send(response)
             }
             call.finish(.ok)
         } catch {

@@ -11,12 +11,7 @@ public struct FramedMessage: SwiftProtobufContiguousBytes {
         let total = MessageFramer.prefixLength + count
         framed = [UInt8](unsafeUninitializedCapacity: total) { b, n in
             b.initialize(repeating: repeating)
-            let len = UInt32(count)
-            b[0] = 0
-            b[1] = UInt8(len >> 24)
-            b[2] = UInt8((len >> 16) & 0xFF)
-            b[3] = UInt8((len >> 8) & 0xFF)
-            b[4] = UInt8(len & 0xFF)
+            MessageFramer.writePrefix(count, into: b)
             n = total
         }
     }

@@ -1,4 +1,5 @@
 import HTTP2
+import SwiftProtobuf
 
 /// Splits a byte stream into gRPC length-prefixed messages (1 byte compressed flag, 4 bytes
 /// big-endian length, payload).
@@ -22,17 +23,24 @@ public struct MessageFramer {
     public mutating func next() throws(Failure) -> [UInt8]? {
         let available = buffer.count - start
         guard available >= 5 else { return compactIfDrained() }
-        let flag = buffer[start]
-        let len =
-            Int(buffer[start + 1]) << 24 | Int(buffer[start + 2]) << 16 | Int(buffer[start + 3]) << 8
-            | Int(buffer[start + 4])
-        if flag != 0 { throw .compressed }
-        if len > maxMessageBytes { throw .tooLarge(len, max: maxMessageBytes) }
+        let len = try declaredLength(buffer[start..<(start + 5)])
         guard available >= 5 + len else { return nil }
         let msg = Array(buffer[(start + 5)..<(start + 5 + len)])
         start += 5 + len
         _ = compactIfDrained()
         return msg
+    }
+
+    /// The payload length a message's 5-byte prefix declares, checked: uncompressed, and within
+    /// `maxMessageBytes`.
+    private func declaredLength<P: RandomAccessCollection<UInt8>>(_ prefix: P) throws(Failure) -> Int
+    where P.Index == Int {
+        let at = prefix.startIndex
+        if prefix[at] != 0 { throw .compressed }
+        let len =
+            Int(prefix[at + 1]) << 24 | Int(prefix[at + 2]) << 16 | Int(prefix[at + 3]) << 8 | Int(prefix[at + 4])
+        if len > maxMessageBytes { throw .tooLarge(len, max: maxMessageBytes) }
+        return len
     }
 
     private mutating func compactIfDrained() -> [UInt8]? {
@@ -53,34 +61,39 @@ public struct MessageFramer {
     /// `append` and `next`).
     public func whole(_ bytes: UnsafeRawBufferPointer) throws(Failure) -> [UInt8]? {
         guard start == buffer.count, bytes.count >= 5 else { return nil }
-        let len = Int(bytes[1]) << 24 | Int(bytes[2]) << 16 | Int(bytes[3]) << 8 | Int(bytes[4])
-        guard bytes.count == 5 + len else { return nil }
-        if bytes[0] != 0 { throw .compressed }
-        if len > maxMessageBytes { throw .tooLarge(len, max: maxMessageBytes) }
+        guard try bytes.count == 5 + declaredLength(bytes[0..<5]) else { return nil }
         return Array(UnsafeRawBufferPointer(rebasing: bytes[5...]))
     }
 
     /// The length of a message's prefix (compressed flag and length).
     public static let prefixLength = 5
 
+    /// Writes the prefix of an uncompressed message of `length` bytes into `p`'s first 5 bytes.
+    @inline(__always)
+    static func writePrefix(_ length: Int, into p: UnsafeMutableBufferPointer<UInt8>) {
+        let n = UInt32(length)
+        p[0] = 0
+        p[1] = UInt8(n >> 24)
+        p[2] = UInt8((n >> 16) & 0xFF)
+        p[3] = UInt8((n >> 8) & 0xFF)
+        p[4] = UInt8(n & 0xFF)
+    }
+
     /// The 5-byte prefix of an uncompressed message of `length` bytes.
     public static func prefix(_ length: Int) -> [UInt8] {
-        let n = UInt32(length)
-        return [0, UInt8(n >> 24), UInt8((n >> 16) & 0xFF), UInt8((n >> 8) & 0xFF), UInt8(n & 0xFF)]
+        [UInt8](unsafeUninitializedCapacity: prefixLength) { b, n in
+            writePrefix(length, into: b)
+            n = prefixLength
+        }
     }
 
     /// Frames one message.
     public static func frame(_ payload: [UInt8]) -> [UInt8] {
-        var out = [UInt8]()
-        out.reserveCapacity(payload.count + 5)
-        let n = UInt32(payload.count)
-        out.append(0)
-        out.append(UInt8(n >> 24))
-        out.append(UInt8((n >> 16) & 0xFF))
-        out.append(UInt8((n >> 8) & 0xFF))
-        out.append(UInt8(n & 0xFF))
-        out.append(contentsOf: payload)
-        return out
+        [UInt8](unsafeUninitializedCapacity: prefixLength + payload.count) { b, n in
+            writePrefix(payload.count, into: b)
+            _ = UnsafeMutableBufferPointer(rebasing: b[prefixLength...]).initialize(from: payload)
+            n = prefixLength + payload.count
+        }
     }
 }
 
@@ -187,6 +200,11 @@ public final class ServerCall {
         // The prefix and the payload go as two chunks, so a payload shared by many calls is not copied here.
         q.send(MessageFramer.prefix(message.count))
         q.send(message)
+    }
+
+    /// Sends one protobuf response message, serialized behind its prefix (one buffer, no copy).
+    public func send(_ message: some SwiftProtobuf.Message) throws {
+        sendFramed(try message.framedBytes())
     }
 
     /// Sends bytes that are already one framed message (length prefix included), as they are:

@@ -69,7 +69,7 @@ struct GRPCProxyStart: AsyncParsableCommand {
         if (cert == nil) != (key == nil) { throw ValidationError("--cert and --key must be given together") }
         c.mirror = m
         bootstrapTextLogs(try parseLogLevel(logLevel))
-        keepBigBuffersMapped()
+        tuneMalloc()
         let logger = Logger(label: "vigil-mirror")
         logger.info("starting vigil grpc-proxy (mirror mode)", metadata: ["endpoints": "\(m.endpoints)"])
         try await serve(VigilServer(configuration: c, logger: logger), logger)

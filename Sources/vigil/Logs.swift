@@ -131,7 +131,7 @@ func bootstrapTextLogs(_ level: Logger.Level) {
 /// runs on a thread of its own, whose heap glibc otherwise shrinks (an `mprotect`) whenever 128
 /// KiB at its top is free and grows again on the next burst of requests, a few per cent of the
 /// loop's time under load.
-func keepBigBuffersMapped() {
+func tuneMalloc() {
     #if os(Linux)
     mallopt(M_MMAP_THRESHOLD, 128 << 10)
     mallopt(M_TRIM_THRESHOLD, 2 << 20)

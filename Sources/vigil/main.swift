@@ -332,7 +332,7 @@ struct VigilCommand: AsyncParsableCommand {
         case let other:
             throw ValidationError("unknown --logger \(other): capnslog or zap")
         }
-        keepBigBuffersMapped()
+        tuneMalloc()
         let logger = Logger(label: "vigil")
         logger.info("starting vigil", metadata: ["name": "\(config.name)", "data-dir": "\(config.dataDir)"])
         if let file = configFile ?? ProcessInfo.processInfo.environment["ETCD_CONFIG_FILE"] {
