@@ -169,6 +169,12 @@ let package = Package(
                 .product(name: "SwiftProtobuf", package: "swift-protobuf"),
             ]),
         .testTarget(name: "LeaseTests", dependencies: ["Lease", "VigilCore", "VigilTesting"]),
+        .testTarget(
+            name: "EtcdAPITests",
+            dependencies: [
+                "EtcdAPI", "EtcdProto", "MVCC", "VigilCore", "VigilTesting",
+                .product(name: "SwiftProtobuf", package: "swift-protobuf"),
+            ]),
         .testTarget(name: "AuthStoreTests", dependencies: ["Auth", "VigilCore", "VigilTesting"]),
         .testTarget(
             name: "VigilIntegrationTests",

@@ -3,7 +3,8 @@
 #   ca.pem                     the CA clients and the server trust
 #   server.pem server-key.pem  the server, for 127.0.0.1 and localhost (RSA 2048, as etcd's docs)
 #   client-<CN>.pem / -key.pem client certificates by Common Name: root, alice, nobody (no such user)
-#   client-revoked*.pem        revoked in crl.pem
+#   client-nocn*.pem           a client certificate without a Common Name (grpc-proxy's --cert)
+#   client-revoked*.pem        revoked in crl.pem, and in crl-expired.pem (whose nextUpdate has passed)
 #   client-expired*.pem        expired yesterday
 #   client-otherca*.pem        from a CA the server does not trust
 #   client-selfsigned*.pem     self-signed
@@ -13,7 +14,7 @@ set -euo pipefail
 dir=${1:-certs}
 mkdir -p "$dir"
 cd "$dir"
-[ -f .complete ] && exit 0
+[ -f .complete-2 ] && exit 0
 
 cat > ca.cnf <<'CNF'
 [ ca ]
@@ -29,7 +30,8 @@ copy_extensions = copy
 default_crl_days = 3650
 unique_subject = no
 [ anything ]
-commonName = supplied
+commonName = optional
+organizationName = optional
 [ client ]
 basicConstraints = CA:FALSE
 keyUsage = critical,digitalSignature,keyEncipherment
@@ -60,9 +62,16 @@ issue() { # name CN section [startdate enddate]
 
 issue server etcd-server server
 for cn in root alice nobody revoked; do issue "client-$cn" "$cn" client; done
+quiet openssl req -newkey rsa:2048 -nodes -keyout client-nocn-key.pem -out client-nocn.csr -subj "/O=vigil-test"
+quiet openssl ca -batch -config ca.cnf -cert ca.pem -keyfile ca-key.pem -extensions client -days 3650 \
+    -in client-nocn.csr -out client-nocn.pem -notext
+rm -f client-nocn.csr
 issue client-expired expired client 200101000000Z "$(date -u -d yesterday +%y%m%d%H%M%SZ)"
 quiet openssl ca -batch -config ca.cnf -cert ca.pem -keyfile ca-key.pem -revoke client-revoked.pem
 quiet openssl ca -batch -config ca.cnf -cert ca.pem -keyfile ca-key.pem -gencrl -out crl.pem
+# The same list, expired long ago (as etcd's own fixture revoke.crl, nextUpdate 2021-03-07).
+quiet openssl ca -batch -config ca.cnf -cert ca.pem -keyfile ca-key.pem -gencrl -crl_lastupdate 20200101000000Z \
+    -crl_nextupdate 20210307000000Z -out crl-expired.pem
 
 quiet openssl req -x509 -newkey rsa:2048 -nodes -keyout other-ca-key.pem -out other-ca.pem -days 3650 -subj "/CN=other-ca"
 quiet openssl req -newkey rsa:2048 -nodes -keyout client-otherca-key.pem -out otherca.csr -subj "/CN=root"
@@ -77,4 +86,4 @@ quiet openssl pkey -in jwt-rs.pem -pubout -out jwt-rs.pub.pem
 quiet openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out jwt-es.pem
 quiet openssl pkey -in jwt-es.pem -pubout -out jwt-es.pub.pem
 chmod 600 ./*-key.pem jwt-rs.pem jwt-es.pem
-touch .complete
+touch .complete-2

@@ -93,12 +93,14 @@ public final class AuthStore {
     /// client certificate's Common Name is the user (etcd's CN auth, with `--client-cert-auth`).
     public func caller(token: String?, commonName: String? = nil) throws(EtcdError) -> Caller? {
         guard enabled else { return nil }
-        guard var token, !token.isEmpty else {
+        guard var token else {
             if let cn = commonName, !cn.isEmpty {
                 return Caller(name: cn, isRoot: users[cn]?.roles.contains(Self.rootName) ?? false)
             }
             throw .userEmpty
         }
+        // A token sent empty is a token that names no one (etcd looks every sent token up).
+        guard !token.isEmpty else { throw .invalidAuthToken }
         if token.hasPrefix("Bearer ") { token.removeFirst(7) }
         if let jwt = config.jwt { return try jwtCaller(token, jwt) }
         let t = clock.nowMilliseconds

@@ -23,6 +23,21 @@ static inline uint64_t vigil_ssl_op_no_ticket(void) { return SSL_OP_NO_TICKET; }
 static inline void vigil_openssl_free(void *p) { OPENSSL_free(p); }
 static inline EVP_PKEY *vigil_ec_p256_keygen(void) { return EVP_EC_gen("P-256"); }
 
+/* A CRL's revoked serial numbers, and the certificates a peer sent after its own (OpenSSL's
+ * stacks are macros). */
+static inline int vigil_crl_revoked_count(X509_CRL *crl) {
+    STACK_OF(X509_REVOKED) *r = X509_CRL_get_REVOKED(crl);
+    return r ? sk_X509_REVOKED_num(r) : 0;
+}
+static inline const ASN1_INTEGER *vigil_crl_revoked_serial(X509_CRL *crl, int i) {
+    return X509_REVOKED_get0_serialNumber(sk_X509_REVOKED_value(X509_CRL_get_REVOKED(crl), i));
+}
+static inline int vigil_peer_chain_count(const SSL *s) {
+    STACK_OF(X509) *c = SSL_get_peer_cert_chain(s);
+    return c ? sk_X509_num(c) : 0;
+}
+static inline X509 *vigil_peer_chain_cert(const SSL *s, int i) { return sk_X509_value(SSL_get_peer_cert_chain(s), i); }
+
 /* A growable byte buffer the BIO writes ciphertext into (drained by Swift after each call). */
 typedef struct {
     unsigned char *data;

@@ -5,72 +5,6 @@ import MVCC
 import SwiftProtobuf
 import VigilCore
 
-/// etcd's Lock and Election services: its `concurrency` recipes run inside the server, on the
-/// loop, with the caller's credentials (every step is a KV request of this server, checked as
-/// the caller's own would be).
-///
-/// A lock or an election `name` is a queue of keys `name/<lease in hex>`, each held by a lease;
-/// the key with the lowest create revision holds the lock (or leads). A waiting Lock or Campaign
-/// is answered once every older key is gone, checked when a commit deleted a key under the name
-/// (lease expiry included); if its own key went too (its lease ended), it fails with
-/// `session expired`. A caller that gives up waiting (cancel, deadline) gives up its place: its
-/// key is deleted, as etcd's client does.
-final class Recipes: StoreObserver {
-    private unowned let services: EtcdServices
-    private var store: KVStore { services.context.store }
-    /// Waiters by prefix: a Lock or Campaign waiting for older keys, an Observe for any change.
-    private var waiters: [ObjectIdentifier: PrefixWaiter] = [:]
-    private var anyDirty = false
-
-    init(services: EtcdServices) {
-        self.services = services
-        services.context.store.addObserver(self)
-    }
-
-    final class PrefixWaiter {
-        let prefix: [UInt8]
-        var dirty = false
-        let changed: () -> Void
-        init(prefix: [UInt8], changed: @escaping () -> Void) {
-            self.prefix = prefix
-            self.changed = changed
-        }
-    }
-
-    func add(_ w: PrefixWaiter) { waiters[ObjectIdentifier(w)] = w }
-    func remove(_ w: PrefixWaiter) { waiters[ObjectIdentifier(w)] = nil }
-
-    func store(_ store: KVStore, wrote events: [Event], at revision: Int64) {
-        guard !waiters.isEmpty else { return }
-        for e in events {
-            for w in waiters.values where !w.dirty && e.kv.key.starts(with: w.prefix) {
-                w.dirty = true
-                anyDirty = true
-            }
-        }
-    }
-
-    /// Waiters look again once what they were told of is durable.
-    func store(_ store: KVStore, committedThrough revision: Int64) {
-        guard anyDirty else { return }
-        anyDirty = false
-        for w in Array(waiters.values) where w.dirty {
-            w.dirty = false
-            w.changed()
-        }
-    }
-
-    /// The keys under `prefix` at the committed revision.
-    func keys(under prefix: [UInt8]) -> [KeyValue] {
-        (try? store.range(prefix, KeyRange.prefixEnd(prefix)))?.kvs ?? []
-    }
-
-    /// etcd's queue key: `<name>/<lease in hex>`.
-    static func queueKey(_ prefix: [UInt8], _ lease: Int64) -> [UInt8] {
-        prefix + Array(String(UInt64(bitPattern: lease), radix: 16).utf8)
-    }
-}
-
 // MARK: - Running KV requests from inside
 
 /// The answer of a request this server makes to itself.
@@ -166,94 +100,144 @@ private func createRevision(_ key: [UInt8], is rev: Int64) -> Etcdserverpb_Compa
     return c
 }
 
+/// Where one Lock or Campaign stands: it may be abandoned (cancel, deadline) at any step.
+private final class QueueEntry {
+    let prefix: [UInt8]
+    var lease: Int64 = 0
+    var key: [UInt8] = []
+    /// The key's create revision, once it is queued.
+    var createRevision: Int64 = 0
+    var queued = false
+    var abandoned = false
+    var finished = false
+    var listener: Recipes.Listener?
+    init(prefix: [UInt8]) { self.prefix = prefix }
+}
+
 extension EtcdServices {
-    /// Queues `key` (held by `lease`, with `value`) under `prefix` unless it is there already, then
-    /// waits until it is the oldest: `done` gets the key's create revision and the revision the
-    /// wait ended at. Etcd's `Mutex.Lock` / `Election.Campaign` steps; a caller that leaves while
-    /// waiting has its key deleted.
-    fileprivate func enqueue(
-        prefix: [UInt8], key: [UInt8], lease: Int64, value: [UInt8], proclaim: Bool, info: RequestInfo,
-        abandon: @escaping (@escaping () -> Void) -> Void,
-        _ done: @escaping (Result<(createRevision: Int64, revision: Int64), EtcdError>) -> Void
-    ) {
-        var txn = Etcdserverpb_TxnRequest()
-        txn.compare = [createRevision(key, is: 0)]
-        var owner = Etcdserverpb_RequestOp()
-        owner.requestRange = firstCreated(prefix)
-        txn.success = [putOp(key, value, lease: lease), owner]
-        txn.failure = [getOp(key), owner]
-        inner(.txn, txn, info) { [unowned self] (result: Result<Etcdserverpb_TxnResponse, EtcdError>) in
-            let resp: Etcdserverpb_TxnResponse
-            switch result {
-            case .failure(let e): return done(.failure(e))
-            case .success(let r): resp = r
-            }
-            var myRev = resp.header.revision
-            if !resp.succeeded, let mine = resp.responses.first?.responseRange.kvs.first {
-                myRev = mine.createRevision
-                // A campaign again with another value proclaims it (etcd's Campaign).
-                if proclaim && mine.value.bytes != value {
-                    var p = Etcdserverpb_TxnRequest()
-                    p.compare = [createRevision(key, is: myRev)]
-                    p.success = [putOp(key, value, ignoreLease: true)]
-                    inner(.txn, p, info) { (_: Result<Etcdserverpb_TxnResponse, EtcdError>) in }
-                }
-            }
-            let first = resp.responses.last?.responseRange.kvs.first
-            if first == nil || first?.createRevision == myRev {
-                return done(.success((myRev, resp.header.revision)))
-            }
-            waitForOlder(prefix: prefix, key: key, myRev: myRev, info: info, abandon: abandon, done)
+    /// etcd's `concurrency.NewSession(WithLease(lease))` as its Lock and Election servers open
+    /// one per call: the caller's lease, or with lease 0 a new lease of `Recipes.sessionTTL`
+    /// seconds that nothing keeps alive (each such caller queues on a key of its own).
+    private func session(_ lease: Int64, _ info: RequestInfo, _ done: @escaping (Result<Int64, EtcdError>) -> Void) {
+        guard lease == 0 else { return done(.success(lease)) }
+        var grant = Etcdserverpb_LeaseGrantRequest()
+        grant.ttl = Recipes.sessionTTL
+        inner(.leaseGrant, grant, info) { (r: Result<Etcdserverpb_LeaseGrantResponse, EtcdError>) in
+            done(r.map(\.id))
         }
     }
 
+    /// Queues the caller under `prefix` with a key `prefix<lease in hex>` held by its session's
+    /// lease (unless that key is there already: the same session queues once), then waits until
+    /// it is the oldest key. `queued` gets the txn's answer and the session (a Campaign proclaims
+    /// a new value there, or gives up); `done` gets the revision the wait ended at. etcd's
+    /// `Mutex.Lock` / `Election.Campaign` steps; a caller that leaves before its turn has its key
+    /// deleted, whichever step it left at.
+    fileprivate func enqueue(
+        prefix: [UInt8], lease: Int64, value: [UInt8], info: RequestInfo,
+        abandon: (@escaping () -> Void) -> Void,
+        queued: @escaping (Etcdserverpb_TxnResponse, QueueEntry, @escaping (EtcdError?) -> Void) -> Void = { $2(nil) },
+        _ done: @escaping (Result<(entry: QueueEntry, revision: Int64), EtcdError>) -> Void
+    ) {
+        let entry = QueueEntry(prefix: prefix)
+        abandon { [unowned self] in
+            guard !entry.finished else { return }
+            entry.abandoned = true
+            leaveQueue(entry, info)
+        }
+        session(lease, info) { [unowned self] result in
+            guard !entry.abandoned else { return }
+            switch result {
+            case .failure(let e): return done(.failure(e))
+            case .success(let id): entry.lease = id
+            }
+            entry.key = Recipes.queueKey(prefix, entry.lease)
+            var txn = Etcdserverpb_TxnRequest()
+            txn.compare = [createRevision(entry.key, is: 0)]
+            var owner = Etcdserverpb_RequestOp()
+            owner.requestRange = firstCreated(prefix)
+            txn.success = [putOp(entry.key, value, lease: entry.lease), owner]
+            txn.failure = [getOp(entry.key), owner]
+            inner(.txn, txn, info) { [unowned self] (result: Result<Etcdserverpb_TxnResponse, EtcdError>) in
+                let resp: Etcdserverpb_TxnResponse
+                switch result {
+                case .failure(let e): return entry.abandoned ? () : done(.failure(e))
+                case .success(let r): resp = r
+                }
+                entry.queued = true
+                entry.createRevision = resp.header.revision
+                if !resp.succeeded, let mine = resp.responses.first?.responseRange.kvs.first {
+                    entry.createRevision = mine.createRevision
+                }
+                // Left while the txn ran: the key it made goes now.
+                if entry.abandoned { return leaveQueue(entry, info) }
+                queued(resp, entry) { [unowned self] failed in
+                    if let failed { return entry.abandoned ? () : done(.failure(failed)) }
+                    guard !entry.abandoned else { return }
+                    let first = resp.responses.last?.responseRange.kvs.first
+                    if first == nil || first?.createRevision == entry.createRevision
+                        || Failpoint.hit("lockIgnoreQueue") != nil
+                    {
+                        entry.finished = true
+                        return done(.success((entry, resp.header.revision)))
+                    }
+                    waitForOlder(entry, done)
+                }
+            }
+        }
+    }
+
+    /// Waits until no key under the prefix is older than the entry's: each time a durable write
+    /// under the prefix may have freed it, it looks at the keys at that revision.
     private func waitForOlder(
-        prefix: [UInt8], key: [UInt8], myRev: Int64, info: RequestInfo,
-        abandon: @escaping (@escaping () -> Void) -> Void,
-        _ done: @escaping (Result<(createRevision: Int64, revision: Int64), EtcdError>) -> Void
+        _ entry: QueueEntry, _ done: @escaping (Result<(entry: QueueEntry, revision: Int64), EtcdError>) -> Void
     ) {
         let recipes = self.recipes
-        var waiter: Recipes.PrefixWaiter?
-        let check = { [unowned self] in
-            guard let w = waiter else { return }
-            let kvs = recipes.keys(under: prefix)
-            guard !kvs.contains(where: { $0.createRevision < myRev }) else { return }
-            recipes.remove(w)
-            waiter = nil
-            guard kvs.contains(where: { $0.key == key }) else { return done(.failure(.sessionExpired)) }
-            done(.success((myRev, context.store.committedRevision)))
+        let check = { (committed: Int64) in
+            guard entry.listener != nil, !entry.finished else { return }
+            let kvs = recipes.keys(under: entry.prefix, at: committed)
+            guard !kvs.contains(where: { $0.createRevision < entry.createRevision }) else { return }
+            entry.finished = true
+            if let l = entry.listener { recipes.remove(l) }
+            entry.listener = nil
+            // Its own key went too (its lease ended): as etcd 3.5's Mutex.Lock.
+            guard kvs.contains(where: { $0.key == entry.key && $0.createRevision == entry.createRevision }) else {
+                return done(.failure(.sessionExpired))
+            }
+            done(.success((entry, committed)))
         }
-        let w = Recipes.PrefixWaiter(prefix: prefix, changed: check)
-        waiter = w
-        recipes.add(w)
-        abandon { [unowned self] in
-            guard let w = waiter else { return }
-            recipes.remove(w)
-            waiter = nil
-            var txn = Etcdserverpb_TxnRequest()
-            txn.success = [deleteOp(key)]
-            inner(.txn, txn, info) { (_: Result<Etcdserverpb_TxnResponse, EtcdError>) in }
-        }
+        let l = Recipes.Listener(prefix: entry.prefix) { committed, _ in check(committed) }
+        entry.listener = l
+        recipes.add(l)
         // Older keys may have gone between the txn and now.
-        check()
+        check(context.store.committedRevision)
+    }
+
+    /// A caller that gave up waiting gives up its place (etcd's client deletes its key).
+    private func leaveQueue(_ entry: QueueEntry, _ info: RequestInfo) {
+        if let l = entry.listener { recipes.remove(l) }
+        entry.listener = nil
+        guard entry.queued else { return }
+        var txn = Etcdserverpb_TxnRequest()
+        txn.compare = [createRevision(entry.key, is: entry.createRevision)]
+        txn.success = [deleteOp(entry.key)]
+        inner(.txn, txn, info) { (_: Result<Etcdserverpb_TxnResponse, EtcdError>) in }
     }
 
     // MARK: Lock
 
     func registerLock() {
         recipe(.lock) { [unowned self] (r: V3lockpb_LockRequest, info, reply: Reply<V3lockpb_LockResponse>) in
-            let prefix = r.name.bytes + [UInt8(ascii: "/")]
-            let key = Recipes.queueKey(prefix, r.lease)
             enqueue(
-                prefix: prefix, key: key, lease: r.lease, value: [], proclaim: false, info: info,
+                prefix: r.name.bytes + [UInt8(ascii: "/")], lease: r.lease, value: [], info: info,
                 abandon: { reply.whenAbandoned($0) }
             ) { [unowned self] result in
                 switch result {
-                case .failure(let e): reply.fail(e)
+                case .failure(let e): reply.fail(e.passedOnByClient)
                 case .success(let got):
                     var resp = V3lockpb_LockResponse()
                     resp.header = context.header(got.revision)
-                    resp.key = Data(key)
+                    resp.key = Data(got.entry.key)
                     reply.ok(resp)
                 }
             }
@@ -263,7 +247,7 @@ extension EtcdServices {
             d.key = r.key
             inner(.deleteRange, d, info) { (result: Result<Etcdserverpb_DeleteRangeResponse, EtcdError>) in
                 switch result {
-                case .failure(let e): reply.fail(e)
+                case .failure(let e): reply.fail(e.passedOnByClient)
                 case .success(let dr):
                     var resp = V3lockpb_UnlockResponse()
                     resp.header = dr.header
@@ -278,21 +262,41 @@ extension EtcdServices {
     func registerElection() {
         recipe(.campaign) {
             [unowned self] (r: V3electionpb_CampaignRequest, info, reply: Reply<V3electionpb_CampaignResponse>) in
-            let prefix = r.name.bytes + [UInt8(ascii: "/")]
-            let key = Recipes.queueKey(prefix, r.lease)
+            var header = Etcdserverpb_ResponseHeader()
             enqueue(
-                prefix: prefix, key: key, lease: r.lease, value: r.value.bytes, proclaim: true, info: info,
-                abandon: { reply.whenAbandoned($0) }
-            ) { [unowned self] result in
+                prefix: r.name.bytes + [UInt8(ascii: "/")], lease: r.lease, value: r.value.bytes, info: info,
+                abandon: { reply.whenAbandoned($0) },
+                queued: { [unowned self] resp, entry, next in
+                    // etcd answers with the header of the txn that queued the campaign.
+                    header = resp.header
+                    guard !resp.succeeded, let mine = resp.responses.first?.responseRange.kvs.first,
+                        mine.value.bytes != r.value.bytes
+                    else { return next(nil) }
+                    // A campaign again with another value proclaims it first (etcd's Campaign),
+                    // and gives up if that fails.
+                    proclaim(entry.key, entry.createRevision, entry.lease, r.value.bytes, info) {
+                        [unowned self] result in
+                        switch result {
+                        case .success(let t) where t.succeeded: next(nil)
+                        case .success:
+                            resign(entry.key, entry.createRevision, info)
+                            next(.electionNotLeader)
+                        case .failure(let e):
+                            resign(entry.key, entry.createRevision, info)
+                            next(e)
+                        }
+                    }
+                }
+            ) { result in
                 switch result {
-                case .failure(let e): reply.fail(e)
+                case .failure(let e): reply.fail(e.passedOnByClient)
                 case .success(let got):
                     var resp = V3electionpb_CampaignResponse()
-                    resp.header = context.header(got.revision)
+                    resp.header = header
                     resp.leader.name = r.name
-                    resp.leader.key = Data(key)
-                    resp.leader.rev = got.createRevision
-                    resp.leader.lease = r.lease
+                    resp.leader.key = Data(got.entry.key)
+                    resp.leader.rev = got.entry.createRevision
+                    resp.leader.lease = got.entry.lease
                     reply.ok(resp)
                 }
             }
@@ -303,14 +307,22 @@ extension EtcdServices {
             )
                 throws(EtcdError) in
             guard r.hasLeader else { throw .missingLeaderKey }
-            asLeader(r.leader, putOp(r.leader.key.bytes, r.value.bytes, ignoreLease: true), info) { result in
-                switch result {
-                case .failure(let e): reply.fail(e)
-                case .success(let t) where !t.succeeded: reply.fail(.electionNotLeader)
-                case .success(let t):
-                    var resp = V3electionpb_ProclaimResponse()
-                    resp.header = t.header
-                    reply.ok(resp)
+            // etcd's Proclaim runs in a session of the leader's lease (a new one for lease 0) and
+            // puts the value with it.
+            session(r.leader.lease, info) { [unowned self] lease in
+                switch lease {
+                case .failure(let e): return reply.fail(e.passedOnByClient)
+                case .success(let lease):
+                    proclaim(r.leader.key.bytes, r.leader.rev, lease, r.value.bytes, info) { result in
+                        switch result {
+                        case .failure(let e): reply.fail(e.passedOnByClient)
+                        case .success(let t) where !t.succeeded: reply.fail(.electionNotLeader)
+                        case .success(let t):
+                            var resp = V3electionpb_ProclaimResponse()
+                            resp.header = t.header
+                            reply.ok(resp)
+                        }
+                    }
                 }
             }
         }
@@ -321,9 +333,9 @@ extension EtcdServices {
                 throws(EtcdError) in
             guard r.hasLeader else { throw .missingLeaderKey }
             // Not leading any more is no error for Resign (etcd's).
-            asLeader(r.leader, deleteOp(r.leader.key.bytes), info) { result in
+            resign(r.leader.key.bytes, r.leader.rev, info) { result in
                 switch result {
-                case .failure(let e): reply.fail(e)
+                case .failure(let e): reply.fail(e.passedOnByClient)
                 case .success(let t):
                     var resp = V3electionpb_ResignResponse()
                     resp.header = t.header
@@ -336,7 +348,7 @@ extension EtcdServices {
             inner(.range, firstCreated(r.name.bytes + [UInt8(ascii: "/")]), info) {
                 (result: Result<Etcdserverpb_RangeResponse, EtcdError>) in
                 switch result {
-                case .failure(let e): reply.fail(e)
+                case .failure(let e): reply.fail(e.passedOnByClient)
                 case .success(let rr):
                     guard let kv = rr.kvs.first else { return reply.fail(.electionNoLeader) }
                     var resp = V3electionpb_LeaderResponse()
@@ -349,14 +361,26 @@ extension EtcdServices {
         stream(.observe) { [unowned self] call in ObserveCall(services: self, credentials: call.credentials) }
     }
 
-    /// Runs `op` if `leader` still leads (its key has the create revision it won with).
-    private func asLeader(
-        _ leader: V3electionpb_LeaderKey, _ op: Etcdserverpb_RequestOp, _ info: RequestInfo,
+    /// Puts `value` to the leader's key with `lease` if the key still has the create revision it
+    /// won with.
+    private func proclaim(
+        _ key: [UInt8], _ rev: Int64, _ lease: Int64, _ value: [UInt8], _ info: RequestInfo,
         _ done: @escaping (Result<Etcdserverpb_TxnResponse, EtcdError>) -> Void
     ) {
         var txn = Etcdserverpb_TxnRequest()
-        txn.compare = [createRevision(leader.key.bytes, is: leader.rev)]
-        txn.success = [op]
+        txn.compare = [createRevision(key, is: rev)]
+        txn.success = [putOp(key, value, lease: lease)]
+        inner(.txn, txn, info, done)
+    }
+
+    /// Deletes the leader's key if it still has the create revision it won with.
+    private func resign(
+        _ key: [UInt8], _ rev: Int64, _ info: RequestInfo,
+        _ done: @escaping (Result<Etcdserverpb_TxnResponse, EtcdError>) -> Void = { _ in }
+    ) {
+        var txn = Etcdserverpb_TxnRequest()
+        txn.compare = [createRevision(key, is: rev)]
+        txn.success = [deleteOp(key)]
         inner(.txn, txn, info, done)
     }
 
@@ -372,81 +396,5 @@ extension EtcdServices {
             try auth.check(caller, .read, key: prefix, rangeEnd: KeyRange.prefixEnd(prefix))
         }
         return ElectionObservation(recipes: recipes, context: context, prefix: prefix, send: send)
-    }
-}
-
-/// One Observe: sends the leader's key and value whenever either changes.
-public final class ElectionObservation {
-    private let recipes: Recipes
-    private let context: ServerContext
-    private let send: (V3electionpb_LeaderResponse) -> Void
-    private var waiter: Recipes.PrefixWaiter?
-    private var last: (key: [UInt8], modRevision: Int64)?
-
-    init(
-        recipes: Recipes, context: ServerContext, prefix: [UInt8],
-        send: @escaping (V3electionpb_LeaderResponse) -> Void
-    ) {
-        self.recipes = recipes
-        self.context = context
-        self.send = send
-        let w = Recipes.PrefixWaiter(prefix: prefix) { [weak self] in self?.look() }
-        waiter = w
-        recipes.add(w)
-    }
-
-    /// Sends the current leader, if any; changes follow by themselves.
-    public func start() { look() }
-
-    private func look() {
-        guard let w = waiter else { return }
-        guard let leader = recipes.keys(under: w.prefix).min(by: { $0.createRevision < $1.createRevision }) else {
-            return
-        }
-        if let last, last.key == leader.key && last.modRevision == leader.modRevision { return }
-        last = (leader.key, leader.modRevision)
-        var resp = V3electionpb_LeaderResponse()
-        resp.header = context.header(context.store.committedRevision)
-        resp.kv = leader.proto
-        send(resp)
-    }
-
-    /// Ends the observation.
-    public func cancel() {
-        guard let w = waiter else { return }
-        recipes.remove(w)
-        waiter = nil
-    }
-}
-
-/// An Observe call over gRPC: one LeaderRequest, then LeaderResponses until the caller leaves.
-final class ObserveCall: CallHandler {
-    private unowned let services: EtcdServices
-    private let credentials: Credentials
-    private var observation: ElectionObservation?
-
-    init(services: EtcdServices, credentials: Credentials) {
-        self.services = services
-        self.credentials = credentials
-    }
-
-    func call(_ call: ServerCall, received message: [UInt8]) {
-        guard observation == nil else { return }
-        guard let req = try? V3electionpb_LeaderRequest(serializedBytes: message) else {
-            return call.finish(EtcdError.malformedRequest.status)
-        }
-        do throws(EtcdError) {
-            observation = try services.observe(name: req.name.bytes, credentials: credentials) { [weak call] resp in
-                try? call?.send(resp)
-            }
-            observation?.start()
-        } catch {
-            call.finish(error.status)
-        }
-    }
-
-    func callEnded(_ call: ServerCall) {
-        observation?.cancel()
-        observation = nil
     }
 }

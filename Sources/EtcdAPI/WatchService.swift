@@ -132,7 +132,20 @@ public final class WatchService {
     private var guarded: [ObjectIdentifier: WatchSession] = [:]
 
     /// etcd's cancel reason for a watch its user may not read (the gRPC error's text).
-    static let permissionDeniedReason = "rpc error: code = PermissionDenied desc = etcdserver: permission denied"
+    static let permissionDeniedReason = cancelReason(.permissionDenied)
+
+    /// A gRPC error's text as Go prints it, which etcd puts in `cancel_reason`.
+    static func cancelReason(_ e: EtcdError) -> String { "rpc error: code = \(e.grpcCode.name) desc = \(e.message)" }
+
+    /// Why etcd refuses a create for auth: a bad or expired token, an old auth revision and a
+    /// missing user are named; anything else is "permission denied".
+    static func authRefusalReason(_ e: EtcdError) -> String {
+        switch e.code {
+        case EtcdError.invalidAuthToken.code, EtcdError.authOldRevision.code, EtcdError.userEmpty.code:
+            cancelReason(e)
+        default: permissionDeniedReason
+        }
+    }
 
     init(context: ServerContext, config: WatchHubConfig, auth: AuthStore) {
         self.auth = auth
@@ -235,8 +248,8 @@ public final class WatchSession {
             w.watchID = c.watchID
             w.fragment = c.fragment
             // Auth comes after the negative-revision check and before the range check, as in etcd;
-            // a refusal is a failed create on the stream, not an error of the call, worded as
-            // etcd words it whatever the auth error was.
+            // a refusal is a failed create on the stream (watch id -1), not an error of the call,
+            // with etcd's reason for the auth error.
             var caller: Caller?
             if c.startRevision >= 0 {
                 do throws(EtcdError) {
@@ -244,7 +257,7 @@ public final class WatchSession {
                     caller = try auth.caller(token: credentials.token, commonName: credentials.commonName)
                     try auth.check(caller, .read, key: w.key, rangeEnd: w.rangeEnd)
                 } catch {
-                    return hub.reject(stream, reason: WatchService.permissionDeniedReason, watchID: c.watchID)
+                    return hub.reject(stream, reason: WatchService.authRefusalReason(error), watchID: -1)
                 }
             }
             if let refuse = service.refusal, let reason = refuse(w) {

@@ -27,6 +27,15 @@ public final class Gateway {
     private let sseEncoder: SSEWatchEncoder
     private let refused: (EtcdError.Refusal) -> Void
 
+    /// `--max-concurrent-streams`. etcd's gateway makes its calls over one gRPC connection to its
+    /// own server, so at most this many gateway calls (unary, or a stream while it lasts) run at
+    /// once; the next ones wait their turn, as a Go client waits for a free HTTP/2 stream.
+    public var maxConcurrentCalls = Int.max
+    private var activeCalls = 0
+    /// Calls waiting for a turn, oldest first (`waitingHead` is the next).
+    private var waiting: [(request: HTTPRequest, out: any HTTPResponder)?] = []
+    private var waitingHead = 0
+
     /// - Parameter refused: hears every request refused for a limit (the server counts them).
     public init(services: EtcdServices, refused: @escaping (EtcdError.Refusal) -> Void = { _ in }) {
         self.services = services
@@ -46,10 +55,11 @@ public final class Gateway {
         EtcdMethod.gatewayPrefixes.contains { path.hasPrefix($0) }
     }
 
-    /// `{"error":…,"code":…,"message":…}`, grpc-gateway's error body.
+    /// `{"error":…,"message":…,"code":…}`, grpc-gateway's error body, its fields in the order
+    /// etcd writes them (etcd's e2e tests compare the bytes).
     public static func errorBody(code: GRPCCode, message: String) -> [UInt8] {
         let m = jsonString(message)
-        return Array(#"{"error":\#(m),"code":\#(code.rawValue),"message":\#(m)}"#.utf8)
+        return Array(#"{"error":\#(m),"message":\#(m),"code":\#(code.rawValue)}"#.utf8)
     }
 
     /// An error answer: the error's HTTP status and grpc-gateway's body.
@@ -74,6 +84,40 @@ public final class Gateway {
         guard let method = EtcdMethod.forGatewayPath(request.path) else {
             return out.respond(Self.errorResponse(status: 404, code: .notFound, "Not Found"))
         }
+        guard activeCalls < maxConcurrentCalls else {
+            let slot = waiting.count
+            waiting.append((request, out))
+            // A client that leaves while it waits gives up its turn.
+            out.whenDone { [weak self] _ in
+                guard let self, slot < waiting.count, let w = waiting[slot], w.out === out else { return }
+                waiting[slot] = nil
+            }
+            return
+        }
+        activeCalls += 1
+        out.whenDone { [weak self] _ in
+            guard let self else { return }
+            activeCalls -= 1
+            startWaiting()
+        }
+        serve(method, request, out)
+    }
+
+    /// Starts the oldest waiting call whose client is still there, if a turn is free.
+    private func startWaiting() {
+        while activeCalls < maxConcurrentCalls && waitingHead < waiting.count {
+            let next = waiting[waitingHead]
+            waiting[waitingHead] = nil
+            waitingHead += 1
+            if waitingHead == waiting.count {
+                waiting.removeAll(keepingCapacity: true)
+                waitingHead = 0
+            }
+            if let next { handle(next.request, next.out) }
+        }
+    }
+
+    private func serve(_ method: EtcdMethod, _ request: HTTPRequest, _ out: any HTTPResponder) {
         if method == .watch && request.method == "GET" { return sse(request, out) }
         guard request.method == "POST" else {
             return out.respond(Self.errorResponse(status: 405, code: .unimplemented, "Method Not Allowed"))
@@ -420,6 +464,11 @@ final class JSONReply: ReplySink {
     func fail(_ error: EtcdError) {
         if let reason = error.code.refusal { refused(reason) }
         out.respond(Gateway.errorResponse(error))
+    }
+
+    /// grpc-gateway cancels the call when its HTTP client leaves (a waiting Lock gives up).
+    func whenAbandoned(_ body: @escaping () -> Void) {
+        out.whenDone { completed in if !completed { body() } }
     }
 }
 

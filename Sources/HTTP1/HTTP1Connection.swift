@@ -22,6 +22,7 @@ public final class HTTP1Responder: HTTPResponder {
     /// Kept until the answer is done or the client left (it usually holds this responder too).
     private var observer: (any HTTPStreamObserver)?
     private var drainWanted = false
+    private var done = DoneCallbacks()
 
     init(connection: HTTP1Connection, keepAlive: Bool) {
         self.connection = connection
@@ -33,6 +34,7 @@ public final class HTTP1Responder: HTTPResponder {
         isDone = true
         c.send(r.serialize(keepAlive: keepAlive), close: !keepAlive)
         c.responseDone()
+        done.run(completed: true)
     }
 
     @discardableResult
@@ -60,7 +62,10 @@ public final class HTTP1Responder: HTTPResponder {
         observer = nil
         c.send(Array("0\r\n\r\n".utf8), close: !keepAlive)
         c.responseDone()
+        done.run(completed: true)
     }
+
+    public func whenDone(_ body: @escaping (Bool) -> Void) { done.add(body) }
 
     public var queuedBytes: Int { connection?.transport?.queuedBytes ?? 0 }
 
@@ -81,6 +86,7 @@ public final class HTTP1Responder: HTTPResponder {
         let wasOpen = !isDone
         isDone = true
         if wasOpen { o?.responseClosed() }
+        done.run(completed: false)
     }
 }
 

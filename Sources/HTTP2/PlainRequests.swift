@@ -111,6 +111,7 @@ public final class HTTP2Responder: HTTPResponder {
     private var done = false
     /// Kept until the answer is done or the client left.
     private var observer: (any HTTPStreamObserver)?
+    private var doneCallbacks = DoneCallbacks()
 
     init(session: HTTP2Session, stream: Int32, needsFlush: @escaping () -> Void) {
         self.session = session
@@ -133,6 +134,7 @@ public final class HTTP2Responder: HTTPResponder {
             session.finish(stream, trailers: [])
         }
         needsFlush()
+        doneCallbacks.run(completed: true)
     }
 
     @discardableResult
@@ -158,7 +160,10 @@ public final class HTTP2Responder: HTTPResponder {
         observer = nil
         session.finish(stream, trailers: [])
         needsFlush()
+        doneCallbacks.run(completed: true)
     }
+
+    public func whenDone(_ body: @escaping (Bool) -> Void) { doneCallbacks.add(body) }
 
     public var queuedBytes: Int { queue?.bytes ?? 0 }
 
@@ -172,5 +177,6 @@ public final class HTTP2Responder: HTTPResponder {
         let wasOpen = !done
         done = true
         if wasOpen { o?.responseClosed() }
+        doneCallbacks.run(completed: false)
     }
 }

@@ -102,6 +102,27 @@ public protocol HTTPResponder: AnyObject {
     var queuedBytes: Int { get }
     /// Asks for one `responseDrained` once everything sent so far has left (at once if it has).
     func notifyWhenDrained()
+    /// Runs `body` once the answer is over: with `true` once it was sent whole, with `false` if
+    /// the client left first (a waiting Lock then gives up its place, and the gateway's call slot
+    /// frees either way). At once if it is already over.
+    func whenDone(_ body: @escaping (_ completed: Bool) -> Void)
+}
+
+/// The `whenDone` bodies of one answer, run once.
+public struct DoneCallbacks {
+    private var bodies: [(Bool) -> Void] = []
+    private var result: Bool?
+    public init() {}
+    public mutating func add(_ body: @escaping (Bool) -> Void) {
+        if let result { body(result) } else { bodies.append(body) }
+    }
+    public mutating func run(completed: Bool) {
+        guard result == nil else { return }
+        result = completed
+        let b = bodies
+        bodies = []
+        for body in b { body(completed) }
+    }
 }
 
 extension HTTPResponder {

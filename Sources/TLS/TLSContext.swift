@@ -33,6 +33,8 @@ public final class TLSContext {
     public let verifiesClients: Bool
     /// Ciphertext of the last TLS call of any stream, written out before the next (loop-confined).
     let output: UnsafeMutablePointer<vigil_buf>
+    /// `--client-crl-file`'s revoked serial numbers (`ASN1_INTEGER`s owned here).
+    private(set) var revokedSerials: [UnsafeMutablePointer<ASN1_INTEGER>] = []
 
     private init(raw: OpaquePointer, isServer: Bool, verifiesClients: Bool) {
         self.raw = raw
@@ -43,6 +45,7 @@ public final class TLSContext {
     }
 
     deinit {
+        for s in revokedSerials { ASN1_INTEGER_free(s) }
         SSL_CTX_free(raw)
         free(output.pointee.data)
         output.deallocate()
@@ -103,6 +106,9 @@ public final class TLSContext {
         public var insecureSkipVerify = false
         /// ALPN protocols offered, in order of preference.
         public var alpn: [String] = ["h2"]
+        /// Refuses a client certificate that has a Common Name, as etcd's grpc-proxy does for its
+        /// `--cert` (with auth on upstream, that name would be taken as the proxy's user).
+        public var requireEmptyCommonName = false
         public init() {}
     }
 
@@ -118,6 +124,11 @@ public final class TLSContext {
         if let cert = c.certFile {
             guard let key = c.keyFile else { throw TLSError("a client certificate needs its key file") }
             try ctx.useCertificate(cert, key: key)
+            if c.requireEmptyCommonName, let x509 = SSL_CTX_get0_certificate(raw),
+                let cn = TLSStream.commonName(x509), !cn.isEmpty
+            {
+                throw TLSError("cert has non empty Common Name (\(cn))")
+            }
         }
         SSL_CTX_set_verify(raw, c.insecureSkipVerify ? SSL_VERIFY_NONE : SSL_VERIFY_PEER, nil)
         if !c.alpn.isEmpty {
@@ -175,12 +186,24 @@ public final class TLSContext {
             if let crl = d2i_X509_CRL_bio(bio, nil) { crls.append(crl) }
         }
         guard !crls.isEmpty else { throw .openssl("CRL file \(path) holds no certificate revocation list") }
-        let store = SSL_CTX_get_cert_store(raw)
+        // As etcd (Go's crypto/x509 parses the list, etcd compares serial numbers): a client
+        // certificate is refused if its serial number, or one of its chain's, is listed. The
+        // list's dates and signer are not checked: a CRL whose nextUpdate has passed still
+        // revokes what it lists, and lets every other certificate through.
         for crl in crls {
-            X509_STORE_add_crl(store, crl)
+            for i in 0..<vigil_crl_revoked_count(crl) {
+                if let s = vigil_crl_revoked_serial(crl, i), let copy = ASN1_INTEGER_dup(s) {
+                    revokedSerials.append(copy)
+                }
+            }
             X509_CRL_free(crl)
         }
-        X509_STORE_set_flags(store, UInt(X509_V_FLAG_CRL_CHECK))
+    }
+
+    /// Whether a certificate's serial number is listed in `--client-crl-file`.
+    func isRevoked(_ cert: OpaquePointer) -> Bool {
+        guard !revokedSerials.isEmpty, let serial = X509_get0_serialNumber(cert) else { return false }
+        return revokedSerials.contains { ASN1_INTEGER_cmp($0, serial) == 0 }
     }
 
     private func ciphers(_ names: [String]) throws(TLSError) {

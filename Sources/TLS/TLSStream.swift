@@ -192,6 +192,9 @@ public final class TLSStream: ByteStream, ByteStreamDelegate {
         io.pointee.handshake_done = 1
         timer?.cancel()
         timer = nil
+        if context.isServer, !context.revokedSerials.isEmpty, peerRevoked() {
+            return fail(.badCertificate("certificate revoked"))
+        }
         if context.verifiesClients, SSL_get_verify_result(ssl) == X509_V_OK, let cert = SSL_get1_peer_certificate(ssl) {
             peerCommonName = Self.commonName(cert)
             X509_free(cert)
@@ -203,6 +206,19 @@ public final class TLSStream: ByteStream, ByteStreamDelegate {
             early = []
             write(pending)
         }
+    }
+
+    /// Whether the client's certificate or one it sent with it is in the CRL (etcd checks them all,
+    /// once the handshake is done, and closes the connection).
+    private func peerRevoked() -> Bool {
+        if let leaf = SSL_get1_peer_certificate(ssl) {
+            defer { X509_free(leaf) }
+            if context.isRevoked(leaf) { return true }
+        }
+        for i in 0..<vigil_peer_chain_count(ssl) {
+            if let c = vigil_peer_chain_cert(ssl, i), context.isRevoked(c) { return true }
+        }
+        return false
     }
 
     /// Plaintext goes up in pieces of at most one record. OpenSSL is asked only while bytes are

@@ -64,6 +64,13 @@ public struct EtcdError: Error, Hashable, Sendable, CustomStringConvertible {
     /// An error another etcd server answered, passed on as it came (a mirror's forwarded calls).
     public static func relayed(_ code: GRPCCode, _ message: String) -> EtcdError { EtcdError(code, message) }
 
+    /// The error as etcd's Lock and Election servers pass on what their inner client got: the same
+    /// text with gRPC code Unknown (HTTP 500), because the client's error type carries no gRPC
+    /// status (e.g. `etcdserver: requested lease not found` for a Lock with an unknown lease).
+    public var passedOnByClient: EtcdError {
+        code.grpcCode == .unknown ? self : EtcdError(.unknown, message)
+    }
+
     /// An internal failure with its own words (gRPC INTERNAL, HTTP 500).
     public static func `internal`(_ message: String) -> EtcdError { EtcdError(.internal, message) }
 }

@@ -13,6 +13,9 @@ final class PlainEndpoints: HTTPHandler {
     init(core: VigilServerCore) {
         self.core = core
         gateway = Gateway(services: core.services, refused: { [unowned core] in core.metrics.count($0) })
+        if core.config.maxConcurrentStreams != .max {
+            gateway.maxConcurrentCalls = Int(core.config.maxConcurrentStreams)
+        }
     }
 
     func streamsBody(method: String, path: String) -> Bool { Gateway.streamsBody(method: method, path: path) }
@@ -191,6 +194,7 @@ final class CORSResponder: HTTPResponder {
     func finish() { inner.finish() }
     var queuedBytes: Int { inner.queuedBytes }
     func notifyWhenDrained() { inner.notifyWhenDrained() }
+    func whenDone(_ body: @escaping (Bool) -> Void) { inner.whenDone(body) }
 }
 
 /// The `--listen-metrics-urls` listeners' endpoints: metrics and health only, as etcd serves there.

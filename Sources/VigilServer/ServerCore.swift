@@ -197,6 +197,7 @@ final class VigilServerCore {
             c.certFile = m.certFile
             c.keyFile = m.keyFile
             c.insecureSkipVerify = m.insecureSkipVerify
+            c.requireEmptyCommonName = true
             do { tls = try TLSContext.client(c) } catch { throw ConfigurationError("upstream TLS: \(error)") }
         }
         return (options, tls)

@@ -11,7 +11,7 @@ public enum TestCertificates {
         try lock.withLock {
             let root = FileManager.default.currentDirectoryPath
             let dir = root + "/.build/test-certs"
-            if FileManager.default.fileExists(atPath: dir + "/.complete") { return dir }
+            if FileManager.default.fileExists(atPath: dir + "/.complete-2") { return dir }
             let r = try runCommand("/bin/bash", [root + "/scripts/make-test-certs.sh", dir], timeout: 120)
             guard r.status == 0 else { throw ProcessFailure(description: "make-test-certs.sh failed: \(r.output)") }
             return dir
@@ -20,11 +20,11 @@ public enum TestCertificates {
 
     /// The server flags of a TLS listener with these certificates (client certificates required,
     /// checked against the CRL, their Common Name the user).
-    public static func serverFlags(_ dir: String, clientCertAuth: Bool = true) -> [String] {
+    public static func serverFlags(_ dir: String, clientCertAuth: Bool = true, crl: String = "crl.pem") -> [String] {
         var f = ["--cert-file", dir + "/server.pem", "--key-file", dir + "/server-key.pem"]
         if clientCertAuth {
             f += [
-                "--trusted-ca-file", dir + "/ca.pem", "--client-cert-auth=true", "--client-crl-file", dir + "/crl.pem",
+                "--trusted-ca-file", dir + "/ca.pem", "--client-cert-auth=true", "--client-crl-file", dir + "/" + crl,
             ]
         }
         return f

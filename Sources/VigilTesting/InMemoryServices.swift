@@ -5,17 +5,22 @@ import VigilCore
 import WatchHub
 
 /// etcd's services over an in-memory store, without a loop, a backend or a socket: every write is
-/// "durable" at once, time is a `ManualClock`, password hashes are cheap. For testing what sits
-/// above the store (handlers, the gateway's mapping) on its own.
+/// "durable" at once (or, with `manualCommits`, when the test says), time is a `ManualClock`,
+/// password hashes are cheap. For testing what sits above the store (handlers, the gateway's
+/// mapping) on its own.
 public final class InMemoryServices {
     public let store = KVStore()
     public let clock = ManualClock()
     public let services: EtcdServices
-    private let commits: ImmediateCommits
+    private let commits: any CommitGate
     private let backend: NoBackend
 
-    public init(watch: WatchHubConfig = WatchHubConfig(), auth: AuthConfig = AuthConfig()) {
-        commits = ImmediateCommits(store: store)
+    /// - Parameter manualCommits: writes become durable only through `commit(through:)`, as group
+    ///   commits in flight would make them, one after the other (answers wait until then).
+    public init(
+        watch: WatchHubConfig = WatchHubConfig(), auth: AuthConfig = AuthConfig(), manualCommits: Bool = false
+    ) {
+        commits = manualCommits ? ManualCommits(store: store) : ImmediateCommits(store: store)
         backend = NoBackend(store: store)
         services = EtcdServices(
             ServerDependencies(
@@ -31,7 +36,39 @@ public final class InMemoryServices {
     }
 
     /// Makes everything written so far durable (the store's observers then deliver it).
-    public func commit() { commits.flush() }
+    public func commit() { commit(through: store.currentRevision) }
+
+    /// Makes the revisions up to `revision` durable: the store's observers hear of them, then the
+    /// answers waiting for them go out (the server's order).
+    public func commit(through revision: Int64) {
+        switch commits {
+        case let m as ManualCommits: m.commit(through: revision)
+        case let i as ImmediateCommits: i.flush()
+        default: break
+        }
+    }
+}
+
+/// A commit gate whose writes become durable only when the test says so.
+final class ManualCommits: CommitGate {
+    private let store: KVStore
+    private var waiting: [(revision: Int64, body: () -> Void)] = []
+    init(store: KVStore) { self.store = store }
+
+    func commit(through revision: Int64) {
+        if revision >= store.currentRevision { _ = store.takeBatch() }
+        store.markCommitted(min(revision, store.currentRevision))
+        let committed = store.committedRevision
+        let due = waiting.filter { $0.revision <= committed }
+        waiting.removeAll { $0.revision <= committed }
+        for w in due { w.body() }
+    }
+
+    func whenDurable(_ revision: Int64, _ body: @escaping () -> Void) {
+        if revision <= store.committedRevision { body() } else { waiting.append((revision, body)) }
+    }
+
+    func whenFlushed(_ body: @escaping () -> Void) { whenDurable(store.currentRevision, body) }
 }
 
 /// A commit gate that makes writes durable when asked, or at once when an answer waits for them.

@@ -19,11 +19,19 @@ final class Answer: HTTPResponder {
     var finished = false
     var observer: (any HTTPStreamObserver)?
     var queuedBytes: Int { 0 }
+    var done = DoneCallbacks()
 
     func respond(_ response: HTTPResponse) {
         status = response.status
         body = response.body
         finished = true
+        done.run(completed: true)
+    }
+    func whenDone(_ body: @escaping (Bool) -> Void) { done.add(body) }
+    /// The client leaves.
+    func leave() {
+        observer?.responseClosed()
+        done.run(completed: false)
     }
     func startStream(
         status: Int, contentType: String, headers: [(name: String, value: String)], observer: (any HTTPStreamObserver)?
@@ -34,7 +42,10 @@ final class Answer: HTTPResponder {
         return true
     }
     func send(_ chunk: [UInt8]) { body += chunk }
-    func finish() { finished = true }
+    func finish() {
+        finished = true
+        done.run(completed: true)
+    }
     func notifyWhenDrained() { observer?.responseDrained() }
 
     var text: String { String(decoding: body, as: UTF8.self) }
@@ -85,7 +96,7 @@ final class Harness {
         #expect(empty.status == 400)
         #expect(
             empty.text
-                == #"{"error":"etcdserver: key is not provided","code":3,"message":"etcdserver: key is not provided"}"#)
+                == #"{"error":"etcdserver: key is not provided","message":"etcdserver: key is not provided","code":3}"#)
         let future = h.post("/v3/kv/range", #"{"key":"\#(b64("a"))","revision":"99"}"#)
         #expect(future.status == 400 && future.json["code"] as? Int == 11)
         let unknown = h.post("/v3/kv/nothing", "{}")
@@ -171,6 +182,7 @@ final class Harness {
             func send(_ chunk: [UInt8]) {}
             func finish() {}
             func notifyWhenDrained() {}
+            func whenDone(_ body: @escaping (Bool) -> Void) { body(false) }
         }
         let h = Harness()
         let body = #"{"create_request":{"key":"\#(b64("w"))"}}"#

@@ -125,8 +125,9 @@ import VigilTesting
         w.create("app/alice/", rangeEnd: "app/alice0", watchID: 8)
         w.create("secret", watchID: 9)
         c.runUntil(seconds: 10) { w.responses.count >= 3 }
-        // Refused at create with etcd's words, for the id asked for.
-        let denied = w.responses.first { $0.watchID == 9 }
+        // Refused at create with etcd's words, as watch -1 (etcd 3.4.23 names no id).
+        #expect(!w.responses.contains { $0.watchID == 9 })
+        let denied = w.responses.first { $0.watchID == -1 }
         #expect(denied?.created == true && denied?.canceled == true && denied?.cancelReason == reason)
         _ = try asUser("root:rootpw", "put", "app/x", "1")
         c.runUntil(seconds: 10) { w.eventCount >= 1 }
@@ -145,6 +146,38 @@ import VigilTesting
         _ = try asUser("root:rootpw", "user", "delete", "alice")
         c.runUntil(seconds: 10) { w.responses.contains { $0.watchID == 8 && $0.canceled } }
         #expect(w.responses.first { $0.watchID == 8 && $0.canceled }?.cancelReason == reason)
+    }
+
+    /// A token sent empty, or one that expired, names no one: etcd's `invalid auth token`, on a
+    /// unary call (Unauthenticated) and on a watch create (watch -1, canceled with that reason).
+    @Test func emptyAndExpiredTokens() throws {
+        try setUp()
+        let c = try BlockingClient(port: server.port)
+        var get = Etcdserverpb_RangeRequest()
+        get.key = Data("app/x".utf8)
+        // No token at all is a missing user; an empty one is a bad token.
+        guard case .failure(let none) = c.call(EtcdMethod.range.path, get, as: Etcdserverpb_RangeResponse.self) else {
+            Issue.record("a read without a token was accepted")
+            return
+        }
+        #expect(none.code == .invalidArgument && none.message == "etcdserver: user name is empty")
+        c.connection.metadata = [("token", "")]
+        guard case .failure(let e) = c.call(EtcdMethod.range.path, get, as: Etcdserverpb_RangeResponse.self) else {
+            Issue.record("an empty token was accepted")
+            return
+        }
+        #expect(e.code == .unauthenticated && e.message == "etcdserver: invalid auth token")
+
+        // A token left unused past --auth-token-ttl (3 s) has expired.
+        let stale = try token(server, "alice", "apw")
+        usleep(4_500_000)
+        c.connection.metadata = [("token", stale)]
+        let w = WatchStreamClient(c.connection)
+        w.create("app/", rangeEnd: "app0", watchID: 3)
+        c.runUntil(seconds: 10) { !w.responses.isEmpty }
+        let refused = w.responses.first
+        #expect(refused?.watchID == -1 && refused?.created == true && refused?.canceled == true)
+        #expect(refused?.cancelReason == "rpc error: code = Unauthenticated desc = etcdserver: invalid auth token")
     }
 
     /// etcd takes user and role names as bytes: names that are not UTF-8 work, and come back as
@@ -235,7 +268,7 @@ import VigilTesting
         #expect(try post(server, "/v3/kv/put", #"{"key":"\#(key)","value":"dg=="}"#, token: token).0 == 200)
         #expect(
             try post(server, "/v3/kv/put", #"{"key":"c2VjcmV0","value":"dg=="}"#, token: token) == (
-                403, #"{"error":"etcdserver: permission denied","code":7,"message":"etcdserver: permission denied"}"#
+                403, #"{"error":"etcdserver: permission denied","message":"etcdserver: permission denied","code":7}"#
             ))
         #expect(try post(server, "/v3/kv/range", #"{"key":"\#(key)"}"#).1.contains("etcdserver: user name is empty"))
         // Used within the TTL (3 s here) it stays valid past it; unused for longer it expires.
@@ -248,7 +281,7 @@ import VigilTesting
         usleep(4_000_000)
         #expect(
             try post(server, "/v3/kv/range", #"{"key":"\#(key)"}"#, token: token) == (
-                401, #"{"error":"etcdserver: invalid auth token","code":16,"message":"etcdserver: invalid auth token"}"#
+                401, #"{"error":"etcdserver: invalid auth token","message":"etcdserver: invalid auth token","code":16}"#
             ))
         #expect(try post(server, "/v3/kv/range", #"{"key":"\#(key)"}"#, token: "forged.1").0 == 401)
         // grpc-gateway clients may send the token as `Grpc-Metadata-Token`.

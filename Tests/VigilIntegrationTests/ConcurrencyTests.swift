@@ -224,6 +224,105 @@ import VigilTesting
         let noLeader = try runCommand(
             curl, ["-s", "-w", "\n%{http_code}", "\(server.url)/v3/election/leader", "-d", #"{"name":"bm9uZQ=="}"#])
         #expect(
-            noLeader.stdout == #"{"error":"election: no leader","code":2,"message":"election: no leader"}"# + "\n500")
+            noLeader.stdout == #"{"error":"election: no leader","message":"election: no leader","code":2}"# + "\n500")
+    }
+
+    /// The outside check's curl: two Locks with lease 0 (as the Rust etcd-client sends) each get
+    /// a session lease of their own; the second waits until the first unlocks.
+    @Test func leaseZeroLocksOverTheGatewayNeverShareAKey() throws {
+        let curl = try #require(which("curl"))
+        let name = Data("mylock".utf8).base64EncodedString()
+        let first = try runCommand(
+            curl, ["-s", "--max-time", "5", "\(server.url)/v3/lock/lock", "-d", #"{"name":"\#(name)"}"#])
+        let json = try #require(try JSONSerialization.jsonObject(with: Data(first.stdout.utf8)) as? [String: Any])
+        let encoded = try #require(json["key"] as? String)
+        let key = try #require(Data(base64Encoded: encoded))
+        let text = String(decoding: key, as: UTF8.self)
+        #expect(text.hasPrefix("mylock/") && text != "mylock/0")
+        let second = try BackgroundCommand(
+            curl, ["-s", "--max-time", "10", "\(server.url)/v3/lock/lock", "-d", #"{"name":"\#(name)"}"#])
+        usleep(500_000)
+        #expect(!second.output.contains("key"))
+        // The first session's lease: 60 s, and nothing renews it.
+        let hex = try #require(UInt64(text.dropFirst("mylock/".count), radix: 16))
+        let lease = Int64(bitPattern: hex)
+        var ttl = Etcdserverpb_LeaseTimeToLiveRequest()
+        ttl.id = lease
+        let t = try client.call(EtcdMethod.leaseTimeToLive.path, ttl, as: Etcdserverpb_LeaseTimeToLiveResponse.self)
+            .get()
+        #expect(t.grantedTtl == 60 && t.ttl > 50 && t.ttl <= 60)
+        var unlock = V3lockpb_UnlockRequest()
+        unlock.key = key
+        _ = try client.call(EtcdMethod.unlock.path, unlock, as: V3lockpb_UnlockResponse.self).get()
+        #expect(second.wait { $0.contains(#""key":"#) })
+        #expect(!second.output.contains(encoded))
+    }
+
+    /// While other clients keep writing, a freed lock reaches its waiter at once (within 100 ms;
+    /// it used to wait for the waiter's deadline when an older group commit completed first), and
+    /// an observer of an election misses none of the values proclaimed meanwhile.
+    @Test func handOversAndObserveWhileOthersWrite() throws {
+        // Four writers, each with a put always in flight on a connection of its own.
+        var writing = true
+        var writes = 0
+        func write(_ conn: GRPCClientConnection, _ i: Int) {
+            guard writing else { return }
+            var p = Etcdserverpb_PutRequest()
+            p.key = Data("load/\(i)".utf8)
+            p.value = Data(repeating: 0x61, count: 100)
+            conn.unary(EtcdMethod.put.path, p) { (_: Result<Etcdserverpb_PutResponse, GRPCStatus>) in
+                writes += 1
+                write(conn, i)
+            }
+        }
+        for i in 0..<4 { write(try client.newConnection(), i) }
+        defer { writing = false }
+
+        var handOvers: [Double] = []
+        for _ in 0..<10 {
+            let a = try grant(), b = try grant()
+            let held = try client.call(EtcdMethod.lock.path, lock("handover", a), as: V3lockpb_LockResponse.self).get()
+            let waiter = try start(.lock, lock("handover", b), timeout: "5S", as: V3lockpb_LockResponse.self)
+            client.runUntil(seconds: 0.1) { false }
+            #expect(waiter.result == nil)
+            var unlock = V3lockpb_UnlockRequest()
+            unlock.key = held.key
+            let t0 = Date()
+            _ = try client.call(EtcdMethod.unlock.path, unlock, as: V3lockpb_UnlockResponse.self).get()
+            client.runUntil(seconds: 5) { waiter.result != nil }
+            handOvers.append(Date().timeIntervalSince(t0))
+            unlock.key = try #require(try waiter.result?.get()).key
+            _ = try client.call(EtcdMethod.unlock.path, unlock, as: V3lockpb_UnlockResponse.self).get()
+        }
+        #expect(writes > 100)
+        let fast = handOvers.filter { $0 < 0.1 * sanitizerFactor }.count
+        #expect(fast >= 9 && handOvers.max()! < 1, "hand-overs: \(handOvers)")
+
+        // 21 values proclaimed one after the other while the writers go on: the observer sees all.
+        let lease = try grant()
+        let won = try client.call(
+            EtcdMethod.campaign.path, campaign("watched", lease, "v0"), as: V3electionpb_CampaignResponse.self
+        ).get()
+        var seen: [String] = []
+        var leaderReq = V3electionpb_LeaderRequest()
+        leaderReq.name = Data("watched".utf8)
+        let observer = try client.newConnection()
+        let call = observer.open(
+            EtcdMethod.observe.path,
+            onMessage: { bytes in
+                if let r = try? V3electionpb_LeaderResponse(serializedBytes: bytes) {
+                    seen.append(String(decoding: r.kv.value, as: UTF8.self))
+                }
+            }, onClose: { _ in })
+        call.send(try leaderReq.serializedBytes())
+        client.runUntil(seconds: 10) { !seen.isEmpty }
+        var proclaim = V3electionpb_ProclaimRequest()
+        proclaim.leader = won.leader
+        for i in 1...20 {
+            proclaim.value = Data("v\(i)".utf8)
+            _ = try client.call(EtcdMethod.proclaim.path, proclaim, as: V3electionpb_ProclaimResponse.self).get()
+        }
+        client.runUntil(seconds: 10) { seen.count >= 21 }
+        #expect(seen == (0...20).map { "v\($0)" })
     }
 }

@@ -104,7 +104,7 @@ import VigilTesting
         #expect(es == 400)
         #expect(
             err
-                == #"{"error":"etcdserver: mvcc: required revision has been compacted","code":11,"message":"etcdserver: mvcc: required revision has been compacted"}"#
+                == #"{"error":"etcdserver: mvcc: required revision has been compacted","message":"etcdserver: mvcc: required revision has been compacted","code":11}"#
         )
         let (ns, notFound) = try post("/v3/lease/revoke", #"{"ID":"12345"}"#)
         #expect(ns == 404 && notFound.contains(#""code":5"#))
@@ -350,5 +350,52 @@ import VigilTesting
         #expect(metrics.stdout.contains("etcd_debugging_mvcc_watcher_total "))
         #expect(metrics.stdout.contains("etcd_server_health_success 2\n"))
         #expect(metrics.stdout.contains("etcd_server_health_failures 0\n"))
+    }
+
+    /// etcd's e2e v3_curl_maxstream tests: etcd's gateway calls its server over one gRPC
+    /// connection, so with `--max-concurrent-streams 3` three gateway watches take every stream
+    /// and a range waits (curl times out) until one of them ends.
+    @Test func maxConcurrentStreamsBoundsTheGatewaysCalls() throws {
+        let limited = try LiveServer(args: ["--unsafe-no-fsync", "--max-concurrent-streams", "3"])
+        let create = #"{"create_request":{"key":"Zm9v"}}"#
+        let range = ["-s", "\(limited.url)/v3/kv/range", "-d", #"{"key":"Zm9v"}"#]
+        var watches: [BackgroundCommand] = []
+        defer { for w in watches { w.stop() } }
+        func watch() throws {
+            let w = try BackgroundCommand(curlPath, ["-s", "-N", "\(limited.url)/v3/watch", "-d", create])
+            #expect(w.wait { $0.contains(#""created":true"#) })
+            watches.append(w)
+        }
+        for _ in 0..<2 { try watch() }
+        // Below the limit: the range is answered.
+        #expect(try runCommand(curlPath, ["--max-time", "5"] + range).stdout.contains(#""revision":"#))
+        // At the limit: it waits past curl's deadline (exit 28: operation timed out).
+        try watch()
+        let blocked = try runCommand(curlPath, ["--max-time", "2"] + range)
+        #expect(blocked.status == 28 && blocked.stdout.isEmpty, "\(blocked.output)")
+        // A waiting call runs as soon as a watch ends.
+        let waiting = try BackgroundCommand(curlPath, ["--max-time", "10"] + range)
+        usleep(300_000)
+        #expect(!waiting.output.contains("revision"))
+        watches.removeFirst().stop()
+        #expect(waiting.wait { $0.contains(#""revision":"#) })
+
+        // gRPC: the limit is in the connection's SETTINGS, so a client (nghttp2's, as Go's) opens a
+        // 4th stream only once one of its 3 ends.
+        let c = try BlockingClient(port: limited.port)
+        var streams = (0..<3).map { _ in WatchStreamClient(c.connection) }
+        for w in streams { w.create("foo") }
+        c.runUntil(seconds: 10) { streams.allSatisfy { !$0.responses.isEmpty } }
+        var get = Etcdserverpb_RangeRequest()
+        get.key = Data("foo".utf8)
+        var answered = false
+        c.connection.unary(EtcdMethod.range.path, get) { (_: Result<Etcdserverpb_RangeResponse, GRPCStatus>) in
+            answered = true
+        }
+        c.runUntil(seconds: 1) { answered }
+        #expect(!answered)
+        streams.removeFirst().call.cancel()
+        c.runUntil(seconds: 10) { answered }
+        #expect(answered)
     }
 }

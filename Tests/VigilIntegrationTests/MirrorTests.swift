@@ -313,7 +313,7 @@ import VigilTesting
         let mirror = try LiveMirror(
             upstream: secure.endpoints,
             args: [
-                "--cacert", dir + "/ca.pem", "--cert", dir + "/client-root.pem", "--key", dir + "/client-root-key.pem",
+                "--cacert", dir + "/ca.pem", "--cert", dir + "/client-nocn.pem", "--key", dir + "/client-nocn-key.pem",
             ])
         let via = try Etcdctl(endpoint: mirror.endpoint)
         #expect(try via.ok("get", "tls/a") == "tls/a\n1\n")

@@ -199,6 +199,39 @@ import VigilTesting
         #expect(try strict.ok("get", "k", "--print-value-only") == "v\n")
     }
 
+    /// As etcd's e2e TestCtlV3GetRevokedCRL, with a CRL whose nextUpdate passed long ago (etcd's
+    /// fixture's did in 2021): the certificate it lists is refused, every other one gets in.
+    @Test func anExpiredCRLStillRevokesOnlyWhatItLists() throws {
+        let flags = TestCertificates.serverFlags(certs, crl: "crl-expired.pem")
+        let server = try LiveServer(args: ["--unsafe-no-fsync"] + flags, secure: true)
+        let ctl = try Etcdctl(endpoint: server.url, flags: TestCertificates.clientFlags(certs))
+        #expect(try ctl.ok("put", "crl/a", "1") == "OK\n")
+        #expect(try ctl.ok("get", "crl/a", "--print-value-only") == "1\n")
+        let revoked = try Etcdctl(endpoint: server.url, flags: TestCertificates.clientFlags(certs, cn: "revoked"))
+        let r = try revoked.run(["get", "crl/a", "--dial-timeout=2s", "--command-timeout=3s"])
+        #expect(r.status != 0 && !r.stdout.contains("crl/a"))
+        let c = try curlTLS(["\(server.url)/health"], cn: "revoked")
+        #expect(c.status != 0 && !c.stdout.contains("health"))
+        #expect(try curlTLS(["\(server.url)/health"], cn: "alice").stdout == #"{"health":"true"}"#)
+    }
+
+    /// etcd's e2e TestGrpcproxyAndCommonName: the proxy's upstream certificate must have no
+    /// Common Name (with auth on, that name would be taken as the proxy's user).
+    @Test func grpcProxyRefusesACertificateWithACommonName() throws {
+        let vigil = try vigilBinary()
+        let dir = NSTemporaryDirectory() + "vigil-proxy-cn-\(UUID().uuidString)"
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let r = try runCommand(
+            vigil,
+            [
+                "grpc-proxy", "start", "--endpoints", "127.0.0.1:\(freePort())", "--data-dir", dir,
+                "--listen-addr", "127.0.0.1:\(freePort())", "--cert", certs + "/client-root.pem", "--key",
+                certs + "/client-root-key.pem", "--cacert", certs + "/ca.pem",
+            ], timeout: 20)
+        #expect(r.status != 0)
+        #expect(r.output.contains("cert has non empty Common Name (root)"), "\(r.output)")
+    }
+
     @Test func startupChecksAndCipherSuites() throws {
         let vigil = try vigilBinary()
         let dir = NSTemporaryDirectory() + "vigil-tls-start-\(UUID().uuidString)"
