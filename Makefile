@@ -1,7 +1,7 @@
 # The two commands of the README.
 #   make run   installs what is missing, builds release, serves http://127.0.0.1:2379 (data in ./default.vigil)
 #   make test  installs what is missing and runs every test
-.PHONY: run test test-again test-sanitized build protos fuzz format format-check
+.PHONY: run test test-again test-sanitized build protos fuzz format format-check robustness
 
 run:
 	./scripts/install-deps.sh
@@ -43,3 +43,13 @@ fuzz:
 
 protos:
 	./scripts/generate-protos.sh
+
+# The robustness suite, every profile (about 12 minutes): seeded traffic against vigil (debug
+# build: it has the failpoints), etcd 3.4 and the mirror, with kills, pauses and every failpoint,
+# then the validators. A violation prints its seed, failpoint and history window; the history and
+# logs go to .build/robustness. More: ROBUSTNESS_ARGS="--rounds 3", "--profiles vigil-kills",
+# "--seed 42", "--profiles list". CI runs the short profiles (Tests/RobustnessTests).
+robustness:
+	./scripts/install-deps.sh --test
+	swift build
+	.build/debug/vigil-robustness $(ROBUSTNESS_ARGS)

@@ -43,7 +43,7 @@ let package = Package(
         .target(name: "HTTPCore"),
         .target(name: "HTTP2", dependencies: ["CNghttp2", "HTTPCore"]),
         .target(name: "HTTP1", dependencies: ["CHTTPParser", "HTTPCore"]),
-        .target(name: "LMDBBackend", dependencies: ["CLMDB", "MVCC"]),
+        .target(name: "LMDBBackend", dependencies: ["CLMDB", "MVCC", "VigilCore"]),
         .target(name: "Passwords", dependencies: ["CCrypt"]),
         // TLS on the loop (memory BIOs) and JWT signatures, with OpenSSL.
         .target(name: "TLS", dependencies: ["COpenSSL", "EventLoop", "VigilCore"]),
@@ -118,6 +118,18 @@ let package = Package(
                 .product(name: "SwiftProtobuf", package: "swift-protobuf"),
             ]),
 
+        // The robustness suite (etcd's tests/robustness, for Vigil): seeded traffic over real
+        // connections, faults (kill, pause, failpoints), validators of every guarantee.
+        .target(
+            name: "Robustness",
+            dependencies: [
+                "VigilClient", "VigilTesting", "EventLoop", "GRPC", "HTTP2", "EtcdProto", "VigilCore",
+                .product(name: "SwiftProtobuf", package: "swift-protobuf"),
+            ]),
+        .executableTarget(
+            name: "vigil-robustness",
+            dependencies: ["Robustness", .product(name: "ArgumentParser", package: "swift-argument-parser")]),
+
         // The load generator (Benchmarks/, not part of the tests).
         .executableTarget(
             name: "vigil-bench",
@@ -169,6 +181,7 @@ let package = Package(
                 .product(name: "SwiftProtobuf", package: "swift-protobuf"),
             ]),
         .testTarget(name: "LeaseTests", dependencies: ["Lease", "VigilCore", "VigilTesting"]),
+        .testTarget(name: "RobustnessTests", dependencies: ["Robustness", "VigilTesting"]),
         .testTarget(
             name: "EtcdAPITests",
             dependencies: [

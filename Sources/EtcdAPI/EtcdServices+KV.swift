@@ -66,10 +66,11 @@ extension EtcdServices {
                 let rev = try kv.compact(r)
                 var resp = Etcdserverpb_CompactionResponse()
                 resp.header = ctx.header(rev)
-                if r.physical {
-                    ctx.whenCompacted { out.ok(resp) }
-                } else {
-                    out.ok(resp)
+                // Answered once the compaction (and the revision its header names) is durable, as
+                // etcd answers once it is applied: a crash cannot undo an acknowledged compaction,
+                // and no later read sees an older revision than its header.
+                ctx.commits.whenFlushed {
+                    if r.physical { ctx.whenCompacted { out.ok(resp) } } else { out.ok(resp) }
                 }
             })
     }

@@ -209,6 +209,7 @@ final class SnapshotCall: CallHandler {
                 return
             }
             sha.update(data)
+            Failpoint.trigger("snapshotMidSend")
             remaining -= UInt64(data.count)
             var r = Etcdserverpb_SnapshotResponse()
             r.remainingBytes = remaining

@@ -171,6 +171,7 @@ public final class ServerContext {
     /// `store.compactionPending`); returns true when the compaction is complete.
     @discardableResult
     public func compactionStep(maxRevisions: Int) -> Bool {
+        Failpoint.trigger("compactionMidway")
         guard store.compactStep(maxRevisions: maxRevisions) else { return false }
         let waiters = compactionWaiters
         compactionWaiters = []

@@ -4,6 +4,7 @@ import MVCC
 
 #if canImport(Glibc)
 import Glibc
+import VigilCore
 #endif
 
 /// An error from LMDB with its code and LMDB's text.
@@ -231,6 +232,7 @@ public final class LMDBBackend: Backend, ValueSource, @unchecked Sendable {
     public func commit(_ batch: WriteBatch) throws {
         guard wal != nil else { return try write(batch) }
         let payload = BatchCodec.encode(batch)
+        Failpoint.trigger("walBeforeWrite")
         logLock.lock()
         let sequence: UInt64
         do {
@@ -240,6 +242,7 @@ public final class LMDBBackend: Backend, ValueSource, @unchecked Sendable {
             throw error
         }
         logLock.unlock()
+        Failpoint.trigger("walAfterWrite")
         walLock.lock()
         defer { walLock.unlock() }
         unflushed.append((sequence, batch, payload.count))
@@ -378,6 +381,7 @@ public final class LMDBBackend: Backend, ValueSource, @unchecked Sendable {
             // The records where they are (batch by batch), `maxCheckpointRecords` a transaction.
             var batch = 0, index = 0, written = 0
             while written < recordCount {
+                if written > 0 { Failpoint.trigger("checkpointMidway") }
                 try writeTransaction { txn in
                     var n = 0
                     while batch < taken.count && n < Self.maxCheckpointRecords {
@@ -404,6 +408,7 @@ public final class LMDBBackend: Backend, ValueSource, @unchecked Sendable {
                 if end - at == Self.maxCheckpointRecords { releaseMappedPages() }
                 at = end
             }
+            Failpoint.trigger("checkpointBeforeCommit")
             try writeTransaction { txn in
                 for entry in taken {
                     var rest = entry.batch
@@ -649,6 +654,7 @@ public final class LMDBBackend: Backend, ValueSource, @unchecked Sendable {
         lock.lock()
         defer { lock.unlock() }
         guard defragmented else { return }
+        Failpoint.trigger("defragBeforeSwap")
         defragmented = false
         dropReadTransaction()
         mdb_env_close(env)

@@ -3,6 +3,7 @@ import MVCC
 
 #if canImport(Glibc)
 import Glibc
+import VigilCore
 #endif
 
 /// A write-ahead log of group commits: each commit is one record appended to a preallocated
@@ -223,6 +224,15 @@ final class WriteAheadLog {
         }
         let fileOffset = direct ? blockStart : offset
         var written = 0
+        switch Failpoint.hit("walWrite") {
+        case .error(let what)?:
+            throw Failure(
+                description: "write-ahead log write failed: \(what == "ENOSPC" ? "No space left on device" : what)")
+        case .return?:
+            // Broken on purpose: the record is acknowledged but never written.
+            written = length
+        default: break
+        }
         while written < length {
             let n = pwrite(fd, buffer + written, length - written, off_t(fileOffset + written))
             if n < 0 {

@@ -155,6 +155,11 @@ public final class Lessor {
             _ = heap.pop()
             // Skip entries left behind by renewals and revocations.
             guard let l = leases[top.id], l.expiry == top.expiry else { continue }
+            if let a = Failpoint.hit("leaseBeforeRevoke") {
+                // `return`: the lease is forgotten by the expiry heap and never revoked (broken).
+                if a == .return { continue }
+                Failpoint.perform(a, name: "leaseBeforeRevoke")
+            }
             try? revoke(top.id)
             revoked += 1
         }

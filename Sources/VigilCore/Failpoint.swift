@@ -34,16 +34,16 @@ public enum Failpoint {
     public static let names: [String: String] = [
         "walBeforeWrite": "before a group commit's record is written to the write-ahead log",
         "walAfterWrite": "after the record is durable, before anyone is answered",
-        "walWrite": "the log write itself (error(ENOSPC): the disk is full)",
-        "checkpointMidway": "inside a checkpoint, after some batches went into LMDB's transaction",
-        "checkpointBeforeCommit": "a checkpoint's LMDB transaction is complete but not committed",
-        "compactionMidway": "between two steps of a compaction's removal of old revisions",
-        "compactionBeforeBackend": "a compaction ended in memory, before its deletions reach the backend",
-        "defragBeforeSwap": "the defragmented copy is written, before it replaces the database",
+        "walWrite":
+            "the log write itself (error(ENOSPC): the disk is full; return: (broken) the record is not written)",
+        "checkpointMidway": "inside a checkpoint, between two of its LMDB transactions of records",
+        "checkpointBeforeCommit": "a checkpoint's records are in LMDB, the log sequence they cover not yet",
+        "compactionMidway": "before each step of a compaction's removal of old revisions",
+        "defragBeforeSwap": "the defragmented copy has replaced the file, before the database reopens on it",
         "snapshotMidSend": "between two chunks of a Snapshot being sent",
         "snapshotMidRestore": "while --restore-snapshot writes the new data directory",
         "watchBeforeSend": "before a watch response is written to its stream",
-        "leaseBeforeRevoke": "an expired lease is about to be revoked",
+        "leaseBeforeRevoke": "an expired lease is about to be revoked (return: (broken) it never is)",
         // Deliberately broken servers, to show that the validators catch them.
         "hubSkipEvent": "(broken on purpose) the watch hub drops one event of a revision",
         "lockIgnoreQueue": "(broken on purpose) a Lock or Campaign is answered without waiting its turn",
@@ -123,7 +123,6 @@ public enum Failpoint {
     public static func perform(_ a: Action, name: String) {
         switch a {
         case .panic:
-            complain("failpoint \(name): panic")
             raise(SIGKILL)
         case .sleep(let ms):
             usleep(UInt32(ms) * 1000)

@@ -129,6 +129,7 @@ enum SnapshotRestore {
         try? FileManager.default.removeItem(atPath: building)
         do {
             try FileManager.default.createDirectory(atPath: building, withIntermediateDirectories: true)
+            Failpoint.trigger("snapshotMidRestore")
             if length >= 20 && Bolt.Reader.isBolt(data) {
                 try restoreBolt(snapshot, into: building, mapSize: mapSize, logger: logger)
             } else {

@@ -23,12 +23,15 @@ public final class EtcdCluster: @unchecked Sendable {
     public var clientFlags: [String] { tlsDir.map { TestCertificates.clientFlags($0) } ?? [] }
     private var processes: [ChildProcess?]
     private let binary: String
+    private let extraArgs: [String]
 
     /// All members' client endpoints, comma-separated (etcd's `--endpoints`).
     public var endpoints: String { members.map(\.endpoint).joined(separator: ",") }
 
     /// Starts the members and waits until the cluster answers a linearizable read.
-    public init(size: Int = 3, tls: Bool = false) throws {
+    /// - Parameter args: more flags for every member.
+    public init(size: Int = 3, tls: Bool = false, args: [String] = []) throws {
+        extraArgs = args
         guard let etcd = which("etcd") else {
             throw ProcessFailure(description: "etcd is installed by scripts/install-deps.sh --test")
         }
@@ -64,7 +67,7 @@ public final class EtcdCluster: @unchecked Sendable {
                 "--initial-cluster", initial, "--initial-cluster-token", "vigil-test",
                 "--initial-cluster-state", fresh ? "new" : "existing",
                 "--heartbeat-interval", "50", "--election-timeout", "500", "--unsafe-no-fsync",
-            ] + (tlsDir.map { TestCertificates.serverFlags($0) } ?? []),
+            ] + (tlsDir.map { TestCertificates.serverFlags($0) } ?? []) + extraArgs,
             environment: environment(with: ["ETCD_UNSUPPORTED_ARCH": ""]), stdin: null, stdout: log, stderr: log)
     }
 

@@ -105,25 +105,36 @@ public final class LiveServer: @unchecked Sendable {
 
     /// Starts the server and waits for its readiness line.
     /// - Parameter alsoListen: more client URLs, after the server's own.
-    public init(dataDir: String? = nil, args: [String] = [], secure: Bool = false, alsoListen: [String] = []) throws {
+    /// - Parameter startNow: false leaves the first `start` to the caller (to pass an environment).
+    public init(
+        dataDir: String? = nil, args: [String] = [], secure: Bool = false, alsoListen: [String] = [],
+        startNow: Bool = true
+    ) throws {
         port = freePort()
         self.secure = secure
         self.alsoListen = alsoListen
         self.dataDir = dataDir ?? NSTemporaryDirectory() + "vigil-test-\(UUID().uuidString)"
         extraArgs = args
         logPath = self.dataDir + ".log"
-        try start()
+        if startNow { try start() }
     }
 
-    /// (Re)starts the process on the same port and data directory.
-    public func start() throws {
+    /// (Re)starts the process on the same port and data directory; `environment` is added to the
+    /// test's own (e.g. `VIGIL_FAILPOINTS`). Its log is kept across restarts unless `truncate`.
+    public func start(environment: [String: String] = [:], truncate: Bool = true) throws {
         process = try startLogging(
             try vigilBinary(),
             [
                 "--data-dir", dataDir, "--listen-client-urls", ([url] + alsoListen).joined(separator: ","),
                 "--log-level", "info",
-            ] + extraArgs, logPath: logPath, truncate: true, what: "vigil")
+            ] + extraArgs, logPath: logPath, truncate: truncate, what: "vigil", environment: environment)
     }
+
+    /// Sends a signal to the running process (SIGSTOP, SIGCONT…).
+    public func signal(_ s: Int32) { process?.signal(s) }
+
+    /// Whether the process is still running (a failpoint may have crashed it).
+    public var isRunning: Bool { process?.isRunning ?? false }
 
     /// Everything the server logged.
     public var log: String { (try? String(contentsOfFile: logPath, encoding: .utf8)) ?? "" }
@@ -158,7 +169,8 @@ public final class LiveServer: @unchecked Sendable {
 /// Starts `executable` with its output in `logPath` (emptied first, or appended to) and waits (30 s
 /// at most) until it logs that it is ready to serve.
 func startLogging(
-    _ executable: String, _ args: [String], logPath: String, truncate: Bool, what: String
+    _ executable: String, _ args: [String], logPath: String, truncate: Bool, what: String,
+    environment changes: [String: String] = [:]
 ) throws -> ChildProcess {
     let log = open(logPath, O_WRONLY | O_CREAT | (truncate ? O_TRUNC : O_APPEND) | O_CLOEXEC, 0o644)
     let null = devNull()
@@ -170,7 +182,7 @@ func startLogging(
     // Only what this start logs counts (the file keeps earlier runs' lines).
     let skip = lseek(log, 0, SEEK_END)
     let p = try ChildProcess(
-        executable, args, environment: environment(with: [:]), stdin: null, stdout: log, stderr: log)
+        executable, args, environment: environment(with: changes), stdin: null, stdout: log, stderr: log)
     let text = {
         let all = (try? Data(contentsOf: URL(fileURLWithPath: logPath))) ?? Data()
         return String(decoding: all.dropFirst(Int(max(0, skip))), as: UTF8.self)

@@ -589,6 +589,7 @@ public final class WatchHub {
     private func deliver(_ w: Int32, _ entry: RevisionEvents, _ matched: [Int32], _ memo: inout ResponseMemo) {
         let flags = watchers.flags[Int(w)]
         guard flags.contains(.synced) else { return }
+        if Failpoint.enabled && Failpoint.hit("hubSkipEvent") != nil { return }
         if flags.contains(.future) {
             if let start = futureStart[w], entry.revision < start { return }
             futureStart[w] = nil
@@ -610,6 +611,7 @@ public final class WatchHub {
             }
             let prevKV = flags.contains(.prevKV)
             let id = watchers.id(w)
+            if Failpoint.enabled { Failpoint.trigger("watchBeforeSend") }
             if flags.contains(.fragment) {
                 sendFragments(s, entry, wanted, prevKV: prevKV, id: id)
             } else {
