@@ -1,6 +1,7 @@
 import EtcdProto
 import Foundation
 import GRPC
+import SwiftProtobuf
 import VigilClient
 import VigilCore
 
@@ -141,15 +142,26 @@ final class LockClient: TrafficClient {
     private func unlock(_ key: Data, _ index: Int) {
         var u = V3lockpb_UnlockRequest()
         u.key = key
+        release(.unlock, u, index, then: run) { (r: V3lockpb_UnlockResponse) in r.header.revision }
+    }
+}
+
+extension TrafficClient {
+    /// Sends the Unlock or Resign of lock record `index`, records when it was answered and at
+    /// which revision, then goes on with `then`.
+    func release<Req: SwiftProtobuf.Message, Resp: SwiftProtobuf.Message>(
+        _ method: EtcdMethod, _ request: Req, _ index: Int, then: @escaping () -> Void,
+        revision: @escaping (Resp) -> Int64
+    ) {
         traffic.history.locks[index].releaseCall = monotonicNanos()
         traffic.begin()
-        conn.call(.unlock, u, timeoutMs: 2000) { [self] (result: Result<V3lockpb_UnlockResponse, CallFailure>) in
+        conn.call(method, request, timeoutMs: 2000) { [self] (result: Result<Resp, CallFailure>) in
             traffic.end()
             if case .success(let resp) = result {
                 traffic.history.locks[index].releaseReturned = monotonicNanos()
-                traffic.history.locks[index].releaseRevision = resp.header.revision
+                traffic.history.locks[index].releaseRevision = revision(resp)
             }
-            next(afterMs: 10, run)
+            next(afterMs: 10, then)
         }
     }
 }
@@ -224,16 +236,7 @@ final class CampaignClient: TrafficClient {
     private func resign(_ leader: V3electionpb_LeaderKey, _ index: Int) {
         var r = V3electionpb_ResignRequest()
         r.leader = leader
-        traffic.history.locks[index].releaseCall = monotonicNanos()
-        traffic.begin()
-        conn.call(.resign, r, timeoutMs: 2000) { [self] (result: Result<V3electionpb_ResignResponse, CallFailure>) in
-            traffic.end()
-            if case .success(let resp) = result {
-                traffic.history.locks[index].releaseReturned = monotonicNanos()
-                traffic.history.locks[index].releaseRevision = resp.header.revision
-            }
-            next(afterMs: 10, run)
-        }
+        release(.resign, r, index, then: run) { (r: V3electionpb_ResignResponse) in r.header.revision }
     }
 }
 

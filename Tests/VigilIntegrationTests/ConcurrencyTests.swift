@@ -121,6 +121,28 @@ import VigilTesting
         #expect(nf.message == "etcdserver: requested lease not found")
     }
 
+    /// The values an Observe of `name` reports, as they come (on a connection of its own).
+    final class Observed {
+        var values: [String] = []
+        var call: ClientCall?
+    }
+
+    func observe(_ name: String) throws -> Observed {
+        var r = V3electionpb_LeaderRequest()
+        r.name = Data(name.utf8)
+        let seen = Observed()
+        seen.call = try client.newConnection().open(
+            EtcdMethod.observe.path,
+            onMessage: { bytes in
+                if let m = try? V3electionpb_LeaderResponse(serializedBytes: bytes) {
+                    seen.values.append(String(decoding: m.kv.value, as: UTF8.self))
+                }
+            }, onClose: { _ in })
+        seen.call?.send(try r.serializedBytes())
+        seen.call?.closeSend()
+        return seen
+    }
+
     func campaign(_ name: String, _ lease: Int64, _ value: String) -> V3electionpb_CampaignRequest {
         var r = V3electionpb_CampaignRequest()
         r.name = Data(name.utf8)
@@ -140,17 +162,7 @@ import VigilTesting
         #expect(noLeader.code == .unknown && noLeader.message == "election: no leader")
 
         // An observer from the start sees every leader and value, in order.
-        let observer = try client.newConnection()
-        var seen: [String] = []
-        let call = observer.open(
-            EtcdMethod.observe.path,
-            onMessage: { bytes in
-                if let r = try? V3electionpb_LeaderResponse(serializedBytes: bytes) {
-                    seen.append(String(decoding: r.kv.value, as: UTF8.self))
-                }
-            }, onClose: { _ in })
-        call.send(try leaderReq.serializedBytes())
-        call.closeSend()
+        let seen = try observe("db")
 
         let a = try grant(), b = try grant()
         let won = try client.call(
@@ -175,8 +187,8 @@ import VigilTesting
         _ = try client.call(EtcdMethod.resign.path, resign, as: V3electionpb_ResignResponse.self).get()
         client.runUntil(seconds: 10) { challenger.result != nil }
         #expect(try challenger.result?.get().leader.lease == b)
-        client.runUntil(seconds: 10) { seen.count >= 3 }
-        #expect(seen == ["alpha", "alpha-2", "beta"])
+        client.runUntil(seconds: 10) { seen.values.count >= 3 }
+        #expect(seen.values == ["alpha", "alpha-2", "beta"])
 
         // The old leader may no longer proclaim; a request without a leader key is refused.
         let stale = client.call(EtcdMethod.proclaim.path, proclaim, as: V3electionpb_ProclaimResponse.self)
@@ -303,26 +315,15 @@ import VigilTesting
         let won = try client.call(
             EtcdMethod.campaign.path, campaign("watched", lease, "v0"), as: V3electionpb_CampaignResponse.self
         ).get()
-        var seen: [String] = []
-        var leaderReq = V3electionpb_LeaderRequest()
-        leaderReq.name = Data("watched".utf8)
-        let observer = try client.newConnection()
-        let call = observer.open(
-            EtcdMethod.observe.path,
-            onMessage: { bytes in
-                if let r = try? V3electionpb_LeaderResponse(serializedBytes: bytes) {
-                    seen.append(String(decoding: r.kv.value, as: UTF8.self))
-                }
-            }, onClose: { _ in })
-        call.send(try leaderReq.serializedBytes())
-        client.runUntil(seconds: 10) { !seen.isEmpty }
+        let seen = try observe("watched")
+        client.runUntil(seconds: 10) { !seen.values.isEmpty }
         var proclaim = V3electionpb_ProclaimRequest()
         proclaim.leader = won.leader
         for i in 1...20 {
             proclaim.value = Data("v\(i)".utf8)
             _ = try client.call(EtcdMethod.proclaim.path, proclaim, as: V3electionpb_ProclaimResponse.self).get()
         }
-        client.runUntil(seconds: 10) { seen.count >= 21 }
-        #expect(seen == (0...20).map { "v\($0)" })
+        client.runUntil(seconds: 10) { seen.values.count >= 21 }
+        #expect(seen.values == (0...20).map { "v\($0)" })
     }
 }
