@@ -381,7 +381,6 @@ public final class LMDBBackend: Backend, ValueSource, @unchecked Sendable {
             // The records where they are (batch by batch), `maxCheckpointRecords` a transaction.
             var batch = 0, index = 0, written = 0
             while written < recordCount {
-                if written > 0 { Failpoint.trigger("checkpointMidway") }
                 try writeTransaction { txn in
                     var n = 0
                     while batch < taken.count && n < Self.maxCheckpointRecords {
@@ -399,6 +398,8 @@ public final class LMDBBackend: Backend, ValueSource, @unchecked Sendable {
                     }
                 }
             }
+            // The records are in LMDB; the removals, meta entries and log sequence are not yet.
+            Failpoint.trigger("checkpointMidway")
             var at = 0
             while at < removed.count {
                 let end = min(removed.count, at + Self.maxCheckpointRecords)

@@ -123,15 +123,16 @@ final class ServerUnderTest: @unchecked Sendable {
         case .failpoint(let name, let spec, let hold, let trigger):
             guard let vigil else { return }
             vigil.stop(kill: true)
-            startVigil(vigil, ["VIGIL_FAILPOINTS": "\(name)=\(spec)"])
+            let crashedStarting = startVigil(vigil, ["VIGIL_FAILPOINTS": "\(name)=\(spec)"])
             switch trigger {
-            case "defrag": _ = try? etcdctl(["defrag"])
-            case "snapshot": _ = try? etcdctl(["snapshot", "save", vigil.dataDir + ".snapshot.db"])
+            case "defrag": _ = try? etcdctl(["--command-timeout=3s", "defrag"])
+            case "snapshot":
+                _ = try? etcdctl(["--command-timeout=3s", "snapshot", "save", vigil.dataDir + ".snapshot.db"])
             default: break
             }
             let deadline = monotonicNanos() + Int64(hold) * 1_000_000
             while vigil.isRunning && monotonicNanos() < deadline { usleep(20_000) }
-            let crashed = !vigil.isRunning
+            let crashed = crashedStarting || !vigil.isRunning
             vigil.stop(kill: true)
             try? FileManager.default.removeItem(atPath: vigil.dataDir + ".snapshot.db")
             startVigil(vigil, [:])
@@ -140,15 +141,21 @@ final class ServerUnderTest: @unchecked Sendable {
     }
 
     /// Starts vigil; one that dies while starting (a failpoint on the way) is started again
-    /// without failpoints.
-    private func startVigil(_ v: LiveServer, _ environment: [String: String]) {
+    /// without failpoints. Returns whether it died while starting.
+    @discardableResult
+    private func startVigil(_ v: LiveServer, _ environment: [String: String]) -> Bool {
+        var env = environment
+        env["VIGIL_FAILPOINT_SEED"] = String(random.next())
         do {
-            try v.start(environment: environment, truncate: false)
+            try v.start(environment: env, truncate: false)
+            restarted()
+            return false
         } catch {
             v.stop(kill: true)
             try? v.start(truncate: false)
+            restarted()
+            return true
         }
-        restarted()
     }
 
     func etcdctl(_ args: [String]) throws -> CommandResult {

@@ -36,7 +36,7 @@ public enum Failpoint {
         "walAfterWrite": "after the record is durable, before anyone is answered",
         "walWrite":
             "the log write itself (error(ENOSPC): the disk is full; return: (broken) the record is not written)",
-        "checkpointMidway": "inside a checkpoint, between two of its LMDB transactions of records",
+        "checkpointMidway": "inside a checkpoint: its records are in LMDB, its removals and meta entries not yet",
         "checkpointBeforeCommit": "a checkpoint's records are in LMDB, the log sequence they cover not yet",
         "compactionMidway": "before each step of a compaction's removal of old revisions",
         "defragBeforeSwap": "the defragmented copy has replaced the file, before the database reopens on it",
