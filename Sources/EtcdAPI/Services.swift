@@ -27,8 +27,12 @@ public final class EtcdServices {
     private var unaryMethods: [String: UnaryMethod] = [:]
     /// Every method's handler maker, by gRPC path.
     private var routes: [String: (ServerCall) -> any CallHandler] = [:]
-    /// Server version reported by Status and `/version`.
-    public static let serverVersion = "3.4.23"
+    /// Server version reported by Status, `/version`, `--version` and the metrics. 3.4.31 is the
+    /// first 3.4 release whose progress notifications kube-apiserver trusts (its feature checker
+    /// turns RequestWatchProgress, consistent reads from its cache and WatchList on from 3.4.31
+    /// and 3.5.13): no notification overtakes a stream's pending events (etcd issues 15220 and
+    /// 17507), as Vigil's hub guarantees (`WatchHub.requestProgress`).
+    public static let serverVersion = "3.4.31"
     /// The cluster version `/version` reports.
     public static let clusterVersion = "3.4.0"
 

@@ -92,6 +92,9 @@ public final class WatchStream {
     var closed = false
     /// How many of this stream's watchers are unsynced.
     var unsyncedCount = 0
+    /// A RequestProgress came while some watcher was catching up (or waiting for a future start
+    /// revision): it is answered once all are synced.
+    var progressRequested = false
     init(sink: any WatchSink, index: Int32, encoderSlot: Int) {
         self.sink = sink
         self.index = index
@@ -149,6 +152,8 @@ public final class WatchHub {
     private var heldWatchers: Set<Int32> = []
     /// Synced watchers created with a start revision past the delivered one, and that revision.
     private var futureStart: [Int32: Int64] = [:]
+    /// Streams whose RequestProgress waits for their watchers to be synced.
+    private var progressWaiting: [WatchStream] = []
     public private(set) var stats = WatchHubStats()
     public private(set) var streamCount = 0
     /// Set while a dispatch or catch-up walks the tables; streams closed meanwhile wait here.
@@ -402,12 +407,40 @@ public final class WatchHub {
     }
 
     /// Answers a progress request with `watch_id -1` at the delivered revision, ordered after the
-    /// events already queued, if every watcher of the stream is synced.
+    /// events already queued. While a watcher of the stream is catching up (or waits for a start
+    /// revision still in the future) the answer waits until all are synced, so that no event at or
+    /// below its revision can follow it (etcd issues 15220 and 17507); it is sent then even if the
+    /// catch-up delivered no event. A stream without watchers gets none (as etcd).
     public func requestProgress(_ s: WatchStream) {
-        guard !s.watchers.isEmpty, s.unsyncedCount == 0,
-            futureStart.isEmpty || s.watchers.allSatisfy({ !isFuture($0) })
-        else { return }
-        send(s, ResponseFields(headerRevision: delivered, watchID: -1))
+        guard !s.watchers.isEmpty, !s.closed else { return }
+        if progressReady(s) {
+            s.progressRequested = false
+            send(s, ResponseFields(headerRevision: delivered, watchID: -1))
+        } else if !s.progressRequested {
+            s.progressRequested = true
+            progressWaiting.append(s)
+        }
+    }
+
+    private func progressReady(_ s: WatchStream) -> Bool {
+        s.unsyncedCount == 0 && (futureStart.isEmpty || s.watchers.all.allSatisfy { !isFuture($0) })
+    }
+
+    /// Sends the progress answers that were waiting and can go now (after watchers synced, or a
+    /// revision reached a future watcher's start).
+    private func answerWaitingProgress() {
+        guard !progressWaiting.isEmpty else { return }
+        progressWaiting.removeAll { s in
+            guard !s.closed, s.progressRequested else { return true }
+            if s.watchers.isEmpty {
+                s.progressRequested = false
+                return true
+            }
+            guard progressReady(s) else { return false }
+            s.progressRequested = false
+            send(s, ResponseFields(headerRevision: delivered, watchID: -1))
+            return true
+        }
     }
 
     /// The periodic progress notification: each synced watcher that asked for it and received
@@ -479,6 +512,7 @@ public final class WatchHub {
         heldWatchers.remove(w)
         if unsynced.removeValue(forKey: w) != nil { s.unsyncedCount -= 1 }
         if watchers.flags[Int(w)].contains(.future) { futureStart[w] = nil }
+        defer { if s.progressRequested { answerWaitingProgress() } }
         let g = watchers.group[Int(w)]
         unlink(w, g)
         if groups.head[Int(g)] < 0 { groups.release(g) }
@@ -488,6 +522,7 @@ public final class WatchHub {
     private func markSynced(_ w: Int32, _ s: WatchStream) {
         watchers.flags[Int(w)].insert(.synced)
         if unsynced.removeValue(forKey: w) != nil { s.unsyncedCount -= 1 }
+        if s.progressRequested && s.unsyncedCount == 0 { answerWaitingProgress() }
     }
 
     // MARK: Events
@@ -516,6 +551,7 @@ public final class WatchHub {
                 }
                 delivered = next
             }
+            answerWaitingProgress()
         }
         ring.trim(upTo: delivered)
     }

@@ -26,7 +26,7 @@ import VigilTesting
         let r = try runCommand(vigil, ["--version"])
         #expect(r.status == 0)
         let lines = r.stdout.split(separator: "\n")
-        #expect(lines.first == "etcd Version: 3.4.23")
+        #expect(lines.first == "etcd Version: 3.4.31")
         #expect(lines.contains { $0.hasPrefix("Git SHA: ") } && lines.contains { $0.hasPrefix("Go OS/Arch: linux/") })
         #expect(lines.last?.hasPrefix("Vigil Version: ") == true)
     }

@@ -78,7 +78,7 @@ import VigilTesting
         #expect(try cb.ok("endpoint", "hashkv").split(separator: ",").last != ha.split(separator: ",").last)
 
         let table = try ca.ok("endpoint", "status")
-        #expect(table.contains("8e9e05c52164694d, 3.4.23") && table.contains("true, false"))
+        #expect(table.contains("8e9e05c52164694d, 3.4.31") && table.contains("true, false"))
         #expect(try ca.run(["endpoint", "health"]).output.contains("is healthy"))
         #expect(try ca.ok("member", "list").contains("8e9e05c52164694d, started, default"))
         #expect(try ca.fails("member", "add", "other", "--peer-urls=http://10.0.0.2:2380").contains("cannot change"))

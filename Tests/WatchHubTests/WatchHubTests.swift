@@ -249,6 +249,57 @@ func texts(_ s: TestSink) -> [String] { s.messages.map { String(decoding: $0, as
         #expect(sink.messages.count == before)
     }
 
+    /// A RequestProgress while a watcher catches up is answered once it is synced, after its
+    /// catch-up events and at the revision they reach, also when the catch-up had no event for it;
+    /// one waiting on a future start revision is answered once that revision is reached.
+    @Test func progressRequestedWhileCatchingUpIsAnsweredOnceSynced() {
+        var config = WatchHubConfig()
+        config.streamQueueLimit = 10
+        let h = Harness(config: config)
+        for i in 0..<5 { h.put("a", "\(i)") }  // revisions 2...6
+        let sink = TestSink()
+        let s = h.hub.openStream(sink)
+        var old = WatchCreate(key: b("a"))
+        old.startRevision = 2
+        sink.queuedBytes = 1000  // a slow reader: the catch-up waits for it
+        h.hub.create(s, old)
+        h.hub.requestProgress(s)
+        #expect(!texts(sink).contains { $0.hasPrefix("6|-1|") }, "not while the watcher is behind")
+        sink.queuedBytes = 0
+        h.hub.streamDrained(s)
+        while h.hub.catchUpPending { h.hub.catchUp() }
+        let t = texts(sink)
+        #expect(t.last == "6|-1||", "\(t)")
+        #expect(t.filter { $0.hasPrefix("6|-1|") }.count == 1)
+        let lastEvent = t.lastIndex { $0.contains("P:a=4@6") }
+        #expect(lastEvent != nil && lastEvent! < t.count - 1, "after the events it covers")
+
+        // A watcher that catches up through revisions none of which is its own: still answered.
+        let quiet = TestSink()
+        let q = h.hub.openStream(quiet)
+        var none = WatchCreate(key: b("zzz"))
+        none.startRevision = 2
+        quiet.queuedBytes = 1000
+        h.hub.create(q, none)
+        h.hub.requestProgress(q)
+        quiet.queuedBytes = 0
+        h.hub.streamDrained(q)
+        while h.hub.catchUpPending { h.hub.catchUp() }
+        #expect(texts(quiet).last == "6|-1||", "\(texts(quiet))")
+
+        // A future start revision: answered once the store reaches the revision before it.
+        let later = TestSink()
+        let l = h.hub.openStream(later)
+        var future = WatchCreate(key: b("a"))
+        future.startRevision = 9
+        h.hub.create(l, future)
+        h.hub.requestProgress(l)
+        h.put("b", "x")  // revision 7: two before the start
+        #expect(!texts(later).contains { $0.contains("|-1|") })
+        h.put("b", "y")  // revision 8: the watcher's next revision is its start
+        #expect(texts(later).last == "8|-1||", "\(texts(later))")
+    }
+
     @Test func fragmentsSplitLargeResponses() {
         var config = WatchHubConfig()
         config.fragmentBytes = 20
