@@ -59,6 +59,7 @@ public final class EtcdServices {
         auth.prepareDecoy()
         watch = WatchService(context: context, config: deps.watch, auth: auth)
         registerKV()
+        registerRangeStream()
         registerWatch()
         registerLease()
         registerMaintenance()

@@ -171,5 +171,5 @@ extension ServerCall {
     /// The auth token of a gRPC call (`token` metadata, or `authorization` as the gateway sends it).
     var token: String? { metadata("token") ?? metadata("authorization") }
     /// Who sent the call: its token, or its TLS client certificate's Common Name.
-    var credentials: Credentials { Credentials(token: token, commonName: peerCommonName) }
+    public var credentials: Credentials { Credentials(token: token, commonName: peerCommonName) }
 }

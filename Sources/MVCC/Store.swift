@@ -347,6 +347,33 @@ public final class KVStore {
         return scan(key, end, at: rev, limit: limit, countOnly: countOnly, keysOnly: keysOnly)
     }
 
+    /// At most `limit` (≥ 1) live key-values of `[key, end)` at `revision`, from `key` on, and
+    /// whether more follow: one chunk of a streamed range. Unlike `range` it stops at the chunk,
+    /// counting nothing beyond it, so that a range read chunk by chunk costs what it returns.
+    public func rangeChunk(
+        _ key: Bytes, _ end: Bytes, revision: Int64, limit: Int, keysOnly: Bool = false
+    ) throws(MVCCError) -> (kvs: [KeyValue], more: Bool) {
+        let rev = try resolve(revision: revision, latest: committedRevision)
+        var found: [(Bytes, IndexEntry)] = []
+        var more = false
+        if end.isEmpty {
+            if let e = index[key]?.live(at: rev) { found.append((key, e)) }
+            return (materialize(found, withValues: !keysOnly), false)
+        }
+        let upper: Bytes? = end == [0] ? nil : end
+        if let upper, compareBytes(upper, key) <= 0 { return ([], false) }
+        keys.forEach(from: key, to: upper) { k in
+            guard let e = index[k]!.live(at: rev) else { return true }
+            if found.count == limit {
+                more = true
+                return false
+            }
+            found.append((k, e))
+            return true
+        }
+        return (materialize(found, withValues: !keysOnly), more)
+    }
+
     /// The live entries of `[key, end)` at `rev`, up to `limit` (0: all), and the full count.
     private func liveEntries(
         _ key: Bytes, _ end: Bytes, at rev: Int64, limit: Int, countOnly: Bool

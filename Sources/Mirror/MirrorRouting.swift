@@ -68,6 +68,9 @@ public enum MirrorRouting {
         for m in [EtcdMethod.snapshot, .observe] {
             services.replace(stream: m) { [unowned mirror] call in RelayCall(mirror.upstream, call) }
         }
+        services.replace(stream: .rangeStream) { [unowned mirror, unowned services] call in
+            MirrorRangeStream(mirror: mirror, services: services, call: call)
+        }
     }
 
     /// Sends a unary call upstream as it came and answers with upstream's answer, error code and
@@ -215,6 +218,52 @@ final class RelayCall: CallHandler {
         outbound?.cancel()
         outbound = nil
     }
+}
+
+/// A RangeStream on a mirror: served from the copy when it holds the range (after a linearizable
+/// point unless serializable), else relayed upstream as it came (etcd before 3.7 answers
+/// Unimplemented, as it would to the client directly).
+final class MirrorRangeStream: CallHandler {
+    private unowned let mirror: Mirror
+    private unowned let services: EtcdServices
+    private var chosen: (any CallHandler)?
+
+    init(mirror: Mirror, services: EtcdServices, call: ServerCall) {
+        self.mirror = mirror
+        self.services = services
+    }
+
+    func call(_ call: ServerCall, received message: [UInt8]) {
+        if let chosen { return chosen.call(call, received: message) }
+        let store = services.context.store
+        let r = try? Etcdserverpb_RangeRequest(serializedBytes: message)
+        let held =
+            r.map {
+                mirror.covers(key: $0.key.bytes, end: $0.rangeEnd.bytes) && !mirror.upstreamAuth
+                    && !($0.revision > 0 && $0.revision < store.compactRevision)
+            } ?? false
+        let handler: any CallHandler
+        if held, let r {
+            let mirror = self.mirror
+            handler = services.rangeStream(
+                credentials: call.credentials,
+                gate: r.serializable
+                    ? nil
+                    : { _, done in
+                        mirror.barrier { result in
+                            if case .failure(let e) = result { done(e) } else { done(nil) }
+                        }
+                    })
+        } else {
+            handler = RelayCall(mirror.upstream, call)
+        }
+        chosen = handler
+        handler.call(call, received: message)
+    }
+
+    func callHalfClosed(_ call: ServerCall) { chosen?.callHalfClosed(call) }
+    func callDrained(_ call: ServerCall) { chosen?.callDrained(call) }
+    func callEnded(_ call: ServerCall) { chosen?.callEnded(call) }
 }
 
 /// History older than a mirror holds, for one new watcher: a watch of its own upstream from the

@@ -93,6 +93,10 @@ extension EtcdError {
 
     // History.
     public static let compacted = EtcdError(.outOfRange, "etcdserver: mvcc: required revision has been compacted")
+    /// etcd 3.7's RangeStream reads in key order only, and without revision filters.
+    public static let rangeStreamSort = EtcdError(.unimplemented, "RangeStream does not support custom sort orders")
+    public static let rangeStreamFilters = EtcdError(
+        .unimplemented, "RangeStream does not support revision filters")
     public static let futureRevision = EtcdError(
         .outOfRange, "etcdserver: mvcc: required revision is a future revision")
     public static let noSpace = EtcdError(

@@ -39,6 +39,8 @@ extension EtcdMethod {
     private static let election = "v3electionpb.Election"
 
     public static let range = EtcdMethod(kv, "Range", gateway: ["/kv/range"])
+    /// etcd 3.7: a range streamed in chunks; gRPC only (no gateway path).
+    public static let rangeStream = EtcdMethod(kv, "RangeStream", .serverStream)
     public static let put = EtcdMethod(kv, "Put", gateway: ["/kv/put"])
     public static let deleteRange = EtcdMethod(kv, "DeleteRange", gateway: ["/kv/deleterange"])
     public static let txn = EtcdMethod(kv, "Txn", gateway: ["/kv/txn"])
@@ -97,7 +99,7 @@ extension EtcdMethod {
 
     /// Every method, in the order of etcd's `rpc.proto`, then `v3lock.proto` and `v3election.proto`.
     public static let all: [EtcdMethod] = [
-        range, put, deleteRange, txn, compact,
+        range, rangeStream, put, deleteRange, txn, compact,
         watch,
         leaseGrant, leaseRevoke, leaseKeepAlive, leaseTimeToLive, leaseLeases,
         memberAdd, memberRemove, memberUpdate, memberList, memberPromote,
