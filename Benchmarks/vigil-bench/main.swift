@@ -34,7 +34,8 @@ struct Bench: ParsableCommand {
             | keepalive (= lease-keepalive) \
             | leases | lease-expiry | compaction | connections \
             | client-put | client-range | client-watch (the async EtcdClient) \
-            | inprocess-watch (an embedded VigilServer's in-process watch)
+            | inprocess-watch (an embedded VigilServer's in-process watch) \
+            | big-read (one big range by RangeStream, by pages, and whole)
             """) var workload = "put"
     @Option(help: "TCP connections.") var conns = 4
     @Option(help: "Requests in flight in total, spread over the connections.") var clients = 64
@@ -58,6 +59,8 @@ struct Bench: ParsableCommand {
     @Flag(help: "range: write every key twice and read each at its first write's revision.") var historic = false
     @Option(help: "inprocess-watch: hand the metrics to the swift-metrics facade every this many seconds.")
     var metricsExport: Double?
+    @Option(help: "big-read: keys per page of the paginated read.") var pageLimit: Int64 = 500
+    @Flag(help: "big-read: the keys are there already.") var skipFill = false
     @Option(help: "TLS: the CA file the server's certificate chains to (connects over TLS).") var cacert: String?
     @Option(help: "TLS: a client certificate.") var cert: String?
     @Option(help: "TLS: the client certificate's key.") var key: String?
@@ -67,7 +70,7 @@ struct Bench: ParsableCommand {
     static let workloads: Set<String> = [
         "client-put", "client-range", "client-watch", "inprocess-watch",
         "put", "range", "txn", "watch", "watch-fanout", "watch-latency", "watchers", "watch-sse",
-        "keepalive", "lease-keepalive", "leases", "lease-expiry", "compaction", "connections",
+        "keepalive", "lease-keepalive", "leases", "lease-expiry", "compaction", "connections", "big-read",
     ]
 
     func validate() throws {
@@ -142,6 +145,15 @@ struct Bench: ParsableCommand {
             let result = try ConnectionBench(
                 bench: self, loop: loop, connections: connections, probe: ServerProbe(pid: serverPid)
             ).run()
+            let data = try JSONSerialization.data(withJSONObject: result, options: [.sortedKeys])
+            print(String(decoding: data, as: UTF8.self))
+            return
+        }
+        if workload == "big-read" {
+            let result = try BigReadBench(
+                bench: self, loop: loop, connection: connections[0], probe: ServerProbe(pid: serverPid),
+                pageLimit: pageLimit
+            ).run(fill: !skipFill)
             let data = try JSONSerialization.data(withJSONObject: result, options: [.sortedKeys])
             print(String(decoding: data, as: UTF8.self))
             return
