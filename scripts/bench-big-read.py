@@ -22,6 +22,7 @@ def main():
     ap.add_argument("--val-size", type=int, default=1024)
     ap.add_argument("--markdown", action="store_true")
     ap.add_argument("--no-build", action="store_true")
+    ap.add_argument("--servers", default="vigil,etcd", help="which to measure (comma-separated)")
     a = ap.parse_args()
     if not a.no_build:
         for product in ("vigil", "vigil-bench"):
@@ -29,7 +30,7 @@ def main():
     vigil_bin = os.path.join(ROOT, ".build/release/vigil")
     bench_bin = os.path.join(ROOT, ".build/release/vigil-bench")
     rows = []
-    for kind in ("vigil", "etcd"):
+    for kind in a.servers.split(","):
         server = Server(kind, vigil_bin)
         try:
             cmd = [bench_bin, "--endpoint", f"127.0.0.1:{server.port}", "--workload", "big-read",

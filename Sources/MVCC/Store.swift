@@ -381,24 +381,57 @@ public final class KVStore {
         -> (found: [(Bytes, IndexEntry)], count: Int)
     {
         var found: [(Bytes, IndexEntry)] = []
-        var count = 0
         if end.isEmpty {
-            if let e = index[key]?.live(at: rev) {
-                count = 1
-                if !countOnly { found.append((key, e)) }
-            }
-            return (found, count)
+            guard let e = index[key]?.live(at: rev) else { return ([], 0) }
+            if !countOnly { found.append((key, e)) }
+            return (found, 1)
         }
         let upper: Bytes? = end == [0] ? nil : end
         if let upper, compareBytes(upper, key) <= 0 { return ([], 0) }
-        keys.forEach(from: key, to: upper) { k in
-            if let e = index[k]!.live(at: rev) {
-                count += 1
-                if !countOnly && (limit <= 0 || found.count < limit) { found.append((k, e)) }
+        if !countOnly {
+            keys.forEach(from: key, to: upper) { k in
+                if let e = index[k]!.live(at: rev) { found.append((k, e)) }
+                return limit <= 0 || found.count < limit
             }
-            return true
+            // Everything was visited: the count is at hand.
+            if limit <= 0 || found.count < limit {
+                rememberCount(key, end, rev, found.count)
+                return (found, found.count)
+            }
         }
-        return (found, count)
+        return (found, liveCount(key, end, upper, at: rev))
+    }
+
+    /// The last count of live keys in `[key, end)` at a revision: a count at a fixed revision never
+    /// changes, so the next page of a paginated read (the same end and revision, a later start)
+    /// counts only the keys between the two starts instead of the whole rest of the range.
+    private var lastCount: (key: Bytes, end: Bytes, revision: Int64, count: Int)?
+
+    private func rememberCount(_ key: Bytes, _ end: Bytes, _ rev: Int64, _ count: Int) {
+        // Only committed revisions are fixed: a write txn reads at its own, still being written.
+        if rev <= committedRevision { lastCount = (key, end, rev, count) }
+    }
+
+    private func liveCount(_ key: Bytes, _ end: Bytes, _ upper: Bytes?, at rev: Int64) -> Int {
+        var count = 0
+        if let c = lastCount, c.end == end, c.revision == rev, rev <= committedRevision, rev >= compactRevision,
+            compareBytes(c.key, key) <= 0
+        {
+            // The keys from the last start up to this one leave the count.
+            var skipped = 0
+            keys.forEach(from: c.key, to: key) { k in
+                if index[k]!.live(at: rev) != nil { skipped += 1 }
+                return true
+            }
+            count = c.count - skipped
+        } else {
+            keys.forEach(from: key, to: upper) { k in
+                if index[k]!.live(at: rev) != nil { count += 1 }
+                return true
+            }
+        }
+        rememberCount(key, end, rev, count)
+        return count
     }
 
     func scan(

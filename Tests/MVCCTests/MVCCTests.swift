@@ -332,3 +332,50 @@ private final class Recorder: StoreObserver {
         #expect(s.currentRevision == 10)
     }
 }
+
+/// Paginated reads at one revision (kube-apiserver's lists): each page's count is the whole
+/// range's, whichever way the count was reached (a later page counts only what it skipped).
+@Suite struct PaginatedCountTests {
+    private func k(_ i: Int) -> Bytes {
+        let digits = String(i)
+        return Array(("p/" + String(repeating: "0", count: max(0, 5 - digits.count)) + digits).utf8)
+    }
+
+    @Test func everyPageCountsTheWholeRange() throws {
+        let store = KVStore()
+        var rng = SystemRandomNumberGenerator()
+        for i in 0..<2000 {
+            let t = store.beginWrite()
+            t.put(k(i), value: [1], lease: 0)
+            if i % 7 == 0 { t.deleteRange(k(Int.random(in: 0...i, using: &rng)), []) }
+            t.end()
+            _ = store.takeBatch()
+            store.markCommitted(t.revision)
+        }
+        let pinned = store.committedRevision
+        // Writes after the pinned revision change nothing at it.
+        for i in 0..<50 {
+            let t = store.beginWrite()
+            t.put(k(3000 + i), value: [2], lease: 0)
+            t.deleteRange(k(i * 11), [])
+            t.end()
+            _ = store.takeBatch()
+            store.markCommitted(t.revision)
+        }
+        let end = Array("p0".utf8)
+        let total = try store.range(Array("p/".utf8), end, revision: pinned, countOnly: true).count
+        var key = Array("p/".utf8)
+        var seen = 0
+        while true {
+            let page = try store.range(key, end, revision: pinned, limit: 77)
+            #expect(page.count == total - seen, "a page counts the rest of the range from its start")
+            seen += page.kvs.count
+            guard page.kvs.count == 77, let last = page.kvs.last else { break }
+            key = last.key + [0]
+        }
+        #expect(seen == total)
+        // And at the latest revision, from the start again: the whole range now.
+        let now = try store.range(Array("p/".utf8), end, limit: 10)
+        #expect(now.count == (try store.range(Array("p/".utf8), end, countOnly: true).count))
+    }
+}
